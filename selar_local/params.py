@@ -1,0 +1,94 @@
+"""One validated parameter object for every decoding method (in the spirit of vLLM's
+SamplingParams). Defaults are the published SeLaR settings (SELAR_SPEC.md)."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from selar_local.errors import InvalidParameterError
+
+METHODS = ("cot", "selar", "soft", "moi")
+
+
+@dataclass(frozen=True)
+class DecodeParams:
+    method: str = "selar"
+    max_tokens: int = 512
+    # Common sampling filter: temperature -> top-k -> top-p -> min-p -> softmax.
+    temperature: float = 0.6
+    top_k: int = 20          # 0 disables
+    top_p: float = 0.95      # 1.0 disables
+    min_p: float = 0.0       # 0.0 disables
+    seed: int = 41
+    greedy: bool = False     # shown token = argmax instead of a sample
+    stop: tuple[str, ...] = ()
+    # SeLaR
+    tau: float = 0.5         # entropy gate threshold; > 1 never opens the gate
+    lam: float = 1.0         # contrastive push away from the dominant token
+    ks: int = 3              # candidates in the gate's entropy and the soft mixture
+    thinking_only: bool = False  # gate only inside <think>...</think>
+    # Soft Thinking
+    soft_topk: int = 10              # max_topk of the soft mixture
+    cold_stop_entropy: float = 0.01  # Cold Stop threshold on full-vocab entropy (nats)
+    cold_stop_steps: int = 256       # consecutive low-entropy steps before </think>
+    # Mixture of Inputs
+    moi_topn: int = 20
+    moi_beta: float = 1.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        elif not isinstance(self.stop, tuple):
+            object.__setattr__(self, "stop", tuple(self.stop or ()))
+        _check(self.method in METHODS, "method", self.method, f"one of {', '.join(METHODS)}")
+        _check(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", self.max_tokens, "an integer >= 1")
+        _check(_finite(self.temperature) and self.temperature > 0, "temperature", self.temperature,
+               "a number > 0 (use greedy=True for argmax decoding)")
+        _check(_is_int(self.top_k) and self.top_k >= 0, "top_k", self.top_k, "an integer >= 0 (0 disables)")
+        _check(_finite(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p, "a number in (0, 1]")
+        _check(_finite(self.min_p) and 0 <= self.min_p < 1, "min_p", self.min_p, "a number in [0, 1)")
+        _check(_is_int(self.seed) and self.seed >= 0, "seed", self.seed, "an integer >= 0")
+        _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop, "non-empty strings")
+        _check(_finite(self.tau) and self.tau >= 0, "tau", self.tau,
+               "a number >= 0 (the gate compares a normalised entropy in [0, 1]; tau > 1 disables it)")
+        _check(_finite(self.lam) and self.lam >= 0, "lam", self.lam, "a number >= 0")
+        _check(_is_int(self.ks) and self.ks >= 2, "ks", self.ks, "an integer >= 2 (entropy over one token is 0)")
+        if self.top_k:
+            _check(self.ks <= self.top_k, "ks", self.ks, f"at most top_k ({self.top_k})")
+        _check(_is_int(self.soft_topk) and self.soft_topk >= 1, "soft_topk", self.soft_topk, "an integer >= 1")
+        _check(_finite(self.cold_stop_entropy) and self.cold_stop_entropy >= 0, "cold_stop_entropy",
+               self.cold_stop_entropy, "a number >= 0")
+        _check(_is_int(self.cold_stop_steps) and self.cold_stop_steps >= 1, "cold_stop_steps",
+               self.cold_stop_steps, "an integer >= 1")
+        _check(_is_int(self.moi_topn) and self.moi_topn >= 2, "moi_topn", self.moi_topn, "an integer >= 2")
+        _check(_finite(self.moi_beta) and self.moi_beta >= 0, "moi_beta", self.moi_beta, "a number >= 0")
+
+    def replace(self, **changes: Any) -> "DecodeParams":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "DecodeParams":
+        """Build from user input, rejecting unknown keys by name (typos must not pass silently)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise InvalidParameterError(f"unknown decoding parameter(s): {', '.join(unknown)}")
+        return cls(**{k: v for k, v in values.items() if v is not None})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check(ok: bool, name: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise InvalidParameterError(f"invalid {name}={value!r}: expected {expected}")
