@@ -163,9 +163,12 @@ def data_dir_candidates() -> list[Path]:
     return candidates
 
 
-def find_data_dir() -> Path | None:
-    """The first existing candidate data directory, or None."""
-    return next((path for path in data_dir_candidates() if path.is_dir()), None)
+def find_data_dir(containing: str | None = None) -> Path | None:
+    """The first existing candidate data directory (holding ``containing`` if given), or None."""
+    for path in data_dir_candidates():
+        if path.is_dir() and (containing is None or (path / containing).exists()):
+            return path
+    return None
 
 
 def _builtin_file(spec: DatasetSpec, split: str, data_dir: str | os.PathLike | None) -> Path:

@@ -1,0 +1,55 @@
+"""Options shared by the commands that load a model and decode."""
+from __future__ import annotations
+
+import argparse
+
+from selar_local.params import METHODS, DecodeParams
+
+_DEFAULTS = DecodeParams()
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", "-m", default=None,
+                       help="registry name (see `selar models`) or path to a .gguf file; default: the embedded model")
+    group.add_argument("--n-ctx", type=int, default=4096, help="context size per sequence (default 4096)")
+    group.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    group.add_argument("--n-gpu-layers", type=int, default=-1,
+                       help="layers to offload on Metal/CUDA builds (-1: all; ignored on CPU builds)")
+    group.add_argument("--verbose", "-v", action="store_true", help="show llama.cpp's log and full tracebacks")
+
+
+def add_decode_arguments(parser: argparse.ArgumentParser, *, method_default: str | None = "selar") -> None:
+    group = parser.add_argument_group("decoding (defaults: the published SeLaR settings)")
+    if method_default is not None:
+        group.add_argument("--method", choices=METHODS, default=method_default,
+                           help=f"decoding method (default {method_default})")
+    group.add_argument("--tau", type=float, default=_DEFAULTS.tau, help="SeLaR entropy gate threshold")
+    group.add_argument("--lam", type=float, default=_DEFAULTS.lam, help="SeLaR contrastive push strength")
+    group.add_argument("--ks", type=int, default=_DEFAULTS.ks, help="SeLaR candidates in gate and mixture")
+    group.add_argument("--thinking-only", action="store_true", help="SeLaR: gate only inside <think>...</think>")
+    group.add_argument("--temperature", type=float, default=_DEFAULTS.temperature)
+    group.add_argument("--top-k", type=int, default=_DEFAULTS.top_k)
+    group.add_argument("--top-p", type=float, default=_DEFAULTS.top_p)
+    group.add_argument("--min-p", type=float, default=_DEFAULTS.min_p)
+    group.add_argument("--seed", type=int, default=_DEFAULTS.seed)
+    group.add_argument("--greedy", action="store_true", help="show the argmax token instead of a sample")
+    group.add_argument("--max-tokens", type=int, default=_DEFAULTS.max_tokens)
+    group.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def params_from_args(args: argparse.Namespace, **overrides) -> DecodeParams:
+    values = dict(
+        method=getattr(args, "method", "selar"), tau=args.tau, lam=args.lam, ks=args.ks,
+        thinking_only=args.thinking_only, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        min_p=args.min_p, seed=args.seed, greedy=args.greedy, max_tokens=args.max_tokens, stop=tuple(args.stop),
+    )
+    values.update(overrides)
+    return DecodeParams(**values)
+
+
+def load_runtime(args: argparse.Namespace, *, n_parallel: int = 1):
+    from selar_local.runtime import load
+
+    return load(args.model, n_ctx=args.n_ctx, n_parallel=n_parallel, n_threads=args.threads,
+                n_gpu_layers=args.n_gpu_layers, verbose=args.verbose)

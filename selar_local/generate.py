@@ -1,0 +1,338 @@
+"""The generation loop: joins the engine (llama.cpp) and a step policy (NumPy).
+
+`BatchGenerator` runs several sequences in one llama.cpp context, one `llama_decode`
+per step for all live sequences; each sequence keeps its own policy, gate, random
+stream and stop conditions. A single streamed generation is the one-sequence case.
+
+Each step: read the logits of every live sequence (zero-copy views), let its policy
+decide the shown token and the next input, then feed all next inputs in one batch:
+token ids when every input is discrete, otherwise embedding rows, where a discrete
+input rides as its exact table row (the load-time self-check proves the two paths
+give identical logits, so no graph switch and no second decode are needed).
+"""
+from __future__ import annotations
+
+import codecs
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+import numpy as np
+
+from selar_local.errors import InvalidParameterError
+from selar_local.params import DecodeParams
+from selar_local.policies import Policy, StepDecision, make_policy
+
+if TYPE_CHECKING:  # pragma: no cover
+    from selar_local.runtime import Runtime
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """One generated token of one sequence, as streamed to callers and traces."""
+
+    request_id: int
+    index: int                 # 0-based position in the generated text
+    token: int
+    text: str                  # text released by this step (stop-string holdback applied)
+    soft: bool                 # the NEXT input is a soft mixture (not this token)
+    entropy: float
+    top_ids: tuple[int, ...]
+    top_probs: tuple[float, ...]
+    mix_ids: tuple[int, ...] = ()
+    mix_weights: tuple[float, ...] = ()
+    finish_reason: str | None = None  # "stop" or "length" on a sequence's last event
+
+    def trace_record(self, token_text: str) -> dict:
+        record = {
+            "index": self.index, "token": self.token, "text": token_text, "soft": self.soft,
+            "entropy": round(self.entropy, 6),
+            "top_ids": list(self.top_ids), "top_probs": [round(p, 6) for p in self.top_probs],
+        }
+        if self.soft:
+            record["mix_ids"] = list(self.mix_ids)
+            record["mix_weights"] = [round(w, 6) for w in self.mix_weights]
+        if self.finish_reason:
+            record["finish_reason"] = self.finish_reason
+        return record
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    tokens: list[int]
+    prompt_tokens: int
+    finish_reason: str
+    soft_steps: int
+    entropies: list[float]
+    prefill_seconds: float
+    decode_seconds: float
+    effective_counts: list[float] = field(default_factory=list)  # N_eff of each soft input
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def soft_share(self) -> float:
+        return self.soft_steps / len(self.tokens) if self.tokens else 0.0
+
+    @property
+    def mean_entropy(self) -> float:
+        return float(np.mean(self.entropies)) if self.entropies else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return len(self.tokens) / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+
+class _TextStream:
+    """Incremental UTF-8 decoding plus stop strings, holding back any tail that could
+    still become a stop string so that streamed text never has to be taken back."""
+
+    def __init__(self, stop: Sequence[str]):
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._stop = tuple(stop)
+        self._longest = max((len(s) for s in stop), default=0)
+        self.text = ""
+        self.released = 0
+
+    def push(self, data: bytes) -> tuple[str, bool]:
+        """Add a token's bytes; returns (text to release now, whether a stop string hit)."""
+        self.text += self._decoder.decode(data)
+        if self._stop:
+            search_from = max(0, self.released - self._longest)
+            hits = [i for i in (self.text.find(s, search_from) for s in self._stop) if i >= 0]
+            if hits:
+                self.text = self.text[: min(hits)]
+                return self._release(len(self.text)), True
+            return self._release(len(self.text) - self._holdback()), False
+        return self._release(len(self.text)), False
+
+    def finish(self) -> str:
+        self.text += self._decoder.decode(b"", final=True)
+        return self._release(len(self.text))
+
+    def _holdback(self) -> int:
+        tail = self.text[-self._longest:] if self._longest else ""
+        for size in range(min(len(tail), self._longest), 0, -1):
+            if any(s.startswith(tail[-size:]) for s in self._stop):
+                return size
+        return 0
+
+    def _release(self, upto: int) -> str:
+        upto = max(upto, self.released)
+        out = self.text[self.released:upto]
+        self.released = upto
+        return out
+
+
+@dataclass
+class _Sequence:
+    request_id: int
+    seq_id: int
+    params: DecodeParams
+    policy: Policy
+    prompt_tokens: list[int]
+    text: _TextStream
+    position: int = 0
+    tokens: list[int] = field(default_factory=list)
+    soft_steps: int = 0
+    entropies: list[float] = field(default_factory=list)
+    effective_counts: list[float] = field(default_factory=list)
+    pending: StepDecision | None = None
+    finish_reason: str | None = None
+    prefill_seconds: float = 0.0
+    started: float = 0.0
+
+
+class BatchGenerator:
+    """Steps up to `runtime.n_parallel` sequences together through one context."""
+
+    def __init__(self, runtime: "Runtime"):
+        self.runtime = runtime
+        self.context = runtime.context
+        self._free_slots = list(range(runtime.n_parallel))
+        self._live: dict[int, _Sequence] = {}
+        self._finished: dict[int, _Sequence] = {}
+        self._next_request = 0
+
+    # -- admission --------------------------------------------------------------------
+    @property
+    def free_slots(self) -> int:
+        return len(self._free_slots)
+
+    @property
+    def live_requests(self) -> list[int]:
+        return list(self._live)
+
+    def submit(self, prompt_tokens: Sequence[int], params: DecodeParams) -> tuple[int, StepEvent | None]:
+        """Prefill a prompt in a free slot and take its first step.
+        Returns the request id and its first event (None if nothing could be shown)."""
+        prompt_tokens = list(prompt_tokens)
+        self.runtime.check_prompt_fits(len(prompt_tokens))
+        self.runtime.require_method(params.method)
+        if not self._free_slots:
+            raise RuntimeError("no free sequence slot: wait for a sequence to finish or raise n_parallel")
+        request_id = self._next_request
+        self._next_request += 1
+        policy = make_policy(params, self.runtime.token_info, in_thinking=self.runtime.thinking_at_end(prompt_tokens))
+        seq = _Sequence(request_id, self._free_slots.pop(0), params, policy, prompt_tokens, _TextStream(params.stop))
+        self._live[request_id] = seq
+        seq.started = time.perf_counter()
+        try:
+            self._prefill(seq)
+        except BaseException:
+            self.cancel(request_id)
+            raise
+        seq.prefill_seconds = time.perf_counter() - seq.started
+        return request_id, self._advance(seq, self.context.logits(0))
+
+    def _prefill(self, seq: _Sequence) -> None:
+        ctx, tokens = self.context, seq.prompt_tokens
+        ctx.remove_sequence(seq.seq_id)
+        for start in range(0, len(tokens), ctx.n_batch):
+            chunk = tokens[start:start + ctx.n_batch]
+            last = start + len(chunk) == len(tokens)
+            want = [False] * len(chunk)
+            want[-1] = last
+            ctx.decode_tokens(chunk, range(start, start + len(chunk)), [seq.seq_id] * len(chunk), want)
+        seq.position = len(tokens)
+
+    def cancel(self, request_id: int) -> None:
+        """Stop a sequence now and free its slot and KV cells (client went away)."""
+        seq = self._live.pop(request_id, None)
+        if seq is not None:
+            self.context.remove_sequence(seq.seq_id)
+            self._free_slots.append(seq.seq_id)
+            self._free_slots.sort()
+
+    # -- stepping ---------------------------------------------------------------------
+    def step(self) -> list[StepEvent]:
+        """Feed every live sequence's pending input in one decode and advance each."""
+        live = [s for s in self._live.values() if s.pending is not None and s.finish_reason is None]
+        if not live:
+            return []
+        ctx = self.context
+        positions = [s.position for s in live]
+        seq_ids = [s.seq_id for s in live]
+        want = [True] * len(live)
+        if all(not s.pending.soft for s in live):
+            ctx.decode_tokens([s.pending.token for s in live], positions, seq_ids, want)
+        else:
+            rows = ctx.embedding_buffer(len(live))
+            table = self.runtime.table
+            for row, s in zip(rows, live):
+                d = s.pending
+                if d.soft:
+                    table.mix(d.mix_ids, d.mix_weights, out=row)
+                else:
+                    row[:] = table.rows((d.token,))[0]
+            ctx.decode_embedding_buffer(len(live), positions, seq_ids, want)
+        events = []
+        for i, s in enumerate(live):
+            s.position += 1
+            event = self._advance(s, ctx.logits(i))
+            if event is not None:
+                events.append(event)
+        return events
+
+    def _advance(self, seq: _Sequence, logits: np.ndarray) -> StepEvent | None:
+        """Ask the policy for the next step; apply stop conditions; build the event."""
+        decision = seq.policy.step(logits)
+        token = decision.token
+        index = len(seq.tokens)
+        if token in self.runtime.model.eog_ids:
+            return self._finish(seq, decision, index, "stop", seq.text.finish())
+        seq.tokens.append(token)
+        seq.entropies.append(decision.entropy)
+        text, stopped = seq.text.push(self.runtime.model.token_bytes(token))
+        if stopped:
+            return self._finish(seq, decision, index, "stop", text)
+        if len(seq.tokens) >= seq.params.max_tokens or seq.position + 1 > self.context.n_ctx:
+            return self._finish(seq, decision, index, "length", text + seq.text.finish())
+        if decision.soft:
+            seq.soft_steps += 1
+            w = decision.mix_weights
+            seq.effective_counts.append(float(1.0 / np.dot(w, w)))
+        seq.pending = decision
+        return _event(seq.request_id, index, decision, text, decision.soft, None)
+
+    def _finish(self, seq: _Sequence, decision: StepDecision, index: int, reason: str, text: str) -> StepEvent:
+        seq.finish_reason = reason
+        seq.pending = None
+        self._live.pop(seq.request_id, None)
+        self.context.remove_sequence(seq.seq_id)
+        self._free_slots.append(seq.seq_id)
+        self._free_slots.sort()
+        self._finished[seq.request_id] = seq
+        return _event(seq.request_id, index, decision, text, False, reason)
+
+    def pop_result(self, request_id: int) -> GenerationResult:
+        """The finished sequence's result (each result can be taken once)."""
+        seq = self._finished.pop(request_id)
+        decode_seconds = time.perf_counter() - seq.started - seq.prefill_seconds
+        return GenerationResult(
+            text=seq.text.text, tokens=seq.tokens, prompt_tokens=len(seq.prompt_tokens),
+            finish_reason=seq.finish_reason or "stop", soft_steps=seq.soft_steps, entropies=seq.entropies,
+            prefill_seconds=seq.prefill_seconds, decode_seconds=decode_seconds,
+            effective_counts=seq.effective_counts,
+        )
+
+
+def _event(request_id: int, index: int, d: StepDecision, text: str, soft: bool, reason: str | None) -> StepEvent:
+    mix_ids = tuple(int(i) for i in d.mix_ids) if soft else ()
+    mix_w = tuple(float(w) for w in d.mix_weights) if soft else ()
+    return StepEvent(
+        request_id, index, d.token, text, soft, float(d.entropy),
+        tuple(int(i) for i in d.top_ids), tuple(float(p) for p in d.top_probs), mix_ids, mix_w, reason,
+    )
+
+
+def stream_tokens(runtime: "Runtime", prompt_tokens: Sequence[int], params: DecodeParams) -> Iterator[StepEvent]:
+    """Stream one sequence; the generator's return value is its GenerationResult."""
+    generator = BatchGenerator(runtime)
+    request_id, event = generator.submit(prompt_tokens, params)
+    try:
+        while event is not None:
+            yield event
+            if event.finish_reason:
+                break
+            events = generator.step()
+            event = events[0] if events else None
+    finally:
+        generator.cancel(request_id)
+    return generator.pop_result(request_id)
+
+
+def generate_many(
+    runtime: "Runtime", prompts: Sequence[Sequence[int]], params: Sequence[DecodeParams] | DecodeParams,
+    *, on_finish=None,
+) -> list[GenerationResult]:
+    """Run many prompts, up to runtime.n_parallel at a time, in one context.
+    `on_finish(index, result)` is called as each one completes (for resumable runs)."""
+    if isinstance(params, DecodeParams):
+        params = [params] * len(prompts)
+    if len(params) != len(prompts):
+        raise InvalidParameterError("one DecodeParams per prompt, or a single one for all")
+    generator = BatchGenerator(runtime)
+    results: list[GenerationResult | None] = [None] * len(prompts)
+    owner: dict[int, int] = {}
+    queue = list(range(len(prompts)))
+
+    def collect(event: StepEvent | None) -> None:
+        if event is not None and event.finish_reason:
+            index = owner.pop(event.request_id)
+            results[index] = generator.pop_result(event.request_id)
+            if on_finish is not None:
+                on_finish(index, results[index])
+
+    while queue or owner:
+        while queue and generator.free_slots:
+            index = queue.pop(0)
+            request_id, first = generator.submit(prompts[index], params[index])
+            owner[request_id] = index
+            collect(first)
+        for event in generator.step():
+            collect(event)
+    return results  # type: ignore[return-value]

@@ -1,0 +1,199 @@
+"""A loaded model ready to decode: llama.cpp model and context, embedding rows, the
+vocabulary facts the policies need, and the load-time soft-embedding self-check."""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from selar_local.embeddings import EmbeddingTable, input_scale_for
+from selar_local.engine import LlamaContext, LlamaModel, set_verbose
+from selar_local.errors import ContextOverflowError, UnsupportedModelError
+from selar_local.generate import GenerationResult, StepEvent, generate_many, stream_tokens
+from selar_local.mathsym import math_symbol_mask
+from selar_local.params import DecodeParams
+from selar_local.policies import TokenInfo
+
+# Architectures whose embedding-input path differs from the token path in ways rows
+# cannot fix: per-layer token inputs (gemma3n, gemma4) or M-RoPE, which wants several
+# positions per embedding input. Token decoding (cot) still works on them.
+EMBEDDING_INPUT_UNSUPPORTED = {
+    "gemma3n": "per-layer token embeddings are computed from token ids only",
+    "gemma4": "per-layer token embeddings are computed from token ids only",
+    "qwen2vl": "M-RoPE needs several positions per embedding input",
+    "qwen3vl": "M-RoPE needs several positions per embedding input",
+    "qwen3vlmoe": "M-RoPE needs several positions per embedding input",
+}
+SELF_CHECK_TOLERANCE = 1e-3  # max |logit difference|; measured 0.0 on llama, qwen2, gemma3
+THINK_TAGS = ("<think>", "</think>")
+
+
+@dataclass(frozen=True)
+class SelfCheck:
+    """Does feeding E[v] as an embedding reproduce the logits of feeding token v?"""
+
+    passed: bool
+    max_abs_diff: float
+    scale: float
+    detail: str
+
+
+class Runtime:
+    """Model + context + embedding rows. The public entry point of the Python API."""
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        *,
+        n_ctx: int = 4096,
+        n_batch: int = 512,
+        n_parallel: int = 1,
+        n_threads: int | None = None,
+        n_gpu_layers: int = -1,
+        verbose: bool = False,
+        embedding_cache_bytes: int = 64 << 20,
+    ):
+        set_verbose(verbose)
+        self.model_path = Path(model_path)
+        self.model = LlamaModel(model_path, n_gpu_layers=n_gpu_layers)
+        self.n_parallel = n_parallel
+        self.context = LlamaContext(self.model, n_ctx=n_ctx, n_batch=max(n_batch, n_parallel),
+                                    n_seq_max=n_parallel, n_threads=n_threads)
+        think_open, think_close = (self.model.single_token(tag) for tag in THINK_TAGS)
+        if think_open is None or think_close is None:
+            think_open = think_close = None
+        mask = math_symbol_mask(lambda s: self.model.tokenize(s, add_special=False, parse_special=False),
+                                self.model.n_vocab)
+        self.token_info = TokenInfo(self.model.n_vocab, mask, think_open, think_close)
+        self.table: EmbeddingTable | None = None
+        self.self_check = self._load_embedding_rows(embedding_cache_bytes)
+
+    # -- soft-embedding support ---------------------------------------------------------
+    def _load_embedding_rows(self, cache_bytes: int) -> SelfCheck:
+        arch = self.model.architecture
+        if arch in EMBEDDING_INPUT_UNSUPPORTED:
+            return SelfCheck(False, math.nan, 1.0, f"{arch}: {EMBEDDING_INPUT_UNSUPPORTED[arch]}")
+        expected = input_scale_for(arch, self.model.n_embd_inp)
+        self.table = EmbeddingTable(self.model_path, scale=expected, cache_bytes=cache_bytes)
+        if self.table.n_embd != self.model.n_embd_inp:
+            return SelfCheck(False, math.nan, expected,
+                             f"token_embd width {self.table.n_embd} != model input width {self.model.n_embd_inp}")
+        diff = self._embedding_path_difference()
+        if diff > SELF_CHECK_TOLERANCE:
+            # The scale table may be out of date for a new architecture: try the other one.
+            alternative = 1.0 if expected != 1.0 else math.sqrt(self.model.n_embd_inp)
+            self.table.scale = alternative
+            self.table._cache.clear()
+            alt_diff = self._embedding_path_difference()
+            if alt_diff <= SELF_CHECK_TOLERANCE:
+                return SelfCheck(True, alt_diff, alternative,
+                                 f"rows match with scale {alternative:g} (not the expected {expected:g})")
+            self.table.scale = expected
+            self.table._cache.clear()
+            return SelfCheck(False, diff, expected,
+                             f"embedding input differs from token input by up to {diff:.4g} logits")
+        return SelfCheck(True, diff, expected, "embedding rows reproduce token logits")
+
+    def _embedding_path_difference(self) -> float:
+        """Feed a short prompt whose last token goes in once as a token, once as its row."""
+        ctx = self.context
+        probe = self.model.tokenize("The answer is", add_special=True)[-4:]
+        prefix, last = probe[:-1], probe[-1]
+        worst = 0.0
+        try:
+            outputs = []
+            for as_embedding in (False, True):
+                ctx.remove_sequence(0)
+                if prefix:
+                    ctx.decode_tokens(prefix, range(len(prefix)), [0] * len(prefix), [False] * len(prefix))
+                pos = [len(prefix)]
+                if as_embedding:
+                    ctx.decode_embeddings(self.table.rows([last]), pos, [0], [True])
+                else:
+                    ctx.decode_tokens([last], pos, [0], [True])
+                outputs.append(ctx.logits(0).copy())
+            worst = float(np.max(np.abs(outputs[0] - outputs[1])))
+        finally:
+            ctx.remove_sequence(0)
+        return worst
+
+    @property
+    def soft_supported(self) -> bool:
+        return self.self_check.passed
+
+    def require_method(self, method: str) -> None:
+        if method != "cot" and not self.self_check.passed:
+            raise UnsupportedModelError(
+                f"method '{method}' feeds soft embeddings, which this model cannot take "
+                f"({self.model.architecture}: {self.self_check.detail}); use --method cot"
+            )
+
+    # -- prompts ----------------------------------------------------------------------
+    def chat_prompt(self, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> str:
+        return self.model.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+
+    def encode(self, prompt: str | None = None, *, messages: Sequence[dict] | None = None) -> list[int]:
+        """Tokens of a raw prompt, or of chat messages through the model's template."""
+        if (prompt is None) == (messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        text = prompt if messages is None else self.chat_prompt(messages)
+        # Chat templates write the BOS text themselves; add it only for raw prompts.
+        return self.model.tokenize(text, add_special=messages is None, parse_special=True)
+
+    def check_prompt_fits(self, n_prompt_tokens: int) -> None:
+        if n_prompt_tokens == 0:
+            raise ContextOverflowError("the prompt is empty")
+        if n_prompt_tokens + 1 > self.context.n_ctx:
+            raise ContextOverflowError(
+                f"the prompt has {n_prompt_tokens} tokens but the context holds {self.context.n_ctx} "
+                f"(per sequence); shorten the prompt or raise n_ctx (--n-ctx)"
+            )
+
+    def thinking_at_end(self, prompt_tokens: Sequence[int]) -> bool | None:
+        """Whether the prompt leaves the model inside <think>; None without think tags."""
+        info = self.token_info
+        if info.think_open is None:
+            return None
+        last_open = max((i for i, t in enumerate(prompt_tokens) if t == info.think_open), default=-1)
+        last_close = max((i for i, t in enumerate(prompt_tokens) if t == info.think_close), default=-1)
+        return last_open > last_close
+
+    # -- generation -------------------------------------------------------------------
+    def stream(self, prompt: str | None = None, params: DecodeParams | None = None, *,
+               messages: Sequence[dict] | None = None) -> Iterator[StepEvent]:
+        """Stream step events; the generator returns the GenerationResult at the end."""
+        params = params or DecodeParams()
+        return stream_tokens(self, self.encode(prompt, messages=messages), params)
+
+    def generate(self, prompt: str | None = None, params: DecodeParams | None = None, *,
+                 messages: Sequence[dict] | None = None) -> GenerationResult:
+        stream = self.stream(prompt, params, messages=messages)
+        while True:
+            try:
+                next(stream)
+            except StopIteration as done:
+                return done.value
+
+    def generate_batch(self, prompts: Sequence[Sequence[int]], params, *, on_finish=None) -> list[GenerationResult]:
+        return generate_many(self, prompts, params, on_finish=on_finish)
+
+    def close(self) -> None:
+        self.context.close()
+        self.model.close()
+
+    def __enter__(self) -> "Runtime":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def load(model: str | os.PathLike | None = None, **kwargs) -> Runtime:
+    """Load a model by registry name or path (None: the embedded default model)."""
+    from selar_local.registry import resolve_model
+
+    return Runtime(resolve_model(None if model is None else str(model)), **kwargs)
