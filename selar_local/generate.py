@@ -68,6 +68,7 @@ class GenerationResult:
     prefill_seconds: float
     decode_seconds: float
     effective_counts: list[float] = field(default_factory=list)  # N_eff of each soft input
+    soft_flags: list[bool] = field(default_factory=list)  # per step: was the NEXT input soft
 
     @property
     def completion_tokens(self) -> int:
@@ -140,6 +141,7 @@ class _Sequence:
     soft_steps: int = 0
     entropies: list[float] = field(default_factory=list)
     effective_counts: list[float] = field(default_factory=list)
+    soft_flags: list[bool] = field(default_factory=list)
     pending: StepDecision | None = None
     finish_reason: str | None = None
     prefill_seconds: float = 0.0
@@ -186,7 +188,7 @@ class BatchGenerator:
             self.cancel(request_id)
             raise
         seq.prefill_seconds = time.perf_counter() - seq.started
-        return request_id, self._advance(seq, self.context.logits(0))
+        return request_id, self._advance(seq, self.context.logits(-1))  # last prompt token: batch index, not output index
 
     def _prefill(self, seq: _Sequence) -> None:
         ctx, tokens = self.context, seq.prompt_tokens
@@ -246,6 +248,7 @@ class BatchGenerator:
             return self._finish(seq, decision, index, "stop", seq.text.finish())
         seq.tokens.append(token)
         seq.entropies.append(decision.entropy)
+        seq.soft_flags.append(False)
         text, stopped = seq.text.push(self.runtime.model.token_bytes(token))
         if stopped:
             return self._finish(seq, decision, index, "stop", text)
@@ -253,6 +256,7 @@ class BatchGenerator:
             return self._finish(seq, decision, index, "length", text + seq.text.finish())
         if decision.soft:
             seq.soft_steps += 1
+            seq.soft_flags[-1] = True
             w = decision.mix_weights
             seq.effective_counts.append(float(1.0 / np.dot(w, w)))
         seq.pending = decision
@@ -276,7 +280,7 @@ class BatchGenerator:
             text=seq.text.text, tokens=seq.tokens, prompt_tokens=len(seq.prompt_tokens),
             finish_reason=seq.finish_reason or "stop", soft_steps=seq.soft_steps, entropies=seq.entropies,
             prefill_seconds=seq.prefill_seconds, decode_seconds=decode_seconds,
-            effective_counts=seq.effective_counts,
+            effective_counts=seq.effective_counts, soft_flags=seq.soft_flags,
         )
 
 

@@ -1,0 +1,299 @@
+"""`selar bench report`: statistics of one or more run folders as Markdown, CSV and plots.
+
+Per run (model) and data set, one row per method:
+
+* accuracy = correct / items, with a 95% Wilson interval. With several seeds the items of all
+  seeds are pooled (n = problems x seeds); the pooled interval treats them as independent,
+  which understates the problem-to-problem variance, so the per-seed accuracies and their
+  mean and standard deviation are reported as well.
+* mean generated tokens, mean wall time per item (its own latency inside the batch: with
+  --parallel N the N live sequences share each decode), share of soft steps (soft steps /
+  generated tokens, over all items), share of items cut at max_tokens, errors (prompts that
+  did not fit the context; graded as wrong so every method keeps the same n).
+* against the baseline (cot): items paired on (problem, seed); the paired difference of
+  accuracy (method - baseline) with Newcombe's 95% interval, the discordant counts (solved
+  only by the method / only by the baseline) and the exact McNemar p-value.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from selar_local.bench.runner import RESULTS_NAME, BenchConfig, read_config, read_results
+from selar_local.bench.stats import mcnemar_exact, mean_over_seeds, paired_difference, wilson_interval
+from selar_local.errors import SelarError
+
+CSV_COLUMNS = (
+    "run", "model", "dataset", "method", "n", "n_problems", "seeds", "correct", "accuracy", "ci_lo", "ci_hi",
+    "seed_mean", "seed_std", "mean_tokens", "mean_seconds", "soft_share", "truncated_share", "errors",
+    "baseline", "n_paired", "diff", "diff_lo", "diff_hi", "method_only", "baseline_only", "mcnemar_p",
+)
+
+
+class ReportError(SelarError):
+    """A run folder holds nothing to report."""
+
+
+@dataclass
+class Run:
+    path: Path
+    config: BenchConfig | None
+    records: list[dict[str, Any]]
+
+    @property
+    def model(self) -> str:
+        return self.config.model_file if self.config else "?"
+
+    @property
+    def label(self) -> str:
+        return self.path.name or str(self.path)
+
+
+@dataclass
+class MethodRow:
+    run: str
+    model: str
+    dataset: str
+    method: str
+    n: int
+    n_problems: int
+    seeds: list[int]
+    correct: int
+    accuracy: float
+    ci_lo: float
+    ci_hi: float
+    seed_mean: float | None
+    seed_std: float | None
+    per_seed: dict[int, float]
+    mean_tokens: float
+    mean_seconds: float
+    soft_share: float
+    truncated_share: float
+    errors: int
+    baseline: str | None = None
+    n_paired: int | None = None
+    diff: float | None = None
+    diff_lo: float | None = None
+    diff_hi: float | None = None
+    method_only: int | None = None
+    baseline_only: int | None = None
+    mcnemar_p: float | None = None
+
+    def csv_row(self) -> dict[str, Any]:
+        row = {k: getattr(self, k) for k in CSV_COLUMNS if k != "seeds"}
+        row["seeds"] = " ".join(str(s) for s in self.seeds)
+        return row
+
+
+@dataclass
+class Section:
+    run: str
+    model: str
+    dataset: str
+    rows: list[MethodRow] = field(default_factory=list)
+
+
+def load_run(path: str | Path) -> Run:
+    path = Path(path)
+    if not path.is_dir():
+        raise ReportError(f"{path} is not a folder")
+    config = read_config(path)
+    records = read_results(path / RESULTS_NAME)
+    if not records:
+        raise ReportError(f"{path / RESULTS_NAME} holds no results yet")
+    return Run(path, config, records)
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def method_row(run: str, model: str, dataset: str, method: str, records: Sequence[dict]) -> MethodRow:
+    n = len(records)
+    correct = sum(bool(r.get("correct")) for r in records)
+    lo, hi = wilson_interval(correct, n)
+    seeds = sorted({int(r["seed"]) for r in records})
+    per_seed: dict[int, float] = {}
+    seed_mean = seed_std = None
+    try:
+        summary = mean_over_seeds([(r["id"], int(r["seed"]), bool(r.get("correct"))) for r in records])
+        per_seed = {int(s): float(a) for s, a in summary["per_seed"].items()}
+        seed_mean, seed_std = float(summary["mean"]), float(summary["std"])
+    except ValueError:
+        pass  # seeds cover different problems (a partial run): no per-seed mean
+    ok = [r for r in records if not r.get("error")]
+    tokens = sum(int(r.get("completion_tokens") or 0) for r in ok)
+    soft = sum(int(r.get("soft_steps") or 0) for r in ok)
+    return MethodRow(
+        run=run, model=model, dataset=dataset, method=method, n=n,
+        n_problems=len({r["id"] for r in records}), seeds=seeds, correct=correct, accuracy=correct / n,
+        ci_lo=lo, ci_hi=hi, seed_mean=seed_mean, seed_std=seed_std, per_seed=per_seed,
+        mean_tokens=_mean([int(r.get("completion_tokens") or 0) for r in ok]),
+        mean_seconds=_mean([float(r.get("wall_seconds") or 0.0) for r in ok]),
+        soft_share=soft / tokens if tokens else 0.0,
+        truncated_share=_mean([r.get("finish_reason") == "length" for r in ok]) if ok else 0.0,
+        errors=n - len(ok),
+    )
+
+
+def add_paired(row: MethodRow, baseline: str, base_records: Sequence[dict], records: Sequence[dict]) -> None:
+    """Pair on (problem, seed) and fill the comparison columns of ``row``."""
+    base = {(r["id"], int(r["seed"])): bool(r.get("correct")) for r in base_records}
+    mine = {(r["id"], int(r["seed"])): bool(r.get("correct")) for r in records}
+    keys = sorted(set(base) & set(mine), key=str)
+    row.baseline = baseline
+    row.n_paired = len(keys)
+    if not keys:
+        return
+    a = [base[k] for k in keys]
+    b = [mine[k] for k in keys]
+    d = paired_difference(a, b)
+    row.diff, row.diff_lo, row.diff_hi = d["diff"], d["lo"], d["hi"]
+    row.method_only, row.baseline_only = int(d["b_only"]), int(d["a_only"])
+    row.mcnemar_p = mcnemar_exact(row.method_only, row.baseline_only)
+
+
+def summarize(runs: Sequence[Run], baseline: str = "cot") -> list[Section]:
+    sections: list[Section] = []
+    for run in runs:
+        by_dataset: dict[str, dict[str, list[dict]]] = {}
+        for r in run.records:
+            by_dataset.setdefault(r["dataset"], {}).setdefault(r["method"], []).append(r)
+        order = list(run.config.methods) if run.config else []
+        for dataset, by_method in by_dataset.items():
+            section = Section(run.label, run.model, dataset)
+            methods = [m for m in order if m in by_method] + sorted(m for m in by_method if m not in order)
+            for method in methods:
+                row = method_row(run.label, run.model, dataset, method, by_method[method])
+                if method != baseline and baseline in by_method:
+                    add_paired(row, baseline, by_method[baseline], by_method[method])
+                section.rows.append(row)
+            sections.append(section)
+    return sections
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+# ---------------------------------------------------------------------------------------------
+
+def _pct(x: float | None, digits: int = 1) -> str:
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.{digits}f}"
+
+
+def _signed_pct(x: float | None) -> str:
+    return "" if x is None else f"{100 * x:+.1f}"
+
+
+def _p(p: float | None) -> str:
+    if p is None:
+        return ""
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+
+
+def render_markdown(sections: Sequence[Section], runs: Sequence[Run]) -> str:
+    out = io.StringIO()
+    out.write("# Benchmark report\n\n")
+    for section in sections:
+        run = next((r for r in runs if r.label == section.run), None)
+        out.write(f"## {section.dataset} - {section.model} (run `{section.run}`)\n\n")
+        if run and run.config:
+            c = run.config
+            p = c.params
+            decoding = ("greedy" if p.get("greedy") else
+                        f"T {p.get('temperature')}, top-k {p.get('top_k')}, top-p {p.get('top_p')}, "
+                        f"min-p {p.get('min_p')}")
+            expected = c.problems * len(c.methods) * len(c.seeds)
+            out.write(f"{c.problems} problems x {len(c.methods)} methods x {len(c.seeds)} seed(s) "
+                      f"({', '.join(str(s) for s in c.seeds)}); {len(run.records)}/{expected} items done; "
+                      f"{decoding}; max_tokens {p.get('max_tokens')}; SeLaR tau {p.get('tau')}, "
+                      f"lambda {p.get('lam')}, k_s {p.get('ks')}; n_ctx {c.n_ctx}.\n\n")
+        multi_seed = any(len(r.seeds) > 1 for r in section.rows)
+        header = ["method", "n", "accuracy % [95% CI]"]
+        if multi_seed:
+            header.append("mean over seeds % (sd)")
+        header += ["mean tokens", "s / item", "soft steps %", "hit max_tokens %", "errors"]
+        base = next((r.baseline for r in section.rows if r.baseline), None)
+        if base:
+            header += [f"vs {base}: diff pts [95% CI]", "only method / only base", "McNemar p"]
+        out.write("| " + " | ".join(header) + " |\n")
+        out.write("|" + "|".join("---" for _ in header) + "|\n")
+        for r in section.rows:
+            cells = [r.method, str(r.n), f"{_pct(r.accuracy)} [{_pct(r.ci_lo)}, {_pct(r.ci_hi)}]"]
+            if multi_seed:
+                cells.append(f"{_pct(r.seed_mean)} ({_pct(r.seed_std)})" if r.seed_mean is not None else "n/a")
+            cells += [f"{r.mean_tokens:.1f}", f"{r.mean_seconds:.2f}", _pct(r.soft_share),
+                      _pct(r.truncated_share, 0), str(r.errors)]
+            if base:
+                if r.diff is None:
+                    cells += ["(baseline)" if r.method == base else "", "", ""]
+                else:
+                    cells += [f"{_signed_pct(r.diff)} [{_signed_pct(r.diff_lo)}, {_signed_pct(r.diff_hi)}]",
+                              f"{r.method_only} / {r.baseline_only}", _p(r.mcnemar_p)]
+            out.write("| " + " | ".join(cells) + " |\n")
+        if multi_seed:
+            out.write("\nPer seed (accuracy %):\n\n")
+            seeds = sorted({s for r in section.rows for s in r.seeds})
+            out.write("| method | " + " | ".join(f"seed {s}" for s in seeds) + " |\n")
+            out.write("|---|" + "|".join("---" for _ in seeds) + "|\n")
+            for r in section.rows:
+                out.write(f"| {r.method} | " + " | ".join(_pct(r.per_seed.get(s)) for s in seeds) + " |\n")
+        out.write("\n")
+    out.write("Accuracy intervals: Wilson score, 95%. Paired difference: method minus baseline on the same "
+              "(problem, seed) items, Newcombe's hybrid score interval; McNemar: exact two-sided binomial "
+              "test on the discordant items. s / item is each item's own latency (prefill + decode) while "
+              "sharing the batch with the other live sequences.\n")
+    return out.getvalue()
+
+
+def render_csv(sections: Sequence[Section]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(CSV_COLUMNS), lineterminator="\n")
+    writer.writeheader()
+    for section in sections:
+        for r in section.rows:
+            writer.writerow({k: ("" if v is None else (round(v, 6) if isinstance(v, float) else v))
+                             for k, v in r.csv_row().items()})
+    return out.getvalue()
+
+
+def choose_trace(runs: Sequence[Run], problem: str | None = None, method: str | None = None) -> dict | None:
+    """The record whose entropy trace is plotted: the given problem/method, else the record of
+    selar (or the first non-cot method) with the most soft steps in the first run."""
+    for run in runs:
+        methods = [m for m in (run.config.methods if run.config else ())]
+        wanted = method or ("selar" if "selar" in methods else next((m for m in methods if m != "cot"), None))
+        candidates = [r for r in run.records if r.get("trace") and (wanted is None or r["method"] == wanted)]
+        if problem is not None:
+            candidates = [r for r in candidates if str(r["id"]) == str(problem)]
+        if candidates:
+            return max(candidates, key=lambda r: (int(r.get("soft_steps") or 0), -candidates.index(r)))
+    if problem is not None or method is not None:
+        raise ReportError(f"no record with a trace for problem {problem!r}, method {method!r}")
+    return None
+
+
+def write_report(run_dirs: Sequence[Path], out_dir: Path, *, baseline: str = "cot", plots: bool = True,
+                 trace_problem: str | None = None, trace_method: str | None = None) -> str:
+    runs = [load_run(d) for d in run_dirs]
+    sections = summarize(runs, baseline)
+    markdown = render_markdown(sections, runs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if plots:
+        from selar_local.bench import plots as plotting
+
+        written = [plotting.accuracy_vs_tokens(sections, out_dir / "accuracy_vs_tokens.png")]
+        record = choose_trace(runs, trace_problem, trace_method)
+        if record is not None:
+            tau = record.get("params", {}).get("tau") if record["method"] == "selar" else None
+            written.append(plotting.entropy_trace(record, out_dir / "entropy_trace.png", tau=tau))
+        markdown += "\nPlots: " + ", ".join(f"![{p.stem}]({p.name})" for p in written) + "\n"
+    (out_dir / "report.md").write_text(markdown, encoding="utf-8")
+    (out_dir / "report.csv").write_text(render_csv(sections), encoding="utf-8")
+    (out_dir / "report.json").write_text(json.dumps(
+        [{**r.csv_row(), "per_seed": r.per_seed} for s in sections for r in s.rows], indent=1), encoding="utf-8")
+    return markdown

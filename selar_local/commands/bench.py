@@ -1,0 +1,189 @@
+"""`selar bench`: run reasoning benchmarks (resumable, batched) and `selar bench report`."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from selar_local.commands.common import add_decode_arguments, add_model_arguments, params_from_args
+
+EPILOG = """\
+examples:
+  selar bench --dataset gsm8k --methods cot,selar,soft --limit 200 --seeds 3 \\
+      --model qwen2.5-coder-0.5b-instruct --parallel 4 --out runs/gsm8k-qwen
+  selar bench --out runs/gsm8k-qwen --resume          # continue after Ctrl-C or a kill
+  selar bench report runs/gsm8k-qwen                  # tables (Markdown, CSV) and plots
+
+Every finished (problem, method, seed) is appended at once to OUT/results.jsonl; OUT/config.json
+records what the run computes. --resume skips what is done; it refuses a different config
+(data set, limit, methods, seeds, model file, decoding parameters, n_ctx). --parallel and
+--threads may change between sessions.
+"""
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "bench", help="benchmark decoding methods on reasoning data sets (and `bench report`)",
+        description="Run cot / selar / soft / moi on a reasoning benchmark and grade every answer. "
+                    "Use `selar bench report RUN_DIR` for the statistics.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run = parser.add_argument_group("benchmark")
+    run.add_argument("--dataset", "-d", default=None,
+                     help="gsm8k, math500, gpqa_diamond, aime24, aime25, amc23, or a JSON-lines file")
+    run.add_argument("--split", default="test", help="split of a built-in data set (default test)")
+    run.add_argument("--limit", type=int, default=None, help="first N problems only (default: all)")
+    run.add_argument("--methods", default="cot,selar,soft",
+                     help="comma-separated methods among cot, selar, soft, moi (default cot,selar,soft)")
+    run.add_argument("--seeds", default="1",
+                     help="number of seeds, counting up from --seed (default 1); or an explicit list "
+                          "such as 41,42,43")
+    run.add_argument("--out", "-o", default=None, help="run folder (config.json, results.jsonl, report)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run in --out; with no --dataset, its saved config is used as is")
+    run.add_argument("--overwrite", action="store_true", help="discard an existing run in --out and start again")
+    run.add_argument("--parallel", "-p", type=int, default=1,
+                     help="sequences decoded together in one llama.cpp context (default 1)")
+    run.add_argument("--question-field", default=None, help="question field of a user JSON-lines file")
+    run.add_argument("--answer-field", default=None, help="answer field of a user JSON-lines file")
+    run.add_argument("--id-field", default=None, help="id field of a user file (default: row index)")
+    run.add_argument("--data-dir", default=None, help="folder holding <dataset>/<split>.jsonl")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_model_arguments(parser)
+    add_decode_arguments(parser, method_default=None)
+    parser.set_defaults(func=bench)
+
+    sub = parser.add_subparsers(dest="bench_command", metavar="report", title="sub-command (optional)")
+    report = sub.add_parser("report", help="statistics, Markdown/CSV tables and PNG plots of a run",
+                            description="Accuracy with 95% Wilson intervals, tokens, time, soft share, and "
+                                        "each method against the baseline: paired difference with its 95%% "
+                                        "interval (Newcombe) and an exact McNemar p-value. Writes "
+                                        "RUN_DIR/report.md, report.csv and PNG plots.")
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folder(s) written by `selar bench`")
+    report.add_argument("--baseline", default="cot", help="method the others are compared with (default cot)")
+    report.add_argument("--out", "-o", default=None,
+                        help="where to write the report (default: the run folder; required with several runs)")
+    report.add_argument("--trace-problem", default=None,
+                        help="problem id for the entropy-trace plot (default: the one with most soft steps)")
+    report.add_argument("--trace-method", default=None, help="method for the entropy-trace plot (default selar)")
+    report.add_argument("--no-plots", action="store_true", help="tables only")
+    report.set_defaults(func=bench_report)
+
+
+def parse_seeds(text: str, first_seed: int) -> tuple[int, ...]:
+    from selar_local.errors import InvalidParameterError
+
+    text = str(text).strip()
+    try:
+        if "," in text:
+            seeds = tuple(int(s) for s in text.split(",") if s.strip())
+        else:
+            count = int(text)
+            if count < 1:
+                raise ValueError
+            seeds = tuple(range(first_seed, first_seed + count))
+    except ValueError:
+        raise InvalidParameterError(f"--seeds {text!r}: give a count >= 1 or a comma-separated list of seeds") from None
+    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise InvalidParameterError(f"--seeds {text!r}: seeds must be distinct integers >= 0")
+    return seeds
+
+
+def _config_from_args(args):
+    from selar_local.bench.runner import PER_ITEM_PARAMS, BenchConfig, problems_digest
+    from selar_local.bench.datasets import load_problems
+    from selar_local.errors import InvalidParameterError
+    from selar_local.params import METHODS
+    from selar_local.registry import resolve_model
+
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise InvalidParameterError(f"--methods: unknown {', '.join(unknown) or '(none)'}; choose from {', '.join(METHODS)}")
+    if args.limit is not None and args.limit < 1:
+        raise InvalidParameterError("--limit must be >= 1")
+    base = params_from_args(args, method=methods[0])  # validates every decoding option
+    params = {k: v for k, v in base.to_dict().items() if k not in PER_ITEM_PARAMS}
+    problems = load_problems(args.dataset, split=args.split, limit=args.limit, data_dir=args.data_dir,
+                             question_field=args.question_field, answer_field=args.answer_field,
+                             id_field=args.id_field)
+    if not problems:
+        raise InvalidParameterError(f"{args.dataset}: no problems to run")
+    model_path = resolve_model(args.model)
+    config = BenchConfig(
+        dataset=args.dataset, methods=methods, seeds=parse_seeds(args.seeds, args.seed), params=params,
+        model=str(args.model) if args.model is not None else "(default)", model_file=model_path.name,
+        model_size=model_path.stat().st_size, n_ctx=args.n_ctx, split=args.split, limit=args.limit,
+        question_field=args.question_field, answer_field=args.answer_field, id_field=args.id_field,
+        problems=len(problems), problems_sha256=problems_digest(problems),
+    )
+    return config, problems, model_path
+
+
+def bench(args: argparse.Namespace) -> int:
+    from selar_local.bench.runner import (
+        BenchConfigError, load_config_problems, prepare_run, problems_digest, read_config, run_bench,
+    )
+    from selar_local.errors import InvalidParameterError
+    from selar_local.registry import resolve_model
+
+    if args.out is None:
+        raise InvalidParameterError("--out RUN_DIR is required (where results.jsonl and config.json go)")
+    if args.parallel < 1:
+        raise InvalidParameterError("--parallel must be >= 1")
+    if args.resume and args.overwrite:
+        raise InvalidParameterError("--resume and --overwrite contradict each other; pick one")
+    out = Path(args.out)
+    if args.dataset is None:
+        if not args.resume:
+            raise InvalidParameterError("--dataset is required (or --resume to continue the run in --out)")
+        config = read_config(out)  # continue exactly the saved run
+        problems = load_config_problems(config, data_dir=args.data_dir)
+        if problems_digest(problems) != config.problems_sha256:
+            raise BenchConfigError(f"--resume refused: the problems of {config.dataset} differ from the ones "
+                                   f"the run started with (the data file changed)")
+        model_path = resolve_model(None if config.model == "(default)" else config.model)
+        if model_path.name != config.model_file or model_path.stat().st_size != config.model_size:
+            raise BenchConfigError(f"--resume refused: {model_path} is not the model file the run used "
+                                   f"({config.model_file}, {config.model_size} bytes)")
+        model_arg = str(model_path)
+    else:
+        config, problems, model_path = _config_from_args(args)
+        model_arg = str(model_path)
+    done = prepare_run(out, config, resume=args.resume, overwrite=args.overwrite)
+
+    from selar_local.runtime import load
+
+    runtime = load(model_arg, n_ctx=config.n_ctx, n_parallel=args.parallel, n_threads=args.threads,
+                   n_gpu_layers=args.n_gpu_layers, verbose=args.verbose)
+    n_items = len(problems) * len(config.methods) * len(config.seeds)
+    print(f"selar bench: {config.dataset} ({len(problems)} problems) x {','.join(config.methods)} x "
+          f"{len(config.seeds)} seed(s) = {n_items} items; {len(done)} already done; "
+          f"model {model_path.name}; --parallel {args.parallel}; results in {out}/results.jsonl",
+          file=sys.stderr)
+    try:
+        summary = run_bench(runtime, config, problems, out, done=done, parallel=args.parallel,
+                            progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"interrupted: finished items are saved in {out}/results.jsonl; continue with "
+              f"`selar bench --out {out} --resume`", file=sys.stderr)
+        return 130
+    finally:
+        runtime.close()
+    rate = summary.completion_tokens / summary.wall_seconds if summary.wall_seconds else 0.0
+    print(f"done: {summary.ran} items in {summary.wall_seconds:.1f} s ({rate:.1f} generated tokens/s), "
+          f"{summary.errors} error(s). Report: selar bench report {out}", file=sys.stderr)
+    return 0
+
+
+def bench_report(args: argparse.Namespace) -> int:
+    from selar_local.bench.report import write_report
+    from selar_local.errors import InvalidParameterError
+
+    if len(args.run_dirs) > 1 and args.out is None:
+        raise InvalidParameterError("several run folders: give --out for the combined report")
+    out = Path(args.out or args.run_dirs[0])
+    markdown = write_report([Path(d) for d in args.run_dirs], out, baseline=args.baseline,
+                            plots=not args.no_plots, trace_problem=args.trace_problem,
+                            trace_method=args.trace_method)
+    print(markdown)
+    return 0

@@ -1,0 +1,76 @@
+"""`selar serve`: an OpenAI-compatible HTTP server (chat, completions, models, health)."""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+
+from selar_local.commands.common import add_model_arguments
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "serve", help="serve a model over an OpenAI-compatible HTTP API",
+        description="Serve one model over an OpenAI-compatible HTTP API: POST /v1/chat/completions, "
+                    "POST /v1/completions (streaming or not), GET /v1/models, GET /health. SeLaR "
+                    "parameters (method, tau, lam, ks, ...) are extra fields of the request body.",
+    )
+    add_model_arguments(parser)
+    group = parser.add_argument_group("server")
+    group.add_argument("--host", default="127.0.0.1",
+                       help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")
+    group.add_argument("--port", type=int, default=8080, help="TCP port (default 8080)")
+    group.add_argument("--parallel", "-np", type=int, default=1,
+                       help="requests decoded together as parallel sequences of one context (default 1)")
+    group.add_argument("--queue-size", type=int, default=32,
+                       help="requests that may wait for a free slot; beyond it the server answers 503 (default 32)")
+    group.add_argument("--api-key", default=os.environ.get("SELAR_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' on every request (default: $SELAR_API_KEY, if set)")
+    group.add_argument("--model-alias", default=None,
+                       help="the model id clients see and send (default: the registry name or file name)")
+    group.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from selar_local.errors import InvalidParameterError
+
+    if args.parallel < 1:
+        raise InvalidParameterError(f"invalid --parallel {args.parallel}: expected an integer >= 1")
+    if args.queue_size < 0:
+        raise InvalidParameterError(f"invalid --queue-size {args.queue_size}: expected an integer >= 0")
+    if not 0 <= args.port <= 65535:
+        raise InvalidParameterError(f"invalid --port {args.port}: expected 0..65535")
+    try:  # FastAPI and uvicorn are needed only here
+        from selar_local.api import Selar
+        from selar_local.server import serve
+    except ModuleNotFoundError as exc:
+        print(f"selar: error: `selar serve` needs {exc.name}: pip install 'selar-local[server]' "
+              "(fastapi, uvicorn)", file=sys.stderr)
+        return 2
+    if not _is_loopback(args.host) and not args.api_key:
+        print(f"selar: warning: listening on {args.host} without --api-key: anyone who can reach this "
+              "port can use the model", file=sys.stderr)
+    llm = Selar(args.model, n_ctx=args.n_ctx, n_parallel=args.parallel, n_threads=args.threads,
+                n_gpu_layers=args.n_gpu_layers, queue_size=args.queue_size, verbose=args.verbose,
+                model_id=args.model_alias)
+    check = llm.runtime.self_check
+    print(f"selar: serving {llm.model_id} ({llm.runtime.model.architecture}) on http://{args.host}:{args.port}/v1 "
+          f"with {args.parallel} slot(s) of {llm.runtime.context.n_ctx} tokens, queue {args.queue_size}; "
+          f"soft decoding {'available' if check.passed else 'UNAVAILABLE (' + check.detail + '; only method=cot)'}",
+          file=sys.stderr, flush=True)
+    try:
+        serve(llm, host=args.host, port=args.port, api_key=args.api_key, log_level=args.log_level)
+    finally:
+        llm.close()
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,269 @@
+"""OpenAI-compatible HTTP server (FastAPI + uvicorn) over one `Selar` object.
+
+    POST /v1/chat/completions   chat, streamed as server-sent events or as one JSON body
+    POST /v1/completions        raw-prompt completion, same
+    GET  /v1/models             the one model served
+    GET  /health                status and slot/queue counters
+
+SeLaR parameters (method, tau, lam, ks, thinking_only, top_k, min_p, greedy, ...) are
+extra fields of the request body, so the `openai` client passes them with `extra_body`.
+Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}}: 400 for
+malformed JSON, bad values and prompts over the context, 404 for an unknown model or
+route, 401 for a missing or wrong API key, 503 when every slot is busy and the queue is
+full. A client that disconnects has its sequence cancelled, which frees its slot and KV
+cells before the next decode step.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+from typing import Any, AsyncIterator, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from selar_local.api import (
+    ChunkWriter,
+    PreparedRequest,
+    QueueFullError,
+    RequestCancelledError,
+    RequestError,
+    RequestHandle,
+    SchedulerClosedError,
+    Selar,
+    as_request_error,
+    completion_response,
+)
+from selar_local.errors import ContextOverflowError, InvalidParameterError, UnsupportedModelError
+
+logger = logging.getLogger("selar_local.server")
+
+MAX_BODY_BYTES = 16 << 20
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+                405: "invalid_request_error", 413: "invalid_request_error", 503: "server_error",
+                500: "server_error"}
+
+
+def error_body(status: int, message: str, *, param: str | None = None, code: str | None = None,
+               type_: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_ or _ERROR_TYPES.get(status, "invalid_request_error"),
+                      "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, **kwargs: Any) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else ({"Retry-After": "1"} if status == 503 else None)
+    return JSONResponse(error_body(status, message, **kwargs), status_code=status, headers=headers)
+
+
+def _response_for(exc: BaseException) -> JSONResponse:
+    if isinstance(exc, QueueFullError):
+        return error_response(503, str(exc), code="queue_full")
+    if isinstance(exc, RequestCancelledError):  # nobody is listening any more
+        return error_response(499, str(exc), code="cancelled", type_="cancelled")
+    if isinstance(exc, SchedulerClosedError):
+        return error_response(503, str(exc), code="shutting_down")
+    if isinstance(exc, (RequestError, InvalidParameterError, ContextOverflowError, UnsupportedModelError)):
+        err = as_request_error(exc)  # type: ignore[arg-type]
+        return error_response(err.status, str(err), param=err.param, code=err.code)
+    logger.error("request failed", exc_info=exc)
+    return error_response(500, f"internal error: {type(exc).__name__}: {exc}", code="internal_error")
+
+
+class _ApiKeyMiddleware:
+    """Checks `Authorization: Bearer KEY` on every HTTP request (pure ASGI, streaming-safe)."""
+
+    def __init__(self, app, api_key: str):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            given = dict(scope.get("headers") or ()).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                message = "missing API key: send 'Authorization: Bearer KEY'" if not given else "invalid API key"
+                await error_response(401, message, code="invalid_api_key")(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class _EventSource(Response):
+    """Server-sent events for one request; cancels the request when the client goes away."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, chunks: AsyncIterator[dict], handle: RequestHandle):
+        super().__init__(headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.chunks = chunks
+        self.handle = handle
+
+    async def __call__(self, scope, receive, send) -> None:
+        watcher = asyncio.ensure_future(_until_disconnect(receive, self.handle))
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            async for chunk in self.chunks:
+                data = b"data: " + json.dumps(chunk, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+        except (OSError, asyncio.CancelledError):  # the client went away mid-stream
+            pass
+        finally:
+            watcher.cancel()
+            self.handle.cancel()  # no-op once the request has ended
+            await self.chunks.aclose()
+
+
+async def _until_disconnect(receive, handle: RequestHandle) -> None:
+    """Wait for the client's http.disconnect (the body was read already), then cancel."""
+    try:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                handle.cancel()
+                return
+    except Exception:  # the server may close `receive` at shutdown
+        return
+
+
+def create_app(llm: Selar, *, api_key: str | None = None, close_on_shutdown: bool = False) -> FastAPI:
+    """The ASGI app serving `llm`. With `api_key`, every request must carry it."""
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        yield
+        if close_on_shutdown:
+            await run_in_threadpool(llm.close)
+
+    app = FastAPI(title="selar-local", version=_version(), lifespan=lifespan,
+                  docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.llm = llm
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException):
+        return error_response(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(_request: Request, exc: Exception):
+        return _response_for(exc)
+
+    @app.get("/health")
+    async def health():
+        stats = llm.scheduler.stats().to_dict()
+        stats["slots_idle"] = stats["slots_total"] - stats["slots_busy"]
+        return {"status": "ok", "model": llm.model_id, **stats}
+
+    @app.get("/v1/models")
+    async def models():
+        return llm.models()
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        for entry in llm.models()["data"]:
+            if model_id == entry["id"] or model_id in llm.builder.aliases:
+                return entry
+        return error_response(404, f"model {model_id!r} is not served here; this server serves {llm.model_id!r}",
+                              param="model", code="model_not_found")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await _complete(request, llm, llm.builder.chat)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await _complete(request, llm, llm.builder.completion)
+
+    if api_key:
+        app.add_middleware(_ApiKeyMiddleware, api_key=api_key)
+    return app
+
+
+async def _read_json(request: Request) -> dict[str, Any]:
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
+        raise RequestError(f"request body over {MAX_BODY_BYTES} bytes", status=413, code="body_too_large")
+    raw = await request.body()
+    if len(raw) > MAX_BODY_BYTES:
+        raise RequestError(f"request body over {MAX_BODY_BYTES} bytes", status=413, code="body_too_large")
+    if not raw.strip():
+        raise RequestError("the request body is empty: send a JSON object", code="invalid_json")
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RequestError(f"the request body is not valid JSON: {exc}", code="invalid_json") from exc
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object", code="invalid_json")
+    return body
+
+
+async def _complete(request: Request, llm: Selar, build: Callable[[dict], PreparedRequest]) -> Response:
+    try:
+        body = await _read_json(request)
+        req = await run_in_threadpool(build, body)  # tokenising a long prompt must not block the loop
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue = asyncio.Queue()
+
+        def sink(kind: str, payload: Any) -> None:  # called in the scheduler's thread
+            loop.call_soon_threadsafe(inbox.put_nowait, (kind, payload))
+
+        handle = llm.scheduler.submit(req.prompt_tokens, req.params, sink=sink)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI-shaped error
+        return _response_for(exc)
+    if req.stream:
+        return _EventSource(_sse_chunks(req, inbox), handle)
+    return await _wait_result(request, req, handle, inbox)
+
+
+async def _sse_chunks(req: PreparedRequest, inbox: asyncio.Queue) -> AsyncIterator[dict]:
+    writer = ChunkWriter(req)
+    for chunk in writer.opening():
+        yield chunk
+    while True:
+        kind, payload = await inbox.get()
+        if kind == "event":
+            chunk = writer.event(payload)
+            if chunk is not None:
+                yield chunk
+        elif kind == "done":
+            for chunk in writer.closing(payload):
+                yield chunk
+            return
+        else:  # the headers are sent: report the failure in the stream, as OpenAI does
+            response = _response_for(payload)
+            yield json.loads(response.body)
+            return
+
+
+async def _wait_result(request: Request, req: PreparedRequest, handle: RequestHandle,
+                       inbox: asyncio.Queue) -> Response:
+    watcher = asyncio.ensure_future(_until_disconnect(request.receive, handle))
+    try:
+        while True:
+            kind, payload = await inbox.get()
+            if kind == "done":
+                return JSONResponse(completion_response(req, payload))
+            if kind == "error":
+                return _response_for(payload)
+    finally:
+        watcher.cancel()
+        handle.cancel()  # no-op once ended; frees the slot if this task was cancelled
+
+
+def _version() -> str:
+    from selar_local import __version__
+
+    return __version__
+
+
+def serve(llm: Selar, *, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,
+          log_level: str = "info") -> None:
+    """Run the server until interrupted (uvicorn, one process, one event loop)."""
+    import uvicorn
+
+    app = create_app(llm, api_key=api_key)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=log_level == "debug",
+                            timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run()
