@@ -599,7 +599,7 @@ class ChunkWriter:
         if not event.text:
             return None
         return self._chunk(self._choice(event.text, None),
-                           selar={"soft": event.soft, "entropy": round(event.entropy, 6)})
+                           selar={"soft": event.soft, "entropy": round(event.entropy, 6) + 0.0})
 
     def closing(self, result: GenerationResult) -> list[dict]:
         last = self._chunk(self._choice(None if self.req.kind == "chat" else "", result.finish_reason),

@@ -77,7 +77,7 @@ def normalized_topk(dist: Distribution, k: int) -> tuple[np.ndarray, np.ndarray,
     ids = dist.ids[:k]
     weights = dist.probs[:k] / dist.probs[:k].sum()
     h = entropy(weights) / math.log(k)
-    return ids, weights, min(max(h, 0.0), 1.0)
+    return ids, weights, (0.0 if h <= 0.0 else min(h, 1.0))  # no -0.0 in traces
 
 
 def full_vocab_entropy(logits: np.ndarray) -> float:

@@ -22,7 +22,7 @@ import logging
 from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -90,13 +90,13 @@ class _ApiKeyMiddleware:
         await self.app(scope, receive, send)
 
 
-class _EventSource(Response):
-    """Server-sent events for one request; cancels the request when the client goes away."""
-
-    media_type = "text/event-stream"
+class _EventSource(StreamingResponse):
+    """Server-sent events for one request; cancels the request when the client goes away
+    (noticed by a watcher on `receive`, whatever the ASGI spec version)."""
 
     def __init__(self, chunks: AsyncIterator[dict], handle: RequestHandle):
-        super().__init__(headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        super().__init__(chunks, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self.chunks = chunks
         self.handle = handle
 
@@ -253,9 +253,12 @@ async def _wait_result(request: Request, req: PreparedRequest, handle: RequestHa
 
 
 def _version() -> str:
-    from selar_local import __version__
+    from importlib.metadata import PackageNotFoundError, version
 
-    return __version__
+    try:
+        return version("selar-local")
+    except PackageNotFoundError:  # running from a source tree
+        return "0+unknown"
 
 
 def serve(llm: Selar, *, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,
