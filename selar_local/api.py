@@ -613,6 +613,50 @@ class ChunkWriter:
 # ------------------------------------------------------------------------ the object
 
 
+class CompletionStream:
+    """Iterator over the chunks of one streamed request. Closing it (or dropping it,
+    or leaving its `with` block) before the end cancels the request, even one that is
+    still waiting in the queue."""
+
+    def __init__(self, req: PreparedRequest, handle: RequestHandle):
+        self.request = req
+        self.handle = handle
+        self._chunks = self._generate()
+
+    def _generate(self) -> Iterator[dict[str, Any]]:
+        writer = ChunkWriter(self.request)
+        yield from writer.opening()
+        for event in self.handle.events():
+            chunk = writer.event(event)
+            if chunk is not None:
+                yield chunk
+        if self.handle.error is not None:
+            raise self.handle.error
+        yield from writer.closing(self.handle.result)
+
+    def __iter__(self) -> "CompletionStream":
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        return next(self._chunks)
+
+    def close(self) -> None:
+        self._chunks.close()
+        self.handle.cancel()  # no-op once the request has ended
+
+    def __enter__(self) -> "CompletionStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
 def model_identity(model_path: Path) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
     """(id, aliases, stop strings) of a model file: the registry name where it has one."""
     from selar_local.registry import entry_for_path
@@ -680,20 +724,8 @@ class Selar:
         return completion_response(req, handle.wait())
 
     @staticmethod
-    def _stream(req: PreparedRequest, handle: RequestHandle) -> Iterator[dict[str, Any]]:
-        writer = ChunkWriter(req)
-        events = handle.events()
-        try:
-            yield from writer.opening()
-            for event in events:
-                chunk = writer.event(event)
-                if chunk is not None:
-                    yield chunk
-        finally:
-            events.close()  # abandoning the stream cancels the request (no-op once it ended)
-        if handle.error is not None:
-            raise handle.error
-        yield from writer.closing(handle.result)
+    def _stream(req: PreparedRequest, handle: RequestHandle) -> "CompletionStream":
+        return CompletionStream(req, handle)
 
     # -- information ----------------------------------------------------------------------
     def models(self) -> dict[str, Any]:

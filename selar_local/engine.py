@@ -165,6 +165,7 @@ class LlamaModel:
         self._pieces: dict[int, bytes] = {}
         self.eog_ids = frozenset(t for t in range(self.n_vocab) if lib.llama_vocab_is_eog(self._vocab, t))
         self.bos_id = int(lib.llama_vocab_bos(self._vocab))
+        self.eos_id = int(lib.llama_vocab_eos(self._vocab))
 
     # -- metadata ---------------------------------------------------------------------
     def metadata(self, key: str) -> str | None:
@@ -227,10 +228,11 @@ class LlamaModel:
         raw = self._lib.llama_model_chat_template(self._handle, None)
         return raw.decode("utf-8") if raw else None
 
-    def apply_chat_template(self, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> str:
-        """Format messages with the model's template through llama.cpp's built-in
-        template engine (it recognises the common templates: chatml, llama3, gemma, ...).
-        Models without a template fall back to chatml."""
+    def apply_builtin_chat_template(self, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> str | None:
+        """Format messages with llama.cpp's built-in template engine, which recognises
+        the common templates (chatml, llama3, gemma, deepseek, ...) by their text.
+        None when it does not recognise this model's template. Models without a
+        template are formatted as chatml."""
         lib = self._lib
         template = (self.chat_template() or "chatml").encode("utf-8")
         keep = [(str(m["role"]).encode(), str(m["content"]).encode()) for m in messages]
@@ -240,7 +242,7 @@ class LlamaModel:
             buf = ctypes.create_string_buffer(size)
             n = lib.llama_chat_apply_template(template, chat, len(keep), add_generation_prompt, buf, size)
             if n < 0:
-                raise ModelLoadError(f"llama.cpp cannot apply the chat template of {self.path.name}")
+                return None
             if n <= size:
                 return buf.raw[:n].decode("utf-8", errors="replace")
             size = n

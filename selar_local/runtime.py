@@ -10,6 +10,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from selar_local.chat import render_jinja_template
 from selar_local.embeddings import EmbeddingTable, input_scale_for
 from selar_local.engine import LlamaContext, LlamaModel, set_verbose
 from selar_local.errors import ContextOverflowError, UnsupportedModelError
@@ -134,7 +135,15 @@ class Runtime:
 
     # -- prompts ----------------------------------------------------------------------
     def chat_prompt(self, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> str:
-        return self.model.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        """Messages through the model's chat template: llama.cpp's built-in engine first,
+        the template's own Jinja source (sandboxed) where llama.cpp does not know it."""
+        text = self.model.apply_builtin_chat_template(messages, add_generation_prompt=add_generation_prompt)
+        if text is None:
+            text = render_jinja_template(
+                self.model.chat_template() or "", messages, add_generation_prompt=add_generation_prompt,
+                bos_token=self.model.token_text(self.model.bos_id), eos_token=self.model.token_text(self.model.eos_id),
+            )
+        return text
 
     def encode(self, prompt: str | None = None, *, messages: Sequence[dict] | None = None) -> list[int]:
         """Tokens of a raw prompt, or of chat messages through the model's template."""

@@ -250,3 +250,4 @@ def test_math_symbol_mask_keeps_single_token_symbols():
     table = {"1": [5], "x": [3], "\\frac": [1, 2]}
     mask = math_symbol_mask(lambda s: table.get(s, []), VOCAB, symbols=table)
     assert mask.tolist() == [False, False, False, True, False, True, False, False]
+
