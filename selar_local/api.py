@@ -146,6 +146,7 @@ class RequestHandle:
         self.cancelled = False
 
     def _deliver(self, kind: str, payload: Any) -> None:
+        # Sinks must not block: the scheduler calls them, final ones under its lock.
         if kind == "done":
             self.result = payload
         elif kind == "error":
@@ -309,7 +310,7 @@ class Scheduler:
         except BaseException as exc:  # this request only (the generator freed its slot)
             with self._lock:
                 self._counts["failed"] += 1
-            handle._deliver("error", exc)
+                handle._deliver("error", exc)
             return
         handle.request_id = request_id
         with self._lock:
@@ -324,10 +325,10 @@ class Scheduler:
         handle._deliver("event", event)
         if event.finish_reason:
             result = self._generator.pop_result(event.request_id)
-            with self._lock:
+            with self._lock:  # ended and counted in one step: stats and admission agree
                 self._running.pop(event.request_id, None)
                 self._counts["completed"] += 1
-            handle._deliver("done", result)
+                handle._deliver("done", result)
 
     def _drop(self, handle: RequestHandle, counter: str, error: BaseException) -> None:
         if handle.finished.is_set():  # it ended on its own before the cancellation arrived
@@ -337,7 +338,7 @@ class Scheduler:
         with self._lock:
             self._running.pop(handle.request_id, None)
             self._counts[counter] += 1
-        handle._deliver("error", error)
+            handle._deliver("error", error)
 
 
 # --------------------------------------------------------------------- request building

@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import ctypes
 import os
+import re
 import sys
 import threading
 from dataclasses import dataclass
@@ -232,9 +233,9 @@ class LlamaModel:
         """Format messages with llama.cpp's built-in template engine, which recognises
         the common templates (chatml, llama3, gemma, deepseek, ...) by their text.
         None when it does not recognise this model's template. Models without a
-        template are formatted as chatml."""
+        template get their family's built-in one (gemma3 -> gemma), else chatml."""
         lib = self._lib
-        template = (self.chat_template() or "chatml").encode("utf-8")
+        template = (self.chat_template() or self._family_template()).encode("utf-8")
         keep = [(str(m["role"]).encode(), str(m["content"]).encode()) for m in messages]
         chat = (lib.llama_chat_message * len(keep))(*[lib.llama_chat_message(role, text) for role, text in keep])
         size = sum(len(r) + len(c) for r, c in keep) * 2 + 256
@@ -246,6 +247,15 @@ class LlamaModel:
             if n <= size:
                 return buf.raw[:n].decode("utf-8", errors="replace")
             size = n
+
+    def _family_template(self) -> str:
+        lib = self._lib
+        count = lib.llama_chat_builtin_templates(None, 0)
+        names = (ctypes.c_char_p * count)()
+        lib.llama_chat_builtin_templates(names, count)
+        builtin = {name.decode() for name in names}
+        family = re.sub(r"[\d.]+[a-z]*$", "", self.architecture)  # gemma3 -> gemma, qwen2 -> qwen
+        return next((name for name in (self.architecture, family) if name in builtin), "chatml")
 
     # -- lifetime ---------------------------------------------------------------------
     def close(self) -> None:

@@ -179,7 +179,7 @@ class BatchGenerator:
         request_id = self._next_request
         self._next_request += 1
         policy = make_policy(params, self.runtime.token_info, in_thinking=self.runtime.thinking_at_end(prompt_tokens))
-        seq = _Sequence(request_id, self._free_slots.pop(0), params, policy, prompt_tokens, _TextStream(params.stop))
+        seq = _Sequence(request_id, self._free_slots.pop(0), params, policy, prompt_tokens, _TextStream(params.stop + self.runtime.stop_strings))
         self._live[request_id] = seq
         seq.started = time.perf_counter()
         try:

@@ -57,6 +57,8 @@ class Runtime:
         n_gpu_layers: int = -1,
         verbose: bool = False,
         embedding_cache_bytes: int = 64 << 20,
+        think_tags: tuple[str, str] | None = None,
+        stop_strings: Sequence[str] = (),
     ):
         set_verbose(verbose)
         self.model_path = Path(model_path)
@@ -64,7 +66,9 @@ class Runtime:
         self.n_parallel = n_parallel
         self.context = LlamaContext(self.model, n_ctx=n_ctx, n_batch=max(n_batch, n_parallel),
                                     n_seq_max=n_parallel, n_threads=n_threads)
-        think_open, think_close = (self.model.single_token(tag) for tag in THINK_TAGS)
+        # Stop strings every request gets (from the registry: e.g. a chat turn marker).
+        self.stop_strings = tuple(stop_strings)
+        think_open, think_close = (self.model.single_token(tag) for tag in (think_tags or THINK_TAGS))
         if think_open is None or think_close is None:
             think_open = think_close = None
         mask = math_symbol_mask(lambda s: self.model.tokenize(s, add_special=False, parse_special=False),
@@ -203,6 +207,11 @@ class Runtime:
 
 def load(model: str | os.PathLike | None = None, **kwargs) -> Runtime:
     """Load a model by registry name or path (None: the embedded default model)."""
-    from selar_local.registry import resolve_model
+    from selar_local.registry import entry_for_path, resolve_model
 
-    return Runtime(resolve_model(None if model is None else str(model)), **kwargs)
+    path = resolve_model(None if model is None else str(model))
+    entry = entry_for_path(path)
+    if entry is not None:  # the registry knows this model's conventions
+        kwargs.setdefault("think_tags", entry.think_tags)
+        kwargs.setdefault("stop_strings", entry.stop_strings)
+    return Runtime(path, **kwargs)

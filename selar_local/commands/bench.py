@@ -41,8 +41,9 @@ def register(subparsers) -> None:
     run.add_argument("--resume", action="store_true",
                      help="continue the run in --out; with no --dataset, its saved config is used as is")
     run.add_argument("--overwrite", action="store_true", help="discard an existing run in --out and start again")
-    run.add_argument("--parallel", "-p", type=int, default=1,
-                     help="sequences decoded together in one llama.cpp context (default 1)")
+    run.add_argument("--parallel", "-p", type=int, default=None,
+                     help="sequences decoded together in one llama.cpp context (default 1; on --resume, "
+                          "the value the run last used)")
     run.add_argument("--question-field", default=None, help="question field of a user JSON-lines file")
     run.add_argument("--answer-field", default=None, help="answer field of a user JSON-lines file")
     run.add_argument("--id-field", default=None, help="id field of a user file (default: row index)")
@@ -128,7 +129,7 @@ def bench(args: argparse.Namespace) -> int:
 
     if args.out is None:
         raise InvalidParameterError("--out RUN_DIR is required (where results.jsonl and config.json go)")
-    if args.parallel < 1:
+    if args.parallel is not None and args.parallel < 1:
         raise InvalidParameterError("--parallel must be >= 1")
     if args.resume and args.overwrite:
         raise InvalidParameterError("--resume and --overwrite contradict each other; pick one")
@@ -150,18 +151,19 @@ def bench(args: argparse.Namespace) -> int:
         config, problems, model_path = _config_from_args(args)
         model_arg = str(model_path)
     done = prepare_run(out, config, resume=args.resume, overwrite=args.overwrite)
+    parallel = args.parallel or (int(done[-1].get("parallel") or 1) if done else 1)
 
     from selar_local.runtime import load
 
-    runtime = load(model_arg, n_ctx=config.n_ctx, n_parallel=args.parallel, n_threads=args.threads,
+    runtime = load(model_arg, n_ctx=config.n_ctx, n_parallel=parallel, n_threads=args.threads,
                    n_gpu_layers=args.n_gpu_layers, verbose=args.verbose)
     n_items = len(problems) * len(config.methods) * len(config.seeds)
     print(f"selar bench: {config.dataset} ({len(problems)} problems) x {','.join(config.methods)} x "
           f"{len(config.seeds)} seed(s) = {n_items} items; {len(done)} already done; "
-          f"model {model_path.name}; --parallel {args.parallel}; results in {out}/results.jsonl",
+          f"model {model_path.name}; --parallel {parallel}; results in {out}/results.jsonl",
           file=sys.stderr)
     try:
-        summary = run_bench(runtime, config, problems, out, done=done, parallel=args.parallel,
+        summary = run_bench(runtime, config, problems, out, done=done, parallel=parallel,
                             progress=not args.no_progress)
     except KeyboardInterrupt:
         print(f"interrupted: finished items are saved in {out}/results.jsonl; continue with "

@@ -1,0 +1,215 @@
+"""The llama-cpp-python-style API (selar_local.api): OpenAI-shaped responses, parameter
+mapping, and the scheduler (one background thread, queue, cancellation, error isolation).
+Real model (SmolLM2-135M), short generations."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from conftest import runtime_for
+from selar_local.api import QueueFullError, RequestError, Selar
+from selar_local.errors import DecodeError, UnsupportedModelError
+from selar_local.params import DecodeParams
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+PROMPTS = ["What is 2+3?", "Name a color.", "What is the capital of France?", "Say hello."]
+
+
+@pytest.fixture(scope="module")
+def llm(smollm):
+    selar = Selar(runtime=smollm, queue_size=1)  # one slot (n_parallel=1), one waiting place
+    yield selar
+    selar.scheduler.close()
+
+
+@pytest.fixture(scope="module")
+def llm4(model_files):
+    selar = Selar(runtime=runtime_for("llama", model_files, n_parallel=4), queue_size=8)
+    yield selar
+    selar.scheduler.close()
+
+
+def _wait_idle(selar: Selar, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while selar.scheduler.stats().slots_busy or selar.scheduler.stats().queued:
+        assert time.monotonic() < deadline, selar.scheduler.stats()
+        time.sleep(0.02)
+
+
+def test_chat_completion_is_openai_shaped_with_selar_field(llm):
+    out = llm.create_chat_completion(QUESTION, max_tokens=12, temperature=0, method="selar", tau=0.5)
+    assert out["object"] == "chat.completion" and out["id"].startswith("chatcmpl-")
+    assert out["model"] == "smollm2-135m-instruct"
+    (choice,) = out["choices"]
+    assert choice["message"]["role"] == "assistant" and "Paris" in choice["message"]["content"]
+    assert choice["finish_reason"] in ("stop", "length")
+    usage = out["usage"]
+    assert usage["prompt_tokens"] > 0 and 0 < usage["completion_tokens"] <= 12
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    selar = out["selar"]
+    assert selar["method"] == "selar" and selar["tau"] == 0.5
+    assert 0 <= selar["soft_steps"] <= usage["completion_tokens"]
+    assert selar["soft_share"] == pytest.approx(selar["soft_steps"] / usage["completion_tokens"], abs=1e-6)
+    assert 0.0 <= selar["mean_entropy"] <= 1.0
+
+
+def test_stream_matches_non_stream_and_reports_usage(llm):
+    kwargs = dict(max_tokens=16, method="selar", tau=0.3, seed=7)  # sampled, same seed: same text
+    full = llm.create_chat_completion(QUESTION, **kwargs)
+    chunks = list(llm.create_chat_completion(QUESTION, stream=True, stream_options={"include_usage": True}, **kwargs))
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == full["choices"][0]["message"]["content"]
+    last, usage_chunk = chunks[-2], chunks[-1]
+    assert last["choices"][0]["finish_reason"] == full["choices"][0]["finish_reason"]
+    assert last["selar"]["soft_steps"] == full["selar"]["soft_steps"]
+    assert usage_chunk["choices"] == [] and usage_chunk["usage"] == full["usage"]
+    soft_flags = [c["selar"]["soft"] for c in chunks[1:-2]]
+    assert sum(soft_flags) <= full["selar"]["soft_steps"]
+
+
+def test_completion_prompt_forms_echo_and_stop(llm):
+    prompt = "The capital of France is"
+    out = llm.create_completion(prompt, max_tokens=8, temperature=0, method="cot")
+    assert out["object"] == "text_completion"
+    text = out["choices"][0]["text"]
+    assert "Paris" in text
+    ids = llm.runtime.encode(prompt)
+    assert llm.create_completion(ids, max_tokens=8, temperature=0, method="cot")["choices"][0]["text"] == text
+    echoed = llm(prompt, max_tokens=8, temperature=0, method="cot", echo=True)  # __call__ = create_completion
+    assert echoed["choices"][0]["text"] == prompt + text
+    stop = text.strip().split()[0]  # the first word of the greedy answer
+    stopped = llm.create_completion(prompt, max_tokens=8, temperature=0, method="cot", stop=[stop])
+    assert stopped["choices"][0]["finish_reason"] == "stop" and stop not in stopped["choices"][0]["text"]
+
+
+def test_temperature_zero_means_greedy(llm):
+    a = llm.create_chat_completion(QUESTION, max_tokens=8, temperature=0, method="cot")
+    b = llm.create_chat_completion(QUESTION, max_tokens=8, greedy=True, method="cot", seed=123)
+    assert a["choices"][0]["message"]["content"] == b["choices"][0]["message"]["content"]
+
+
+def test_openai_names_map_onto_decode_params(llm):
+    req = llm.builder.chat({"messages": QUESTION, "max_tokens": 5, "temperature": 0.9, "top_p": 0.8, "seed": 3,
+                            "stop": "x", "method": "moi", "tau": 0.7, "lam": 0.5, "ks": 4, "top_k": 30,
+                            "min_p": 0.05, "thinking_only": True})
+    p = req.params
+    assert (p.max_tokens, p.temperature, p.top_p, p.seed, p.stop) == (5, 0.9, 0.8, 3, ("x",))
+    assert (p.method, p.tau, p.lam, p.ks, p.top_k, p.min_p, p.thinking_only) == ("moi", 0.7, 0.5, 4, 30, 0.05, True)
+    # No max_tokens: up to the end of the context; OpenAI's max_completion_tokens is honoured.
+    room = llm.runtime.context.n_ctx - len(req.prompt_tokens)
+    assert llm.builder.chat({"messages": QUESTION}).params.max_tokens == room
+    assert llm.builder.chat({"messages": QUESTION, "max_completion_tokens": 9}).params.max_tokens == 9
+    assert llm.builder.chat({"messages": QUESTION, "max_tokens": 10**9}).params.max_tokens == room
+    # Content parts of type text, and the developer role, are accepted.
+    parts = [{"role": "developer", "content": "Be brief."},
+             {"role": "user", "content": [{"type": "text", "text": "What is the capital"}, " of France?"]}]
+    assert llm.builder.chat({"messages": parts}).prompt_tokens == llm.runtime.encode(
+        messages=[{"role": "system", "content": "Be brief."}, QUESTION[0]])
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    ({"n": 2}, "n"),
+    ({"tau": -1}, "tau"),
+    ({"tua": 0.5}, "tua"),
+    ({"ks": 50}, "ks"),
+    ({"method": "beam"}, "method"),
+    ({"temperature": 3}, "temperature"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"greedy": "yes"}, "greedy"),
+    ({"stop": [1]}, "stop"),
+    ({"logprobs": True}, "logprobs"),
+    ({"tools": [{"type": "function"}]}, "tools"),
+    ({"model": "gpt-4o"}, "model"),
+])
+def test_bad_parameters_are_rejected_by_name(llm, kwargs, param):
+    with pytest.raises(RequestError) as info:
+        llm.create_chat_completion(QUESTION, **kwargs)
+    assert info.value.param == param
+    assert info.value.status == (404 if param == "model" else 400)
+
+
+@pytest.mark.parametrize("messages", [[], [{"role": "wizard", "content": "x"}], [{"role": "user", "content": 3}],
+                                      [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], ["hi"]])
+def test_bad_messages_are_rejected(llm, messages):
+    with pytest.raises(RequestError) as info:
+        llm.create_chat_completion(messages)
+    assert info.value.param.startswith("messages")
+
+
+def test_prompt_over_context_fails_alone(llm):
+    with pytest.raises(RequestError) as info:
+        llm.create_completion("hello " * 3000, max_tokens=4)
+    assert info.value.code == "context_length_exceeded" and info.value.param == "prompt"
+    assert llm.scheduler.stats().slots_busy == 0
+    assert llm.create_chat_completion(QUESTION, max_tokens=4)["usage"]["completion_tokens"] > 0
+
+
+def test_unsupported_method_is_a_request_error(llm, monkeypatch):
+    def refuse(method):
+        if method != "cot":
+            raise UnsupportedModelError(f"method '{method}' feeds soft embeddings, which this model cannot take")
+
+    monkeypatch.setattr(llm.runtime, "require_method", refuse)
+    with pytest.raises(RequestError) as info:
+        llm.create_chat_completion(QUESTION, method="selar", max_tokens=4)
+    assert info.value.code == "unsupported_method" and info.value.param == "method"
+    assert llm.create_chat_completion(QUESTION, method="cot", max_tokens=4)["selar"]["method"] == "cot"
+
+
+def test_queue_full_and_cancellation_free_slot_and_kv_cells(llm):
+    running = llm.create_chat_completion(QUESTION, stream=True, max_tokens=400, method="cot", temperature=1.5,
+                                         top_k=0, top_p=1.0)
+    next(running), next(running)  # the one slot is generating
+    assert llm.runtime.context.sequence_length(0) > 0
+    waiting = llm.create_chat_completion(QUESTION, stream=True, max_tokens=4)  # takes the one queue place
+    assert llm.scheduler.stats().queued == 1
+    with pytest.raises(QueueFullError, match="queue size 1"):
+        llm.create_chat_completion(QUESTION, max_tokens=4)
+    assert llm.scheduler.stats().rejected >= 1
+    waiting.close()  # never started: cancelling takes it off the queue
+    running.close()
+    _wait_idle(llm)
+    assert llm.runtime.context.sequence_length(0) == 0  # KV cells of the slot are free
+    stats = llm.scheduler.stats()
+    assert stats.cancelled >= 2 and stats.slots_busy == 0 and stats.queued == 0
+    assert llm.create_chat_completion(QUESTION, max_tokens=4)["usage"]["completion_tokens"] > 0
+
+
+def test_concurrent_threads_get_the_answers_they_get_alone(llm4):
+    def ask(i):
+        return llm4.create_chat_completion([{"role": "user", "content": PROMPTS[i % 4]}], max_tokens=12,
+                                           temperature=0, method="selar" if i < 4 else "cot")
+
+    alone = [ask(i)["choices"][0]["message"]["content"] for i in range(6)]
+    together: list[str | None] = [None] * 6
+    busy = []
+
+    def worker(i):
+        together[i] = ask(i)["choices"][0]["message"]["content"]
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        busy.append(llm4.scheduler.stats().slots_busy)
+        time.sleep(0.01)
+    assert together == alone
+    assert max(busy) >= 2  # they really ran side by side (at most 4 at a time)
+    assert max(busy) <= 4
+
+
+def test_a_failing_request_does_not_disturb_the_others(llm4):
+    good = llm4.create_chat_completion(QUESTION, stream=True, max_tokens=12, temperature=0, method="selar")
+    first = next(good)
+    bad = llm4.scheduler.submit([10**8], DecodeParams(max_tokens=4))  # token id past the vocabulary
+    with pytest.raises(DecodeError):
+        bad.wait(timeout=30)
+    rest = [first, *good]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in rest if c["choices"])
+    alone = llm4.create_chat_completion(QUESTION, max_tokens=12, temperature=0, method="selar")
+    assert text == alone["choices"][0]["message"]["content"]
+    assert llm4.scheduler.stats().failed >= 1

@@ -1,0 +1,258 @@
+"""The OpenAI-compatible server: a real `selar serve` subprocess on a free loopback port,
+driven by the official `openai` client and by raw HTTP; plus an in-process server with
+one slot and no queue for the 503 path. Real model (SmolLM2-135M), short generations."""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from selar_local.api import Selar
+from selar_local.server import create_app
+
+REPO = Path(__file__).resolve().parents[1]
+KEY = "sk-selar-test"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+MODEL = "smollm2-135m-instruct"
+PROMPTS = ["What is 2+3?", "Name a color.", "What is the capital of France?", "Say hello."]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_until_up(url: str, *, proc: subprocess.Popen | None = None, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"selar serve exited with {proc.returncode}:\n{proc.stderr.read()}")
+        try:
+            if httpx.get(url + "/health", headers=AUTH, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError("the server did not come up")
+
+
+@pytest.fixture(scope="module")
+def server(smollm_path):
+    """`selar serve --parallel 4` in a subprocess: base URL."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "selar_local.cli", "serve", "--model", str(smollm_path), "--port", str(port),
+           "--parallel", "4", "--queue-size", "8", "--api-key", KEY, "--n-ctx", "512", "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until_up(url, proc=proc)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def _health(url: str) -> dict:
+    return httpx.get(url + "/health", headers=AUTH, timeout=10).json()
+
+
+def _wait_idle(url: str, timeout: float = 10.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        health = _health(url)
+        if health["slots_busy"] == 0 and health["queued"] == 0:
+            return health
+        assert time.monotonic() < deadline, health
+        time.sleep(0.05)
+
+
+def test_models_and_health(server, client):
+    (model,) = client.models.list().data
+    assert model.id == MODEL
+    health = _health(server)
+    assert health["status"] == "ok" and health["model"] == MODEL
+    assert health["slots_total"] == 4 and health["queue_size"] == 8
+
+
+def test_openai_client_streams_selar_chat(client):
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    extra = {"method": "selar", "tau": 0.5}
+    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, seed=5, stream=True,
+                                            stream_options={"include_usage": True}, extra_body=extra)
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert "Paris" in text
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1 and finals[0].choices[0].finish_reason in ("stop", "length")
+    summary = finals[0].model_extra["selar"]
+    assert summary["method"] == "selar" and summary["tau"] == 0.5
+    assert chunks[-1].usage.completion_tokens >= 1
+    # The same request without streaming gives the same text and SeLaR statistics.
+    full = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, seed=5, extra_body=extra)
+    assert full.choices[0].message.content == text
+    assert full.model_extra["selar"]["soft_steps"] == summary["soft_steps"]
+    # And raw completions work through the client too.
+    done = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=6,
+                                     temperature=0, extra_body={"method": "cot"})
+    assert "Paris" in done.choices[0].text
+
+
+def test_eight_concurrent_clients_get_the_answers_they_get_alone(server, client):
+    """Correct = greedy answers identical to the same request served alone."""
+    def ask(i: int) -> str:
+        out = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": PROMPTS[i % 4]}], max_tokens=12, temperature=0,
+            extra_body={"method": "selar" if i < 4 else "cot", "tau": 0.5})
+        return out.choices[0].message.content
+
+    alone = [ask(i) for i in range(8)]
+    busy = []
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(ask, i) for i in range(8)]
+        while not all(f.done() for f in futures):
+            busy.append(_health(server)["slots_busy"])
+            time.sleep(0.02)
+        together = [f.result() for f in futures]
+    assert together == alone
+    assert 2 <= max(busy) <= 4  # they really ran side by side, never more than --parallel
+    _wait_idle(server)
+
+
+def test_disconnecting_streaming_client_frees_its_slot(server):
+    before = _health(server)
+    body = {"messages": [{"role": "user", "content": "Tell a long story about a dragon."}], "max_tokens": 400,
+            "stream": True, "method": "cot", "temperature": 1.5, "top_k": 0, "top_p": 1.0}
+    with httpx.Client(timeout=30) as http:
+        with http.stream("POST", server + "/v1/chat/completions", json=body, headers=AUTH) as response:
+            assert response.status_code == 200
+            lines = response.iter_lines()
+            seen = [line for line, _ in zip(lines, range(6)) if line.startswith("data: ")]
+            assert len(seen) >= 3
+            assert _health(server)["slots_busy"] == 1
+    after = _wait_idle(server, timeout=5)  # the slot comes back at once, not after 400 tokens
+    assert after["cancelled"] == before["cancelled"] + 1
+    assert after["completed"] == before["completed"]
+
+
+def test_disconnecting_waiting_client_frees_its_slot(server):
+    before = _health(server)
+    body = {"messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 400, "method": "cot",
+            "temperature": 1.5, "top_k": 0, "top_p": 1.0}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server + "/v1/chat/completions", json=body, headers=AUTH, timeout=1.5)
+    after = _wait_idle(server, timeout=5)
+    assert after["cancelled"] == before["cancelled"] + 1
+
+
+@pytest.mark.parametrize("path, content, status, code, param", [
+    ("/v1/chat/completions", b"{not json", 400, "invalid_json", None),
+    ("/v1/chat/completions", b"[1, 2]", 400, "invalid_json", None),
+    ("/v1/chat/completions", b"", 400, "invalid_json", None),
+    ("/v1/chat/completions", {"messages": "hi"}, 400, None, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tau": "high"}, 400, "invalid_value",
+     "tau"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "method": "beam"}, 400,
+     "invalid_value", "method"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 3}, 400,
+     "unsupported_parameter", "n"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "taus": 0.5}, 400,
+     "unknown_parameter", "taus"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "model": "gpt-4o"}, 404,
+     "model_not_found", "model"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi " * 2000}]}, 400,
+     "context_length_exceeded", "messages"),
+    ("/v1/completions", {"prompt": "hi " * 2000, "stream": True}, 400, "context_length_exceeded", "prompt"),
+    ("/v1/completions", {"prompt": ["a", "b"]}, 400, None, "prompt"),
+    ("/v1/nothing", {}, 404, "not_found", None),
+])
+def test_malformed_requests_get_openai_errors(server, path, content, status, code, param):
+    kwargs = {"json": content} if isinstance(content, dict) else {"content": content}
+    response = httpx.post(server + path, headers={**AUTH, "Content-Type": "application/json"}, timeout=30, **kwargs)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param
+    if code is not None:
+        assert error["code"] == code
+
+
+def test_api_key_is_checked_on_every_request(server):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        for method, path in (("GET", "/health"), ("GET", "/v1/models"), ("POST", "/v1/chat/completions")):
+            response = httpx.request(method, server + path, headers=headers, json={}, timeout=10)
+            assert response.status_code == 401, (headers, path)
+            assert response.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server + "/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_openai_client_sees_typed_errors(client):
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="tau"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                       extra_body={"tau": -1})
+
+
+# --------------------------------------------------------------- in-process, one slot
+
+
+@pytest.fixture(scope="module")
+def one_slot_server(smollm):
+    """create_app on a Selar with one slot and no queue, under uvicorn in a thread."""
+    import uvicorn
+
+    llm = Selar(runtime=smollm, queue_size=0)
+    port = _free_port()
+    config = uvicorn.Config(create_app(llm), host="127.0.0.1", port=port, log_level="warning")
+    uv = uvicorn.Server(config)
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until_up(url, timeout=30)
+        yield url
+    finally:
+        uv.should_exit = True
+        thread.join(10)
+        llm.scheduler.close()
+
+
+def test_full_queue_answers_503_until_a_slot_frees(one_slot_server):
+    url = one_slot_server
+    body = {"messages": [{"role": "user", "content": "Tell a story."}], "max_tokens": 400, "stream": True,
+            "method": "cot", "temperature": 1.5, "top_k": 0, "top_p": 1.0}
+    small = {"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4}
+    with httpx.Client(timeout=30) as http:
+        with http.stream("POST", url + "/v1/chat/completions", json=body) as response:
+            next(response.iter_lines())
+            busy = http.post(url + "/v1/chat/completions", json=small)
+            assert busy.status_code == 503
+            assert busy.headers["retry-after"] == "1"
+            error = busy.json()["error"]
+            assert error["code"] == "queue_full" and error["type"] == "server_error" and "--queue-size" in error["message"]
+            stream_busy = http.post(url + "/v1/completions", json={"prompt": "Hi", "stream": True})
+            assert stream_busy.status_code == 503
+        _wait_idle(url)
+        ok = http.post(url + "/v1/chat/completions", json=small)
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
