@@ -21,7 +21,7 @@ KV cells before the next decode step.
 from __future__ import annotations
 
 import dataclasses
-import itertools
+import logging
 import os
 import queue
 import re
@@ -36,6 +36,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 from selar_local.errors import ContextOverflowError, InvalidParameterError, SelarError, UnsupportedModelError
 from selar_local.generate import BatchGenerator, GenerationResult, StepEvent
 from selar_local.params import DecodeParams
+
+logger = logging.getLogger(__name__)
 
 # DecodeParams fields a request may set by their own name (SeLaR's and the sampler's).
 DECODE_FIELDS = tuple(f.name for f in dataclasses.fields(DecodeParams))
@@ -147,6 +149,8 @@ class RequestHandle:
 
     def _deliver(self, kind: str, payload: Any) -> None:
         # Sinks must not block: the scheduler calls them, final ones under its lock.
+        if kind != "event" and self.finished.is_set():
+            return  # a request ends once
         if kind == "done":
             self.result = payload
         elif kind == "error":
@@ -204,6 +208,7 @@ class Scheduler:
         self._generator = BatchGenerator(runtime)
         self._lock = threading.Condition()
         self._waiting: deque[RequestHandle] = deque()
+        self._starting: list[RequestHandle] = []  # taken off the queue, prefilling
         self._running: dict[int, RequestHandle] = {}
         self._to_cancel: list[RequestHandle] = []
         self._closed = False
@@ -261,7 +266,8 @@ class Scheduler:
 
     def stats(self) -> SchedulerStats:
         with self._lock:
-            return SchedulerStats(self.slots_total, len(self._running), len(self._waiting), self.queue_size,
+            return SchedulerStats(self.slots_total, len(self._running) + len(self._starting), len(self._waiting),
+                                  self.queue_size,
                                   **self._counts)
 
     def close(self, timeout: float = 10.0) -> None:
@@ -274,7 +280,6 @@ class Scheduler:
 
     # -- the worker thread ----------------------------------------------------------------
     def _run(self) -> None:
-        gen = self._generator
         while True:
             with self._lock:
                 while not self._closed and not self._to_cancel and not self._running and not self._waiting:
@@ -282,38 +287,52 @@ class Scheduler:
                 if self._closed:
                     break
                 cancels, self._to_cancel = self._to_cancel, []
-            for handle in cancels:
-                self._drop(handle, "cancelled", RequestCancelledError("request cancelled"))
-            with self._lock:  # only this thread changes the generator's slots
-                admit = [self._waiting.popleft() for _ in range(min(gen.free_slots, len(self._waiting)))]
-            for handle in admit:
-                self._admit(handle)
-            if self._running:
-                try:
-                    events = gen.step()
-                except BaseException as exc:  # one failed decode: fail the sequences in it, not the server
-                    for handle in list(self._running.values()):
-                        self._drop(handle, "failed", exc)
-                    continue
-                for event in events:
-                    self._dispatch(event)
+            try:
+                self._iterate(cancels)
+            except BaseException as exc:  # a bug must not leave every client hanging
+                logger.exception("scheduler step failed; failing the running requests")
+                for handle in list(self._running.values()) + list(self._starting):
+                    self._drop(handle, "failed", exc)
+        closing = SchedulerClosedError("the server is shutting down")
         for handle in list(self._running.values()):
-            self._drop(handle, "failed", SchedulerClosedError("the server is shutting down"))
+            self._drop(handle, "failed", closing)
         with self._lock:
             waiting, self._waiting = list(self._waiting), deque()
-        for handle in waiting:
-            handle._deliver("error", SchedulerClosedError("the server is shutting down"))
+            for handle in waiting:
+                handle._deliver("error", closing)
+
+    def _iterate(self, cancels: list[RequestHandle]) -> None:
+        """One round: apply cancellations, admit waiting requests, one decode step."""
+        gen = self._generator
+        for handle in cancels:
+            self._drop(handle, "cancelled", RequestCancelledError("request cancelled"))
+        with self._lock:  # only this thread changes the generator's slots
+            admit = [self._waiting.popleft() for _ in range(min(gen.free_slots, len(self._waiting)))]
+            self._starting.extend(admit)
+        for handle in admit:
+            self._admit(handle)
+        if self._running:
+            try:
+                events = gen.step()
+            except Exception as exc:  # one failed decode: fail the sequences in it, not the server
+                for handle in list(self._running.values()):
+                    self._drop(handle, "failed", exc)
+                return
+            for event in events:
+                self._dispatch(event)
 
     def _admit(self, handle: RequestHandle) -> None:
         try:
             request_id, first = self._generator.submit(handle.prompt_tokens, handle.params)
         except BaseException as exc:  # this request only (the generator freed its slot)
             with self._lock:
+                self._starting.remove(handle)
                 self._counts["failed"] += 1
                 handle._deliver("error", exc)
             return
         handle.request_id = request_id
         with self._lock:
+            self._starting.remove(handle)
             self._running[request_id] = handle
         if first is not None:
             self._dispatch(first)
@@ -337,6 +356,8 @@ class Scheduler:
             self._generator.cancel(handle.request_id)
         with self._lock:
             self._running.pop(handle.request_id, None)
+            if handle in self._starting:
+                self._starting.remove(handle)
             self._counts[counter] += 1
             handle._deliver("error", error)
 

@@ -313,6 +313,17 @@ class LlamaContext:
         self.n_batch = min(int(lib.llama_n_batch(handle)), int(lib.llama_n_ubatch(handle)))
         self._memory = lib.llama_get_memory(handle)
         self._allocate_batches(model.n_embd_inp)
+        # Hot-path C calls, looked up once. Our own function object for
+        # llama_get_logits_ith returns the address as an int (the shared binding builds
+        # a POINTER(c_float) object per call), so the logits view can be cached per address.
+        self._llama_decode = lib.llama_decode
+        raw = lib.llama_cpp._lib["llama_get_logits_ith"]  # a new function object, not the shared one
+        raw.argtypes = [ctypes.c_void_p, ctypes.c_int32]
+        raw.restype = ctypes.c_void_p
+        self._get_logits_ith = raw
+        self._handle_value = ctypes.cast(handle, ctypes.c_void_p).value
+        self._logit_views: dict[int, np.ndarray] = {}
+        self.last_input_kind: str | None = None  # "tokens" or "embeddings": the last decode's batch
 
     def _allocate_batches(self, n_embd: int) -> None:
         lib, n = self._lib, self.n_batch
@@ -346,7 +357,10 @@ class LlamaContext:
     def decode_tokens(self, tokens: Sequence[int], positions: Sequence[int], seq_ids: Sequence[int],
                       want_logits: Sequence[bool]) -> None:
         n = self._fill_common(len(tokens), positions, seq_ids, want_logits)
-        self._tokens[:n] = tokens
+        if n == 1:
+            self._tokens[0] = tokens[0]
+        else:
+            self._tokens[:n] = tokens
         self._decode(self._token_batch, n)
 
     def decode_embeddings(self, rows: np.ndarray, positions: Sequence[int], seq_ids: Sequence[int],
@@ -372,6 +386,16 @@ class LlamaContext:
             raise ValueError(f"batch of {n} inputs: must be between 1 and n_batch={self.n_batch}")
 
     def _fill_common(self, n: int, positions, seq_ids, want_logits) -> int:
+        if n == 1:  # the one-sequence decode step: plain Python, no NumPy reductions
+            pos, seq = int(positions[0]), int(seq_ids[0])
+            if not 0 <= seq < self.n_seq_max:
+                raise ValueError(f"sequence id out of range [0, {self.n_seq_max})")
+            if pos >= self.n_ctx:
+                raise ContextOverflowError(f"position {pos} is past the context size {self.n_ctx}")
+            self._pos[0] = pos
+            self._seq_id[0] = seq
+            self._logits[0] = bool(want_logits[0])
+            return 1
         self._check_batch_size(n)
         self._pos[:n] = positions
         self._seq_id[:n] = seq_ids
@@ -384,7 +408,8 @@ class LlamaContext:
 
     def _decode(self, batch, n: int) -> None:
         batch.n_tokens = n
-        status = self._lib.llama_decode(self._handle, batch)
+        status = self._llama_decode(self._handle, batch)
+        self.last_input_kind = "tokens" if batch is self._token_batch else "embeddings"
         if status != 0:
             reason = {1: "no free KV-cache slot for the batch", 2: "aborted"}.get(status, "error")
             raise DecodeError(f"llama_decode failed ({status}: {reason}) {_Bindings.last_errors()}".strip())
@@ -392,10 +417,18 @@ class LlamaContext:
     def logits(self, output_index: int) -> np.ndarray:
         """Logits of the output_index-th input that asked for logits in the last decode:
         a zero-copy view into llama.cpp's buffer, valid until the next decode."""
-        ptr = self._lib.llama_get_logits_ith(self._handle, output_index)
-        if not ptr:
+        address = self._get_logits_ith(self._handle_value, output_index)
+        if not address:
             raise DecodeError(f"no logits for output {output_index} of the last batch")
-        return np.ctypeslib.as_array(ptr, shape=self._vocab_shape)
+        view = self._logit_views.get(address)
+        if view is None:
+            # llama.cpp keeps one output buffer per context and reallocates it only when
+            # a batch asks for more outputs than ever before: the same few addresses recur.
+            if len(self._logit_views) >= 4 * self.n_seq_max + 8:
+                self._logit_views.clear()
+            view = np.ctypeslib.as_array((ctypes.c_float * self.model.n_vocab).from_address(address))
+            self._logit_views[address] = view
+        return view
 
     # -- KV cache ---------------------------------------------------------------------
     def remove_sequence(self, seq_id: int) -> None:

@@ -151,9 +151,21 @@ class _Sequence:
 class BatchGenerator:
     """Steps up to `runtime.n_parallel` sequences together through one context."""
 
+    # After a soft step, discrete inputs keep riding as table rows for this many steps
+    # (when rows are exact) instead of switching back to a token batch: llama.cpp
+    # rebuilds its graph whenever the input kind changes between consecutive decodes.
+    STICKY_EMBEDDING_STEPS = 16
+
     def __init__(self, runtime: "Runtime"):
         self.runtime = runtime
         self.context = runtime.context
+        check = getattr(runtime, "self_check", None)
+        # Rows may stand in for tokens without changing a single logit only where the
+        # load-time self-check found the two paths bit-identical (max |diff| == 0).
+        self._rows_exact = bool(runtime.table is not None and check is not None and check.passed
+                                and check.max_abs_diff == 0.0)
+        self._since_soft = self.STICKY_EMBEDDING_STEPS  # steps since the last soft input
+        self._eog_ids = runtime.model.eog_ids
         self._free_slots = list(range(runtime.n_parallel))
         self._live: dict[int, _Sequence] = {}
         self._finished: dict[int, _Sequence] = {}
@@ -216,21 +228,32 @@ class BatchGenerator:
         if not live:
             return []
         ctx = self.context
+        n = len(live)
         positions = [s.position for s in live]
         seq_ids = [s.seq_id for s in live]
-        want = [True] * len(live)
-        if all(not s.pending.soft for s in live):
+        want = [True] * n
+        any_soft = False
+        for s in live:
+            if s.pending.soft:
+                any_soft = True
+                break
+        if any_soft:
+            self._since_soft = 0
+        else:
+            self._since_soft += 1
+        if not any_soft and not (self._rows_exact and self._since_soft <= self.STICKY_EMBEDDING_STEPS
+                                 and ctx.last_input_kind == "embeddings"):
             ctx.decode_tokens([s.pending.token for s in live], positions, seq_ids, want)
         else:
-            rows = ctx.embedding_buffer(len(live))
+            rows = ctx.embedding_buffer(n)
             table = self.runtime.table
             for row, s in zip(rows, live):
                 d = s.pending
                 if d.soft:
                     table.mix(d.mix_ids, d.mix_weights, out=row)
                 else:
-                    row[:] = table.rows((d.token,))[0]
-            ctx.decode_embedding_buffer(len(live), positions, seq_ids, want)
+                    row[:] = table.row(d.token)
+            ctx.decode_embedding_buffer(n, positions, seq_ids, want)
         events = []
         for i, s in enumerate(live):
             s.position += 1
@@ -244,7 +267,7 @@ class BatchGenerator:
         decision = seq.policy.step(logits)
         token = decision.token
         index = len(seq.tokens)
-        if token in self.runtime.model.eog_ids:
+        if token in self._eog_ids:
             return self._finish(seq, decision, index, "stop", seq.text.finish())
         seq.tokens.append(token)
         seq.entropies.append(decision.entropy)
@@ -285,12 +308,26 @@ class BatchGenerator:
 
 
 def _event(request_id: int, index: int, d: StepDecision, text: str, soft: bool, reason: str | None) -> StepEvent:
-    mix_ids = tuple(int(i) for i in d.mix_ids) if soft else ()
-    mix_w = tuple(float(w) for w in d.mix_weights) if soft else ()
+    # ndarray.tolist() gives the same Python ints/floats as int()/float() per element,
+    # in one C call.
+    mix_ids = _ints(d.mix_ids) if soft else ()
+    mix_w = _floats(d.mix_weights) if soft else ()
     return StepEvent(
         request_id, index, d.token, text, soft, float(d.entropy),
-        tuple(int(i) for i in d.top_ids), tuple(float(p) for p in d.top_probs), mix_ids, mix_w, reason,
+        _ints(d.top_ids), _floats(d.top_probs), mix_ids, mix_w, reason,
     )
+
+
+def _ints(values) -> tuple[int, ...]:
+    if isinstance(values, np.ndarray) and values.dtype.kind in "iu":
+        return tuple(values.tolist())
+    return tuple(int(v) for v in values)
+
+
+def _floats(values) -> tuple[float, ...]:
+    if isinstance(values, np.ndarray) and values.dtype.kind == "f":
+        return tuple(values.tolist())
+    return tuple(float(v) for v in values)
 
 
 def stream_tokens(runtime: "Runtime", prompt_tokens: Sequence[int], params: DecodeParams) -> Iterator[StepEvent]:

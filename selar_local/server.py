@@ -108,7 +108,7 @@ class _EventSource(StreamingResponse):
                 data = b"data: " + json.dumps(chunk, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
                 await send({"type": "http.response.body", "body": data, "more_body": True})
             await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
-        except (OSError, asyncio.CancelledError):  # the client went away mid-stream
+        except OSError:  # the client went away mid-stream (ASGI 2.4 servers raise on send)
             pass
         finally:
             watcher.cancel()

@@ -23,7 +23,6 @@ embedding batches. It is a benchmark, not a test: it asserts nothing about speed
 from __future__ import annotations
 
 import ctypes
-import gc
 import json
 import os
 import platform
@@ -147,12 +146,12 @@ class BareLoop:
         logits_flag[0] = 1
         pos = len(prompt)
         out = []
-        clock = time.perf_counter
+        clock, cpu = time.perf_counter, time.process_time
         for _ in range(n_new):
             tok = int(as_array(get_logits(ctx, -1), shape=shape).argmax())
             out.append(tok)
             if stamps is not None:
-                stamps.append(clock())
+                stamps.append((clock(), cpu()))
             token_arr[0] = tok
             pos_arr[0] = pos
             pos += 1
@@ -168,18 +167,27 @@ class BareLoop:
 
 
 # -- contenders ---------------------------------------------------------------------------
-def _rate(stamps: list[float]) -> float:
-    """Decode tokens/s from the times each token became known (TTFT excluded)."""
+def _rate(stamps: list[tuple[float, float]], which: int = 0) -> float:
+    """Decode tokens/s from the (wall, process CPU) times each token became known,
+    TTFT excluded. which=1: per CPU second, which background load barely moves."""
     if len(stamps) < 2:
         return float("nan")
-    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+    return (len(stamps) - 1) / (stamps[-1][which] - stamps[0][which])
+
+
+def _stamp() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def _result(stamps, t0: float, tokens, **extra) -> dict:
+    return {"tps": _rate(stamps), "cpu_tps": _rate(stamps, 1), "ttft": stamps[0][0] - t0, "tokens": tokens, **extra}
 
 
 def run_bare(bare: BareLoop, prompt, n_new) -> dict:
     t0 = time.perf_counter()
     stamps: list[float] = []
     tokens = bare.run(prompt, n_new, stamps)
-    return {"tps": _rate(stamps), "ttft": stamps[0] - t0, "tokens": tokens}
+    return _result(stamps, t0, tokens)
 
 
 def run_llama(llm, prompt, n_new) -> dict:
@@ -187,11 +195,11 @@ def run_llama(llm, prompt, n_new) -> dict:
     t0 = time.perf_counter()
     stamps, tokens = [], []
     for tok in llm.generate(prompt, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0, reset=False):
-        stamps.append(time.perf_counter())
+        stamps.append(_stamp())
         tokens.append(tok)
         if len(tokens) >= n_new:
             break
-    return {"tps": _rate(stamps), "ttft": stamps[0] - t0, "tokens": tokens}
+    return _result(stamps, t0, tokens)
 
 
 def run_selar_local(rt, prompt, params) -> dict:
@@ -206,8 +214,8 @@ def run_selar_local(rt, prompt, params) -> dict:
         except StopIteration as done:
             result = done.value
             break
-        stamps.append(time.perf_counter())
-    return {"tps": _rate(stamps), "ttft": stamps[0] - t0, "tokens": result.tokens, "soft": result.soft_steps}
+        stamps.append(_stamp())
+    return _result(stamps, t0, result.tokens, soft=result.soft_steps)
 
 
 def open_llama(path, n_threads: int, n_ctx: int = N_CTX):
@@ -219,23 +227,26 @@ def open_llama(path, n_threads: int, n_ctx: int = N_CTX):
 
 # -- host overhead ------------------------------------------------------------------------
 class DecodeTimer:
-    """Wraps a LlamaContext's decode to add up the time spent inside llama_decode."""
+    """Wraps a LlamaContext's decode to add up the wall and thread-CPU time spent inside
+    llama_decode (with n_threads=1 ggml computes on the calling thread)."""
 
     def __init__(self, context):
         self.context = context
         self.seconds = 0.0
+        self.cpu_seconds = 0.0
         self.calls = 0
         self._inner = type(context)._decode
 
     def __enter__(self):
-        inner, context, clock = self._inner, self.context, time.perf_counter
+        inner, context, clock, cpu = self._inner, self.context, time.perf_counter, time.thread_time
 
         def timed(batch, n):
-            t = clock()
+            t, c = clock(), cpu()
             try:
                 inner(context, batch, n)
             finally:
                 self.seconds += clock() - t
+                self.cpu_seconds += cpu() - c
                 self.calls += 1
 
         context._decode = timed
@@ -246,13 +257,14 @@ class DecodeTimer:
 
 
 def host_overhead(rt, prompt, params) -> dict:
-    """ms per step spent outside llama_decode, over the decode phase of one generation."""
+    """ms per step spent outside llama_decode, over the decode phase of one generation
+    (wall clock, and CPU time of this thread, which preemption does not inflate)."""
     from selar_local.generate import stream_tokens
 
     stream = stream_tokens(rt, prompt, params)
     next(stream)  # prefill and first step, not counted
     with DecodeTimer(rt.context) as timer:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         steps = 0
         while True:
             try:
@@ -261,9 +273,34 @@ def host_overhead(rt, prompt, params) -> dict:
             except StopIteration as done:
                 result = done.value
                 break
-        total = time.perf_counter() - t0
-    return {"host_ms": 1e3 * (total - timer.seconds) / max(steps, 1),
+        total, total_cpu = time.perf_counter() - t0, time.thread_time() - c0
+    steps = max(steps, 1)
+    return {"host_ms": 1e3 * (total - timer.seconds) / steps,
+            "host_cpu_ms": 1e3 * (total_cpu - timer.cpu_seconds) / steps,
             "decode_ms": 1e3 * timer.seconds / max(timer.calls, 1), "steps": steps, "soft": result.soft_steps}
+
+
+def host_only(rt, prompt, params, steps: int = 256) -> dict:
+    """The loop with llama_decode replaced by a no-op after two real steps (the logits
+    stay those of the last real decode, so every step repeats the same decision): the
+    per-step cost of selar-local's own Python and NumPy work, free of decode noise."""
+    from selar_local.generate import stream_tokens
+
+    stream = stream_tokens(rt, prompt, params.replace(max_tokens=steps + 2))
+    next(stream)
+    next(stream)
+    rt.context._decode = lambda batch, n: None
+    try:
+        t0, c0 = time.perf_counter(), time.thread_time()
+        done = 0
+        for _ in stream:
+            done += 1
+        wall, cpu = time.perf_counter() - t0, time.thread_time() - c0
+    finally:
+        del rt.context._decode
+        rt.context.remove_sequence(0)
+    done = max(done, 1)
+    return {"host_ms": 1e3 * wall / done, "host_cpu_ms": 1e3 * cpu / done, "steps": done}
 
 
 def _time_call(fn: Callable, repeat: int) -> float:
@@ -314,7 +351,7 @@ def overhead_profile(rt, prompt, params, repeat: int = 200) -> dict[str, float]:
         "soft row mix (k rows, cached)": _time_call(lambda: table.mix(ids, w, out=row), repeat)
         if table is not None else float("nan"),
         "text stream push": _time_call(lambda: text.push(piece), repeat),
-        "logits view": _time_call(lambda: rt.context.logits(0), repeat),
+        "logits view": _time_call(lambda: rt.context.logits(-1), repeat),
     }
     if event_maker is not None:
         out["event object"] = _time_call(lambda: event_maker(0, 1, decision, "x", decision.soft, None), repeat)
@@ -357,7 +394,7 @@ def input_kind_switching(rt, prompt, n_steps: int, reps: int) -> dict[str, float
     def one(mode: str) -> float:
         ctx.remove_sequence(0)
         ctx.decode_tokens(prompt, range(len(prompt)), [0] * len(prompt), [False] * (len(prompt) - 1) + [True])
-        logits = ctx.logits(0)
+        logits = ctx.logits(-1)
         pos = len(prompt)
         t0 = time.perf_counter()
         for i in range(n_steps):
@@ -370,7 +407,7 @@ def input_kind_switching(rt, prompt, n_steps: int, reps: int) -> dict[str, float
             else:
                 ctx.decode_tokens((tok,), (pos,), (0,), (True,))
             pos += 1
-            logits = ctx.logits(0)
+            logits = ctx.logits(-1)
         elapsed = time.perf_counter() - t0
         ctx.remove_sequence(0)
         return 1e3 * elapsed / n_steps
@@ -459,6 +496,7 @@ class ModelReport:
     name: str
     n_vocab: int
     speed: dict[str, float] = field(default_factory=dict)        # contender -> median tokens/s
+    cpu_speed: dict[str, float] = field(default_factory=dict)    # contender -> median tokens per CPU second
     ratios: dict[str, dict[str, float]] = field(default_factory=dict)  # contender -> {vs bare, vs Llama}
     ttft: dict[str, float] = field(default_factory=dict)         # contender -> median ms
     ttft_ratio: float = float("nan")
@@ -499,21 +537,23 @@ def bench_model(name: str, *, n_threads: int, n_new: int = 128, reps: int = 5, q
         "selar-local selar sampled": lambda pr: run_selar_local(rt, pr, selar_sampled),
     }
     names = list(contenders)
-    gc_was = gc.isenabled()
     try:
         for fn in contenders.values():  # warm-up: page in the weights, build graphs
             fn(prompt[:8])
         if "speed" in sections:
             log(f"[{name}] decode speed: {reps} alternating repetitions of {len(names)} contenders")
             tps: dict[str, list[float]] = {c: [] for c in names}
-            ratios: dict[str, dict[str, list[float]]] = {c: {"bare": [], "Llama": []} for c in names}
+            ratios: dict[str, dict[str, list[float]]] = {c: {"bare": [], "Llama": [], "bare_cpu": [], "Llama_cpu": []}
+                                                         for c in names}
+            cpu: dict[str, list[float]] = {c: [] for c in names}
             soft = []
             for r in range(reps):
                 order = names[r % len(names):] + names[:r % len(names)]
-                this = {}
+                this, this_cpu = {}, {}
                 for c in order:
                     out = contenders[c](prompt)
                     this[c] = out["tps"]
+                    this_cpu[c] = out["cpu_tps"]
                     if c == "selar-local selar sampled":
                         soft.append(out.get("soft", 0))
                     if r == 0:
@@ -522,16 +562,20 @@ def bench_model(name: str, *, n_threads: int, n_new: int = 128, reps: int = 5, q
                     tps[c].append(this[c])
                     ratios[c]["bare"].append(this[c] / this["bare loop"])
                     ratios[c]["Llama"].append(this[c] / this["Llama (high-level)"])
+                    cpu[c].append(this_cpu[c])
+                    ratios[c]["bare_cpu"].append(this_cpu[c] / this_cpu["bare loop"])
+                    ratios[c]["Llama_cpu"].append(this_cpu[c] / this_cpu["Llama (high-level)"])
                 log(f"  rep {r + 1}: " + ", ".join(f"{c.split()[-1] if 'selar-local' not in c else c[12:]}="
                                                    f"{this[c]:.1f}" for c in names))
             report.speed = {c: median(v) for c, v in tps.items()}
+            report.cpu_speed = {c: median(v) for c, v in cpu.items()}
             report.ratios = {c: {k: median(v) for k, v in d.items()} for c, d in ratios.items()}
             report.soft_steps = median(soft)
             ref = report.same_tokens.get("bare loop", [])
             report.same_tokens = {c: t == ref[:len(t)] and len(t) > 0 for c, t in report.same_tokens.items()
                                   if c in ("Llama (high-level)", "selar-local cot greedy")}
         if "ttft" in sections:
-            long = long_prompt_tokens(rt.model)
+            long = long_prompt_tokens(rt.model, 64 if quick else LONG_PROMPT_TOKENS)
             report.long_prompt_tokens = len(long)
             log(f"[{name}] time to first token, {len(long)}-token prompt")
             ttft = {"bare loop": [], "Llama (high-level)": [], "selar-local cot greedy": []}
@@ -556,6 +600,9 @@ def bench_model(name: str, *, n_threads: int, n_new: int = 128, reps: int = 5, q
                                   ("selar sampled", selar_sampled)):
                 runs = [host_overhead(rt, prompt, params) for _ in range(max(3, reps))]
                 report.host[label] = {k: median([x[k] for x in runs]) for k in runs[0]}
+                alone = [host_only(rt, prompt, params, 64 if quick else 256) for _ in range(max(3, reps))]
+                report.host[label]["alone_ms"] = median([x["host_ms"] for x in alone])
+                report.host[label]["alone_cpu_ms"] = median([x["host_cpu_ms"] for x in alone])
             report.profile = overhead_profile(rt, prompt, selar_sampled, repeat=100 if quick else 500)
             report.cprofile = cprofile_steps(rt, prompt, selar_sampled)
         if "switch" in sections:
@@ -565,8 +612,6 @@ def bench_model(name: str, *, n_threads: int, n_new: int = 128, reps: int = 5, q
         bare.close()
         del llm
         rt.close()
-        if gc_was:
-            gc.enable()
     if "rss" in sections:
         log(f"[{name}] peak RSS (subprocesses)")
         report.rss_mib = peak_rss(path, n_threads, 32, 1 if quick else 3)
@@ -595,12 +640,16 @@ def render_markdown(reports: list[ModelReport], machine: dict, settings: dict) -
     lines.append("")
     if any(r.speed for r in reports):
         lines += ["## Decode speed (128 new tokens, tokens/s, medians; ratios per repetition, then median)", ""]
-        lines.append("| model | vocab | contender | tokens/s | vs bare loop | vs Llama |")
-        lines.append("|---|---:|---|---:|---:|---:|")
+        lines.append("| model | vocab | contender | tokens/s | vs bare loop | vs Llama | tokens/CPU-s | "
+                     "vs bare (CPU) | vs Llama (CPU) |")
+        lines.append("|---|---:|---|---:|---:|---:|---:|---:|---:|")
         for r in reports:
             for c, v in r.speed.items():
-                lines.append(f"| {r.name} | {r.n_vocab} | {c} | {_f(v)} | {_f(r.ratios[c]['bare'], '.3f')}x | "
-                             f"{_f(r.ratios[c]['Llama'], '.3f')}x |")
+                q = r.ratios[c]
+                lines.append(f"| {r.name} | {r.n_vocab} | {c} | {_f(v)} | {_f(q['bare'], '.3f')}x | "
+                             f"{_f(q['Llama'], '.3f')}x | {_f(r.cpu_speed.get(c, float('nan')))} | "
+                             f"{_f(q.get('bare_cpu', float('nan')), '.3f')}x | "
+                             f"{_f(q.get('Llama_cpu', float('nan')), '.3f')}x |")
         lines.append("")
         lines.append("Greedy token streams identical to the bare loop's: " + "; ".join(
             f"{r.name}: " + ", ".join(f"{c} {'yes' if ok else 'no'}" for c, ok in r.same_tokens.items())
@@ -619,11 +668,17 @@ def render_markdown(reports: list[ModelReport], machine: dict, settings: dict) -
         lines.append("")
     if any(r.host for r in reports):
         lines += ["## Per-step host overhead (everything but llama_decode; ms/step, medians)", "",
-                  "| model | vocab | method | host ms/step | llama_decode ms/step | soft steps |",
-                  "|---|---:|---|---:|---:|---:|"]
+                  "In the real loop: wall and thread-CPU time outside llama_decode. Host only: the same loop with "
+                  "llama_decode replaced by a no-op (same decision every step).", "",
+                  "| model | vocab | method | host ms/step (wall) | host ms/step (CPU) | host only (wall) | "
+                  "host only (CPU) | llama_decode ms/step | soft steps |",
+                  "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
         for r in reports:
             for label, h in r.host.items():
+                nan = float("nan")
                 lines.append(f"| {r.name} | {r.n_vocab} | {label} | {_f(h['host_ms'], '.3f')} | "
+                             f"{_f(h.get('host_cpu_ms', nan), '.3f')} | {_f(h.get('alone_ms', nan), '.3f')} | "
+                             f"{_f(h.get('alone_cpu_ms', nan), '.3f')} | "
                              f"{_f(h['decode_ms'], '.2f')} | {_f(h['soft'], '.0f')}/{_f(h['steps'], '.0f')} |")
         lines.append("")
         lines += ["### Where the host time goes (selar sampled, median microseconds per call)", ""]

@@ -209,6 +209,9 @@ def test_cli_argument_errors_are_one_line(tmp_path, capsys):
     assert "--out" in capsys.readouterr().err
     assert bench("--out", str(tmp_path / "never")) == 2
     assert "--dataset is required" in capsys.readouterr().err
+    # A bare --resume continues the saved run; options that would change it are refused, not ignored.
+    assert bench("--out", str(tmp_path / "x"), "--resume", "--max-tokens", "100", "--greedy") == 2
+    assert "cannot take --greedy, --max-tokens" in capsys.readouterr().err
 
 
 def test_seed_list_and_count():

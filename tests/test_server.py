@@ -245,7 +245,9 @@ def test_full_queue_answers_503_until_a_slot_frees(one_slot_server):
     small = {"messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 4}
     with httpx.Client(timeout=30) as http:
         with http.stream("POST", url + "/v1/chat/completions", json=body) as response:
-            next(response.iter_lines())
+            lines = response.iter_lines()
+            next(line for line in lines if '"content":"' in line and '"role"' not in line)  # it is generating
+            assert _health(url)["slots_busy"] == 1
             busy = http.post(url + "/v1/chat/completions", json=small)
             assert busy.status_code == 503
             assert busy.headers["retry-after"] == "1"

@@ -21,7 +21,6 @@ def accuracy_vs_tokens(sections: Sequence[Any], path: Path) -> Path:
         colour = colours[i % len(colours)]
         xs = [r.mean_tokens for r in section.rows]
         ys = [100 * r.accuracy for r in section.rows]
-        ax.plot(xs, ys, color=colour, alpha=0.35, linewidth=1)
         for r, x, y in zip(section.rows, xs, ys):
             ax.errorbar(x, y, yerr=[[y - 100 * r.ci_lo], [100 * r.ci_hi - y]], fmt=MARKERS.get(r.method, "x"),
                         color=colour, capsize=3, markersize=7)

@@ -51,7 +51,10 @@ def register(subparsers) -> None:
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_model_arguments(parser)
     add_decode_arguments(parser, method_default=None)
-    parser.set_defaults(func=bench)
+    # Options that shape the config: ignored silently on a bare --resume would be a trap.
+    config_options = {a.dest: (a.option_strings[0], a.default) for a in parser._actions
+                      if a.dest not in _NOT_CONFIG and a.option_strings}
+    parser.set_defaults(func=bench, bench_config_options=config_options)
 
     sub = parser.add_subparsers(dest="bench_command", metavar="report", title="sub-command (optional)")
     report = sub.add_parser("report", help="statistics, Markdown/CSV tables and PNG plots of a run",
@@ -68,6 +71,10 @@ def register(subparsers) -> None:
     report.add_argument("--trace-method", default=None, help="method for the entropy-trace plot (default selar)")
     report.add_argument("--no-plots", action="store_true", help="tables only")
     report.set_defaults(func=bench_report)
+
+
+_NOT_CONFIG = {"help", "out", "resume", "overwrite", "parallel", "no_progress", "threads", "verbose",
+               "n_gpu_layers", "data_dir", "dataset"}
 
 
 def parse_seeds(text: str, first_seed: int) -> tuple[int, ...]:
@@ -137,6 +144,12 @@ def bench(args: argparse.Namespace) -> int:
     if args.dataset is None:
         if not args.resume:
             raise InvalidParameterError("--dataset is required (or --resume to continue the run in --out)")
+        changed = [flag for dest, (flag, default) in getattr(args, "bench_config_options", {}).items()
+                   if getattr(args, dest, default) != default]
+        if changed:
+            raise InvalidParameterError(
+                f"--resume without --dataset continues the saved run as it was and cannot take "
+                f"{', '.join(changed)}; drop them, or repeat the full original command with --resume")
         config = read_config(out)  # continue exactly the saved run
         problems = load_config_problems(config, data_dir=args.data_dir)
         if problems_digest(problems) != config.problems_sha256:
