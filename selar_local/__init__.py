@@ -22,7 +22,7 @@ from selar_local.params import METHODS, DecodeParams
 __version__ = "0.1.0"
 
 __all__ = [
-    "load", "Runtime", "DecodeParams", "METHODS", "GenerationResult", "StepEvent",
+    "load", "Runtime", "Selar", "DecodeParams", "METHODS", "GenerationResult", "StepEvent",
     "SelarError", "ModelLoadError", "ModelNotFoundError", "UnsupportedModelError",
     "InvalidParameterError", "ContextOverflowError", "DecodeError",
 ]
@@ -34,4 +34,8 @@ def __getattr__(name: str):
         from selar_local import runtime
 
         return getattr(runtime, name)
+    if name == "Selar":
+        from selar_local.api import Selar
+
+        return Selar
     raise AttributeError(name)
