@@ -12,8 +12,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", "-m", default=None,
                        help="registry name (see `selar models`) or path to a .gguf file; default: the embedded model")
-    group.add_argument("--n-ctx", type=int, default=4096, help="context size per sequence (default 4096)")
-    group.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    group.add_argument("--n-ctx", type=int, default=4096, help="context size per sequence (default %(default)s)")
+    group.add_argument("--threads", type=int, default=None, help="CPU threads (default: half the CPUs, about the physical cores)")
     group.add_argument("--n-gpu-layers", type=int, default=-1,
                        help="layers to offload on Metal/CUDA builds (-1: all; ignored on CPU builds)")
     group.add_argument("--verbose", "-v", action="store_true", help="show llama.cpp's log and full tracebacks")
