@@ -217,9 +217,12 @@ class BatchGenerator:
         """Stop a sequence now and free its slot and KV cells (client went away)."""
         seq = self._live.pop(request_id, None)
         if seq is not None:
-            self.context.remove_sequence(seq.seq_id)
-            self._free_slots.append(seq.seq_id)
-            self._free_slots.sort()
+            self._release_slot(seq)
+
+    def _release_slot(self, seq: _Sequence) -> None:
+        self.context.remove_sequence(seq.seq_id)
+        self._free_slots.append(seq.seq_id)
+        self._free_slots.sort()
 
     # -- stepping ---------------------------------------------------------------------
     def step(self) -> list[StepEvent]:
@@ -232,11 +235,7 @@ class BatchGenerator:
         positions = [s.position for s in live]
         seq_ids = [s.seq_id for s in live]
         want = [True] * n
-        any_soft = False
-        for s in live:
-            if s.pending.soft:
-                any_soft = True
-                break
+        any_soft = any(s.pending.soft for s in live)
         if any_soft:
             self._since_soft = 0
         else:
@@ -289,9 +288,7 @@ class BatchGenerator:
         seq.finish_reason = reason
         seq.pending = None
         self._live.pop(seq.request_id, None)
-        self.context.remove_sequence(seq.seq_id)
-        self._free_slots.append(seq.seq_id)
-        self._free_slots.sort()
+        self._release_slot(seq)
         self._finished[seq.request_id] = seq
         return _event(seq.request_id, index, decision, text, False, reason)
 
