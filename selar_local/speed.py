@@ -730,22 +730,79 @@ def render_markdown(reports: list[ModelReport], machine: dict, settings: dict) -
     return "\n".join(lines)
 
 
+class CheckpointError(ValueError):
+    """--resume asked for a checkpoint that does not match this benchmark."""
+
+
+def report_from_dict(data: dict) -> ModelReport:
+    """A ModelReport back from its JSON form (JSON turns int keys into strings and
+    tuples into lists)."""
+    report = ModelReport(**data)
+    report.batched = {int(n): v for n, v in report.batched.items()}
+    report.cprofile = [tuple(row) for row in report.cprofile]
+    report.loadavg = tuple(report.loadavg)
+    return report
+
+
+def write_checkpoint(path: str, machine: dict, settings: dict, reports: list[ModelReport]) -> None:
+    """The figures so far, written atomically: a kill never leaves half a file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump({"machine": machine, "settings": settings, "models": [r.__dict__ for r in reports]},
+                  handle, indent=1, default=str)
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path: str, machine: dict, settings: dict) -> list[ModelReport]:
+    """The models a saved run already measured, if it ran the same benchmark on the same
+    build and CPU (mixing machines in one table would mislead)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            saved = json.load(handle)
+    except FileNotFoundError:
+        return []
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"--resume: cannot read {path}: {exc}") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("models"), list):
+        raise CheckpointError(f"--resume: {path} is not a bench-speed JSON file")
+    diffs = [f"{k}: {saved.get('settings', {}).get(k)!r} (saved) vs {v!r} (now)"
+             for k, v in settings.items() if saved.get("settings", {}).get(k) != v]
+    diffs += [f"{k}: {saved.get('machine', {}).get(k)!r} (saved) vs {machine[k]!r} (now)"
+              for k in ("llama_cpp", "cpu", "n_threads") if saved.get("machine", {}).get(k) != machine[k]]
+    if diffs:
+        raise CheckpointError(f"--resume refused: {path} was written by a different benchmark ("
+                              + "; ".join(diffs) + "); use another --json file")
+    try:
+        return [report_from_dict(m) for m in saved["models"]]
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"--resume: {path} holds a malformed model entry: {exc}") from None
+
+
 def run(models=DEFAULT_MODELS, *, n_threads: int = 1, n_new: int = 128, reps: int = 5, quick: bool = False,
         sections=("speed", "ttft", "host", "switch", "rss", "batched"), markdown: str | None = None,
-        json_out: str | None = None, log=None) -> str:
+        json_out: str | None = None, resume: bool = False, log=None) -> str:
+    """Benchmark each model in turn. With json_out, the figures are saved after every
+    model, so an interrupted run continues with resume=True from the next model."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     machine = machine_info(n_threads)
     settings = {"n_threads": n_threads, "new_tokens": n_new, "repetitions": reps, "n_ctx": N_CTX,
                 "quick": quick, "sections": list(sections)}
+    if resume and not json_out:
+        raise CheckpointError("--resume needs the --json file of the interrupted run")
+    done = {r.name: r for r in read_checkpoint(json_out, machine, settings)} if resume else {}
     log(f"{machine['llama_cpp']} | {machine['cpu']} | threads {n_threads} | load {load_average()}")
-    reports = [bench_model(m, n_threads=n_threads, n_new=n_new, reps=reps, quick=quick, sections=sections, log=log)
-               for m in models]
+    reports = []
+    for name in models:
+        if name in done:
+            log(f"[{name}] already measured in {json_out}: kept")
+            reports.append(done[name])
+        else:
+            reports.append(bench_model(name, n_threads=n_threads, n_new=n_new, reps=reps, quick=quick,
+                                       sections=sections, log=log))
+        if json_out:
+            write_checkpoint(json_out, machine, settings, reports)
     text = render_markdown(reports, machine, settings)
     if markdown:
         with open(markdown, "w", encoding="utf-8") as handle:
             handle.write(text + "\n")
-    if json_out:
-        with open(json_out, "w", encoding="utf-8") as handle:
-            json.dump({"machine": machine, "settings": settings,
-                       "models": [r.__dict__ for r in reports]}, handle, indent=1, default=str)
     return text
