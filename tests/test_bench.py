@@ -376,3 +376,44 @@ def test_entropy_trace_plot_picks_the_selar_item_with_most_soft_steps(tmp_path):
     assert (run / "entropy_trace.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(bench_report.ReportError):
         bench_report.choose_trace(runs, "no-such-problem", "selar")
+
+
+def test_a_control_run_of_the_same_model_joins_the_table_and_can_be_the_baseline(tmp_path):
+    """A later `--methods cot --greedy` run of the same model and problems is one more row,
+    labelled by what it decodes differently, and pairs with the first run's items."""
+    run = _synthetic_run(tmp_path)  # cot right on p0-p4, selar p0-p7, soft p2-p5 + p9
+    sampled = {"greedy": False, "max_tokens": 8}
+    (run / CONFIG_NAME).write_text(json.dumps(_config(methods=("cot", "selar", "soft"), limit=10, problems=10,
+                                                      params=sampled).to_dict()))
+    control = tmp_path / "greedy"
+    control.mkdir()
+    params = {**sampled, "greedy": True}
+    (control / CONFIG_NAME).write_text(json.dumps(_config(methods=("cot",), limit=10, problems=10,
+                                                          params=params).to_dict()))
+    rows = [dict(id=f"gsm8k-{i}", dataset="gsm8k", method="cot", seed=41, correct=i <= 6, completion_tokens=90,
+                 soft_steps=0, wall_seconds=1.0, finish_reason="stop", error=None) for i in range(10)]
+    (control / RESULTS_NAME).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "joined"
+
+    markdown = bench_report.write_report([run, control], out, plots=True)
+    data = {r["method"]: r for r in json.loads((out / "report.json").read_text())}
+    assert list(data) == ["cot", "selar", "soft", "cot (greedy)"]
+    assert markdown.count("## gsm8k") == 1 and "`greedy`: 10 problems x 1 methods" in markdown
+    # cot (greedy) vs cot: greedy-only p5, p6; cot-only none -> +20 points, p = 2 * 0.5^2 = 0.5
+    greedy = data["cot (greedy)"]
+    assert (greedy["run"], greedy["correct"], greedy["method_only"], greedy["baseline_only"]) == ("greedy", 7, 2, 0)
+    assert greedy["diff"] == pytest.approx(0.2) and greedy["mcnemar_p"] == pytest.approx(0.5)
+
+    bench_report.write_report([run, control], out, baseline="cot (greedy)", plots=False)
+    data = {r["method"]: r for r in json.loads((out / "report.json").read_text())}
+    # soft vs cot (greedy): soft-only p9; greedy-only p0, p1, p6 -> -20 points,
+    # p = 2 * P(X <= 1 | 4, 1/2) = 2 * 5/16 = 0.625
+    soft = data["soft"]
+    assert (soft["baseline"], soft["method_only"], soft["baseline_only"]) == ("cot (greedy)", 1, 3)
+    assert soft["diff"] == pytest.approx(-0.2) and soft["mcnemar_p"] == pytest.approx(0.625)
+    assert data["cot (greedy)"]["diff"] is None
+
+    # The same run given twice: its rows are told apart by folder, not merged or dropped.
+    twice = bench_report.summarize([bench_report.load_run(run), bench_report.load_run(run)])
+    assert [r.method for r in twice[0].rows] == ["cot", "selar", "soft", "cot [synthetic]", "selar [synthetic]",
+                                                 "soft [synthetic]"]

@@ -22,7 +22,7 @@ def accuracy_vs_tokens(sections: Sequence[Any], path: Path) -> Path:
         xs = [r.mean_tokens for r in section.rows]
         ys = [100 * r.accuracy for r in section.rows]
         for r, x, y in zip(section.rows, xs, ys):
-            ax.errorbar(x, y, yerr=[[y - 100 * r.ci_lo], [100 * r.ci_hi - y]], fmt=MARKERS.get(r.method, "x"),
+            ax.errorbar(x, y, yerr=[[y - 100 * r.ci_lo], [100 * r.ci_hi - y]], fmt=MARKERS.get(r.method.split()[0], "x"),
                         color=colour, capsize=3, markersize=7)
             ax.annotate(r.method, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
         ax.plot([], [], color=colour, label=f"{section.dataset} - {section.model}")

@@ -13,6 +13,12 @@ Per run (model) and data set, one row per method:
 * against the baseline (cot): items paired on (problem, seed); the paired difference of
   accuracy (method - baseline) with Newcombe's 95% interval, the discordant counts (solved
   only by the method / only by the baseline) and the exact McNemar p-value.
+
+Runs of the same model file on the same data set share one table, so that a control run made
+later (``--methods cot --greedy``, another tau) is paired with the first run's items. The first
+run's methods keep their names; a later run's method is labelled by the decoding parameters that
+differ from the first run's, e.g. ``cot (greedy)`` or ``selar (tau=0.7)``, and that label can be
+the ``--baseline``.
 """
 from __future__ import annotations
 
@@ -96,6 +102,7 @@ class Section:
     model: str
     dataset: str
     rows: list[MethodRow] = field(default_factory=list)
+    runs: list[Run] = field(default_factory=list)
 
 
 def load_run(path: str | Path) -> Run:
@@ -158,22 +165,48 @@ def add_paired(row: MethodRow, baseline: str, base_records: Sequence[dict], reco
     row.mcnemar_p = mcnemar_exact(row.method_only, row.baseline_only)
 
 
+def variant_suffix(first: Run, run: Run) -> str:
+    """How ``run`` decodes differently from ``first``: " (greedy)", " (tau=0.7, seeds=1)", or ""."""
+    if run is first or first.config is None or run.config is None:
+        return ""
+    mine, theirs = run.config.params, first.config.params
+    parts = []
+    for key in sorted(set(mine) | set(theirs)):
+        if mine.get(key) != theirs.get(key):
+            parts.append(("greedy" if mine.get(key) else "sampled") if key == "greedy" else f"{key}={mine.get(key)}")
+    if run.config.seeds != first.config.seeds:
+        parts.append("seeds=" + ",".join(str(s) for s in run.config.seeds))
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def summarize(runs: Sequence[Run], baseline: str = "cot") -> list[Section]:
-    sections: list[Section] = []
+    """One section per (model file, data set); rows are the methods of every run in it."""
+    groups: dict[tuple[str, str], list[tuple[Run, dict[str, list[dict]]]]] = {}
     for run in runs:
         by_dataset: dict[str, dict[str, list[dict]]] = {}
         for r in run.records:
             by_dataset.setdefault(r["dataset"], {}).setdefault(r["method"], []).append(r)
-        order = list(run.config.methods) if run.config else []
         for dataset, by_method in by_dataset.items():
-            section = Section(run.label, run.model, dataset)
-            methods = [m for m in order if m in by_method] + sorted(m for m in by_method if m not in order)
-            for method in methods:
-                row = method_row(run.label, run.model, dataset, method, by_method[method])
-                if method != baseline and baseline in by_method:
-                    add_paired(row, baseline, by_method[baseline], by_method[method])
-                section.rows.append(row)
-            sections.append(section)
+            groups.setdefault((run.model, dataset), []).append((run, by_method))
+    sections: list[Section] = []
+    for (model, dataset), members in groups.items():
+        first = members[0][0]
+        section = Section(" + ".join(run.label for run, _ in members), model, dataset, runs=[m[0] for m in members])
+        labelled: dict[str, tuple[Run, list[dict]]] = {}
+        for run, by_method in members:
+            order = list(run.config.methods) if run.config else []
+            suffix = variant_suffix(first, run)
+            for method in [m for m in order if m in by_method] + sorted(m for m in by_method if m not in order):
+                label = method + suffix
+                if label in labelled:  # the same method decoded the same way twice: name the folder
+                    label = f"{label} [{run.label}]"
+                labelled[label] = (run, by_method[method])
+        for label, (run, records) in labelled.items():
+            row = method_row(run.label, model, dataset, label, records)
+            if label != baseline and baseline in labelled:
+                add_paired(row, baseline, labelled[baseline][1], records)
+            section.rows.append(row)
+        sections.append(section)
     return sections
 
 
@@ -195,20 +228,22 @@ def _p(p: float | None) -> str:
     return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
 
 
-def render_markdown(sections: Sequence[Section], runs: Sequence[Run]) -> str:
+def render_markdown(sections: Sequence[Section]) -> str:
     out = io.StringIO()
     out.write("# Benchmark report\n\n")
     for section in sections:
-        run = next((r for r in runs if r.label == section.run), None)
         out.write(f"## {section.dataset} - {section.model} (run `{section.run}`)\n\n")
-        if run and run.config:
+        for run in section.runs:
+            if run.config is None:
+                continue
             c = run.config
             p = c.params
             decoding = ("greedy" if p.get("greedy") else
                         f"T {p.get('temperature')}, top-k {p.get('top_k')}, top-p {p.get('top_p')}, "
                         f"min-p {p.get('min_p')}")
             expected = c.problems * len(c.methods) * len(c.seeds)
-            out.write(f"{c.problems} problems x {len(c.methods)} methods x {len(c.seeds)} seed(s) "
+            where = f"`{run.label}`: " if len(section.runs) > 1 else ""
+            out.write(f"{where}{c.problems} problems x {len(c.methods)} methods x {len(c.seeds)} seed(s) "
                       f"({', '.join(str(s) for s in c.seeds)}); {len(run.records)}/{expected} items done; "
                       f"{decoding}; max_tokens {p.get('max_tokens')}; SeLaR tau {p.get('tau')}, "
                       f"lambda {p.get('lam')}, k_s {p.get('ks')}; n_ctx {c.n_ctx}.\n\n")
@@ -281,7 +316,7 @@ def write_report(run_dirs: Sequence[Path], out_dir: Path, *, baseline: str = "co
                  trace_problem: str | None = None, trace_method: str | None = None) -> str:
     runs = [load_run(d) for d in run_dirs]
     sections = summarize(runs, baseline)
-    markdown = render_markdown(sections, runs)
+    markdown = render_markdown(sections)
     out_dir.mkdir(parents=True, exist_ok=True)
     if plots:
         from selar_local.bench import plots as plotting
