@@ -358,6 +358,57 @@ def overhead_profile(rt, prompt, params, repeat: int = 200) -> dict[str, float]:
     return out
 
 
+def after_decode_profile(rt, prompt, params, samples: int = 40) -> dict[str, float]:
+    """Median microseconds of step pieces timed right after a real llama_decode, and again
+    at once (warm). A decode streams the whole model through the caches and evicts the
+    code of the Python/NumPy step: every distinct code path then pays a first-call penalty
+    that warm micro-benchmarks never see. The bare loop pays it once (its argmax)."""
+    from selar_local import sampling
+    from selar_local.policies import make_policy
+
+    ctx = rt.context
+    policy = make_policy(params, rt.token_info)
+    p = params
+    scratch = np.zeros(rt.model.n_vocab, dtype=np.float32)  # not the logits: the same code, other data
+    pieces: dict[str, Callable[[np.ndarray], object]] = {
+        "first NumPy call, other data (max)": lambda lg: scratch.max(),
+        "argmax over the logits (the bare loop's step)": lambda lg: lg.argmax(),
+        "top-k select": lambda lg: sampling.top_candidates(lg, p.top_k),
+        "filter (temp/top-k/top-p/min-p)": lambda lg: sampling.filter_logits(lg, p.temperature, p.top_k, p.top_p,
+                                                                           p.min_p),
+        "policy.step (selar sampled)": lambda lg: policy.step(lg),
+    }
+    cold: dict[str, list[float]] = {k: [] for k in pieces}
+    warm: dict[str, list[float]] = {k: [] for k in pieces}
+    clock = time.perf_counter
+    ctx.remove_sequence(0)
+    ctx.decode_tokens(prompt, range(len(prompt)), [0] * len(prompt), [False] * (len(prompt) - 1) + [True])
+    logits, pos = ctx.logits(-1), len(prompt)
+    names = list(pieces)
+    for i in range(samples * len(names)):
+        if pos >= ctx.n_ctx:
+            ctx.remove_sequence(0)
+            ctx.decode_tokens(prompt, range(len(prompt)), [0] * len(prompt), [False] * (len(prompt) - 1) + [True])
+            logits, pos = ctx.logits(-1), len(prompt)
+        ctx.decode_tokens((int(logits.argmax()),), (pos,), (0,), (True,))
+        pos += 1
+        logits = ctx.logits(0)
+        name = names[i % len(names)]
+        t0 = clock()
+        pieces[name](logits)
+        t1 = clock()
+        pieces[name](logits)
+        t2 = clock()
+        cold[name].append(t1 - t0)
+        warm[name].append(t2 - t1)
+    ctx.remove_sequence(0)
+    out = {}
+    for name in names:
+        out[f"{name}: after decode"] = 1e6 * median(cold[name])
+        out[f"{name}: warm"] = 1e6 * median(warm[name])
+    return out
+
+
 def cprofile_steps(rt, prompt, params, top: int = 14) -> list[tuple[str, int, float, float]]:
     """cProfile of a generation's steps: (function, calls, total ms, ms per step)."""
     import cProfile
@@ -505,6 +556,7 @@ class ModelReport:
     soft_steps: float = float("nan")
     host: dict[str, dict[str, float]] = field(default_factory=dict)
     profile: dict[str, float] = field(default_factory=dict)
+    after_decode: dict[str, float] = field(default_factory=dict)  # piece -> us, right after a decode / warm
     cprofile: list = field(default_factory=list)
     switching: dict[str, float] = field(default_factory=dict)
     rss_mib: dict[str, float] = field(default_factory=dict)
@@ -604,6 +656,7 @@ def bench_model(name: str, *, n_threads: int, n_new: int = 128, reps: int = 5, q
                 report.host[label]["alone_ms"] = median([x["host_ms"] for x in alone])
                 report.host[label]["alone_cpu_ms"] = median([x["host_cpu_ms"] for x in alone])
             report.profile = overhead_profile(rt, prompt, selar_sampled, repeat=100 if quick else 500)
+            report.after_decode = after_decode_profile(rt, prompt, selar_sampled, 15 if quick else 40)
             report.cprofile = cprofile_steps(rt, prompt, selar_sampled)
         if "switch" in sections:
             log(f"[{name}] token vs embedding batches")
@@ -689,6 +742,19 @@ def render_markdown(reports: list[ModelReport], machine: dict, settings: dict) -
             lines.append(f"| {k} | " + " | ".join(_f(r.profile.get(k, float('nan'))) for r in reports if r.profile)
                          + " |")
         lines.append("")
+        if any(r.after_decode for r in reports):
+            lines += ["### The same pieces right after a real llama_decode vs warm (median microseconds)", "",
+                      "Timed twice in a row after each decode: the first call runs with the step's code evicted "
+                      "by the decode, the second warm.", ""]
+            cold_keys = list(dict.fromkeys(k.rsplit(": ", 1)[0] for r in reports for k in r.after_decode))
+            shown = [r for r in reports if r.after_decode]
+            lines.append("| piece | " + " | ".join(f"{r.name}: after decode | warm" for r in shown) + " |")
+            lines.append("|---|" + "---:|---:|" * len(shown))
+            for k in cold_keys:
+                lines.append(f"| {k} | " + " | ".join(
+                    f"{_f(r.after_decode.get(k + ': after decode', float('nan')))} | "
+                    f"{_f(r.after_decode.get(k + ': warm', float('nan')))}" for r in shown) + " |")
+            lines.append("")
         for r in reports:
             if r.cprofile:
                 lines += [f"cProfile, {r.name}, selar sampled (own time; top functions):", "",
