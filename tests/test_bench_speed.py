@@ -9,7 +9,8 @@ def test_quick_bench_speed_prints_and_writes_the_tables(tmp_path, capsys, smollm
     assert main(["bench-speed", "--quick", "--only", "speed,host", "--markdown", str(out)]) == 0
     printed = capsys.readouterr().out
     for heading in ("## Decode speed", "bare loop", "Llama (high-level)", "selar-local selar sampled",
-                    "## Per-step host overhead", "load average"):
+                    "## Per-step host overhead", "right after a real llama_decode", "| top-k select |",
+                    "load average"):
         assert heading in printed
     assert out.read_text(encoding="utf-8").strip() == printed.strip()
 
