@@ -94,7 +94,7 @@ def test_parallel_4_gives_the_same_greedy_results_as_parallel_1(reference_run, t
     assert table_without_times(out) == table_without_times(reference_run)
 
 
-def test_sigint_mid_run_then_resume_gives_the_uninterrupted_table(reference_run, tmp_path):
+def test_sigint_mid_run_then_resume_gives_the_uninterrupted_table(reference_run, tmp_path, capsys):
     out = tmp_path / "interrupted"
     cmd = [sys.executable, "-m", "selar_local.cli", "bench", *SMALL_RUN, "--parallel", "1", "--out", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -105,6 +105,9 @@ def test_sigint_mid_run_then_resume_gives_the_uninterrupted_table(reference_run,
             break
         time.sleep(0.02)
     assert proc.poll() is None, "the run ended before it could be interrupted"
+    # While it runs, a second process on the same folder is refused (it would redo the same items).
+    assert bench("--out", str(out), "--resume", "--no-progress") == 2
+    assert f"is in use by another selar bench (pid {proc.pid})" in capsys.readouterr().err
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err

@@ -18,6 +18,7 @@ steps marked without loading the model again.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -34,6 +35,7 @@ from selar_local.params import METHODS, DecodeParams
 
 CONFIG_NAME = "config.json"
 RESULTS_NAME = "results.jsonl"
+LOCK_NAME = ".lock"
 CONFIG_VERSION = 1
 # Keys of the decoding parameters that vary per work item (not part of the run's params).
 PER_ITEM_PARAMS = ("method", "seed")
@@ -45,6 +47,49 @@ class BenchConfigError(SelarError):
 
 class ResultsFileError(SelarError):
     """results.jsonl has a corrupt line that is not a half-written last line."""
+
+
+class RunInUseError(SelarError):
+    """Another process is running a benchmark in the same run folder."""
+
+
+try:
+    import fcntl
+
+    def _try_lock(handle) -> None:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+except ImportError:  # pragma: no cover - Windows
+    import msvcrt
+
+    def _try_lock(handle) -> None:
+        handle.seek(0)
+        msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+
+
+@contextlib.contextmanager
+def run_folder_lock(run_dir: str | os.PathLike):
+    """Exclusive use of a run folder while this process works in it: a second `selar bench`
+    on the same folder would redo the same items and interleave its records with ours. The
+    operating system releases the lock when the process ends, however it ends."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir / LOCK_NAME, "a+", encoding="utf-8")
+    try:
+        _try_lock(handle)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise RunInUseError(f"{run_dir} is in use by another selar bench (pid {holder}); wait for it to "
+                            f"finish or stop it, then --resume") from None
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield
+    finally:
+        handle.close()
 
 
 # ---------------------------------------------------------------------------------------------

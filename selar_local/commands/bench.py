@@ -129,7 +129,7 @@ def _config_from_args(args):
 
 def bench(args: argparse.Namespace) -> int:
     from selar_local.bench.runner import (
-        BenchConfigError, load_config_problems, prepare_run, problems_digest, read_config, run_bench,
+        BenchConfigError, load_config_problems, problems_digest, read_config, run_folder_lock,
     )
     from selar_local.errors import InvalidParameterError
     from selar_local.registry import resolve_model
@@ -163,6 +163,13 @@ def bench(args: argparse.Namespace) -> int:
     else:
         config, problems, model_path = _config_from_args(args)
         model_arg = str(model_path)
+    with run_folder_lock(out):
+        return _run_locked(args, out, config, problems, model_path, model_arg)
+
+
+def _run_locked(args, out: Path, config, problems, model_path: Path, model_arg: str) -> int:
+    from selar_local.bench.runner import prepare_run, run_bench
+
     done = prepare_run(out, config, resume=args.resume, overwrite=args.overwrite)
     parallel = args.parallel or (int(done[-1].get("parallel") or 1) if done else 1)
 
