@@ -358,6 +358,13 @@ def overhead_profile(rt, prompt, params, repeat: int = 200) -> dict[str, float]:
     return out
 
 
+def _prefill_alone(ctx, prompt) -> tuple[np.ndarray, int]:
+    """Sequence 0 holds exactly `prompt`: its last logits and the next position."""
+    ctx.remove_sequence(0)
+    ctx.decode_tokens(prompt, range(len(prompt)), [0] * len(prompt), [False] * (len(prompt) - 1) + [True])
+    return ctx.logits(-1), len(prompt)
+
+
 def after_decode_profile(rt, prompt, params, samples: int = 40) -> dict[str, float]:
     """Median microseconds of step pieces timed right after a real llama_decode, and again
     at once (warm). A decode streams the whole model through the caches and evicts the
@@ -381,15 +388,11 @@ def after_decode_profile(rt, prompt, params, samples: int = 40) -> dict[str, flo
     cold: dict[str, list[float]] = {k: [] for k in pieces}
     warm: dict[str, list[float]] = {k: [] for k in pieces}
     clock = time.perf_counter
-    ctx.remove_sequence(0)
-    ctx.decode_tokens(prompt, range(len(prompt)), [0] * len(prompt), [False] * (len(prompt) - 1) + [True])
-    logits, pos = ctx.logits(-1), len(prompt)
+    logits, pos = _prefill_alone(ctx, prompt)
     names = list(pieces)
     for i in range(samples * len(names)):
         if pos >= ctx.n_ctx:
-            ctx.remove_sequence(0)
-            ctx.decode_tokens(prompt, range(len(prompt)), [0] * len(prompt), [False] * (len(prompt) - 1) + [True])
-            logits, pos = ctx.logits(-1), len(prompt)
+            logits, pos = _prefill_alone(ctx, prompt)
         ctx.decode_tokens((int(logits.argmax()),), (pos,), (0,), (True,))
         pos += 1
         logits = ctx.logits(0)
@@ -443,10 +446,7 @@ def input_kind_switching(rt, prompt, n_steps: int, reps: int) -> dict[str, float
         return {}
 
     def one(mode: str) -> float:
-        ctx.remove_sequence(0)
-        ctx.decode_tokens(prompt, range(len(prompt)), [0] * len(prompt), [False] * (len(prompt) - 1) + [True])
-        logits = ctx.logits(-1)
-        pos = len(prompt)
+        logits, pos = _prefill_alone(ctx, prompt)
         t0 = time.perf_counter()
         for i in range(n_steps):
             tok = int(logits.argmax())

@@ -159,15 +159,13 @@ def bench(args: argparse.Namespace) -> int:
         if model_path.name != config.model_file or model_path.stat().st_size != config.model_size:
             raise BenchConfigError(f"--resume refused: {model_path} is not the model file the run used "
                                    f"({config.model_file}, {config.model_size} bytes)")
-        model_arg = str(model_path)
     else:
         config, problems, model_path = _config_from_args(args)
-        model_arg = str(model_path)
     with run_folder_lock(out):
-        return _run_locked(args, out, config, problems, model_path, model_arg)
+        return _run_locked(args, out, config, problems, model_path)
 
 
-def _run_locked(args, out: Path, config, problems, model_path: Path, model_arg: str) -> int:
+def _run_locked(args, out: Path, config, problems, model_path: Path) -> int:
     from selar_local.bench.runner import prepare_run, run_bench
 
     done = prepare_run(out, config, resume=args.resume, overwrite=args.overwrite)
@@ -175,7 +173,7 @@ def _run_locked(args, out: Path, config, problems, model_path: Path, model_arg: 
 
     from selar_local.runtime import load
 
-    runtime = load(model_arg, n_ctx=config.n_ctx, n_parallel=parallel, n_threads=args.threads,
+    runtime = load(str(model_path), n_ctx=config.n_ctx, n_parallel=parallel, n_threads=args.threads,
                    n_gpu_layers=args.n_gpu_layers, verbose=args.verbose)
     n_items = len(problems) * len(config.methods) * len(config.seeds)
     print(f"selar bench: {config.dataset} ({len(problems)} problems) x {','.join(config.methods)} x "
