@@ -20,4 +20,7 @@ if [ "$(uname -m)" = "x86_64" ] && [ -r /proc/cpuinfo ]; then
     has avx512_bf16 && flags="$flags -DGGML_AVX512_BF16=ON"
   fi
 fi
+# The RPC backend (issue 13, docs/DISTRIBUTED.md): splits a model over several machines.
+# Built everywhere; it costs nothing until `--rpc` names a server.
+flags="$flags -DGGML_RPC=ON"
 echo "$flags"

@@ -1,0 +1,341 @@
+"""The OpenAI request and response schema: request bodies (or API keyword arguments)
+validated into `PreparedRequest`s, and `chat.completion` / `text_completion` bodies and
+streamed chunks built from generation results, each with a `selar` field."""
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+from selar_local.errors import ContextOverflowError, InvalidParameterError, SelarError, UnsupportedModelError
+from selar_local.generate import GenerationResult, StepEvent
+from selar_local.params import DecodeParams
+
+# DecodeParams fields a request may set by their own name (SeLaR's and the sampler's).
+DECODE_FIELDS = tuple(f.name for f in dataclasses.fields(DecodeParams))
+# OpenAI fields that are accepted but only in their neutral form (anything else is an error,
+# so that a client never silently gets something other than what it asked for).
+_NEUTRAL_FIELDS: dict[str, Callable[[Any], bool]] = {
+    "frequency_penalty": lambda v: v in (None, 0, 0.0),
+    "presence_penalty": lambda v: v in (None, 0, 0.0),
+    "logit_bias": lambda v: not v,
+    "logprobs": lambda v: v in (None, False, 0),
+    "top_logprobs": lambda v: v in (None, 0),
+    "tools": lambda v: not v,
+    "functions": lambda v: not v,
+    "tool_choice": lambda v: v in (None, "none", "auto"),
+    "function_call": lambda v: v in (None, "none", "auto"),
+    "parallel_tool_calls": lambda v: True,
+    "response_format": lambda v: v is None or (isinstance(v, Mapping) and v.get("type") == "text"),
+    "best_of": lambda v: v in (None, 1),
+    "suffix": lambda v: not v,
+    "user": lambda v: True,
+    "metadata": lambda v: True,
+    "store": lambda v: v in (None, False),
+    "service_tier": lambda v: True,
+    "modalities": lambda v: v in (None, ["text"]),
+}
+_COMMON_FIELDS = {"model", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature",
+                  "top_p", "stop", "seed", "n"}
+CHAT_FIELDS = frozenset(_COMMON_FIELDS | {"messages"} | set(_NEUTRAL_FIELDS) | set(DECODE_FIELDS))
+COMPLETION_FIELDS = frozenset(_COMMON_FIELDS | {"prompt", "echo"} | set(_NEUTRAL_FIELDS) | set(DECODE_FIELDS))
+_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+class RequestError(InvalidParameterError):
+    """A request the server answers with 4xx: says which parameter and why."""
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None, status: int = 400):
+        super().__init__(message)
+        self.param = param
+        self.code = code
+        self.status = status
+
+_PARAM_IN_MESSAGE = re.compile(r"^invalid (\w+)=")
+
+
+def as_request_error(exc: Exception) -> RequestError:
+    """Map the runtime's user errors to a RequestError carrying param and code."""
+    if isinstance(exc, RequestError):
+        return exc
+    if isinstance(exc, ContextOverflowError):
+        return RequestError(str(exc), param="messages", code="context_length_exceeded")
+    if isinstance(exc, UnsupportedModelError):
+        return RequestError(str(exc), param="method", code="unsupported_method")
+    match = _PARAM_IN_MESSAGE.match(str(exc))
+    return RequestError(str(exc), param=match.group(1) if match else None, code="invalid_value")
+
+# --------------------------------------------------------------------- request building
+
+
+@dataclass
+class PreparedRequest:
+    """A validated request: its tokens, decoding parameters and how to answer it."""
+
+    kind: str  # "chat" or "completion"
+    prompt_tokens: list[int]
+    params: DecodeParams
+    stream: bool = False
+    include_usage: bool = False
+    echo_text: str | None = None
+    model: str = ""
+    id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex[:24]}")
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def _content_text(content: Any, index: int) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # content parts: only text ones can be honoured
+        texts = []
+        for part in content:
+            if isinstance(part, str):
+                texts.append(part)
+            elif isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            else:
+                kind = part.get("type") if isinstance(part, Mapping) else type(part).__name__
+                raise RequestError(f"messages[{index}].content: only text parts are supported, not {kind!r}",
+                                   param=f"messages[{index}].content")
+        return "".join(texts)
+    raise RequestError(f"messages[{index}].content must be a string or a list of text parts",
+                       param=f"messages[{index}].content")
+
+
+def normalise_messages(messages: Any) -> list[dict[str, str]]:
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("'messages' must be a non-empty list of {role, content} objects", param="messages")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise RequestError(f"messages[{i}] must be an object with 'role' and 'content'", param=f"messages[{i}]")
+        role = message.get("role")
+        if role not in _ROLES:
+            raise RequestError(f"messages[{i}].role must be one of {', '.join(_ROLES)}, not {role!r}",
+                               param=f"messages[{i}].role")
+        out.append({"role": "system" if role == "developer" else role,
+                    "content": _content_text(message.get("content"), i)})
+    return out
+
+
+class RequestBuilder:
+    """Turns OpenAI request bodies (or API keyword arguments) into PreparedRequests."""
+
+    def __init__(self, runtime, *, model_id: str, default_stop: Sequence[str] = (), aliases: Sequence[str] = ()):
+        self.runtime = runtime
+        self.model_id = model_id
+        self.default_stop = tuple(default_stop)
+        self.aliases = frozenset({model_id, *aliases})
+
+    def check_model(self, model: Any) -> None:
+        if model is None or model == "":
+            return
+        if model not in self.aliases:
+            raise RequestError(f"model {model!r} is not served here; this server serves {self.model_id!r}",
+                               param="model", code="model_not_found", status=404)
+
+    def chat(self, body: Mapping[str, Any]) -> PreparedRequest:
+        self._check_fields(body, CHAT_FIELDS)
+        self.check_model(body.get("model"))
+        messages = normalise_messages(body.get("messages"))
+        try:
+            tokens = self.runtime.encode(messages=messages)
+        except SelarError as exc:
+            raise RequestError(f"cannot format these messages with the model's chat template: {exc}",
+                               param="messages") from exc
+        return self._prepared("chat", body, tokens)
+
+    def completion(self, body: Mapping[str, Any]) -> PreparedRequest:
+        self._check_fields(body, COMPLETION_FIELDS)
+        self.check_model(body.get("model"))
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]  # a batch of one
+        if isinstance(prompt, str):
+            if not prompt:
+                raise RequestError("'prompt' is empty", param="prompt")
+            tokens, text = self.runtime.encode(prompt), prompt
+        elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+            n_vocab = self.runtime.model.n_vocab
+            if any(not 0 <= t < n_vocab for t in prompt):
+                raise RequestError(f"'prompt' token ids must be in [0, {n_vocab})", param="prompt")
+            tokens, text = list(prompt), None
+        elif isinstance(prompt, list) and len(prompt) > 1:
+            raise RequestError("one prompt per request: batches of prompts are not supported "
+                               "(send them as separate, concurrent requests)", param="prompt")
+        else:
+            raise RequestError("'prompt' must be a non-empty string or a list of token ids", param="prompt")
+        echo = body.get("echo", False)
+        if not isinstance(echo, bool):
+            raise RequestError("'echo' must be true or false", param="echo")
+        prepared = self._prepared("completion", body, tokens)
+        if echo:
+            prepared.echo_text = text if text is not None else self.runtime.model.detokenize(tokens)
+        return prepared
+
+    # -- helpers ------------------------------------------------------------------------
+    @staticmethod
+    def _check_fields(body: Mapping[str, Any], allowed: frozenset) -> None:
+        if not isinstance(body, Mapping):
+            raise RequestError("the request body must be a JSON object")
+        unknown = sorted(set(body) - allowed)
+        if unknown:
+            raise RequestError(f"unrecognized request argument(s): {', '.join(unknown)} (SeLaR parameters: "
+                               f"{', '.join(DECODE_FIELDS)})", param=unknown[0], code="unknown_parameter")
+        for name, neutral in _NEUTRAL_FIELDS.items():
+            if name in body and not neutral(body[name]):
+                raise RequestError(f"{name}={body[name]!r} is not supported by selar-local "
+                                   f"(only its neutral value is accepted)", param=name, code="unsupported_parameter")
+
+    def _prepared(self, kind: str, body: Mapping[str, Any], tokens: list[int]) -> PreparedRequest:
+        n = body.get("n", 1)
+        if n not in (None, 1) or isinstance(n, bool):
+            raise RequestError(f"n={n!r}: one choice per request is supported (send n separate requests, "
+                               "each with its own seed)", param="n", code="unsupported_parameter")
+        stream = body.get("stream", False)
+        if stream is None:
+            stream = False
+        if not isinstance(stream, bool):
+            raise RequestError("'stream' must be true or false", param="stream")
+        options = body.get("stream_options") or {}
+        if not isinstance(options, Mapping) or set(options) - {"include_usage"}:
+            raise RequestError("'stream_options' supports only include_usage", param="stream_options")
+        try:
+            self.runtime.check_prompt_fits(len(tokens))
+        except ContextOverflowError as exc:
+            raise RequestError(str(exc), param="messages" if kind == "chat" else "prompt",
+                               code="context_length_exceeded") from exc
+        params = self._decode_params(body, len(tokens))
+        try:
+            self.runtime.require_method(params.method)
+        except UnsupportedModelError as exc:
+            raise as_request_error(exc) from exc
+        return PreparedRequest(kind, tokens, params, stream=stream, include_usage=bool(options.get("include_usage")),
+                               model=self.model_id,
+                               id=("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24])
+
+    def _decode_params(self, body: Mapping[str, Any], n_prompt: int) -> DecodeParams:
+        values: dict[str, Any] = {k: body[k] for k in DECODE_FIELDS if body.get(k) is not None}
+        for flag in ("greedy", "thinking_only"):
+            if flag in values and not isinstance(values[flag], bool):
+                raise RequestError(f"invalid {flag}={values[flag]!r}: expected true or false", param=flag)
+        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        room = self.runtime.context.n_ctx - n_prompt
+        if max_tokens is None:
+            max_tokens = room  # OpenAI: up to the end of the context
+        elif not _is_int(max_tokens) or max_tokens < 1:
+            raise RequestError(f"invalid max_tokens={max_tokens!r}: expected an integer >= 1", param="max_tokens")
+        values["max_tokens"] = max(1, min(max_tokens, room))
+        temperature = body.get("temperature")
+        if temperature is not None:
+            if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not 0 <= temperature <= 2:
+                raise RequestError(f"invalid temperature={temperature!r}: expected a number in [0, 2] "
+                                   "(0 = greedy)", param="temperature")
+            if temperature == 0:
+                values["greedy"] = True
+                values.pop("temperature", None)
+        stop = body.get("stop")
+        if stop is None:
+            stop = []
+        elif isinstance(stop, str):
+            stop = [stop]
+        elif not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
+            raise RequestError("'stop' must be a string or a list of strings", param="stop")
+        values["stop"] = tuple(dict.fromkeys([s for s in stop if s] + list(self.default_stop)))
+        try:
+            return DecodeParams(**values)
+        except (InvalidParameterError, TypeError) as exc:
+            raise as_request_error(exc) from exc
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# --------------------------------------------------------------------- response shapes
+
+
+def selar_summary(params: DecodeParams, result: GenerationResult) -> dict[str, Any]:
+    counts = result.effective_counts
+    summary = {
+        "method": params.method,
+        "soft_steps": result.soft_steps,
+        "soft_share": round(result.soft_share, 6),
+        "mean_entropy": round(result.mean_entropy, 6),
+        "mean_effective_tokens": round(sum(counts) / len(counts), 6) if counts else None,
+        "prefill_seconds": round(result.prefill_seconds, 6),
+        "decode_seconds": round(result.decode_seconds, 6),
+        "tokens_per_second": round(result.tokens_per_second, 3),
+    }
+    if params.method == "selar":
+        summary.update(tau=params.tau, lam=params.lam, ks=params.ks)
+    return summary
+
+
+def usage(result: GenerationResult) -> dict[str, int]:
+    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+            "total_tokens": result.prompt_tokens + result.completion_tokens}
+
+
+def completion_response(req: PreparedRequest, result: GenerationResult) -> dict[str, Any]:
+    """The non-streaming body: chat.completion or text_completion."""
+    if req.kind == "chat":
+        choice = {"index": 0, "message": {"role": "assistant", "content": result.text},
+                  "logprobs": None, "finish_reason": result.finish_reason}
+        obj = "chat.completion"
+    else:
+        choice = {"index": 0, "text": (req.echo_text or "") + result.text, "logprobs": None,
+                  "finish_reason": result.finish_reason}
+        obj = "text_completion"
+    return {"id": req.id, "object": obj, "created": req.created, "model": req.model, "choices": [choice],
+            "usage": usage(result), "selar": selar_summary(req.params, result)}
+
+
+class ChunkWriter:
+    """Builds the streamed chunks of one request, in order."""
+
+    def __init__(self, req: PreparedRequest):
+        self.req = req
+        self.object = "chat.completion.chunk" if req.kind == "chat" else "text_completion"
+
+    def _chunk(self, choice: dict | None, **extra: Any) -> dict[str, Any]:
+        out = {"id": self.req.id, "object": self.object, "created": self.req.created, "model": self.req.model,
+               "choices": [choice] if choice is not None else []}
+        out.update(extra)
+        return out
+
+    def _choice(self, text: str | None, finish_reason: str | None, *, role: bool = False) -> dict:
+        if self.req.kind == "chat":
+            delta: dict[str, Any] = {"role": "assistant"} if role else {}
+            if text is not None:
+                delta["content"] = text
+            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+
+    def opening(self) -> list[dict]:
+        if self.req.kind == "chat":
+            return [self._chunk(self._choice("", None, role=True))]
+        return [self._chunk(self._choice(self.req.echo_text, None))] if self.req.echo_text else []
+
+    def event(self, event: StepEvent) -> dict | None:
+        """A content chunk for one step (None when the step released no text yet)."""
+        if not event.text:
+            return None
+        return self._chunk(self._choice(event.text, None),
+                           selar={"soft": event.soft, "entropy": round(event.entropy, 6) + 0.0})
+
+    def closing(self, result: GenerationResult) -> list[dict]:
+        last = self._chunk(self._choice(None if self.req.kind == "chat" else "", result.finish_reason),
+                           selar=selar_summary(self.req.params, result))
+        chunks = [last]
+        if self.req.include_usage:
+            chunks.append(self._chunk(None, usage=usage(result)))
+        return chunks

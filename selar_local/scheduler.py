@@ -1,0 +1,283 @@
+"""Continuous batching over one BatchGenerator, driven by ONE background thread.
+
+Callers in any thread submit requests (validated and tokenised in the caller's thread, so
+a bad request fails alone and at once); up to `n_parallel` run as parallel sequences of
+one llama.cpp context, up to `queue_size` more wait, and the rest get `QueueFullError`.
+Events reach each request through its own sink; cancelling a request frees its slot and
+KV cells before the next decode step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import threading
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+from selar_local.errors import SelarError
+from selar_local.generate import BatchGenerator, GenerationResult, StepEvent
+from selar_local.params import DecodeParams
+
+logger = logging.getLogger(__name__)
+
+class QueueFullError(SelarError):
+    """Every slot is busy and the wait queue is full (the server answers 503)."""
+
+
+class RequestCancelledError(SelarError):
+    """Delivered to a request that was cancelled (its client went away)."""
+
+
+class SchedulerClosedError(SelarError):
+    """The scheduler was closed (the server is shutting down)."""
+
+
+@dataclass
+class SchedulerStats:
+    slots_total: int
+    slots_busy: int
+    queued: int
+    queue_size: int
+    submitted: int
+    completed: int
+    cancelled: int
+    failed: int
+    rejected: int
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class RequestHandle:
+    """One submitted request. Items go to `sink(kind, payload)`: ("event", StepEvent) per
+    generated token, then exactly one of ("done", GenerationResult) or ("error", exception).
+    Without a sink they go to a thread-safe queue that iteration reads."""
+
+    def __init__(self, scheduler: "Scheduler", prompt_tokens: list[int], params: DecodeParams,
+                 sink: Callable[[str, Any], None] | None):
+        self.scheduler = scheduler
+        self.prompt_tokens = prompt_tokens
+        self.params = params
+        self._queue: queue.Queue | None = None if sink is not None else queue.Queue()
+        self._sink = sink or (lambda kind, payload: self._queue.put((kind, payload)))
+        self.request_id: int | None = None  # the BatchGenerator's id, once admitted
+        self.result: GenerationResult | None = None
+        self.error: BaseException | None = None
+        self.finished = threading.Event()
+        self.cancelled = False
+
+    def _deliver(self, kind: str, payload: Any) -> None:
+        # Sinks must not block: the scheduler calls them, final ones under its lock.
+        if kind != "event" and self.finished.is_set():
+            return  # a request ends once
+        if kind == "done":
+            self.result = payload
+        elif kind == "error":
+            self.error = payload
+        if kind != "event":
+            self.finished.set()
+            self.scheduler._ended()
+        try:
+            self._sink(kind, payload)
+        except Exception:  # a sink that fails (closed event loop) must not stop the worker
+            pass
+
+    def cancel(self) -> None:
+        """Stop generating: frees the slot and KV cells before the next decode step."""
+        self.scheduler.cancel(self)
+
+    def events(self, timeout: float | None = None) -> Iterator[StepEvent]:
+        """Yield this request's events (queue mode); raise its error; cancel if abandoned."""
+        if self._queue is None:
+            raise RuntimeError("this request delivers to a sink, not to a queue")
+        done = False
+        try:
+            while True:
+                kind, payload = self._queue.get(timeout=timeout)
+                if kind == "event":
+                    yield payload
+                elif kind == "error":
+                    done = True
+                    raise payload
+                else:
+                    done = True
+                    return
+        finally:
+            if not done:
+                self.cancel()
+
+    def wait(self, timeout: float | None = None) -> GenerationResult:
+        """Block until the request ends; its result, or its error raised here."""
+        for _ in self.events(timeout):
+            pass
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+
+class Scheduler:
+    """Continuous batching over one BatchGenerator, driven by one background thread."""
+
+    def __init__(self, runtime, *, queue_size: int = 32, idle_wait: float = 1.0):
+        if queue_size < 0:
+            raise ValueError("queue_size must be >= 0")
+        self.runtime = runtime
+        self.queue_size = queue_size
+        self._generator = BatchGenerator(runtime)
+        self._lock = threading.Condition()
+        self._waiting: deque[RequestHandle] = deque()
+        self._starting: list[RequestHandle] = []  # taken off the queue, prefilling
+        self._running: dict[int, RequestHandle] = {}
+        self._to_cancel: list[RequestHandle] = []
+        self._closed = False
+        self._active = 0  # submitted and not yet ended: waiting, being admitted, or running
+        self._counts = dict(submitted=0, completed=0, cancelled=0, failed=0, rejected=0)
+        self._idle_wait = idle_wait
+        self._thread = threading.Thread(target=self._run, name="selar-scheduler", daemon=True)
+        self._thread.start()
+
+    # -- callers' side (any thread) -------------------------------------------------------
+    @property
+    def slots_total(self) -> int:
+        return self.runtime.n_parallel
+
+    def submit(self, prompt_tokens: Sequence[int], params: DecodeParams, *,
+               sink: Callable[[str, Any], None] | None = None) -> RequestHandle:
+        """Queue a request. Raises at once (in the caller's thread) for a prompt over the
+        context, a method the model cannot run, or a full queue; never blocks."""
+        prompt_tokens = list(prompt_tokens)
+        self.runtime.check_prompt_fits(len(prompt_tokens))
+        self.runtime.require_method(params.method)
+        handle = RequestHandle(self, prompt_tokens, params, sink)
+        with self._lock:
+            if self._closed:
+                raise SchedulerClosedError("the scheduler is closed")
+            if self._active >= self.slots_total + self.queue_size:
+                self._counts["rejected"] += 1
+                raise QueueFullError(
+                    f"server busy: all {self.slots_total} slots are generating and {len(self._waiting)} "
+                    f"requests are waiting (queue size {self.queue_size}); retry later, or start the "
+                    f"server with a larger --parallel or --queue-size"
+                )
+            self._counts["submitted"] += 1
+            self._active += 1
+            self._waiting.append(handle)
+            self._lock.notify_all()
+        return handle
+
+    def cancel(self, handle: RequestHandle) -> None:
+        with self._lock:
+            if handle.finished.is_set() or handle.cancelled:
+                return
+            handle.cancelled = True
+            if handle in self._waiting:
+                self._waiting.remove(handle)
+                self._counts["cancelled"] += 1
+                handle._deliver("error", RequestCancelledError("request cancelled"))
+            else:
+                self._to_cancel.append(handle)
+                self._lock.notify_all()
+
+    def _ended(self) -> None:
+        with self._lock:
+            self._active -= 1
+
+    def stats(self) -> SchedulerStats:
+        with self._lock:
+            return SchedulerStats(self.slots_total, len(self._running) + len(self._starting), len(self._waiting),
+                                  self.queue_size,
+                                  **self._counts)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the worker; requests still waiting or running get SchedulerClosedError."""
+        with self._lock:
+            self._closed = True
+            self._lock.notify_all()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    # -- the worker thread ----------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._closed and not self._to_cancel and not self._running and not self._waiting:
+                    self._lock.wait(self._idle_wait)
+                if self._closed:
+                    break
+                cancels, self._to_cancel = self._to_cancel, []
+            try:
+                self._iterate(cancels)
+            except BaseException as exc:  # a bug must not leave every client hanging
+                logger.exception("scheduler step failed; failing the running requests")
+                for handle in list(self._running.values()) + list(self._starting):
+                    self._drop(handle, "failed", exc)
+        closing = SchedulerClosedError("the server is shutting down")
+        for handle in list(self._running.values()):
+            self._drop(handle, "failed", closing)
+        with self._lock:
+            waiting, self._waiting = list(self._waiting), deque()
+            for handle in waiting:
+                handle._deliver("error", closing)
+
+    def _iterate(self, cancels: list[RequestHandle]) -> None:
+        """One round: apply cancellations, admit waiting requests, one decode step."""
+        gen = self._generator
+        for handle in cancels:
+            self._drop(handle, "cancelled", RequestCancelledError("request cancelled"))
+        with self._lock:  # only this thread changes the generator's slots
+            admit = [self._waiting.popleft() for _ in range(min(gen.free_slots, len(self._waiting)))]
+            self._starting.extend(admit)
+        for handle in admit:
+            self._admit(handle)
+        if self._running:
+            try:
+                events = gen.step()
+            except Exception as exc:  # one failed decode: fail the sequences in it, not the server
+                for handle in list(self._running.values()):
+                    self._drop(handle, "failed", exc)
+                return
+            for event in events:
+                self._dispatch(event)
+
+    def _admit(self, handle: RequestHandle) -> None:
+        try:
+            request_id, first = self._generator.submit(handle.prompt_tokens, handle.params)
+        except BaseException as exc:  # this request only (the generator freed its slot)
+            with self._lock:
+                self._starting.remove(handle)
+                self._counts["failed"] += 1
+                handle._deliver("error", exc)
+            return
+        handle.request_id = request_id
+        with self._lock:
+            self._starting.remove(handle)
+            self._running[request_id] = handle
+        if first is not None:
+            self._dispatch(first)
+
+    def _dispatch(self, event: StepEvent) -> None:
+        handle = self._running.get(event.request_id)
+        if handle is None:
+            return
+        handle._deliver("event", event)
+        if event.finish_reason:
+            result = self._generator.pop_result(event.request_id)
+            with self._lock:  # ended and counted in one step: stats and admission agree
+                self._running.pop(event.request_id, None)
+                self._counts["completed"] += 1
+                handle._deliver("done", result)
+
+    def _drop(self, handle: RequestHandle, counter: str, error: BaseException) -> None:
+        if handle.finished.is_set():  # it ended on its own before the cancellation arrived
+            return
+        if handle.request_id is not None:
+            self._generator.cancel(handle.request_id)
+        with self._lock:
+            self._running.pop(handle.request_id, None)
+            if handle in self._starting:
+                self._starting.remove(handle)
+            self._counts[counter] += 1
+            handle._deliver("error", error)
