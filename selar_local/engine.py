@@ -109,16 +109,28 @@ def build_info() -> BuildInfo:
     return BuildInfo(llama_cpp.__version__, system.strip(), bool(lib.llama_supports_gpu_offload()), tuple(backends))
 
 
-def default_threads() -> int:
-    """Half the CPUs we may run on (at least 1): roughly the physical cores. ggml's
-    threads spin at barriers between graph nodes, so a thread that loses its core to
-    another process stalls every node: measured on 2 busy cores, 2 threads gave 1.6
-    tokens/s where 1 thread gave 46. Pass n_threads to use more on an idle machine."""
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
     try:
-        available = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
-        available = os.cpu_count() or 2
-    return max(1, available // 2)
+        return os.cpu_count() or 2
+
+
+def default_threads() -> int:
+    """Decode threads: half the CPUs we may run on (at least 1), roughly the physical
+    cores. ggml's threads spin at barriers between graph nodes, so a thread that loses
+    its core to another process stalls every node: measured on 2 busy cores, 2 threads
+    gave 1.6 tokens/s where 1 thread gave 46. Pass n_threads to use more on an idle machine."""
+    return max(1, available_cpus() // 2)
+
+
+def default_threads_batch() -> int:
+    """Prompt (batch) threads: every CPU we may run on, as llama.cpp and llama-cpp-python
+    do. Prompt processing is compute-bound, with long graph nodes between barriers, so
+    it does not suffer the spinning-thread stalls above: a 4,064-token prompt went from
+    91 tokens/s (1 thread) to 180 (2 threads) on the 2-core development machine."""
+    return max(1, available_cpus())
 
 
 def check_gguf_file(path: Path) -> None:
@@ -282,6 +294,8 @@ class LlamaContext:
         n_batch: int = 512,
         n_seq_max: int = 1,
         n_threads: int | None = None,
+        n_threads_batch: int | None = None,
+        kv_unified: bool = False,
     ):
         if n_ctx < 16 or n_batch < 1 or n_seq_max < 1:
             raise ValueError(f"invalid context sizes: n_ctx={n_ctx}, n_batch={n_batch}, n_seq_max={n_seq_max}")
@@ -291,16 +305,23 @@ class LlamaContext:
         self.n_seq_max = n_seq_max
         self.n_batch = n_batch
         params = lib.llama_context_default_params()
-        # One KV stream per sequence: each sequence owns exactly n_ctx cells, so a
-        # long sequence can never starve another one mid-generation.
+        # Default: one KV stream per sequence, so each sequence owns exactly n_ctx cells
+        # and a long sequence can never starve another one mid-generation. Unified: one
+        # pool of n_ctx * n_seq_max cells that any sequence may fill (a long request can
+        # use what short ones leave), and copying a prefix between sequences shares cells
+        # instead of copying whole streams.
         params.n_ctx = n_ctx * n_seq_max
         params.n_batch = n_batch
         params.n_ubatch = n_batch
         params.n_seq_max = n_seq_max
-        params.kv_unified = False
-        threads = n_threads or default_threads()
-        params.n_threads = threads
-        params.n_threads_batch = threads
+        params.kv_unified = bool(kv_unified)
+        self.kv_unified = bool(kv_unified)
+        self.n_threads = int(n_threads or default_threads())
+        self.n_threads_batch = int(n_threads_batch or default_threads_batch())
+        if self.n_threads < 1 or self.n_threads_batch < 1:
+            raise ValueError(f"invalid thread counts: n_threads={n_threads}, n_threads_batch={n_threads_batch}")
+        params.n_threads = self.n_threads
+        params.n_threads_batch = self.n_threads_batch
         params.no_perf = True
         _Bindings.recent_log.clear()
         handle = lib.llama_init_from_model(model._handle, params)
@@ -309,7 +330,7 @@ class LlamaContext:
         self._handle = handle
         # llama.cpp pads n_ctx (minimum 256) and clamps n_batch to it: use its values,
         # since a batch over the effective n_batch aborts the process.
-        self.n_ctx = int(lib.llama_n_ctx(handle)) // n_seq_max
+        self.n_ctx = int(lib.llama_n_ctx(handle)) // (1 if kv_unified else n_seq_max)
         self.n_batch = min(int(lib.llama_n_batch(handle)), int(lib.llama_n_ubatch(handle)))
         self._memory = lib.llama_get_memory(handle)
         self._allocate_batches(model.n_embd_inp)
@@ -321,6 +342,10 @@ class LlamaContext:
         raw.argtypes = [ctypes.c_void_p, ctypes.c_int32]
         raw.restype = ctypes.c_void_p
         self._get_logits_ith = raw
+        whole = lib.llama_cpp._lib["llama_get_logits"]
+        whole.argtypes = [ctypes.c_void_p]
+        whole.restype = ctypes.c_void_p
+        self._get_logits = whole
         self._handle_value = ctypes.cast(handle, ctypes.c_void_p).value
         self._logit_views: dict[int, np.ndarray] = {}
         self.last_input_kind: str | None = None  # "tokens" or "embeddings": the last decode's batch
@@ -412,7 +437,8 @@ class LlamaContext:
         self.last_input_kind = "tokens" if batch is self._token_batch else "embeddings"
         if status != 0:
             reason = {1: "no free KV-cache slot for the batch", 2: "aborted"}.get(status, "error")
-            raise DecodeError(f"llama_decode failed ({status}: {reason}) {_Bindings.last_errors()}".strip())
+            raise DecodeError(f"llama_decode failed ({status}: {reason}) {_Bindings.last_errors()}".strip(),
+                              status=status)
 
     def logits(self, output_index: int) -> np.ndarray:
         """Logits of the output_index-th input that asked for logits in the last decode:
@@ -430,15 +456,33 @@ class LlamaContext:
             self._logit_views[address] = view
         return view
 
+    def logits_rows(self, n_outputs: int) -> np.ndarray:
+        """The logits of the last decode's first n_outputs outputs (inputs that asked for
+        logits, in batch order) as one zero-copy [n_outputs, n_vocab] view, valid until
+        the next decode: the batch-wide step reads every live sequence's row from it."""
+        first = self._get_logits(self._handle_value)  # outputs in batch order (llama.cpp reorders)
+        if not first:
+            raise DecodeError("no logits in the last batch")
+        return np.ctypeslib.as_array((ctypes.c_float * (n_outputs * self.model.n_vocab)).from_address(first)
+                                     ).reshape(n_outputs, self.model.n_vocab)
+
     # -- KV cache ---------------------------------------------------------------------
     def remove_sequence(self, seq_id: int) -> None:
         self._lib.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
 
-    def copy_sequence(self, src: int, dst: int) -> None:
-        """Give `dst` all of `src`'s KV cells (a shared prompt prefilled once). With one KV
-        stream per sequence llama.cpp copies whole streams, so `dst` is cleared first."""
-        self._lib.llama_memory_seq_rm(self._memory, dst, -1, -1)
-        self._lib.llama_memory_seq_cp(self._memory, src, dst, -1, -1)
+    def copy_sequence(self, src: int, dst: int, keep: int | None = None) -> None:
+        """Give `dst` the KV cells of `src` at positions < keep (all of them for None): a
+        shared prefix prefilled once. With one KV stream per sequence llama.cpp copies
+        whole streams (at the next decode), so `dst` gets all of them and is then cut
+        back; in a unified cache the cells are shared, not copied."""
+        lib, memory = self._lib, self._memory
+        lib.llama_memory_seq_rm(memory, dst, -1, -1)
+        if self.kv_unified:
+            lib.llama_memory_seq_cp(memory, src, dst, 0, -1 if keep is None else keep)
+        else:
+            lib.llama_memory_seq_cp(memory, src, dst, -1, -1)
+            if keep is not None:
+                lib.llama_memory_seq_rm(memory, dst, keep, -1)
 
     def truncate_sequence(self, seq_id: int, keep: int) -> None:
         """Drop the cells of `seq_id` at positions >= keep (for prefix reuse)."""

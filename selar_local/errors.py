@@ -27,7 +27,11 @@ class ModelNotFoundError(SelarError):
 
 
 class DecodeError(SelarError):
-    """llama_decode returned an error (for example, no free KV-cache slot)."""
+    """llama_decode returned an error (for example, no free KV-cache slot: status 1)."""
+
+    def __init__(self, message: str, *, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 class DatasetError(SelarError):

@@ -54,6 +54,12 @@ class Policy:
         self.in_thinking = (info.think_open is None) if in_thinking is None else in_thinking
 
     def step(self, logits: np.ndarray) -> StepDecision:
+        """Filter the logits and decide. The batch-wide step (batch_step.py) computes the
+        filtered distributions of many sequences at once and calls `decide` itself."""
+        return self.decide(self._filtered(logits), logits)
+
+    def decide(self, dist: Distribution, logits: np.ndarray) -> StepDecision:
+        """The method proper, given this step's filtered distribution."""
         raise NotImplementedError
 
     def _filtered(self, logits: np.ndarray) -> Distribution:
@@ -78,8 +84,7 @@ def _discrete(token: int, entropy: float, top_ids: np.ndarray, top_probs: np.nda
 class CotPolicy(Policy):
     """Plain chain-of-thought: the filtered sample (or argmax) is shown and fed back."""
 
-    def step(self, logits: np.ndarray) -> StepDecision:
-        dist = self._filtered(logits)
+    def decide(self, dist: Distribution, logits: np.ndarray) -> StepDecision:
         token = self._choose(dist)
         ids, weights, h = normalized_topk(dist, self.params.ks)
         self._track_thinking(token)
@@ -89,9 +94,8 @@ class CotPolicy(Policy):
 class SelarPolicy(Policy):
     """SeLaR: entropy-gated soft steps with a contrastive push off the dominant token."""
 
-    def step(self, logits: np.ndarray) -> StepDecision:
+    def decide(self, dist: Distribution, logits: np.ndarray) -> StepDecision:
         p = self.params
-        dist = self._filtered(logits)
         ids, q, h = normalized_topk(dist, p.ks)
         token = self._choose(dist)  # drawn from the full filtered p, always shown
         gate_open = h >= p.tau and (self.in_thinking or not p.thinking_only)
@@ -119,9 +123,8 @@ class SoftThinkingPolicy(Policy):
         self.low_entropy_run = 0
         self.cold_stopped = False
 
-    def step(self, logits: np.ndarray) -> StepDecision:
+    def decide(self, dist: Distribution, logits: np.ndarray) -> StepDecision:
         p = self.params
-        dist = self._filtered(logits)
         top_ids, top_w, h = normalized_topk(dist, p.ks)
         if not self.in_thinking or self.cold_stopped:
             token = self._choose(dist)
@@ -155,9 +158,8 @@ class MixtureOfInputsPolicy(Policy):
     """Mixture of Inputs: every step feeds h * sum w_i E[v_i] + (1 - h) E[x], with the
     posterior w = (p + beta onehot(x)) / (1 + beta) over the top-N tokens."""
 
-    def step(self, logits: np.ndarray) -> StepDecision:
+    def decide(self, dist: Distribution, logits: np.ndarray) -> StepDecision:
         p = self.params
-        dist = self._filtered(logits)
         token = self._choose(dist)
         self._track_thinking(token)
         ids, probs, h = normalized_topk(dist, p.moi_topn)
