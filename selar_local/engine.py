@@ -347,7 +347,7 @@ class LlamaContext:
         whole.restype = ctypes.c_void_p
         self._get_logits = whole
         self._handle_value = ctypes.cast(handle, ctypes.c_void_p).value
-        self._logit_views: dict[int, np.ndarray] = {}
+        self._logit_views: dict[object, np.ndarray] = {}  # by address, and (address, rows)
         self.last_input_kind: str | None = None  # "tokens" or "embeddings": the last decode's batch
 
     def _allocate_batches(self, n_embd: int) -> None:
@@ -463,8 +463,15 @@ class LlamaContext:
         first = self._get_logits(self._handle_value)  # outputs in batch order (llama.cpp reorders)
         if not first:
             raise DecodeError("no logits in the last batch")
-        return np.ctypeslib.as_array((ctypes.c_float * (n_outputs * self.model.n_vocab)).from_address(first)
-                                     ).reshape(n_outputs, self.model.n_vocab)
+        key = (first, n_outputs)
+        view = self._logit_views.get(key)
+        if view is None:
+            if len(self._logit_views) >= 4 * self.n_seq_max + 8:
+                self._logit_views.clear()
+            view = np.ctypeslib.as_array((ctypes.c_float * (n_outputs * self.model.n_vocab)).from_address(first)
+                                         ).reshape(n_outputs, self.model.n_vocab)
+            self._logit_views[key] = view
+        return view
 
     # -- KV cache ---------------------------------------------------------------------
     def remove_sequence(self, seq_id: int) -> None:

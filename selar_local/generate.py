@@ -4,28 +4,60 @@
 per step for all live sequences; each sequence keeps its own policy, gate, random
 stream and stop conditions. A single streamed generation is the one-sequence case.
 
-Each step: read the logits of every live sequence (zero-copy views), let its policy
-decide the shown token and the next input, then feed all next inputs in one batch:
-token ids when every input is discrete, otherwise embedding rows, where a discrete
-input rides as its exact table row (the load-time self-check proves the two paths
-give identical logits, so no graph switch and no second decode are needed).
+Each step: feed every live sequence's next input and, when a prompt is waiting, the
+next chunk of it, in one batch; then read all the logits rows at once (one zero-copy
+[N, vocab] view) and let the batch-wide step (batch_step.py) decide for every sequence.
+Inputs are token ids when every one is discrete, otherwise embedding rows, where a
+discrete input rides as its exact table row (the load-time self-check proves the two
+paths give identical logits). A batch holds either token ids or embedding rows, so a
+prompt chunk shares the live sequences' decode when their inputs are tokens, and is
+decoded just before it when one of them is soft.
+
+Prompts are never prefilled whole while others decode: a new prompt goes in chunks of
+`prefill_chunk` tokens (the whole n_batch when nothing else is live), so no live stream
+waits for more than one chunk. Before that, the slot table (kv_slots.py) finds the
+longest prefix already in some slot's KV cells (the prompt cache, or another sequence
+of the same prompt: `n`, seeds, self-consistency) and only the rest is prefilled; a
+sequence whose prompt another one is still prefilling waits for those cells and copies
+them (llama_memory_seq_cp) instead of computing them again.
+
+The loop imports nothing from runtime.py: it takes what it needs from the object it is
+handed (see `LoopHost`), so the dependency runs one way.
 """
 from __future__ import annotations
 
 import codecs
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 
+from selar_local.batch_step import decide_all
 from selar_local.errors import ContextOverflowError, DecodeError, InvalidParameterError
+from selar_local.kv_slots import Plan, Slot, SlotTable, common_prefix
 from selar_local.params import DecodeParams
-from selar_local.policies import Policy, StepDecision, make_policy
+from selar_local.policies import Policy, StepDecision, TokenInfo, make_policy
 from selar_local.sampling import token_logprobs
 
-if TYPE_CHECKING:  # pragma: no cover
-    from selar_local.runtime import Runtime
+_DECODE_ERRORS = (DecodeError, ContextOverflowError, ValueError)
+
+
+class LoopHost(Protocol):
+    """What the loop needs from the object it is handed (a `Runtime`)."""
+
+    context: Any            # engine.LlamaContext
+    model: Any              # engine.LlamaModel
+    table: Any              # embeddings.EmbeddingTable or None
+    self_check: Any         # runtime.SelfCheck
+    token_info: TokenInfo
+    stop_strings: tuple[str, ...]
+    slots: SlotTable
+    prefill_chunk: int
+
+    def check_prompt_fits(self, n_prompt_tokens: int) -> None: ...
+    def require_method(self, method: str) -> None: ...
+    def thinking_at_end(self, prompt_tokens: Sequence[int]) -> bool | None: ...
 
 
 @dataclass(frozen=True)
@@ -74,6 +106,7 @@ class GenerationResult:
     decode_seconds: float
     effective_counts: list[float] = field(default_factory=list)  # N_eff of each soft input
     soft_flags: list[bool] = field(default_factory=list)  # per step: was the NEXT input soft
+    cached_tokens: int = 0  # prompt tokens whose KV cells were reused (prompt cache or a copy)
 
     @property
     def completion_tokens(self) -> int:
@@ -136,12 +169,18 @@ class _TextStream:
 @dataclass
 class _Sequence:
     request_id: int
-    seq_id: int
+    slot: Slot
     params: DecodeParams
     policy: Policy
     prompt_tokens: list[int]
     text: _TextStream
-    position: int = 0
+    position: int = 0                       # position of the next input
+    fed: int = 0                            # prompt tokens whose KV cells exist
+    source: "_Sequence | None" = None       # waiting for this sequence's prompt cells ...
+    wait_upto: int = 0                      # ... up to here
+    first_logits: np.ndarray | None = None  # known: the first step needs no decode
+    cached_tokens: int = 0                  # prompt tokens not prefilled (cache or copy)
+    extends_cache: bool = True              # no soft input fed yet
     tokens: list[int] = field(default_factory=list)
     soft_steps: int = 0
     entropies: list[float] = field(default_factory=list)
@@ -152,6 +191,27 @@ class _Sequence:
     prefill_seconds: float = 0.0
     started: float = 0.0
 
+    @property
+    def seq_id(self) -> int:
+        return self.slot.seq_id
+
+    @property
+    def prefilling(self) -> bool:
+        return self.source is None and self.first_logits is None and self.fed < len(self.prompt_tokens)
+
+
+@dataclass
+class _Piece:
+    """Part of one prompt in this step's batch."""
+
+    seq: _Sequence
+    start: int
+    stop: int
+
+    @property
+    def completes(self) -> bool:
+        return self.stop == len(self.seq.prompt_tokens)
+
 
 class BatchGenerator:
     """Steps up to `runtime.n_parallel` sequences together through one context."""
@@ -161,18 +221,20 @@ class BatchGenerator:
     # rebuilds its graph whenever the input kind changes between consecutive decodes.
     STICKY_EMBEDDING_STEPS = 16
 
-    def __init__(self, runtime: "Runtime"):
+    def __init__(self, runtime: LoopHost, *, batch_wide: bool = True):
         self.runtime = runtime
         self.context = runtime.context
-        check = getattr(runtime, "self_check", None)
+        self.slots = runtime.slots
+        self.prefill_chunk = max(1, int(runtime.prefill_chunk))
+        self.batch_wide = batch_wide  # False: each policy steps on its own row (the reference path)
+        check = runtime.self_check
         # Rows may stand in for tokens without changing a single logit only where the
         # load-time self-check found the two paths bit-identical (max |diff| == 0).
         self._rows_exact = bool(runtime.table is not None and check is not None and check.passed
                                 and check.max_abs_diff == 0.0)
         self._since_soft = self.STICKY_EMBEDDING_STEPS  # steps since the last soft input
         self._eog_ids = runtime.model.eog_ids
-        self._free_slots = list(range(runtime.n_parallel))
-        self._live: dict[int, _Sequence] = {}
+        self._live: dict[int, _Sequence] = {}  # admitted and not ended: waiting, prefilling or decoding
         self._finished: dict[int, _Sequence] = {}
         self._errors: dict[int, BaseException] = {}
         self._next_request = 0
@@ -180,15 +242,16 @@ class BatchGenerator:
     # -- admission --------------------------------------------------------------------
     @property
     def free_slots(self) -> int:
-        return len(self._free_slots)
+        return self.slots.n_free
 
     @property
     def live_requests(self) -> list[int]:
         return list(self._live)
 
     def submit(self, prompt_tokens: Sequence[int], params: DecodeParams) -> tuple[int, StepEvent | None]:
-        """Prefill a prompt in a free slot and take its first step.
-        Returns the request id and its first event (None if nothing could be shown)."""
+        """Admit a prompt to a free slot. Returns the request id and None: the prompt is
+        prefilled (in chunks, beside the live sequences) by the following `step()` calls,
+        which also bring its first event."""
         return self.submit_group(prompt_tokens, [params])[0]
 
     def submit_group(self, prompt_tokens: Sequence[int],
@@ -197,90 +260,171 @@ class BatchGenerator:
         self-consistency): the prompt is prefilled once, its KV cells are copied to the
         other slots (llama_memory_seq_cp), and every sequence takes its first step from
         the same logits with its own policy and random stream.
-        Returns (request id, first event) per sequence, in the order of params_list."""
+        Returns (request id, None) per sequence, in the order of params_list."""
         prompt_tokens = list(prompt_tokens)
         if not params_list:
             raise InvalidParameterError("submit_group needs at least one DecodeParams")
         self.runtime.check_prompt_fits(len(prompt_tokens))
         for params in params_list:
             self.runtime.require_method(params.method)
-        if len(params_list) > len(self._free_slots):
-            raise RuntimeError(f"{len(params_list)} sequences need as many free slots; {len(self._free_slots)} "
+        if len(params_list) > self.free_slots:
+            raise RuntimeError(f"{len(params_list)} sequences need as many free slots; {self.free_slots} "
                                "are free: wait for sequences to finish or raise n_parallel")
+        self._check_free_caches()
         in_thinking = self.runtime.thinking_at_end(prompt_tokens)
-        group = []
-        for params in params_list:
-            request_id = self._next_request
-            self._next_request += 1
-            policy = make_policy(params, self.runtime.token_info, in_thinking=in_thinking)
-            seq = _Sequence(request_id, self._free_slots.pop(0), params, policy, prompt_tokens,
-                            _TextStream(params.stop + self.runtime.stop_strings))
-            self._live[request_id] = seq
-            group.append(seq)
         started = time.perf_counter()
-        try:
-            self._prefill(group[0])
-            for seq in group[1:]:
-                self.context.copy_sequence(group[0].seq_id, seq.seq_id)
-                seq.position = group[0].position
-        except BaseException:
-            for seq in group:
-                self.cancel(seq.request_id)
-            raise
-        prefill_seconds = time.perf_counter() - started
         out = []
-        for seq in group:
-            seq.started, seq.prefill_seconds = started, prefill_seconds
-            # the last prompt token's logits: batch index -1 (not an output index), the
-            # same buffer for every sequence of the group; each policy only reads it.
-            out.append((seq.request_id, self._advance(seq, self.context.logits(-1))))
+        for params in params_list:
+            policy = make_policy(params, self.runtime.token_info, in_thinking=in_thinking)
+            plan = self.slots.plan(prompt_tokens)
+            self.slots.take(plan.slot)
+            seq = _Sequence(self._next_request, plan.slot, params, policy, prompt_tokens,
+                            _TextStream(params.stop + self.runtime.stop_strings), started=started)
+            self._next_request += 1
+            self._live[seq.request_id] = seq
+            source, upto = self._prefilling_source(seq, plan.reuse)
+            if source is not None:  # the group's first sequence, or another request of this prompt
+                seq.source, seq.wait_upto = source, upto
+            else:
+                self._start_from(seq, plan)
+            out.append((seq.request_id, None))
         return out
 
-    def _prefill(self, seq: _Sequence) -> None:
-        ctx, tokens = self.context, seq.prompt_tokens
-        ctx.remove_sequence(seq.seq_id)
-        for start in range(0, len(tokens), ctx.n_batch):
-            chunk = tokens[start:start + ctx.n_batch]
-            last = start + len(chunk) == len(tokens)
-            want = [False] * len(chunk)
-            want[-1] = last
-            ctx.decode_tokens(chunk, range(start, start + len(chunk)), [seq.seq_id] * len(chunk), want)
-        seq.position = len(tokens)
+    def _check_free_caches(self) -> None:
+        """Trust a free slot's cache only while llama.cpp holds exactly its cells (code
+        outside the loop may have used the sequence)."""
+        for slot in self.slots.slots:
+            if not slot.busy and slot.tokens and self.context.sequence_length(slot.seq_id) != len(slot.tokens):
+                self.context.remove_sequence(slot.seq_id)
+                slot.forget(0)
+
+    def _prefilling_source(self, seq: _Sequence, reuse: int) -> tuple[_Sequence | None, int]:
+        """A live sequence still prefilling a longer prefix of this prompt than any slot
+        holds now: worth waiting for (its cells are then copied, not computed twice)."""
+        best, best_n = None, reuse
+        for other in self._live.values():
+            if other is seq or not other.prefilling:
+                continue
+            n = common_prefix(seq.prompt_tokens, other.prompt_tokens)
+            whole = n == len(seq.prompt_tokens) == len(other.prompt_tokens)  # its logits come too
+            usable = n if whole else min(n, len(seq.prompt_tokens) - 1)
+            if usable > best_n and usable > other.fed:
+                best, best_n = other, usable
+        return best, best_n
+
+    def _start_from(self, seq: _Sequence, plan: Plan) -> None:
+        """Apply a plan: keep or copy the reusable cells; the rest is prefilled by step()."""
+        slot = seq.slot
+        if plan.source is None:
+            self.context.truncate_sequence(slot.seq_id, plan.reuse)
+            slot.forget(plan.reuse)
+        else:
+            self.context.copy_sequence(plan.source.seq_id, slot.seq_id, keep=plan.reuse)
+            slot.tokens = plan.source.tokens[:plan.reuse]
+            slot.logits, slot.logits_at = (plan.logits, plan.reuse) if plan.logits is not None else (None, 0)
+        seq.fed = seq.position = seq.cached_tokens = plan.reuse
+        if plan.logits is not None:
+            seq.first_logits = plan.logits
+
+    def _resolve_waiting(self) -> None:
+        for seq in list(self._live.values()):
+            source = seq.source
+            if source is None:
+                continue
+            if source.request_id in self._live and source.prefilling and source.fed < seq.wait_upto:
+                continue
+            seq.source = None
+            self._start_from(seq, self.slots.plan(seq.prompt_tokens, slot=seq.slot))
 
     def cancel(self, request_id: int) -> None:
-        """Stop a sequence now and free its slot and KV cells (client went away)."""
+        """Stop a sequence now and free its slot (its cells stay as prompt cache)."""
         seq = self._live.pop(request_id, None)
         if seq is not None:
-            self._release_slot(seq)
+            self._release_slot(seq, keep_cache=True)
 
-    def _release_slot(self, seq: _Sequence) -> None:
-        self.context.remove_sequence(seq.seq_id)
-        self._free_slots.append(seq.seq_id)
-        self._free_slots.sort()
+    def close(self) -> None:
+        """Cancel every sequence still live (their slots go back to the runtime)."""
+        for request_id in list(self._live):
+            self.cancel(request_id)
+
+    def _release_slot(self, seq: _Sequence, *, keep_cache: bool) -> None:
+        slot = seq.slot
+        if seq.source is not None:  # never started: the slot still holds its old cache intact
+            self.slots.release(slot, keep_cache=keep_cache)
+            return
+        keep_cache = keep_cache and self.slots.enabled
+        # Cells past the cached tokens (soft inputs and what followed them) are dropped.
+        self.context.truncate_sequence(slot.seq_id, len(slot.tokens) if keep_cache else 0)
+        self.slots.release(slot, keep_cache=keep_cache)
 
     # -- stepping ---------------------------------------------------------------------
     def step(self) -> list[StepEvent]:
-        """Feed every live sequence's pending input in one decode and advance each.
+        """One decode for every live sequence's pending input plus the next prompt chunk
+        (if any); then each sequence that has logits takes its step.
 
-        If the shared decode fails, each sequence is retried alone, so that only the one
+        If the shared decode fails, its parts are retried alone, so that only the one
         that cannot decode ends (with finish_reason "error"; `pop_error` gives why) and
         its neighbours go on with exactly the logits they would have had."""
-        live = [s for s in self._live.values() if s.pending is not None and s.finish_reason is None]
-        if not live:
-            return []
-        try:
-            self._decode_inputs(live)
-        except (DecodeError, ContextOverflowError, ValueError) as exc:
-            if len(live) == 1:
-                return [self._fail(live[0], exc)]
-            return self._step_alone(live)
-        events = []
-        for i, s in enumerate(live):
-            s.position += 1
-            event = self._advance(s, self.context.logits(i))
-            if event is not None:
-                events.append(event)
+        self._resolve_waiting()
+        events = self._first_steps()
+        decoding = [s for s in self._live.values() if s.pending is not None]
+        pieces = self._next_pieces(len(decoding))
+        if decoding or pieces:
+            try:
+                events += self._decode_step(decoding, pieces)
+            except _DECODE_ERRORS as exc:
+                if not self._room_was_made(exc):
+                    events += self._step_separately(decoding, pieces)
+                else:
+                    events += self._decode_step(decoding, pieces)
+            self._resolve_waiting()
+            events += self._first_steps()
         return events
+
+    def _next_pieces(self, n_decoding: int) -> list[_Piece]:
+        """The next prompt tokens to feed: one chunk while others decode (so no stream
+        waits for a whole prompt), a full batch when nothing else is live."""
+        budget = min(self.prefill_chunk if n_decoding else self.context.n_batch, self.context.n_batch)
+        pieces = []
+        for seq in self._live.values():  # admission order
+            if budget <= 0:
+                break
+            if seq.prefilling:
+                n = min(budget, len(seq.prompt_tokens) - seq.fed)
+                pieces.append(_Piece(seq, seq.fed, seq.fed + n))
+                budget -= n
+        return pieces
+
+    def _decode_step(self, decoding: list[_Sequence], pieces: list[_Piece]) -> list[StepEvent]:
+        ctx = self.context
+        n_prompt = sum(p.stop - p.start for p in pieces)
+        merged = (pieces and not any(s.pending.soft for s in decoding)
+                  and len(decoding) + n_prompt <= ctx.n_batch)
+        if merged:  # one token batch: live inputs first (outputs 0..n-1), then the chunk
+            self._decode_tokens(decoding, pieces)
+            self._since_soft += 1
+            self._after_prompt(pieces, len(decoding))
+            return self._after_inputs(decoding, len(decoding) + sum(p.completes for p in pieces))
+        if pieces:
+            self._decode_tokens([], pieces)
+            self._after_prompt(pieces, 0)  # copies the logits it keeps before the next decode
+        if not decoding:
+            return []
+        self._decode_inputs(decoding)
+        return self._after_inputs(decoding, len(decoding))
+
+    def _decode_tokens(self, decoding: list[_Sequence], pieces: list[_Piece]) -> None:
+        tokens = [s.pending.token for s in decoding]
+        positions = [s.position for s in decoding]
+        seq_ids = [s.seq_id for s in decoding]
+        want = [True] * len(decoding)
+        for p in pieces:
+            n = p.stop - p.start
+            tokens += p.seq.prompt_tokens[p.start:p.stop]
+            positions += range(p.start, p.stop)
+            seq_ids += [p.seq.seq_id] * n
+            want += [False] * (n - 1) + [p.completes]
+        self.context.decode_tokens(tokens, positions, seq_ids, want)
 
     def _decode_inputs(self, live: list[_Sequence]) -> None:
         ctx = self.context
@@ -307,35 +451,112 @@ class BatchGenerator:
                     row[:] = table.row(d.token)
             ctx.decode_embedding_buffer(n, positions, seq_ids, want)
 
-    def _step_alone(self, live: list[_Sequence]) -> list[StepEvent]:
-        events = []
-        for s in live:
-            try:
-                self._decode_inputs([s])
-            except (DecodeError, ContextOverflowError, ValueError) as exc:
-                events.append(self._fail(s, exc))
-                continue
+    def _after_prompt(self, pieces: list[_Piece], first_output: int) -> None:
+        """Record the prompt cells just computed; keep the logits of each finished prompt
+        (a copy: the first step, and later requests of the same prompt, read it)."""
+        completing = [p for p in pieces if p.completes]
+        rows = self.context.logits_rows(first_output + len(completing)) if completing else None
+        j = first_output
+        for p in pieces:
+            seq = p.seq
+            seq.fed = seq.position = p.stop
+            seq.slot.tokens.extend(seq.prompt_tokens[p.start:p.stop])
+            if p.completes:
+                logits = rows[j].copy()
+                logits.flags.writeable = False
+                seq.slot.logits, seq.slot.logits_at = logits, p.stop
+                seq.first_logits = logits
+                j += 1
+
+    def _after_inputs(self, decoding: list[_Sequence], n_outputs: int) -> list[StepEvent]:
+        if not decoding:
+            return []
+        for s in decoding:
+            d = s.pending
+            if s.extends_cache:
+                if d.soft:
+                    s.extends_cache = False
+                elif len(s.slot.tokens) == s.position:
+                    s.slot.tokens.append(d.token)
             s.position += 1
-            event = self._advance(s, self.context.logits(0))
+        rows = self.context.logits_rows(n_outputs)
+        if self.batch_wide and len(decoding) > 1:
+            decisions = decide_all([s.policy for s in decoding], rows[:len(decoding)])
+        else:
+            decisions = [s.policy.step(rows[i]) for i, s in enumerate(decoding)]
+        events = []
+        for s, d in zip(decoding, decisions):
+            event = self._apply(s, d)
             if event is not None:
                 events.append(event)
         return events
 
+    def _first_steps(self) -> list[StepEvent]:
+        events = []
+        for seq in [s for s in self._live.values() if s.first_logits is not None]:
+            logits, seq.first_logits = seq.first_logits, None
+            seq.prefill_seconds = time.perf_counter() - seq.started
+            event = self._apply(seq, seq.policy.step(logits))
+            if event is not None:
+                events.append(event)
+        return events
+
+    def _room_was_made(self, exc: BaseException) -> bool:
+        """A unified KV cache without free cells: give back the free slots' cached cells
+        and let the caller retry once."""
+        if not (isinstance(exc, DecodeError) and exc.status == 1):
+            return False
+        freed = [s for s in self.slots.slots if not s.busy and s.tokens]
+        for slot in freed:
+            self.context.remove_sequence(slot.seq_id)
+        return self.slots.forget_free() > 0
+
+    def _step_separately(self, decoding: list[_Sequence], pieces: list[_Piece]) -> list[StepEvent]:
+        """The shared decode failed: each prompt piece alone, then the live inputs
+        together, then each alone; only what cannot decode ends, with an error."""
+        events = []
+        for piece in pieces:
+            try:
+                self._decode_tokens([], [piece])
+            except _DECODE_ERRORS as exc:
+                events.append(self._fail(piece.seq, exc))
+                continue
+            self._after_prompt([piece], 0)
+        if not decoding:
+            return events
+        try:
+            self._decode_inputs(decoding)
+            return events + self._after_inputs(decoding, len(decoding))
+        except _DECODE_ERRORS as exc:
+            if len(decoding) == 1:
+                return events + [self._fail(decoding[0], exc)]
+        for s in decoding:
+            try:
+                self._decode_inputs([s])
+            except _DECODE_ERRORS as exc:
+                events.append(self._fail(s, exc))
+                continue
+            events += self._after_inputs([s], 1)
+        return events
+
     def _fail(self, seq: _Sequence, exc: BaseException) -> StepEvent:
-        """End one sequence whose input could not be decoded; its slot is freed."""
+        """End one sequence whose input could not be decoded; its slot and cells are freed."""
         self._errors[seq.request_id] = exc
-        decision = seq.pending
-        text = seq.text.finish()
-        return self._finish(seq, decision, len(seq.tokens), "error", text)
+        seq.finish_reason = "error"
+        seq.pending = None
+        self._live.pop(seq.request_id, None)
+        self._release_slot(seq, keep_cache=False)
+        self._finished[seq.request_id] = seq
+        return StepEvent(seq.request_id, len(seq.tokens), -1, seq.text.finish(), False, 0.0, (), (),
+                         finish_reason="error")
 
     def pop_error(self, request_id: int) -> BaseException:
         """Why a sequence ended with finish_reason "error" (its result is dropped)."""
         self._finished.pop(request_id, None)
         return self._errors.pop(request_id)
 
-    def _advance(self, seq: _Sequence, logits: np.ndarray) -> StepEvent | None:
-        """Ask the policy for the next step; apply stop conditions; build the event."""
-        decision = seq.policy.step(logits)
+    def _apply(self, seq: _Sequence, decision: StepDecision) -> StepEvent | None:
+        """Take the policy's decision: stop conditions, bookkeeping, the event."""
         token = decision.token
         index = len(seq.tokens)
         if token in self._eog_ids:
@@ -360,10 +581,9 @@ class BatchGenerator:
         seq.finish_reason = reason
         seq.pending = None
         self._live.pop(seq.request_id, None)
-        self._release_slot(seq)
+        self._release_slot(seq, keep_cache=True)
         self._finished[seq.request_id] = seq
-        return _event(seq.request_id, index, decision, text, False, reason,
-                      self._logprobs(seq, decision) if reason != "error" else None)
+        return _event(seq.request_id, index, decision, text, False, reason, self._logprobs(seq, decision))
 
     @staticmethod
     def _logprobs(seq: _Sequence, decision: StepDecision) -> tuple[float, tuple] | None:
@@ -381,8 +601,9 @@ class BatchGenerator:
             text=seq.text.text, tokens=seq.tokens, prompt_tokens=len(seq.prompt_tokens),
             finish_reason=seq.finish_reason or "stop", soft_steps=seq.soft_steps, entropies=seq.entropies,
             prefill_seconds=seq.prefill_seconds, decode_seconds=decode_seconds,
-            effective_counts=seq.effective_counts, soft_flags=seq.soft_flags,
+            effective_counts=seq.effective_counts, soft_flags=seq.soft_flags, cached_tokens=seq.cached_tokens,
         )
+
 
 
 def _event(request_id: int, index: int, d: StepDecision, text: str, soft: bool, reason: str | None,
@@ -410,28 +631,30 @@ def _floats(values) -> tuple[float, ...]:
     return tuple(float(v) for v in values)
 
 
-def stream_tokens(runtime: "Runtime", prompt_tokens: Sequence[int], params: DecodeParams) -> Iterator[StepEvent]:
+def stream_tokens(runtime: LoopHost, prompt_tokens: Sequence[int], params: DecodeParams) -> Iterator[StepEvent]:
     """Stream one sequence; the generator's return value is its GenerationResult."""
     generator = BatchGenerator(runtime)
-    request_id, event = generator.submit(prompt_tokens, params)
+    request_id, _ = generator.submit(prompt_tokens, params)
     try:
-        while event is not None:
-            yield event
-            if event.finish_reason:
-                break
-            events = generator.step()
-            event = events[0] if events else None
+        while True:
+            for event in generator.step():
+                if event.finish_reason == "error":
+                    raise generator.pop_error(request_id)
+                yield event
+                if event.finish_reason:
+                    return generator.pop_result(request_id)
     finally:
-        generator.cancel(request_id)
-    return generator.pop_result(request_id)
+        generator.cancel(request_id)  # a no-op once it has ended
 
 
 def generate_many(
-    runtime: "Runtime", prompts: Sequence[Sequence[int]], params: Sequence[DecodeParams] | DecodeParams,
+    runtime: LoopHost, prompts: Sequence[Sequence[int]], params: Sequence[DecodeParams] | DecodeParams,
     *, on_finish=None,
 ) -> list[GenerationResult]:
     """Run many prompts, up to runtime.n_parallel at a time, in one context.
-    `on_finish(index, result)` is called as each one completes (for resumable runs)."""
+    `on_finish(index, result)` is called as each one completes (for resumable runs).
+    Prompts shared by several items (seeds, methods) are prefilled once where their
+    sequences overlap: later ones copy the cells (see BatchGenerator)."""
     if isinstance(params, DecodeParams):
         params = [params] * len(prompts)
     if len(params) != len(prompts):
@@ -443,17 +666,22 @@ def generate_many(
 
     def collect(event: StepEvent | None) -> None:
         if event is not None and event.finish_reason:
+            if event.finish_reason == "error":
+                raise generator.pop_error(event.request_id)
             index = owner.pop(event.request_id)
             results[index] = generator.pop_result(event.request_id)
             if on_finish is not None:
                 on_finish(index, results[index])
 
-    while queue or owner:
-        while queue and generator.free_slots:
-            index = queue.pop(0)
-            request_id, first = generator.submit(prompts[index], params[index])
-            owner[request_id] = index
-            collect(first)
-        for event in generator.step():
-            collect(event)
+    try:
+        while queue or owner:
+            while queue and generator.free_slots:
+                index = queue.pop(0)
+                request_id, first = generator.submit(prompts[index], params[index])
+                owner[request_id] = index
+                collect(first)
+            for event in generator.step():
+                collect(event)
+    finally:
+        generator.close()
     return results  # type: ignore[return-value]

@@ -89,18 +89,22 @@ class SlotTable:
             return n, slot.logits
         return min(n, len(prompt) - 1), None
 
-    def plan(self, prompt: Sequence[int], extra_sources: Sequence[Slot] = ()) -> Plan:
-        """Choose a free slot for `prompt` and the longest prefix it can reuse, from its
-        own cells or copied from another slot (busy ones included: their cells up to
-        len(tokens) are computed). Does not mark the slot busy (see `take`)."""
-        free = [s for s in self.slots if not s.busy]
-        if not free:
-            raise RuntimeError("no free sequence slot")
-        scored = [(self.reusable(s, prompt), s) for s in free]
-        (reuse, logits), slot = max(scored, key=lambda item: (item[0][0], item[0][1] is not None,
-                                                            -item[1].last_used))
+    def plan(self, prompt: Sequence[int], slot: Slot | None = None) -> Plan:
+        """The slot for `prompt` (the given one, or the free slot that can reuse the most,
+        least recently used on a tie) and the longest prefix it can start from: its own
+        cells, or cells copied from another slot that holds more (busy ones included:
+        their cells up to len(tokens) are computed). Does not mark the slot busy."""
+        if slot is None:
+            free = [s for s in self.slots if not s.busy]
+            if not free:
+                raise RuntimeError("no free sequence slot")
+            scored = [(self.reusable(s, prompt), s) for s in free]
+            (reuse, logits), slot = max(scored, key=lambda item: (item[0][0], item[0][1] is not None,
+                                                                -item[1].last_used))
+        else:
+            reuse, logits = self.reusable(slot, prompt)
         best = Plan(slot, reuse, None, logits)
-        for other in list(self.slots) + list(extra_sources):
+        for other in self.slots:
             if other is slot:
                 continue
             n, other_logits = self.reusable(other, prompt)
