@@ -67,7 +67,7 @@ def cpu_model() -> str:
 
 
 def machine_info(n_threads: int) -> dict:
-    from selar_local.engine import build_info
+    from selar_local.runtime import build_info
 
     info = build_info()
     return {
@@ -317,14 +317,12 @@ def _time_call(fn: Callable, repeat: int) -> float:
 def overhead_profile(rt, prompt, params, repeat: int = 200) -> dict[str, float]:
     """Median microseconds of each piece of one step, on logits captured from a real run."""
     from selar_local import sampling
-    from selar_local.generate import BatchGenerator, _TextStream
+    from selar_local.generate import _TextStream
     from selar_local.policies import contrastive_weights, make_policy
 
-    gen = BatchGenerator(rt)
-    rid, _ = gen.submit(prompt, params.replace(max_tokens=8))
-    logits = rt.context.logits(-1).copy()  # the prompt's last logits: a real step's input
-    gen.cancel(rid)
-    logits = logits.astype(np.float32)
+    logits, _ = _prefill_alone(rt.context, prompt)
+    logits = logits.astype(np.float32)  # a copy: the prompt's last logits, a real step's input
+    rt.context.remove_sequence(0)
     p = params
     dist = sampling.filter_logits(logits, p.temperature, p.top_k, p.top_p, p.min_p)
     ids, q, h = sampling.normalized_topk(dist, p.ks)
@@ -496,7 +494,7 @@ def rss_child(kind: str, path: str, n_threads: int, n_new: int) -> None:
         from selar_local.params import DecodeParams
         from selar_local.runtime import Runtime
 
-        rt = Runtime(path, n_ctx=N_CTX, n_threads=n_threads)
+        rt = Runtime(path, n_ctx=N_CTX, n_threads=n_threads, n_threads_batch=n_threads, prompt_cache=False)
         prompt = rt.model.tokenize(PROMPT, add_special=True)
         run_selar_local(rt, prompt, DecodeParams(method="selar", max_tokens=n_new))
     print(json.dumps({"kind": kind, "peak_rss_kib": _peak_rss_kib()}))
@@ -523,7 +521,8 @@ def batched_throughput(path, n_threads: int, n_new: int, levels=(1, 4, 8), reps:
     from selar_local.params import DecodeParams
     from selar_local.runtime import Runtime
 
-    runtimes = {n: Runtime(path, n_ctx=512, n_parallel=n, n_threads=n_threads) for n in levels}
+    runtimes = {n: Runtime(path, n_ctx=512, n_parallel=n, n_threads=n_threads, n_threads_batch=n_threads)
+                for n in levels}
     prompt = runtimes[levels[0]].model.tokenize(PROMPT, add_special=True)
     samples: dict[int, list[float]] = {n: [] for n in levels}
     try:
@@ -572,7 +571,7 @@ def bench_model(name: str, *, n_threads: int, n_new: int = 128, reps: int = 5, q
     from selar_local.runtime import Runtime
 
     path = resolve_model(name)
-    rt = Runtime(path, n_ctx=N_CTX, n_threads=n_threads)
+    rt = Runtime(path, n_ctx=N_CTX, n_threads=n_threads, n_threads_batch=n_threads, prompt_cache=False)
     report = ModelReport(name, rt.model.n_vocab)
     prompt = rt.model.tokenize(PROMPT, add_special=True)
     report.prompt_tokens = len(prompt)

@@ -173,7 +173,11 @@ def test_queue_full_and_cancellation_free_slot_and_kv_cells(llm):
     waiting.close()  # never started: cancelling takes it off the queue
     running.close()
     _wait_idle(llm)
-    assert llm.runtime.context.sequence_length(0) == 0  # KV cells of the slot are free
+    # The slot is free; its cells stay as prompt cache: exactly the tokens it records
+    # (prompt and discrete inputs), nothing past them.
+    slot = llm.runtime.slots.slots[0]
+    assert not slot.busy and slot.tokens[:5] == llm.runtime.encode(messages=QUESTION)[:5]
+    assert llm.runtime.context.sequence_length(0) == len(slot.tokens)
     stats = llm.scheduler.stats()
     assert stats.cancelled >= 2 and stats.slots_busy == 0 and stats.queued == 0
     assert llm.create_chat_completion(QUESTION, max_tokens=4)["usage"]["completion_tokens"] > 0
