@@ -12,7 +12,7 @@ import numpy as np
 
 from selar_local.chat import render_jinja_template
 from selar_local.embeddings import EmbeddingTable, input_scale_for
-from selar_local.engine import BuildInfo, LlamaContext, LlamaModel, set_verbose
+from selar_local.engine import BuildInfo, LlamaContext, LlamaModel, available_cpus, set_verbose  # noqa: F401
 from selar_local.engine import build_info as _engine_build_info
 from selar_local.errors import ContextOverflowError, InvalidParameterError, UnsupportedModelError
 from selar_local.generate import GenerationResult, StepEvent, generate_many, stream_tokens

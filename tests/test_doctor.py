@@ -26,3 +26,16 @@ def test_doctor_exits_1_when_soft_decoding_is_unsupported(smollm_path, capsys, m
 def test_doctor_exits_1_for_a_missing_model(tmp_path, capsys):
     assert main(["doctor", "--model", str(tmp_path / "missing.gguf")]) == 1
     assert "VERDICT: FAIL" in capsys.readouterr().out
+
+
+def test_doctor_shows_the_threads_used(smollm_path, capsys):
+    import os
+
+    assert main(["doctor", "--model", str(smollm_path), "--threads", "1", "--threads-batch", "3",
+                 "--prefill-chunk", "48"]) == 0
+    out = capsys.readouterr().out
+    assert "threads           1 for decoding, 3 for prompts" in out and "prompt chunk 48 tokens" in out
+    assert main(["doctor", "--model", str(smollm_path)]) == 0  # default: every CPU for prompts
+    cpus = len(os.sched_getaffinity(0))
+    assert f"{max(1, cpus // 2)} for decoding, {cpus} for prompts ({cpus} CPUs available)" in capsys.readouterr().out
+    assert main(["doctor", "--model", str(smollm_path), "--threads-batch", "0"]) == 2

@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from selar_local.commands.common import add_decode_arguments, add_model_arguments, params_from_args
+from selar_local.commands.common import add_decode_arguments, add_model_arguments, params_from_args, runtime_options
 
 EPILOG = """\
 examples:
@@ -74,7 +74,8 @@ def register(subparsers) -> None:
 
 
 _NOT_CONFIG = {"help", "out", "resume", "overwrite", "parallel", "no_progress", "threads", "verbose",
-               "n_gpu_layers", "data_dir", "dataset"}
+               "n_gpu_layers", "data_dir", "dataset", "threads_batch", "prefill_chunk", "prompt_cache",
+               "kv_unified"}
 
 
 def parse_seeds(text: str, first_seed: int) -> tuple[int, ...]:
@@ -173,8 +174,9 @@ def _run_locked(args, out: Path, config, problems, model_path: Path) -> int:
 
     from selar_local.runtime import load
 
-    runtime = load(str(model_path), n_ctx=config.n_ctx, n_parallel=parallel, n_threads=args.threads,
-                   n_gpu_layers=args.n_gpu_layers, verbose=args.verbose)
+    options = runtime_options(args)
+    options["n_ctx"] = config.n_ctx
+    runtime = load(str(model_path), n_parallel=parallel, **options)
     n_items = len(problems) * len(config.methods) * len(config.seeds)
     print(f"selar bench: {config.dataset} ({len(problems)} problems) x {','.join(config.methods)} x "
           f"{len(config.seeds)} seed(s) = {n_items} items; {len(done)} already done; "

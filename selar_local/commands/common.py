@@ -13,7 +13,19 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model", "-m", default=None,
                        help="registry name (see `selar models`) or path to a .gguf file; default: the embedded model")
     group.add_argument("--n-ctx", type=int, default=4096, help="context size per sequence (default %(default)s)")
-    group.add_argument("--threads", type=int, default=None, help="CPU threads (default: half the CPUs, about the physical cores)")
+    group.add_argument("--threads", type=int, default=None,
+                       help="decode threads (default: half the CPUs, about the physical cores)")
+    group.add_argument("--threads-batch", type=int, default=None,
+                       help="prompt-processing threads (default: all the CPUs, as llama.cpp)")
+    group.add_argument("--prefill-chunk", type=int, default=None,
+                       help="prompt tokens fed per step while other sequences decode, so that no stream "
+                            "waits for a whole prompt (default 32 on CPU, 256 with GPU offload)")
+    group.add_argument("--no-prompt-cache", dest="prompt_cache", action="store_false",
+                       help="prefill every prompt in full (default: a slot keeps its KV cells, and the next "
+                            "request sharing a prefix prefills only the rest)")
+    group.add_argument("--kv-unified", action="store_true",
+                       help="one KV pool for all parallel sequences (a long request may use what short ones "
+                            "leave) instead of n_ctx cells each")
     group.add_argument("--n-gpu-layers", type=int, default=-1,
                        help="layers to offload on Metal/CUDA builds (-1: all; ignored on CPU builds)")
     group.add_argument("--verbose", "-v", action="store_true", help="show llama.cpp's log and full tracebacks")
@@ -48,8 +60,20 @@ def params_from_args(args: argparse.Namespace, **overrides) -> DecodeParams:
     return DecodeParams(**values)
 
 
+def runtime_options(args: argparse.Namespace) -> dict:
+    """The Runtime keyword arguments of the model options (everything but the model)."""
+    from selar_local.errors import InvalidParameterError
+
+    for name in ("threads", "threads_batch", "prefill_chunk"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise InvalidParameterError(f"invalid --{name.replace('_', '-')} {value}: expected an integer >= 1")
+    return dict(n_ctx=args.n_ctx, n_threads=args.threads, n_threads_batch=args.threads_batch,
+                prefill_chunk=args.prefill_chunk, prompt_cache=args.prompt_cache, kv_unified=args.kv_unified,
+                n_gpu_layers=args.n_gpu_layers, verbose=args.verbose)
+
+
 def load_runtime(args: argparse.Namespace, *, n_parallel: int = 1):
     from selar_local.runtime import load
 
-    return load(args.model, n_ctx=args.n_ctx, n_parallel=n_parallel, n_threads=args.threads,
-                n_gpu_layers=args.n_gpu_layers, verbose=args.verbose)
+    return load(args.model, n_parallel=n_parallel, **runtime_options(args))

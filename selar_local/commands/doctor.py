@@ -7,7 +7,7 @@ import argparse
 import math
 import sys
 
-from selar_local.commands.common import add_model_arguments
+from selar_local.commands.common import add_model_arguments, runtime_options
 
 
 def register(subparsers) -> None:
@@ -22,11 +22,12 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from selar_local.engine import build_info
     from selar_local.errors import SelarError
     from selar_local.registry import entry_for_path, resolve_model
+    from selar_local.runtime import build_info
 
     out = sys.stdout
+    options = runtime_options(args)  # bad values: one clear error line before anything else
     info = build_info()
     line = "-" * 64
     print(f"llama.cpp build   {info.summary}", file=out)
@@ -45,10 +46,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"registry entry    {entry.name}" + ("" if entry.is_verified else " (unverified: no sha256 recorded)"),
               file=out)
     try:
-        from selar_local.runtime import Runtime
+        from selar_local.runtime import Runtime, available_cpus
 
-        runtime = Runtime(path, n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
-                          verbose=args.verbose)
+        runtime = Runtime(path, **options)
     except SelarError as exc:
         print(line, file=out)
         print(f"VERDICT: FAIL - llama.cpp cannot load this model: {exc}", file=out)
@@ -59,6 +59,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"architecture      {model.architecture}", file=out)
         print(f"vocabulary        n_vocab={model.n_vocab}, eog tokens={len(model.eog_ids)}", file=out)
         print(f"embedding width   n_embd_inp={model.n_embd_inp}, n_ctx_train={model.n_ctx_train}", file=out)
+        decode_threads, batch_threads = runtime.threads
+        print(f"threads           {decode_threads} for decoding, {batch_threads} for prompts "
+              f"({available_cpus()} CPUs available); prompt chunk {runtime.prefill_chunk} tokens while others "
+              f"decode; prompt cache {'on' if runtime.slots.enabled else 'off'}; KV cache "
+              f"{'unified' if runtime.context.kv_unified else 'one stream per sequence'}", file=out)
         if table is not None:
             print(f"embedding rows    token_embd.weight {table.quant_type}, {table.n_vocab} x {table.n_embd}, "
                   f"input scale {_scale(check.scale if check.passed else table.scale, model.n_embd_inp)}", file=out)
