@@ -34,6 +34,7 @@ def test_run_streams_answer_and_writes_trace(tmp_path, smollm_path):
             assert r["entropy"] >= 0.5 and abs(sum(weights) - 1) <= len(weights) * 0.5e-6 + 1e-12
     summary = done.stderr.strip().splitlines()[-1]
     assert summary.startswith("[selar]") and f"{len(soft)} soft steps" in summary and "tokens/s" in summary
+    assert summary.endswith("seed 41")  # the published default, printed so the run can be replayed
 
 
 def test_cot_never_soft(tmp_path, smollm_path):
