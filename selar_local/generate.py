@@ -106,6 +106,8 @@ class GenerationResult:
     decode_seconds: float
     effective_counts: list[float] = field(default_factory=list)  # N_eff of each soft input
     soft_flags: list[bool] = field(default_factory=list)  # per step: was the NEXT input soft
+    # per token, when DecodeParams.logprobs asked: (log p of the token, ((id, log p), ...))
+    logprobs: list[tuple[float, tuple]] = field(default_factory=list)
     cached_tokens: int = 0  # prompt tokens whose KV cells were reused (prompt cache or a copy)
 
     @property
@@ -186,6 +188,7 @@ class _Sequence:
     entropies: list[float] = field(default_factory=list)
     effective_counts: list[float] = field(default_factory=list)
     soft_flags: list[bool] = field(default_factory=list)
+    logprobs: list[tuple[float, tuple]] = field(default_factory=list)
     pending: StepDecision | None = None
     finish_reason: str | None = None
     prefill_seconds: float = 0.0
@@ -234,6 +237,7 @@ class BatchGenerator:
                                 and check.max_abs_diff == 0.0)
         self._since_soft = self.STICKY_EMBEDDING_STEPS  # steps since the last soft input
         self._eog_ids = runtime.model.eog_ids
+        self._eog_list = sorted(self._eog_ids)
         self._live: dict[int, _Sequence] = {}  # admitted and not ended: waiting, prefilling or decoding
         self._finished: dict[int, _Sequence] = {}
         self._errors: dict[int, BaseException] = {}
@@ -243,6 +247,19 @@ class BatchGenerator:
     @property
     def free_slots(self) -> int:
         return self.slots.n_free
+
+    def kv_cells_in_use(self) -> int:
+        """KV cells held for live sequences, plus any a free slot holds past its cached
+        tokens (a leak): 0 when every sequence has ended or been cancelled."""
+        total = 0
+        for slot in self.slots.slots:
+            cells = self.context.sequence_length(slot.seq_id)
+            total += cells if slot.busy else max(0, cells - len(slot.tokens))
+        return total
+
+    def kv_cells_cached(self) -> int:
+        """KV cells free slots keep as prompt cache."""
+        return sum(len(slot.tokens) for slot in self.slots.slots if not slot.busy)
 
     @property
     def live_requests(self) -> list[int]:
@@ -479,24 +496,37 @@ class BatchGenerator:
                 elif len(s.slot.tokens) == s.position:
                     s.slot.tokens.append(d.token)
             s.position += 1
-        rows = self.context.logits_rows(n_outputs)
-        if self.batch_wide and len(decoding) > 1:
-            decisions = decide_all([s.policy for s in decoding], rows[:len(decoding)])
-        else:
-            decisions = [s.policy.step(rows[i]) for i, s in enumerate(decoding)]
+        rows = self.context.logits_rows(n_outputs)[:len(decoding)]
         events = []
-        for s, d in zip(decoding, decisions):
+        for s, d in zip(decoding, self._decide(decoding, rows)):
             event = self._apply(s, d)
             if event is not None:
                 events.append(event)
         return events
 
+    def _decide(self, seqs: list[_Sequence], rows: np.ndarray) -> list[StepDecision]:
+        """Each sequence's policy on its logits row: one batch-wide pass, or one by one."""
+        if any(s.params.ignore_eos for s in seqs):  # a copy: the rows may be llama.cpp's or shared
+            rows = np.array(rows)
+            for i, s in enumerate(seqs):
+                if s.params.ignore_eos:
+                    rows[i, self._eog_list] = -np.inf
+        if self.batch_wide and len(seqs) > 1:
+            return decide_all([s.policy for s in seqs], rows)
+        return [s.policy.step(row) for s, row in zip(seqs, rows)]
+
     def _first_steps(self) -> list[StepEvent]:
+        """Sequences whose prompt logits are known (just prefilled, cached, or copied)."""
+        ready = [s for s in self._live.values() if s.first_logits is not None]
+        if not ready:
+            return []
+        now = time.perf_counter()
+        rows = [s.first_logits for s in ready]
+        for seq in ready:
+            seq.first_logits, seq.prefill_seconds = None, now - seq.started
         events = []
-        for seq in [s for s in self._live.values() if s.first_logits is not None]:
-            logits, seq.first_logits = seq.first_logits, None
-            seq.prefill_seconds = time.perf_counter() - seq.started
-            event = self._apply(seq, seq.policy.step(logits))
+        for seq, decision in zip(ready, self._decide(ready, np.stack(rows) if len(rows) > 1 else rows)):
+            event = self._apply(seq, decision)
             if event is not None:
                 events.append(event)
         return events
@@ -559,31 +589,35 @@ class BatchGenerator:
         """Take the policy's decision: stop conditions, bookkeeping, the event."""
         token = decision.token
         index = len(seq.tokens)
-        if token in self._eog_ids:
+        if token in self._eog_ids:  # not part of the output: no log-probability either
             return self._finish(seq, decision, index, "stop", seq.text.finish())
+        logprobs = self._logprobs(seq, decision)
         seq.tokens.append(token)
         seq.entropies.append(decision.entropy)
         seq.soft_flags.append(False)
+        if logprobs is not None:
+            seq.logprobs.append(logprobs)
         text, stopped = seq.text.push(self.runtime.model.token_bytes(token))
         if stopped:
-            return self._finish(seq, decision, index, "stop", text)
+            return self._finish(seq, decision, index, "stop", text, logprobs)
         if len(seq.tokens) >= seq.params.max_tokens or seq.position + 1 > self.context.n_ctx:
-            return self._finish(seq, decision, index, "length", text + seq.text.finish())
+            return self._finish(seq, decision, index, "length", text + seq.text.finish(), logprobs)
         if decision.soft:
             seq.soft_steps += 1
             seq.soft_flags[-1] = True
             w = decision.mix_weights
             seq.effective_counts.append(float(1.0 / np.dot(w, w)))
         seq.pending = decision
-        return _event(seq.request_id, index, decision, text, decision.soft, None, self._logprobs(seq, decision))
+        return _event(seq.request_id, index, decision, text, decision.soft, None, logprobs)
 
-    def _finish(self, seq: _Sequence, decision: StepDecision, index: int, reason: str, text: str) -> StepEvent:
+    def _finish(self, seq: _Sequence, decision: StepDecision, index: int, reason: str, text: str,
+                logprobs: tuple[float, tuple] | None = None) -> StepEvent:
         seq.finish_reason = reason
         seq.pending = None
         self._live.pop(seq.request_id, None)
         self._release_slot(seq, keep_cache=True)
         self._finished[seq.request_id] = seq
-        return _event(seq.request_id, index, decision, text, False, reason, self._logprobs(seq, decision))
+        return _event(seq.request_id, index, decision, text, False, reason, logprobs)
 
     @staticmethod
     def _logprobs(seq: _Sequence, decision: StepDecision) -> tuple[float, tuple] | None:
@@ -601,10 +635,9 @@ class BatchGenerator:
             text=seq.text.text, tokens=seq.tokens, prompt_tokens=len(seq.prompt_tokens),
             finish_reason=seq.finish_reason or "stop", soft_steps=seq.soft_steps, entropies=seq.entropies,
             prefill_seconds=seq.prefill_seconds, decode_seconds=decode_seconds,
-            effective_counts=seq.effective_counts, soft_flags=seq.soft_flags, cached_tokens=seq.cached_tokens,
+            effective_counts=seq.effective_counts, soft_flags=seq.soft_flags, logprobs=seq.logprobs,
+            cached_tokens=seq.cached_tokens,
         )
-
-
 
 def _event(request_id: int, index: int, d: StepDecision, text: str, soft: bool, reason: str | None,
            logprobs: tuple[float, tuple] | None = None) -> StepEvent:
