@@ -417,30 +417,37 @@ class BatchGenerator:
         n_prompt = sum(p.stop - p.start for p in pieces)
         merged = (pieces and not any(s.pending.soft for s in decoding)
                   and len(decoding) + n_prompt <= ctx.n_batch)
-        if merged:  # one token batch: live inputs first (outputs 0..n-1), then the chunk
+        if merged:  # one token batch: the chunk first, then the live inputs
             self._decode_tokens(decoding, pieces)
             self._since_soft += 1
-            self._after_prompt(pieces, len(decoding))
-            return self._after_inputs(decoding, len(decoding) + sum(p.completes for p in pieces))
+            n_completing = sum(p.completes for p in pieces)
+            self._after_prompt(pieces, 0)
+            return self._after_inputs(decoding, n_completing)
         if pieces:
             self._decode_tokens([], pieces)
             self._after_prompt(pieces, 0)  # copies the logits it keeps before the next decode
         if not decoding:
             return []
         self._decode_inputs(decoding)
-        return self._after_inputs(decoding, len(decoding))
+        return self._after_inputs(decoding, 0)
 
     def _decode_tokens(self, decoding: list[_Sequence], pieces: list[_Piece]) -> None:
-        tokens = [s.pending.token for s in decoding]
-        positions = [s.position for s in decoding]
-        seq_ids = [s.seq_id for s in decoding]
-        want = [True] * len(decoding)
+        """Prompt pieces first, live inputs last. The order matters for exactness: ggml's
+        CPU matrix kernels treat whole tiles of 64 rows and the remaining rows along
+        different paths whose results differ in the last bits, so chunks of a multiple of
+        64 tokens first keep every prompt token on the path it takes in an unchunked
+        prefill, and the few live inputs after them on the path of a plain decode step."""
+        tokens, positions, seq_ids, want = [], [], [], []
         for p in pieces:
             n = p.stop - p.start
             tokens += p.seq.prompt_tokens[p.start:p.stop]
             positions += range(p.start, p.stop)
             seq_ids += [p.seq.seq_id] * n
             want += [False] * (n - 1) + [p.completes]
+        tokens += [s.pending.token for s in decoding]
+        positions += [s.position for s in decoding]
+        seq_ids += [s.seq_id for s in decoding]
+        want += [True] * len(decoding)
         self.context.decode_tokens(tokens, positions, seq_ids, want)
 
     def _decode_inputs(self, live: list[_Sequence]) -> None:
@@ -485,7 +492,8 @@ class BatchGenerator:
                 seq.first_logits = logits
                 j += 1
 
-    def _after_inputs(self, decoding: list[_Sequence], n_outputs: int) -> list[StepEvent]:
+    def _after_inputs(self, decoding: list[_Sequence], first_output: int) -> list[StepEvent]:
+        """The live sequences' outputs are first_output.. first_output + len(decoding) - 1."""
         if not decoding:
             return []
         for s in decoding:
@@ -496,7 +504,7 @@ class BatchGenerator:
                 elif len(s.slot.tokens) == s.position:
                     s.slot.tokens.append(d.token)
             s.position += 1
-        rows = self.context.logits_rows(n_outputs)[:len(decoding)]
+        rows = self.context.logits_rows(first_output + len(decoding))[first_output:]
         events = []
         for s, d in zip(decoding, self._decide(decoding, rows)):
             event = self._apply(s, d)
@@ -556,7 +564,7 @@ class BatchGenerator:
             return events
         try:
             self._decode_inputs(decoding)
-            return events + self._after_inputs(decoding, len(decoding))
+            return events + self._after_inputs(decoding, 0)
         except _DECODE_ERRORS as exc:
             if len(decoding) == 1:
                 return events + [self._fail(decoding[0], exc)]
@@ -566,7 +574,7 @@ class BatchGenerator:
             except _DECODE_ERRORS as exc:
                 events.append(self._fail(s, exc))
                 continue
-            events += self._after_inputs([s], 1)
+            events += self._after_inputs([s], 0)
         return events
 
     def _fail(self, seq: _Sequence, exc: BaseException) -> StepEvent:

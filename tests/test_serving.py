@@ -1,0 +1,94 @@
+"""Serving without stalls, on a real model (SmolLM2-135M): chunked prefill beside live
+streams, the prompt cache, shared prefixes, the unified KV cache option."""
+from __future__ import annotations
+
+from conftest import runtime_for
+from selar_local.generate import BatchGenerator
+from selar_local.params import DecodeParams
+
+CHAT = [{"role": "user", "content": "Name three colors and say why you like them."}]
+LONG = [{"role": "user", "content": " ".join(f"Fact {i}: the lighthouse keeper logged ship {i}." for i in range(40))
+         + " Which ship came first?"}]
+GREEDY = DecodeParams(method="cot", greedy=True, max_tokens=12)
+
+
+def test_a_new_prompt_is_prefilled_in_chunks_while_a_stream_goes_on(model_files):
+    """A live stream emits a token at every step while a long prompt arrives (fed 64
+    tokens per step beside it, in the same decode); both give exactly their tokens alone."""
+    rt = runtime_for("llama", model_files, n_parallel=2, prefill_chunk=64, prompt_cache=False)
+    short, long = rt.encode(messages=CHAT), rt.encode(messages=LONG)
+    assert len(long) > 8 * 64
+    a_params = GREEDY.replace(max_tokens=24, ignore_eos=True)
+    alone = [rt.generate_batch([p], q)[0].tokens for p, q in ((short, a_params), (long, GREEDY))]
+    gen = BatchGenerator(rt)
+    a, _ = gen.submit(short, a_params)
+    while not gen.step():
+        pass  # A's prompt (no one else live: whole batches)
+    b, _ = gen.submit(long, GREEDY)
+    steps_until_b = 0
+    tokens = {a: [], b: []}
+    while not tokens[b]:
+        events = gen.step()
+        steps_until_b += 1
+        assert a in [e.request_id for e in events]  # A never waits for B's prompt
+        for e in events:
+            tokens[e.request_id].append(e.token)
+    assert steps_until_b == -(-len(long) // 64)  # one chunk per step, the last one gives B's first token
+    while gen.live_requests:
+        for e in gen.step():
+            if not e.finish_reason or e.request_id == a:
+                tokens[e.request_id].append(e.token)
+    assert gen.pop_result(b).tokens == alone[1]
+    assert gen.pop_result(a).tokens == alone[0]
+
+
+def test_the_next_turn_reuses_the_cached_history(model_files):
+    rt = runtime_for("llama", model_files)
+    cold = runtime_for("llama", model_files, prompt_cache=False)
+    first = rt.generate(messages=CHAT, params=GREEDY)
+    turn2 = CHAT + [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And a fourth?"}]
+    warm = rt.generate(messages=turn2, params=GREEDY)
+    reference = cold.generate(messages=turn2, params=GREEDY)
+    assert warm.tokens == reference.tokens and reference.cached_tokens == 0
+    turn1_prompt = rt.encode(messages=CHAT)
+    assert warm.cached_tokens >= len(turn1_prompt)  # the whole first prompt and part of the answer
+    again = rt.generate(messages=turn2, params=GREEDY)  # the same prompt again: no prefill at all
+    assert again.cached_tokens == again.prompt_tokens and again.tokens == warm.tokens
+
+
+def test_the_cache_ends_before_the_first_soft_input(model_files):
+    """Cells computed from a soft input are not reusable: a slot keeps its prompt and the
+    discrete inputs fed before the first soft one, and no cells past them."""
+    rt = runtime_for("llama", model_files)
+    prompt = rt.encode(messages=CHAT)
+    result = rt.generate_batch([prompt], DecodeParams(method="selar", tau=0.3, max_tokens=40, seed=3))[0]
+    assert any(result.soft_flags), "this setting should give soft steps"
+    first_soft = result.soft_flags.index(True)
+    slot = rt.slots.slots[0]
+    assert slot.tokens == prompt + result.tokens[:first_soft + 1][:first_soft]
+    assert rt.context.sequence_length(0) == len(slot.tokens)
+
+
+def test_several_seeds_of_one_prompt_prefill_it_once(model_files):
+    """generate_batch with one prompt and four seeds: the first prefills it, the others
+    copy its cells and logits; each gives exactly its tokens alone."""
+    rt1 = runtime_for("llama", model_files, prompt_cache=False)
+    rt4 = runtime_for("llama", model_files, n_parallel=4)
+    prompt = rt1.encode(messages=CHAT)
+    params = [DecodeParams(method="selar", seed=s, max_tokens=16) for s in (1, 2, 3, 4)]
+    alone = [rt1.generate_batch([prompt], p)[0] for p in params]
+    rt4.slots.forget_free()
+    together = rt4.generate_batch([prompt] * 4, params)
+    assert [r.tokens for r in together] == [r.tokens for r in alone]
+    assert sorted(r.cached_tokens for r in together) == [0] + [len(prompt)] * 3
+
+
+def test_unified_kv_cache_lets_one_long_request_use_more_cells(model_files):
+    """Two slots of 256 cells, unified: one request may hold more than 256 cells, and
+    decodes exactly as in a context of 512 cells for one sequence."""
+    unified = runtime_for("llama", model_files, n_ctx=256, n_parallel=2, kv_unified=True)
+    single = runtime_for("llama", model_files, n_ctx=512)
+    assert unified.context.n_ctx >= 512
+    prompt = single.encode(messages=LONG)
+    assert 256 < len(prompt) + 12 < 512
+    assert unified.generate_batch([prompt], GREEDY)[0].tokens == single.generate_batch([prompt], GREEDY)[0].tokens
