@@ -34,10 +34,13 @@ EMBEDDING_INPUT_UNSUPPORTED = {
 SELF_CHECK_TOLERANCE = 1e-3  # max |logit difference|; measured 0.0 on llama, qwen2, gemma3
 THINK_TAGS = ("<think>", "</think>")
 # Prompt tokens per chunk while other sequences decode: one chunk should cost about as
-# much as a few decode steps. On a CPU a prompt token costs about a fifth of a decode step
-# (SmolLM2-135M, 2 cores: 2.2 ms against 11 ms), so 32 tokens is about 6 steps; on a GPU a
-# decode step is a few milliseconds and a prompt token a few microseconds.
-PREFILL_CHUNK_CPU = 32
+# much as a few decode steps (on a CPU a prompt token costs about a fifth of a decode
+# step: SmolLM2-135M on 2 cores, 2.2 ms against 11 ms; on a GPU a step is a few ms and a
+# prompt token a few microseconds). Multiples of 64, because ggml's CPU matrix kernels
+# compute whole tiles of 64 rows along another path than the rows left over: with
+# 64-token chunks every prompt token takes the path it takes in an unchunked prefill, and
+# the logits are the same to the bit (generate.BatchGenerator._decode_tokens).
+PREFILL_CHUNK_CPU = 64
 PREFILL_CHUNK_GPU = 256
 
 
@@ -83,7 +86,7 @@ class Runtime:
     ):
         """n_threads: decode threads (default: half the CPUs); n_threads_batch: prompt
         threads (default: all CPUs); prefill_chunk: prompt tokens fed per step while other
-        sequences decode (default 32 on CPU, 256 with GPU offload); prompt_cache: a slot
+        sequences decode (default 64 on CPU, 256 with GPU offload); prompt_cache: a slot
         keeps its cells for the next request that shares a prefix; kv_unified: one KV
         pool of n_ctx * n_parallel cells shared by all sequences instead of n_ctx each."""
         if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
