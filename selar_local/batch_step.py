@@ -11,32 +11,54 @@ NumPy's argpartition decides those) or its filter is not a plain top-k (top_k = 
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
 
-from selar_local.policies import Policy, StepDecision
+from selar_local.policies import CotPolicy, Policy, SelarPolicy, StepDecision, contrastive_weights
 from selar_local.sampling import _MIN_BLOCKED_VOCAB, Distribution, filter_logits
 
 
 def decide_all(policies: Sequence[Policy], logits: np.ndarray) -> list[StepDecision]:
     """policies[i] decides on logits[i]; exactly what policies[i].step(logits[i]) returns."""
-    dists = filter_rows(logits, [p.params for p in policies])
-    out = []
-    for policy, dist, row in zip(policies, dists, logits):
+    dists, tables = _filter_all(logits, [p.params for p in policies])
+    out: list[StepDecision | None] = [None] * len(policies)
+    for table in tables:  # cot and selar rows that share k_s: their decisions in one pass too
+        for ks, members in _decision_groups(policies, table).items():
+            for i, decision in zip(members, _cot_selar_rows(policies, table, members, ks)):
+                policies[i].last_dist = dists[i]
+                out[i] = decision
+    for i, (policy, dist, row) in enumerate(zip(policies, dists, logits)):
+        if out[i] is not None:
+            continue
         if type(policy).decide is Policy.decide:  # a policy that only defines step()
-            out.append(policy.step(row))
+            out[i] = policy.step(row)
             continue
         policy.last_dist = dist
-        out.append(policy.decide(dist, row))
-    return out
+        out[i] = policy.decide(dist, row)
+    return out  # type: ignore[return-value]
 
 
 def filter_rows(logits: np.ndarray, params: Sequence) -> list[Distribution]:
     """filter_logits(logits[i], T_i, top_k_i, top_p_i, min_p_i) for every row, batched
     over the rows that share a top_k."""
+    return _filter_all(logits, params)[0]
+
+
+class _Table:
+    """The filtered candidates of rows that share a top_k: ids [n, k], probabilities
+    [n, k] (zero past each row's kept length) and the kept lengths."""
+
+    def __init__(self, rows: list[int], ids: np.ndarray, probs: np.ndarray, keep: np.ndarray):
+        self.rows, self.ids, self.probs, self.keep = rows, ids, probs, keep
+        self.index = {row: j for j, row in enumerate(rows)}
+
+
+def _filter_all(logits: np.ndarray, params: Sequence) -> tuple[list[Distribution], list[_Table]]:
     n, vocab = logits.shape
     out: list[Distribution | None] = [None] * n
+    tables = []
     groups: dict[int, list[int]] = {}
     for i, p in enumerate(params):
         if _batchable(p.top_k, vocab):
@@ -51,10 +73,11 @@ def filter_rows(logits: np.ndarray, params: Sequence) -> list[Distribution]:
         keep_rows = np.flatnonzero(exact)
         if keep_rows.size:
             chosen = [rows[j] for j in keep_rows]
-            dists = _filter_candidates(logits, chosen, ids[keep_rows], [params[i] for i in chosen])
+            dists, table = _filter_candidates(logits, chosen, ids[keep_rows], [params[i] for i in chosen])
+            tables.append(table)
             for i, dist in zip(chosen, dists):
                 out[i] = dist
-    return out  # type: ignore[return-value]
+    return out, tables  # type: ignore[return-value]
 
 
 def _batchable(k: int, vocab: int) -> bool:
@@ -92,10 +115,11 @@ def _top_k_rows(logits: np.ndarray, rows: list[int], k: int) -> tuple[np.ndarray
     return np.take_along_axis(cand_ids, top, axis=1), exact
 
 
-def _filter_candidates(logits: np.ndarray, rows: list[int], ids: np.ndarray, params: Sequence) -> list[Distribution]:
+def _filter_candidates(logits: np.ndarray, rows: list[int], ids: np.ndarray,
+                       params: Sequence) -> tuple[list[Distribution], _Table]:
     """filter_logits after the top-k set is known: the same operations, row-wise."""
     n, k = ids.shape
-    values = np.take_along_axis(logits[rows], ids, axis=1)  # float32, as logits[ids]
+    values = logits[np.asarray(rows)[:, None], ids]  # float32, as logits[ids]; gathers n * k values only
     order = np.lexsort((ids, -values), axis=1)
     ids = np.take_along_axis(ids, order, axis=1).astype(np.int64, copy=False)
     values = np.take_along_axis(values, order, axis=1).astype(np.float64)
@@ -116,6 +140,7 @@ def _filter_candidates(logits: np.ndarray, rows: list[int], ids: np.ndarray, par
         count = np.count_nonzero((probs >= min_p[:, None] * probs[:, :1]) & within, axis=1)
         keep = np.where(cut_m, np.minimum(keep, count), keep)
     out: list[Distribution | None] = [None] * n
+    padded = probs
     for length in np.unique(keep):
         members = np.flatnonzero(keep == length)
         length = int(length)
@@ -125,6 +150,62 @@ def _filter_candidates(logits: np.ndarray, rows: list[int], ids: np.ndarray, par
             continue
         part = probs[members, :length]  # a fresh [m, length] array: each row summed as alone
         part = part / part.sum(axis=1, keepdims=True)
+        if padded is probs:
+            padded = probs.copy()
+        padded[members, :length] = part
+        padded[members, length:] = 0.0
         for j, i in enumerate(members):
             out[i] = Distribution(ids[i, :length], part[j])
-    return out  # type: ignore[return-value]
+    return out, _Table(rows, ids, padded, keep)  # type: ignore[return-value]
+
+
+def _decision_groups(policies: Sequence[Policy], table: _Table) -> dict[int, list[int]]:
+    """Rows of this table whose decision runs batched: plain cot or selar policies with
+    k_s < 8 (NumPy sums fewer than 8 numbers left to right, so a row-wise sum over a
+    zero-padded matrix equals each row's own sum over its kept candidates)."""
+    groups: dict[int, list[int]] = {}
+    for row in table.rows:
+        policy = policies[row]
+        ks = policy.params.ks
+        if ks < 8 and type(policy) in (CotPolicy, SelarPolicy):
+            groups.setdefault(ks, []).append(row)
+    return groups
+
+
+def _cot_selar_rows(policies: Sequence[Policy], table: _Table, members: list[int], ks: int) -> list[StepDecision]:
+    """CotPolicy.decide and SelarPolicy.decide for rows that share k_s, the NumPy part in
+    one pass: normalized_topk, the inverse-CDF draw, the contrastive weights."""
+    at = [table.index[i] for i in members]
+    ids, probs, keep = table.ids[at], table.probs[at], table.keep[at]
+    top = probs[:, :ks]
+    q = top / top.sum(axis=1, keepdims=True)
+    logs = np.log(np.where(q > 0, q, 1.0))
+    h = -(np.where(q > 0, q * logs, 0.0)).sum(axis=1) / math.log(ks)
+    h = np.where(h <= 0.0, 0.0, np.minimum(h, 1.0))
+    # Tokens: the argmax for greedy rows, else one uniform from the row's own stream.
+    u = np.array([0.0 if policies[i].params.greedy else policies[i].rng.random() for i in members])
+    cdf = probs.cumsum(axis=1)
+    last = np.take_along_axis(cdf, (keep - 1)[:, None], axis=1)[:, 0]
+    within = np.arange(probs.shape[1])[None, :] < keep[:, None]
+    drawn = np.minimum(np.count_nonzero((cdf <= (u * last)[:, None]) & within, axis=1), keep - 1)
+    index = np.where([policies[i].params.greedy for i in members], 0, drawn)
+    tokens = np.take_along_axis(ids, index[:, None], axis=1)[:, 0].tolist()
+    lengths = np.minimum(keep, ks).tolist()  # a distribution cut below k_s keeps fewer
+    top_ids = ids[:, :ks]
+    out = []
+    for j, i in enumerate(members):
+        policy, token, hj, n = policies[i], tokens[j], float(h[j]), lengths[j]
+        top, weights = (top_ids[j], q[j]) if n == ks else (top_ids[j, :n], q[j, :n])
+        if type(policy) is CotPolicy:
+            policy._track_thinking(token)
+            out.append(StepDecision(token, False, None, None, hj, top, weights))
+            continue
+        p = policy.params
+        gate_open = hj >= p.tau and (policy.in_thinking or not p.thinking_only)
+        forced_discrete = bool(policy.info.math_symbol_mask[token])
+        policy._track_thinking(token)
+        if not gate_open or forced_discrete:
+            out.append(StepDecision(token, False, None, None, hj, top, weights))
+        else:
+            out.append(StepDecision(token, True, top, contrastive_weights(weights, p.lam * hj), hj, top, weights))
+    return out

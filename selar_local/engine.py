@@ -322,6 +322,7 @@ class LlamaContext:
             raise ValueError(f"invalid thread counts: n_threads={n_threads}, n_threads_batch={n_threads_batch}")
         params.n_threads = self.n_threads
         params.n_threads_batch = self.n_threads_batch
+        self._prompt_threads = True  # the context starts with n_threads_batch for batches
         params.no_perf = True
         _Bindings.recent_log.clear()
         handle = lib.llama_init_from_model(model._handle, params)
@@ -410,6 +411,16 @@ class LlamaContext:
         if not 1 <= n <= self.n_batch:
             raise ValueError(f"batch of {n} inputs: must be between 1 and n_batch={self.n_batch}")
 
+    def _use_threads(self, prompt: bool) -> None:
+        """llama.cpp runs every batch of more than one input on n_threads_batch threads,
+        decode steps of several sequences included. Only prompt work is compute-bound
+        enough for all the CPUs; a decode step keeps the decode thread count (spinning
+        threads stall on a busy machine), so the count is switched per batch."""
+        if prompt != self._prompt_threads:
+            batch = self.n_threads_batch if prompt else self.n_threads
+            self._lib.llama_set_n_threads(self._handle, self.n_threads, batch)
+            self._prompt_threads = prompt
+
     def _fill_common(self, n: int, positions, seq_ids, want_logits) -> int:
         if n == 1:  # the one-sequence decode step: plain Python, no NumPy reductions
             pos, seq = int(positions[0]), int(seq_ids[0])
@@ -420,11 +431,14 @@ class LlamaContext:
             self._pos[0] = pos
             self._seq_id[0] = seq
             self._logits[0] = bool(want_logits[0])
+            if self._prompt_threads:
+                self._use_threads(False)
             return 1
         self._check_batch_size(n)
         self._pos[:n] = positions
         self._seq_id[:n] = seq_ids
         self._logits[:n] = want_logits
+        self._use_threads(not self._logits[:n].all())  # inputs without outputs: prompt tokens
         if n and (self._seq_id[:n].min() < 0 or self._seq_id[:n].max() >= self.n_seq_max):
             raise ValueError(f"sequence id out of range [0, {self.n_seq_max})")
         if self._pos[:n].max() >= self.n_ctx:

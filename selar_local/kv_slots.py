@@ -71,7 +71,9 @@ class SlotTable:
 
     def __init__(self, n_slots: int, *, enabled: bool = True):
         self.slots = [Slot(i) for i in range(n_slots)]
-        self.enabled = enabled  # False: no prompt cache (every request prefills its whole prompt)
+        # False: no prompt cache; a request's cells go when it ends (live sequences of one
+        # prompt still share theirs: n, seeds, self-consistency)
+        self.enabled = enabled
         self._clock = 0
 
     @property
@@ -82,7 +84,7 @@ class SlotTable:
         """Tokens of `prompt` this slot's cells can stand for, and the logits after them
         when the whole prompt is covered. At least the last prompt token is decoded again
         unless its logits were kept (the first step needs them)."""
-        if not self.enabled:
+        if not self.enabled and not slot.busy:  # no cache: only live sequences share cells
             return 0, None
         n = common_prefix(slot.tokens, prompt)
         if n == len(prompt) and slot.logits is not None and slot.logits_at == n:

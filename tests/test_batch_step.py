@@ -26,7 +26,7 @@ def _random_params(rng, i: int) -> DecodeParams:
         top_p=float(rng.choice([0.95, 1.0, 0.5, 0.8])), min_p=float(rng.choice([0.0, 0.0, 0.05, 0.2])),
         tau=float(rng.choice([0.5, 0.2, 0.9])), lam=float(rng.choice([1.0, 0.5])), soft_topk=int(rng.integers(1, 12)),
         moi_topn=int(rng.integers(2, 10)), cold_stop_steps=int(rng.integers(1, 4)),
-        cold_stop_entropy=float(rng.choice([0.01, 5.0])),
+        cold_stop_entropy=float(rng.choice([0.01, 5.0])), thinking_only=bool(rng.random() < 0.3),
     )
 
 
