@@ -291,6 +291,7 @@ class _VerifyingWriter:
 
     def write(self, chunk: bytes) -> None:
         self._file.write(chunk)
+        self._file.flush()  # what was received is in the file, should this process be killed
         self._digest.update(chunk)
         self.written += len(chunk)
         self._bar.update(len(chunk))
