@@ -192,7 +192,10 @@ def exclusive_writer(target: Target) -> Iterator[bool]:
     """
     from filelock import FileLock, Timeout
 
-    target.path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PullError(f"cannot create the cache folder {target.path.parent}: {exc.strerror or exc}") from exc
     lock = FileLock(str(target.path.with_name(f".{target.path.name}.lock")))
     owner_file = target.path.with_name(f".{target.path.name}.owner")
     waited = False
@@ -275,7 +278,7 @@ class _VerifyingWriter:
     bytes are hashed first, so the digest is always of the whole file.
     """
 
-    def __init__(self, target: Target, *, keep: int, progress: bool, desc: str | None = None) -> None:
+    def __init__(self, target: Target, *, keep: int, progress: bool) -> None:
         self.target = target
         self.partial = partial_path(target.path)
         self.partial.parent.mkdir(parents=True, exist_ok=True)
@@ -287,7 +290,7 @@ class _VerifyingWriter:
             self._digest.update(chunk)
         self.written = keep
         self._file.seek(keep)
-        self._bar = ProgressBar(total=target.size, desc=desc or target.label, enabled=progress, initial=keep)
+        self._bar = ProgressBar(total=target.size, desc=target.label, enabled=progress, initial=keep)
 
     def write(self, chunk: bytes) -> None:
         self._file.write(chunk)
@@ -409,7 +412,9 @@ def _receive(remote: RemoteFile, writer: _VerifyingWriter) -> None:
                 return
             problem = f"the connection closed at byte {writer.written}"
         except (OSError, http.client.HTTPException) as exc:
-            if isinstance(exc, urllib.error.HTTPError) and exc.code not in _RETRYABLE_HTTP_CODES:
+            if isinstance(exc, urllib.error.HTTPError) and exc.code == 416 and writer.written:
+                writer.restart()  # the partial file is not a prefix of what the server has
+            elif isinstance(exc, urllib.error.HTTPError) and exc.code not in _RETRYABLE_HTTP_CODES:
                 raise PullError(f"{remote.url}: HTTP {exc.code} {exc.reason}") from None
             problem = _one_line(exc)
         tries_without_progress = 0 if writer.written > before else tries_without_progress + 1

@@ -3,7 +3,7 @@
 The stand-in listens on 127.0.0.1 and is used through HF_ENDPOINT. It answers HEAD/GET {endpoint}/{repo}/resolve/main/{file} the way the hub does for what
 selar pull needs (X-Repo-Commit, ETag, Content-Length, range requests), and can misbehave
 on purpose: drop the connection after some bytes, hold a response mid-file until the
-test releases it, ignore range requests, or be down (503).
+test releases it, ignore range requests, hide the size, or be down (503).
 """
 from __future__ import annotations
 
@@ -43,6 +43,7 @@ class HubStandIn:
         self.bytes_sent = 0
         self.ignore_range = False
         self.down = False  # GETs answer 503
+        self.hide_size = False  # HEAD answers without Content-Length: the size is unknown
         self.drop_after: list[int] = []  # per coming GET: close the connection after this many body bytes
         self.hold_at: int | None = None  # the next GET stops at this file offset until `release` is set
         self.held = threading.Event()  # set once a GET is stopped at `hold_at`
@@ -95,7 +96,8 @@ class HubStandIn:
                     self.send_response(200)
                 self.send_header("X-Repo-Commit", stand_in.COMMIT)
                 self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
-                self.send_header("Content-Length", str(len(data) - start))
+                if send_body or not stand_in.hide_size:
+                    self.send_header("Content-Length", str(len(data) - start))
                 self.send_header("Content-Type", "application/octet-stream")
                 self.end_headers()
                 if send_body:

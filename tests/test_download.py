@@ -153,6 +153,19 @@ def test_a_resumed_file_that_fails_the_sha256_is_fetched_again_from_the_start(
     assert "does not verify" in caplog.text and "again from the start" in caplog.text
 
 
+def test_a_partial_file_longer_than_the_hub_file_is_started_over(
+    tmp_path: Path, hub: HubStandIn, no_retry_delay: None
+) -> None:
+    data = sample_bytes(500_000)
+    hub.hide_size = True  # nothing to compare the partial file with before asking for the rest
+    entry = fail_mid_file(tmp_path, hub, data, at=100_000)
+    with open(partial_path(cache_path(entry)), "ab") as partial:
+        partial.write(b"\0" * 500_000)
+    requests_before = len(hub.gets())
+    assert pull(entry, source="hub", progress=False).read_bytes() == data
+    assert ranges_asked(hub)[requests_before:] == ["bytes=600000-", None]  # 416, then the whole file
+
+
 # --------------------------------------------------------------------------- separate processes
 
 PULL_SCRIPT = """

