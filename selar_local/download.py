@@ -262,13 +262,29 @@ def clear_leftovers(final: Path, *, keep_resumable: bool) -> None:
     (or every partial file, unless `keep_resumable`) cannot be resumed and goes too.
     """
     folder = final.parent
-    for leftover in [*folder.glob(f"{final.name}.partial-*"), *folder.glob(".pip-*"), folder / ".hub-download"]:
+    legacy_partials = [
+        # An older release, still running in another environment, may be writing its own.
+        path for path in folder.glob(f"{final.name}.partial-*") if not _process_alive(path.name.rpartition("-")[2])
+    ]
+    for leftover in [*legacy_partials, *folder.glob(".pip-*"), folder / ".hub-download"]:
         if leftover.is_dir():
             shutil.rmtree(leftover, ignore_errors=True)
         else:
             leftover.unlink(missing_ok=True)
     if not keep_resumable or _read_progress(final) is None:
         discard_partial(final)
+
+
+def _process_alive(pid_text: str) -> bool:
+    if not pid_text.isdigit() or int(pid_text) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, another user's
+    return True
 
 
 class _VerifyingWriter:

@@ -185,14 +185,17 @@ def test_installed_parts_are_assembled_into_the_cache_and_verified(
     entry = REAL_REGISTRY["gemma3-270m"]
     final = cache_path(entry)
     final.parent.mkdir(parents=True)
-    # Leftovers of interrupted writes (a dead process's, an unnamed one) are not trusted.
+    # Leftovers of interrupted writes (an older release's from a dead process, a partial
+    # file without a progress record) are not trusted; a live older release's is left alone.
     (final.parent / f"{final.name}.partial-99999999").write_bytes(b"junk")
     (final.parent / f"{final.name}.partial").write_bytes(b"junk")
+    live_writer = final.parent / f"{final.name}.partial-{os.getppid()}"
+    live_writer.write_bytes(b"being written")
 
     assert local_path(entry, assemble=False) is None
     assert resolve_model("gemma3-270m") == final
     assert final.read_bytes()[:4] == b"GGUF" and final.stat().st_size == entry.size
-    assert cache_folder_listing(final) == [final.name]
+    assert cache_folder_listing(final) == sorted([final.name, live_writer.name])
     assert entry_for_path(final) == entry
 
     def no_hashing(*args: object, **kwargs: object) -> str:
