@@ -31,6 +31,7 @@ class Request:
     method: str
     path: str
     range: str | None  # the Range header, as sent
+    authorized: bool  # whether it carried an Authorization header
 
 
 class HubStandIn:
@@ -44,6 +45,7 @@ class HubStandIn:
         self.ignore_range = False
         self.down = False  # GETs answer 503
         self.hide_size = False  # HEAD answers without Content-Length: the size is unknown
+        self.cdn_redirect = False  # /resolve/ answers 302 to /cdn/<sha256>, as the hub does for large files
         self.drop_after: list[int] = []  # per coming GET: close the connection after this many body bytes
         self.hold_at: int | None = None  # the next GET stops at this file offset until `release` is set
         self.held = threading.Event()  # set once a GET is stopped at `hold_at`
@@ -56,6 +58,7 @@ class HubStandIn:
 
     def add(self, repo: str, filename: str, data: bytes) -> None:
         self.files[f"/{repo}/resolve/main/{filename}"] = data
+        self.files[f"/cdn/{hashlib.sha256(data).hexdigest()}"] = data
 
     def gets(self) -> list[Request]:
         with self._lock:
@@ -74,12 +77,20 @@ class HubStandIn:
             def _answer(self, *, send_body: bool) -> None:
                 path = self.path.split("?")[0]
                 with stand_in._lock:
-                    stand_in.requests.append(Request(self.command, path, self.headers.get("Range")))
-                    drop_after = stand_in.drop_after.pop(0) if send_body and stand_in.drop_after else None
+                    request = Request(self.command, path, self.headers.get("Range"), "Authorization" in self.headers)
+                    stand_in.requests.append(request)
                 data = stand_in.files.get(path)
                 if data is None:
                     self._empty(404, {"X-Error-Code": "EntryNotFound"})
                     return
+                if stand_in.cdn_redirect and "/resolve/" in path:
+                    digest = hashlib.sha256(data).hexdigest()
+                    self._empty(302, {
+                        "Location": f"/cdn/{digest}", "X-Linked-Size": str(len(data)), "X-Linked-Etag": f'"{digest}"',
+                    })
+                    return
+                with stand_in._lock:
+                    drop_after = stand_in.drop_after.pop(0) if send_body and stand_in.drop_after else None
                 if send_body and stand_in.down:
                     self._empty(503, {})
                     return

@@ -82,6 +82,22 @@ def test_a_dropped_connection_resumes_with_a_range_request(
     assert cache_folder_listing(path) == [path.name]
 
 
+def test_the_cdn_redirect_is_followed_and_gets_the_range_but_not_the_token(
+    tmp_path: Path, hub: HubStandIn, no_retry_delay: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_TOKEN", "hf_stand_in_token")
+    data = sample_bytes(700_000)
+    hub.add(REPO, FILE, data)
+    hub.cdn_redirect = True
+    hub.drop_after = [250_000]
+    path = pull(hub_entry(tmp_path, data), source="hub", progress=False)
+    assert path.read_bytes() == data
+    resolve, cdn = f"/{REPO}/resolve/main/{FILE}", f"/cdn/{sha256_hex(data)}"
+    assert [(r.path, r.range, r.authorized) for r in hub.gets()] == [
+        (resolve, None, True), (cdn, None, False), (resolve, "bytes=250000-", True), (cdn, "bytes=250000-", False),
+    ]
+
+
 def fail_mid_file(tmp_path: Path, hub: HubStandIn, data: bytes, at: int) -> ModelEntry:
     """A pull that gets `at` bytes, then nothing more (every retry is cut at once)."""
     hub.add(REPO, FILE, data)
