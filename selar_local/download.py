@@ -36,7 +36,7 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -362,7 +362,9 @@ def write_verified(target: Target, chunks: Iterable[bytes], *, origin: str, prog
         partial_path(target.path).unlink(missing_ok=True)
 
 
-def _resumed_or_fresh(target: Target, fetch: Any, identity: Mapping[str, Any]) -> Path:
+def _resumed_or_fresh(
+    target: Target, fetch: Callable[[Mapping[str, Any] | None], Path], identity: Mapping[str, Any]
+) -> Path:
     """Run `fetch(resume_record)`; if a resumed file fails verification, fetch once from scratch."""
     record = _read_progress(target.path)
     resumable = record if record is not None and record.get("identity") == identity else None

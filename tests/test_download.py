@@ -30,7 +30,8 @@ from pull_helpers import (  # noqa: F401 - hub and isolated_cache are fixtures
     write_registry,
 )
 
-from selar_local import download
+from selar_local import download, registry
+from selar_local.cli import main as selar_main
 from selar_local.download import partial_path
 from selar_local.errors import ModelNotFoundError
 from selar_local.registry import ModelEntry, PullError, cache_path, load_registry, pull, resolve_model
@@ -96,6 +97,27 @@ def test_the_cdn_redirect_is_followed_and_gets_the_range_but_not_the_token(
     assert [(r.path, r.range, r.authorized) for r in hub.gets()] == [
         (resolve, None, True), (cdn, None, False), (resolve, "bytes=250000-", True), (cdn, "bytes=250000-", False),
     ]
+
+
+def test_selar_pull_says_when_it_resumes(
+    tmp_path: Path, hub: HubStandIn, no_retry_delay: None, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    data = sample_bytes(400_000)
+    hub.add(REPO, FILE, data)
+    hub.drop_after = [150_000]
+    entries = load_registry(hub_registry_file(tmp_path, data))
+    monkeypatch.setattr(registry, "_packaged_registry", lambda: entries)
+    loggers = [logging.getLogger(registry.__name__), logging.getLogger(download.__name__)]
+    handlers_before = [list(logger.handlers) for logger in loggers]
+    try:
+        assert selar_main(["pull", "tiny", "--source", "hub", "--no-progress"]) == 0
+    finally:  # the CLI's stderr handlers would outlive this test's captured stderr
+        for logger, handlers in zip(loggers, handlers_before):
+            logger.handlers[:] = handlers
+    captured = capsys.readouterr()
+    assert captured.out.strip() == str(cache_path(entries["tiny"]))
+    assert "selar: tiny: the connection closed at byte 150000; resuming at byte 150000" in captured.err
 
 
 def fail_mid_file(tmp_path: Path, hub: HubStandIn, data: bytes, at: int) -> ModelEntry:
