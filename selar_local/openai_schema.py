@@ -1,6 +1,9 @@
 """The OpenAI request and response schema: request bodies (or API keyword arguments)
 validated into `PreparedRequest`s, and `chat.completion` / `text_completion` bodies and
-streamed chunks built from generation results, each with a `selar` field."""
+streamed chunks built from generation results, each with a `selar` field.
+
+Streamed chunks carry per-token data only when the request sets `"selar_trace": true`
+(see `ChunkWriter.event`), so ordinary OpenAI clients get ordinary chunks."""
 from __future__ import annotations
 
 import dataclasses
@@ -39,7 +42,7 @@ _NEUTRAL_FIELDS: dict[str, Callable[[Any], bool]] = {
     "modalities": lambda v: v in (None, ["text"]),
 }
 _COMMON_FIELDS = {"model", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature",
-                  "top_p", "stop", "seed", "n"}
+                  "top_p", "stop", "seed", "n", "selar_trace"}
 CHAT_FIELDS = frozenset(_COMMON_FIELDS | {"messages"} | set(_NEUTRAL_FIELDS) | set(DECODE_FIELDS))
 COMPLETION_FIELDS = frozenset(_COMMON_FIELDS | {"prompt", "echo"} | set(_NEUTRAL_FIELDS) | set(DECODE_FIELDS))
 _ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -85,6 +88,8 @@ class PreparedRequest:
     include_usage: bool = False
     echo_text: str | None = None
     model: str = ""
+    # selar_trace: how to show a token id (the model's vocabulary); None = no per-token data
+    token_text: Callable[[int], str] | None = None
     id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex[:24]}")
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -218,8 +223,13 @@ class RequestBuilder:
             self.runtime.require_method(params.method)
         except UnsupportedModelError as exc:
             raise as_request_error(exc) from exc
+        trace = body.get("selar_trace", False)
+        if trace not in (None, True, False):
+            raise RequestError("'selar_trace' must be true or false", param="selar_trace")
+        if trace and not stream:
+            raise RequestError("'selar_trace' describes streamed chunks: it needs stream=true", param="selar_trace")
         return PreparedRequest(kind, tokens, params, stream=stream, include_usage=bool(options.get("include_usage")),
-                               model=self.model_id,
+                               model=self.model_id, token_text=self.runtime.model.token_text if trace else None,
                                id=("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24])
 
     def _decode_params(self, body: Mapping[str, Any], n_prompt: int) -> DecodeParams:
@@ -326,11 +336,14 @@ class ChunkWriter:
         return [self._chunk(self._choice(self.req.echo_text, None))] if self.req.echo_text else []
 
     def event(self, event: StepEvent) -> dict | None:
-        """A content chunk for one step (None when the step released no text yet)."""
+        """A content chunk for one step (None when the step released no text yet). With
+        selar_trace, every step gets a chunk (its text may be empty: a partial UTF-8
+        character, or a stop token) whose `selar` object describes that step."""
+        if self.req.token_text is not None:
+            return self._chunk(self._choice(event.text, None), selar=token_trace(event, self.req.token_text))
         if not event.text:
             return None
-        return self._chunk(self._choice(event.text, None),
-                           selar={"soft": event.soft, "entropy": round(event.entropy, 6) + 0.0})
+        return self._chunk(self._choice(event.text, None))
 
     def closing(self, result: GenerationResult) -> list[dict]:
         last = self._chunk(self._choice(None if self.req.kind == "chat" else "", result.finish_reason),
@@ -339,3 +352,19 @@ class ChunkWriter:
         if self.req.include_usage:
             chunks.append(self._chunk(None, usage=usage(result)))
         return chunks
+
+
+def token_trace(event: StepEvent, token_text: Callable[[int], str]) -> dict[str, Any]:
+    """The `selar` object of a traced chunk (documented in the README): the step's token,
+    its gate entropy, whether the NEXT input is a soft mixture, the top-k candidates with
+    their probabilities (renormalised over the k), and on soft steps the mixture."""
+    out: dict[str, Any] = {
+        "index": event.index, "token": event.token, "token_text": token_text(event.token),
+        "soft": event.soft, "entropy": round(event.entropy, 6) + 0.0,
+        "top_ids": list(event.top_ids), "top_tokens": [token_text(t) for t in event.top_ids],
+        "top_probs": [round(p, 6) + 0.0 for p in event.top_probs],
+    }
+    if event.soft:
+        out.update(mix_ids=list(event.mix_ids), mix_tokens=[token_text(t) for t in event.mix_ids],
+                   mix_weights=[round(w, 6) + 0.0 for w in event.mix_weights])
+    return out
