@@ -273,11 +273,18 @@ def test_stop_cancels_the_request_and_the_server_frees_the_slot(server, page):
     health = lambda: httpx.get(server + "/health", headers=AUTH, timeout=10).json()  # noqa: E731
     _until(lambda: (h := health())["slots_busy"] == 0 and h["cancelled"] == before["cancelled"] + 1,
            "the server to cancel the stopped request")
-    # The slot is free: the next message is answered.
+    # The slot is free: the next message is answered, with the conversation so far.
+    stopped_text = page.text_content("article.assistant .answer")
+    requests = []
+    page.on("request", lambda r: requests.append(r) if r.url.endswith("/v1/chat/completions") else None)
     page.fill("#max_tokens", "8")
     page.fill("#input", "Say hello.")
     page.press("#input", "Enter")
     page.wait_for_selector("article.assistant:nth-of-type(4)[data-state=done]", timeout=GENERATION_TIMEOUT_MS)
+    (request,) = requests
+    assert request.post_data_json["messages"] == [
+        {"role": "user", "content": "Write a long story about a lighthouse keeper."},
+        {"role": "assistant", "content": stopped_text}, {"role": "user", "content": "Say hello."}]
     assert page.errors == []
 
 

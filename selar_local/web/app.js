@@ -433,12 +433,13 @@ async function send(text) {
   $("empty").hidden = true;
   hideTip();
   addUserMessage(text);
-  state.history.push({ role: "user", content: text });
+  const history = state.history;  // "New chat" replaces it: an answer it stopped stays out of the next
+  history.push({ role: "user", content: text });
   const view = new AnswerView(fields.method);
   const box = $("messages");
   box.append(view.root);
   box.scrollTop = box.scrollHeight;
-  const body = Object.assign({ messages: state.history.slice(), stream: true,
+  const body = Object.assign({ messages: history.slice(), stream: true,
                                stream_options: { include_usage: true }, selar_trace: true }, fields);
   const controller = new AbortController();
   state.controller = controller;
@@ -470,8 +471,8 @@ async function send(text) {
     }
   } finally {
     view.root.dataset.state = ended;
-    view.render();
-    state.history.push({ role: "assistant", content: view.content });
+    history.push({ role: "assistant", content: view.content });
+    if (view.root.isConnected) view.render();
     state.controller = null;
     setBusy(false);
     setState(ended === "done" ? "" : ended);
