@@ -213,6 +213,7 @@ def test_the_wheel_carries_the_shipped_data(tmp_path):
     for name in SHIPPED:
         assert f"selar_local/data/{name}/test.jsonl" in names
     assert {"selar_local/data/README.md", "selar_local/data/gsm8k/LICENSE", "selar_local/models.txt"} <= names
+    assert {f"selar_local/web/{f}" for f in ("index.html", "app.js", "style.css", "favicon.svg")} <= names  # chat page
     assert not any("gpqa" in n for n in names)
 
 
