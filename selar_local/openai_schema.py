@@ -337,11 +337,14 @@ def selar_summary(params: DecodeParams, result: GenerationResult) -> dict[str, A
     return summary
 
 
-def usage(req: PreparedRequest, results: Sequence[GenerationResult]) -> dict[str, int]:
-    """The prompt counts once (it is prefilled once for all choices)."""
+def usage(req: PreparedRequest, results: Sequence[GenerationResult]) -> dict[str, Any]:
+    """The prompt counts once (it is prefilled once for all choices); cached_tokens, as
+    OpenAI's: the prompt tokens whose KV cells came from the prompt cache."""
     completion = sum(r.completion_tokens for r in results)
     prompt = len(req.prompt_tokens)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    cached = min((r.cached_tokens for r in results), default=0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 class LogprobFormatter:

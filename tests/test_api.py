@@ -66,7 +66,10 @@ def test_stream_matches_non_stream_and_reports_usage(llm):
     last, usage_chunk = chunks[-2], chunks[-1]
     assert last["choices"][0]["finish_reason"] == full["choices"][0]["finish_reason"]
     assert last["selar"]["soft_steps"] == full["selar"]["soft_steps"]
+    cached = usage_chunk["usage"].pop("prompt_tokens_details")["cached_tokens"]
+    full["usage"].pop("prompt_tokens_details")
     assert usage_chunk["choices"] == [] and usage_chunk["usage"] == full["usage"]
+    assert cached == full["usage"]["prompt_tokens"]  # the same prompt again: all of it from the prompt cache
     # Without selar_trace, content chunks are plain OpenAI chunks.
     assert all("selar" not in c for c in chunks[:-2])
 
