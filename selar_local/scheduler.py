@@ -3,8 +3,9 @@
 Callers in any thread submit requests (validated and tokenised in the caller's thread, so
 a bad request fails alone and at once); up to `n_parallel` run as parallel sequences of
 one llama.cpp context, up to `queue_size` more wait, and the rest get `QueueFullError`.
-Events reach each request through its own sink; cancelling a request frees its slot and
-KV cells before the next decode step.
+Events reach each request through its own sink; cancelling a request frees its slot
+before the next decode step. Prompts are prefilled by the generator's steps, in chunks
+beside the live sequences, so admitting a request never stalls the others.
 """
 from __future__ import annotations
 
@@ -88,7 +89,8 @@ class RequestHandle:
             pass
 
     def cancel(self) -> None:
-        """Stop generating: frees the slot and KV cells before the next decode step."""
+        """Stop generating: frees the slot before the next decode step (its cells stay
+        as prompt cache, up to the first soft input)."""
         self.scheduler.cancel(self)
 
     def events(self, timeout: float | None = None) -> Iterator[StepEvent]:
