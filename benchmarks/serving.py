@@ -148,25 +148,34 @@ def _whole_prompt(gen):
 
 
 # -- chat turns ------------------------------------------------------------------------
-def chat_turns(path: str, turns=(1, 2, 5, 10), reply_tokens: int = 48) -> dict:
-    out = {}
-    for cache in (True, False):
-        rt = Runtime(path, n_ctx=4096, prompt_cache=cache)
-        try:
-            messages = [{"role": "system", "content": "You are a patient tutor. " * 20}]
-            ttft = {}
+def chat_turns(path: str, turns=(1, 2, 5, 10), reply_tokens: int = 48, reps: int = 3) -> dict:
+    """The same 10-turn conversation (seeded replies) with and without the prompt cache,
+    the two alternating turn by turn so that background load hits both alike; medians of
+    `reps` conversations."""
+    runtimes = {True: Runtime(path, n_ctx=4096, prompt_cache=True), False: Runtime(path, n_ctx=4096, prompt_cache=False)}
+    samples: dict = {c: {t: [] for t in turns} for c in runtimes}
+    info: dict = {c: {} for c in runtimes}
+    try:
+        for rep in range(reps):
+            runtimes[True].slots.forget_free()  # every conversation starts cold
+            history = {c: [{"role": "system", "content": "You are a patient tutor. " * 20}] for c in runtimes}
             for turn in range(1, max(turns) + 1):
-                messages.append({"role": "user", "content": f"Question {turn}: explain step {turn} of long division "
-                                                            "with an example, in detail."})
-                result = rt.generate(messages=messages, params=DecodeParams(method="selar", seed=turn,
-                                                                            max_tokens=reply_tokens))
-                ttft[turn] = {"ttft_s": result.prefill_seconds, "prompt_tokens": result.prompt_tokens,
-                              "cached_tokens": result.cached_tokens}
-                messages.append({"role": "assistant", "content": result.text})
-            out["cache" if cache else "no cache"] = {t: ttft[t] for t in turns}
-        finally:
+                for cache in ((True, False) if (rep + turn) % 2 == 0 else (False, True)):
+                    messages = history[cache]
+                    messages.append({"role": "user", "content": f"Question {turn}: explain step {turn} of long "
+                                                                "division with an example, in detail."})
+                    result = runtimes[cache].generate(messages=messages, params=DecodeParams(
+                        method="selar", seed=turn, max_tokens=reply_tokens))
+                    messages.append({"role": "assistant", "content": result.text})
+                    if turn in turns:
+                        samples[cache][turn].append(result.prefill_seconds)
+                        info[cache][turn] = {"prompt_tokens": result.prompt_tokens,
+                                             "cached_tokens": result.cached_tokens}
+    finally:
+        for rt in runtimes.values():
             rt.close()
-    return out
+    return {("cache" if c else "no cache"): {t: {"ttft_s": statistics.median(samples[c][t]), **info[c][t]}
+                                             for t in turns} for c in runtimes}
 
 
 # -- n = 8 -----------------------------------------------------------------------------
@@ -221,41 +230,50 @@ def host_per_step(path: str, levels=(1, 4, 16, 32), steps: int = 100) -> dict:
 
 
 # -- aggregate throughput ----------------------------------------------------------------
-def batched(path: str, levels=(1, 4, 8, 16), steps: int = 48) -> dict:
-    import llama_cpp as L
-
+def batched(path: str, levels=(1, 4, 8, 16), steps: int = 48, reps: int = 3) -> dict:
+    """Decode tokens/s of N sequences: a bare batched loop (one llama_decode of N tokens per
+    step, greedy argmax per row of one logits view) against the generator (selar
+    sampled); the two alternate inside each repetition, the ratio is taken per
+    repetition, then its median."""
     out = {}
     rt = Runtime(path, n_ctx=256, n_parallel=max(levels), prompt_cache=False)
+    ctx = rt.context
+    prompt = rt.encode(messages=[{"role": "user", "content": "Write a poem about the sea."}])
+
+    def bare(n: int) -> float:
+        for s in range(n):
+            ctx.remove_sequence(s)
+            ctx.decode_tokens(prompt, range(len(prompt)), [s] * len(prompt), [False] * (len(prompt) - 1) + [True])
+        toks, pos = [int(ctx.logits(-1).argmax())] * n, len(prompt)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            ctx.decode_tokens(toks, [pos] * n, list(range(n)), [True] * n)
+            toks = ctx.logits_rows(n).argmax(axis=1).tolist()
+            pos += 1
+        rate = n * steps / (time.perf_counter() - t0)
+        for s in range(n):
+            ctx.remove_sequence(s)
+        return rate
+
+    def ours(n: int) -> float:
+        gen = BatchGenerator(rt)
+        ids = [gen.submit(prompt, DecodeParams(method="selar", seed=i, max_tokens=steps + 2, ignore_eos=True))[0]
+               for i in range(n)]
+        run_until_first(gen, set(ids))
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            gen.step()
+        rate = n * steps / (time.perf_counter() - t0)
+        gen.close()
+        return rate
+
     try:
-        prompt = rt.encode(messages=[{"role": "user", "content": "Write a poem about the sea."}])
         for n in levels:
-            # bare: one llama_decode of n tokens per step, greedy argmax per row
-            ctx = rt.context
-            for s in range(n):
-                ctx.remove_sequence(s)
-                ctx.decode_tokens(prompt, range(len(prompt)), [s] * len(prompt), [False] * (len(prompt) - 1) + [True])
-            toks = [int(ctx.logits(-1).argmax())] * n
-            pos = len(prompt)
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                ctx.decode_tokens(toks, [pos] * n, list(range(n)), [True] * n)
-                rows = ctx.logits_rows(n)
-                toks = rows.argmax(axis=1).tolist()
-                pos += 1
-            bare = n * steps / (time.perf_counter() - t0)
-            for s in range(n):
-                ctx.remove_sequence(s)
-            gen = BatchGenerator(rt)
-            ids = [gen.submit(prompt, DecodeParams(method="selar", seed=i, max_tokens=steps + 2, ignore_eos=True))[0]
-                   for i in range(n)]
-            run_until_first(gen, set(ids))
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                gen.step()
-            ours = n * steps / (time.perf_counter() - t0)
-            gen.close()
-            out[n] = {"bare": bare, "selar_local": ours, "ratio": ours / bare}
-        del L
+            b, o, r = [], [], []
+            for rep in range(reps):
+                x, y = (bare(n), ours(n)) if rep % 2 == 0 else tuple(reversed((ours(n), bare(n))))
+                b.append(x), o.append(y), r.append(y / x)
+            out[n] = {"bare": statistics.median(b), "selar_local": statistics.median(o), "ratio": statistics.median(r)}
     finally:
         rt.close()
     return out
@@ -343,10 +361,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="prompt,stall,chat,group,host,batched")
     ap.add_argument("--json"), ap.add_argument("--markdown"), ap.add_argument("--plot")
+    ap.add_argument("--merge", action="store_true", help="keep the sections of --json not run now")
     args = ap.parse_args()
     sections = args.only.split(",")
     small = model_path(SMALL)
-    r: dict = {"build": build_info().summary, "cpus": len(os.sched_getaffinity(0)), "load": os.getloadavg()}
+    r: dict = {}
+    if args.merge and args.json and os.path.exists(args.json):
+        with open(args.json, encoding="utf-8") as fh:
+            r = json.load(fh)
+    r.update({"build": build_info().summary, "cpus": len(os.sched_getaffinity(0)), "load": os.getloadavg()})
 
     def log(msg):
         print(msg, file=sys.stderr, flush=True)

@@ -91,6 +91,12 @@ class BuildInfo:
     backends: tuple[str, ...]
 
     @property
+    def gpu_backend(self) -> bool:
+        """A GPU backend is built in (llama_supports_gpu_offload is also true for a build
+        with only the RPC backend, whose layers may run on another machine's CPU)."""
+        return any(name != "CPU" for name in self.backends)
+
+    @property
     def summary(self) -> str:
         kinds = ", ".join(self.backends) or "CPU"
         return f"llama-cpp-python {self.version}; backends: {kinds}; GPU offload: {'yes' if self.gpu_offload else 'no'}"

@@ -98,7 +98,7 @@ class Runtime:
         self.context = LlamaContext(self.model, n_ctx=n_ctx, n_batch=max(n_batch, n_parallel),
                                     n_seq_max=n_parallel, n_threads=n_threads, n_threads_batch=n_threads_batch,
                                     kv_unified=kv_unified)
-        offload = n_gpu_layers != 0 and self.build.gpu_offload
+        offload = n_gpu_layers != 0 and self.build.gpu_backend
         self.prefill_chunk = prefill_chunk or default_prefill_chunk(offload)
         self.slots = SlotTable(n_parallel, enabled=prompt_cache)
         # Stop strings every request gets (from the registry: e.g. a chat turn marker).
