@@ -41,6 +41,7 @@ from selar_local.policies import Policy, StepDecision, TokenInfo, make_policy
 from selar_local.sampling import token_logprobs
 
 _DECODE_ERRORS = (DecodeError, ContextOverflowError, ValueError)
+TILE_ROWS = 64  # rows of one tile of ggml's CPU matrix kernels (see BatchGenerator._decode_tokens)
 
 
 class LoopHost(Protocol):
@@ -224,12 +225,16 @@ class BatchGenerator:
     # rebuilds its graph whenever the input kind changes between consecutive decodes.
     STICKY_EMBEDDING_STEPS = 16
 
-    def __init__(self, runtime: LoopHost, *, batch_wide: bool = True):
+    def __init__(self, runtime: LoopHost, *, batch_wide: bool = True, prefill_chunk: int | None = None,
+                 whole_prompts_only: bool = False):
         self.runtime = runtime
         self.context = runtime.context
         self.slots = runtime.slots
-        self.prefill_chunk = max(1, int(runtime.prefill_chunk))
+        self.prefill_chunk = max(1, int(prefill_chunk or runtime.prefill_chunk))
         self.batch_wide = batch_wide  # False: each policy steps on its own row (the reference path)
+        # Reuse cells only for a whole prompt with its logits (exact), never a partial prefix
+        # (the rest would be batched differently from a fresh prefill): batch jobs.
+        self.whole_prompts_only = whole_prompts_only
         check = runtime.self_check
         # Rows may stand in for tokens without changing a single logit only where the
         # load-time self-check found the two paths bit-identical (max |diff| == 0).
@@ -293,7 +298,7 @@ class BatchGenerator:
         out = []
         for params in params_list:
             policy = make_policy(params, self.runtime.token_info, in_thinking=in_thinking)
-            plan = self.slots.plan(prompt_tokens)
+            plan = self.slots.plan(prompt_tokens, whole_only=self.whole_prompts_only)
             self.slots.take(plan.slot)
             seq = _Sequence(self._next_request, plan.slot, params, policy, prompt_tokens,
                             _TextStream(params.stop + self.runtime.stop_strings), started=started)
@@ -324,6 +329,8 @@ class BatchGenerator:
                 continue
             n = common_prefix(seq.prompt_tokens, other.prompt_tokens)
             whole = n == len(seq.prompt_tokens) == len(other.prompt_tokens)  # its logits come too
+            if self.whole_prompts_only and not whole:
+                continue
             usable = n if whole else min(n, len(seq.prompt_tokens) - 1)
             if usable > best_n and usable > other.fed:
                 best, best_n = other, usable
@@ -351,7 +358,8 @@ class BatchGenerator:
             if source.request_id in self._live and source.prefilling and source.fed < seq.wait_upto:
                 continue
             seq.source = None
-            self._start_from(seq, self.slots.plan(seq.prompt_tokens, slot=seq.slot))
+            self._start_from(seq, self.slots.plan(seq.prompt_tokens, slot=seq.slot,
+                                                  whole_only=self.whole_prompts_only))
 
     def cancel(self, request_id: int) -> None:
         """Stop a sequence now and free its slot (its cells stay as prompt cache)."""
@@ -400,17 +408,14 @@ class BatchGenerator:
 
     def _next_pieces(self, n_decoding: int) -> list[_Piece]:
         """The next prompt tokens to feed: one chunk while others decode (so no stream
-        waits for a whole prompt), a full batch when nothing else is live."""
+        waits for a whole prompt), a full batch when nothing else is live. One prompt per
+        step, the oldest first, so that each prompt's chunks start at multiples of the
+        chunk size from where its prefill began (see `_decode_tokens` for why)."""
         budget = min(self.prefill_chunk if n_decoding else self.context.n_batch, self.context.n_batch)
-        pieces = []
         for seq in self._live.values():  # admission order
-            if budget <= 0:
-                break
             if seq.prefilling:
-                n = min(budget, len(seq.prompt_tokens) - seq.fed)
-                pieces.append(_Piece(seq, seq.fed, seq.fed + n))
-                budget -= n
-        return pieces
+                return [_Piece(seq, seq.fed, min(len(seq.prompt_tokens), seq.fed + budget))]
+        return []
 
     def _decode_step(self, decoding: list[_Sequence], pieces: list[_Piece]) -> list[StepEvent]:
         ctx = self.context
@@ -419,8 +424,11 @@ class BatchGenerator:
         # llama.cpp splits a batch that spans streams unevenly into several ubatches, and a
         # 64-token chunk plus 4 live inputs took 519 ms merged against 320 + 30 ms apart
         # (SmolLM2, 1 thread); unified, 347 ms merged against 314 + 31 ms apart.
+        # Merged, the live rows must stay off the 64-row tiles (see `_decode_tokens`).
         merged = (pieces and ctx.kv_unified and not any(s.pending.soft for s in decoding)
-                  and len(decoding) + n_prompt <= ctx.n_batch)
+                  and len(decoding) + n_prompt <= ctx.n_batch
+                  and (n_prompt % TILE_ROWS == 0 or n_prompt + len(decoding) < TILE_ROWS)
+                  and len(decoding) < TILE_ROWS)
         if merged:  # one token batch: the chunk first, then the live inputs
             self._decode_tokens(decoding, pieces)
             self._since_soft += 1
@@ -437,10 +445,12 @@ class BatchGenerator:
 
     def _decode_tokens(self, decoding: list[_Sequence], pieces: list[_Piece]) -> None:
         """Prompt pieces first, live inputs last. The order matters for exactness: ggml's
-        CPU matrix kernels treat whole tiles of 64 rows and the remaining rows along
-        different paths whose results differ in the last bits, so chunks of a multiple of
-        64 tokens first keep every prompt token on the path it takes in an unchunked
-        prefill, and the few live inputs after them on the path of a plain decode step."""
+        CPU matrix kernels split a batch's rows into tiles and leftover rows, computed
+        along paths whose results differ in the last bits. Chunks of a multiple of 64
+        tokens from where a prefill began reproduced an unchunked prefill's logits exactly
+        on the tests' prompts (16-48-token chunks moved them by up to 0.6), though not in
+        every case (see generate_many); live inputs placed after the chunk keep the path
+        of a plain decode step."""
         tokens, positions, seq_ids, want = [], [], [], []
         for p in pieces:
             n = p.stop - p.start
@@ -698,13 +708,17 @@ def generate_many(
 ) -> list[GenerationResult]:
     """Run many prompts, up to runtime.n_parallel at a time, in one context.
     `on_finish(index, result)` is called as each one completes (for resumable runs).
-    Prompts shared by several items (seeds, methods) are prefilled once where their
-    sequences overlap: later ones copy the cells (see BatchGenerator)."""
+    A prompt shared by several items (seeds, methods) is prefilled once: later ones copy
+    its cells and logits (see BatchGenerator). For results that do not depend on the order
+    or on what ran before, to the bit, prompts go in whole batches (nobody watches a batch
+    job's streams) and only whole prompts are reused: a partial prefix or 64-token chunks
+    would batch the rest differently from a fresh prefill and move the last bits of its
+    logits (greedy answers of `selar bench` changed)."""
     if isinstance(params, DecodeParams):
         params = [params] * len(prompts)
     if len(params) != len(prompts):
         raise InvalidParameterError("one DecodeParams per prompt, or a single one for all")
-    generator = BatchGenerator(runtime)
+    generator = BatchGenerator(runtime, prefill_chunk=runtime.context.n_batch, whole_prompts_only=True)
     results: list[GenerationResult | None] = [None] * len(prompts)
     owner: dict[int, int] = {}
     queue = list(range(len(prompts)))

@@ -80,7 +80,7 @@ class SlotTable:
     def n_free(self) -> int:
         return sum(not s.busy for s in self.slots)
 
-    def reusable(self, slot: Slot, prompt: Sequence[int]) -> tuple[int, np.ndarray | None]:
+    def reusable(self, slot: Slot, prompt: Sequence[int], *, whole_only: bool = False) -> tuple[int, np.ndarray | None]:
         """Tokens of `prompt` this slot's cells can stand for, and the logits after them
         when the whole prompt is covered. At least the last prompt token is decoded again
         unless its logits were kept (the first step needs them)."""
@@ -89,9 +89,11 @@ class SlotTable:
         n = common_prefix(slot.tokens, prompt)
         if n == len(prompt) and slot.logits is not None and slot.logits_at == n:
             return n, slot.logits
+        if whole_only:  # a partial prefix changes how the rest is batched, hence the last bits
+            return 0, None
         return min(n, len(prompt) - 1), None
 
-    def plan(self, prompt: Sequence[int], slot: Slot | None = None) -> Plan:
+    def plan(self, prompt: Sequence[int], slot: Slot | None = None, *, whole_only: bool = False) -> Plan:
         """The slot for `prompt` (the given one, or the free slot that can reuse the most,
         least recently used on a tie) and the longest prefix it can start from: its own
         cells, or cells copied from another slot that holds more (busy ones included:
@@ -100,16 +102,16 @@ class SlotTable:
             free = [s for s in self.slots if not s.busy]
             if not free:
                 raise RuntimeError("no free sequence slot")
-            scored = [(self.reusable(s, prompt), s) for s in free]
+            scored = [(self.reusable(s, prompt, whole_only=whole_only), s) for s in free]
             (reuse, logits), slot = max(scored, key=lambda item: (item[0][0], item[0][1] is not None,
                                                                 -item[1].last_used))
         else:
-            reuse, logits = self.reusable(slot, prompt)
+            reuse, logits = self.reusable(slot, prompt, whole_only=whole_only)
         best = Plan(slot, reuse, None, logits)
         for other in self.slots:
             if other is slot:
                 continue
-            n, other_logits = self.reusable(other, prompt)
+            n, other_logits = self.reusable(other, prompt, whole_only=whole_only)
             if n > best.reuse or (n == best.reuse and other_logits is not None and best.logits is None):
                 best = Plan(slot, n, other, other_logits)
         return best

@@ -19,7 +19,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                        help="prompt-processing threads (default: all the CPUs, as llama.cpp)")
     group.add_argument("--prefill-chunk", type=int, default=None,
                        help="prompt tokens fed per step while other sequences decode, so that no stream "
-                            "waits for a whole prompt (default 64 on CPU, 256 with GPU offload; multiples of 64 keep the logits bit-identical)")
+                            "waits for a whole prompt (default 64 on CPU, 256 with a GPU backend; keep it a multiple of 64)")
     group.add_argument("--no-prompt-cache", dest="prompt_cache", action="store_false",
                        help="prefill every prompt in full (default: a slot keeps its KV cells, and the next "
                             "request sharing a prefix prefills only the rest)")
