@@ -34,6 +34,7 @@ from selar_local.errors import ContextOverflowError, DecodeError, ModelLoadError
 GGUF_MAGIC = b"GGUF"
 _LOG_LEVEL_ERROR = 3
 _LOG_LEVEL_CONT = 5
+_MROPE_TYPES = (8, 40)  # LLAMA_ROPE_TYPE_MROPE, LLAMA_ROPE_TYPE_IMROPE
 
 
 class _Bindings:
@@ -167,6 +168,14 @@ class LlamaModel:
         self.eog_ids = frozenset(t for t in range(self.n_vocab) if lib.llama_vocab_is_eog(self._vocab, t))
         self.bos_id = int(lib.llama_vocab_bos(self._vocab))
         self.eos_id = int(lib.llama_vocab_eos(self._vocab))
+        self.add_bos = bool(lib.llama_vocab_get_add_bos(self._vocab))
+        # M-RoPE models (qwen2vl, qwen3vl, qwen35, ...) read GGML_MROPE_SECTIONS = 4
+        # positions per embedding input (llama.cpp's n_pos_per_embd, not exported: the
+        # rope type says it). Their embedding batches need the 4n layout (LlamaContext).
+        self.n_pos_per_embd = 4 if int(lib.llama_model_rope_type(handle)) in _MROPE_TYPES else 1
+        # Recurrent state (mamba, rwkv) or a mix of attention and recurrent layers.
+        self.is_recurrent = bool(lib.llama_model_is_recurrent(handle))
+        self.is_hybrid = bool(lib.llama_model_is_hybrid(handle))
 
     # -- metadata ---------------------------------------------------------------------
     def metadata(self, key: str) -> str | None:
@@ -331,6 +340,13 @@ class LlamaContext:
         self._tokens = np.zeros(n, dtype=np.int32)
         self._embd = np.zeros((n, n_embd), dtype=np.float32)
         self._pos = np.zeros(n, dtype=np.int32)
+        # Embedding batches of M-RoPE models: llama.cpp reads 4 planes of n positions,
+        # pos[j*n + i] for j = temporal, height, width, extra, and expands a token batch
+        # to t = h = w = p, extra = 0. Measured on tiny qwen2vl and qwen3vl models: the
+        # layout [p..|p..|p..|0..] gives logits bit-identical to token input; with only n
+        # entries llama.cpp reads past the end of the buffer.
+        self._n_pos_per_embd = self.model.n_pos_per_embd
+        self._embd_pos = np.zeros(n * self._n_pos_per_embd, dtype=np.int32) if self._n_pos_per_embd > 1 else self._pos
         self._n_seq_id = np.ones(n, dtype=np.int32)
         self._seq_id = np.zeros(n, dtype=np.int32)
         self._logits = np.zeros(n, dtype=np.int8)
@@ -351,6 +367,7 @@ class LlamaContext:
 
         self._token_batch = batch(self._tokens.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), None)
         self._embd_batch = batch(None, self._embd.ctypes.data_as(ctypes.POINTER(ctypes.c_float)))
+        self._embd_batch.pos = self._embd_pos.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
         self._vocab_shape = (self.model.n_vocab,)
 
     # -- decoding ---------------------------------------------------------------------
@@ -408,6 +425,10 @@ class LlamaContext:
 
     def _decode(self, batch, n: int) -> None:
         batch.n_tokens = n
+        if batch is self._embd_batch and self._n_pos_per_embd > 1:
+            planes = self._embd_pos[: n * self._n_pos_per_embd].reshape(self._n_pos_per_embd, n)
+            planes[:3] = self._pos[:n]
+            planes[3:] = 0
         status = self._llama_decode(self._handle, batch)
         self.last_input_kind = "tokens" if batch is self._token_batch else "embeddings"
         if status != 0:

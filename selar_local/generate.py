@@ -23,6 +23,7 @@ from selar_local.errors import ContextOverflowError, DecodeError, InvalidParamet
 from selar_local.params import DecodeParams
 from selar_local.policies import Policy, StepDecision, make_policy
 from selar_local.sampling import token_logprobs
+from selar_local.thinking import SpanTracker
 
 if TYPE_CHECKING:  # pragma: no cover
     from selar_local.runtime import Runtime
@@ -47,12 +48,19 @@ class StepEvent:
     # shown token under the filtered distribution, and the most probable alternatives.
     logprob: float | None = None
     top_logprobs: tuple[tuple[int, float], ...] = ()
+    # The thinking span (selar_local/thinking.py): whether this token was generated inside
+    # it, and `text` split into reasoning and content (markers in neither). Without
+    # thinking markers, content == text.
+    thinking: bool = False
+    reasoning: str = ""
+    content: str = ""
 
     def trace_record(self, token_text: str) -> dict:
         record = {
             "index": self.index, "token": self.token, "text": token_text, "soft": self.soft,
             "entropy": round(self.entropy, 6),
             "top_ids": list(self.top_ids), "top_probs": [round(p, 6) for p in self.top_probs],
+            "thinking": self.thinking,
         }
         if self.soft:
             record["mix_ids"] = list(self.mix_ids)
@@ -74,6 +82,17 @@ class GenerationResult:
     decode_seconds: float
     effective_counts: list[float] = field(default_factory=list)  # N_eff of each soft input
     soft_flags: list[bool] = field(default_factory=list)  # per step: was the NEXT input soft
+    # Thinking span: the reasoning (markers stripped) and the answer after the span;
+    # answer is None for models without thinking markers (the whole text is the answer).
+    reasoning: str = ""
+    answer: str | None = None
+    think_tokens: int = 0  # tokens generated inside the span
+    thinking_flags: list[bool] = field(default_factory=list)  # per step: token inside the span
+
+    @property
+    def content(self) -> str:
+        """The answer: the text after the thinking span (all of it without markers)."""
+        return self.text if self.answer is None else self.answer
 
     @property
     def completion_tokens(self) -> int:
@@ -96,17 +115,19 @@ class _TextStream:
     """Incremental UTF-8 decoding plus stop strings, holding back any tail that could
     still become a stop string so that streamed text never has to be taken back."""
 
-    def __init__(self, stop: Sequence[str]):
+    def __init__(self, stop: Sequence[str], hold: Sequence[str] = ()):
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._stop = tuple(stop)
-        self._longest = max((len(s) for s in stop), default=0)
+        # `hold`: strings held back like stop strings but not stopping (thinking markers).
+        self._prefixes = self._stop + tuple(hold)
+        self._longest = max((len(s) for s in self._prefixes), default=0)
         self.text = ""
         self.released = 0
 
     def push(self, data: bytes) -> tuple[str, bool]:
         """Add a token's bytes; returns (text to release now, whether a stop string hit)."""
         self.text += self._decoder.decode(data)
-        if self._stop:
+        if self._prefixes:
             search_from = max(0, self.released - self._longest)
             hits = [i for i in (self.text.find(s, search_from) for s in self._stop) if i >= 0]
             if hits:
@@ -122,7 +143,7 @@ class _TextStream:
     def _holdback(self) -> int:
         tail = self.text[-self._longest:] if self._longest else ""
         for size in range(min(len(tail), self._longest), 0, -1):
-            if any(s.startswith(tail[-size:]) for s in self._stop):
+            if any(s.startswith(tail[-size:]) for s in self._prefixes):
                 return size
         return 0
 
@@ -141,6 +162,9 @@ class _Sequence:
     policy: Policy
     prompt_tokens: list[int]
     text: _TextStream
+    span: SpanTracker = field(default_factory=lambda: SpanTracker(None))
+    forced: list[int] = field(default_factory=list)  # tokens to emit next whatever the logits say
+    thinking_flags: list[bool] = field(default_factory=list)
     position: int = 0
     tokens: list[int] = field(default_factory=list)
     soft_steps: int = 0
@@ -207,14 +231,18 @@ class BatchGenerator:
         if len(params_list) > len(self._free_slots):
             raise RuntimeError(f"{len(params_list)} sequences need as many free slots; {len(self._free_slots)} "
                                "are free: wait for sequences to finish or raise n_parallel")
+        for params in params_list:
+            self.runtime.check_thinking_params(params)
         in_thinking = self.runtime.thinking_at_end(prompt_tokens)
+        span = getattr(self.runtime, "thinking_span", None)
         group = []
         for params in params_list:
             request_id = self._next_request
             self._next_request += 1
             policy = make_policy(params, self.runtime.token_info, in_thinking=in_thinking)
+            tracker = SpanTracker(span, bool(in_thinking))
             seq = _Sequence(request_id, self._free_slots.pop(0), params, policy, prompt_tokens,
-                            _TextStream(params.stop + self.runtime.stop_strings))
+                            _TextStream(params.stop + self.runtime.stop_strings, tracker.hold_strings), tracker)
             self._live[request_id] = seq
             group.append(seq)
         started = time.perf_counter()
@@ -333,17 +361,42 @@ class BatchGenerator:
         self._finished.pop(request_id, None)
         return self._errors.pop(request_id)
 
+    def _decide(self, seq: _Sequence, logits: np.ndarray) -> StepDecision:
+        """The policy's step, unless the thinking span must close: a budget spent
+        (max_think_tokens) or Cold Stop. Then the close marker (and the answer's opening)
+        is emitted token by token as discrete steps, as the Soft Thinking and
+        SwiReasoning code do."""
+        policy, span = seq.policy, seq.span
+        if seq.forced:
+            return policy.forced_step(logits, seq.forced.pop(0))
+        budget = seq.params.max_think_tokens
+        if budget is not None and span.in_span and span.think_tokens >= budget:
+            seq.forced = list(span.span.forced_close)
+            return policy.forced_step(logits, seq.forced.pop(0))
+        policy.in_thinking = span.in_thinking
+        decision = policy.step(logits)
+        if getattr(policy, "close_requested", False):
+            policy.close_requested = False
+            if span.in_span:
+                seq.forced = list(span.span.forced_close)
+                return policy.forced_step(logits, seq.forced.pop(0))
+        return decision
+
     def _advance(self, seq: _Sequence, logits: np.ndarray) -> StepEvent | None:
         """Ask the policy for the next step; apply stop conditions; build the event."""
-        decision = seq.policy.step(logits)
+        decision = self._decide(seq, logits)
         token = decision.token
         index = len(seq.tokens)
         if token in self._eog_ids:
             return self._finish(seq, decision, index, "stop", seq.text.finish())
+        thinking = seq.span.in_span
         seq.tokens.append(token)
         seq.entropies.append(decision.entropy)
         seq.soft_flags.append(False)
+        seq.thinking_flags.append(thinking)
+        offset_before = len(seq.text.text)
         text, stopped = seq.text.push(self.runtime.model.token_bytes(token))
+        seq.span.push(token, offset_before, seq.text.text)
         if stopped:
             return self._finish(seq, decision, index, "stop", text)
         if len(seq.tokens) >= seq.params.max_tokens or seq.position + 1 > self.context.n_ctx:
@@ -354,7 +407,8 @@ class BatchGenerator:
             w = decision.mix_weights
             seq.effective_counts.append(float(1.0 / np.dot(w, w)))
         seq.pending = decision
-        return _event(seq.request_id, index, decision, text, decision.soft, None, self._logprobs(seq, decision))
+        return _event(seq.request_id, index, decision, text, decision.soft, None, self._logprobs(seq, decision),
+                      self._split(seq, thinking))
 
     def _finish(self, seq: _Sequence, decision: StepDecision, index: int, reason: str, text: str) -> StepEvent:
         seq.finish_reason = reason
@@ -362,8 +416,14 @@ class BatchGenerator:
         self._live.pop(seq.request_id, None)
         self._release_slot(seq)
         self._finished[seq.request_id] = seq
+        thinking = bool(seq.thinking_flags) and len(seq.thinking_flags) > index and seq.thinking_flags[index]
         return _event(seq.request_id, index, decision, text, False, reason,
-                      self._logprobs(seq, decision) if reason != "error" else None)
+                      self._logprobs(seq, decision) if reason != "error" else None, self._split(seq, thinking))
+
+    @staticmethod
+    def _split(seq: _Sequence, thinking: bool) -> tuple[bool, str, str]:
+        reasoning, content = seq.span.route(seq.text.released, seq.text.text)
+        return thinking, reasoning, content
 
     @staticmethod
     def _logprobs(seq: _Sequence, decision: StepDecision) -> tuple[float, tuple] | None:
@@ -377,16 +437,18 @@ class BatchGenerator:
         """The finished sequence's result (each result can be taken once)."""
         seq = self._finished.pop(request_id)
         decode_seconds = time.perf_counter() - seq.started - seq.prefill_seconds
+        reasoning, answer = seq.span.split(seq.text.text)
         return GenerationResult(
             text=seq.text.text, tokens=seq.tokens, prompt_tokens=len(seq.prompt_tokens),
             finish_reason=seq.finish_reason or "stop", soft_steps=seq.soft_steps, entropies=seq.entropies,
             prefill_seconds=seq.prefill_seconds, decode_seconds=decode_seconds,
             effective_counts=seq.effective_counts, soft_flags=seq.soft_flags,
+            reasoning=reasoning, answer=answer, think_tokens=seq.span.think_tokens, thinking_flags=seq.thinking_flags,
         )
 
 
 def _event(request_id: int, index: int, d: StepDecision, text: str, soft: bool, reason: str | None,
-           logprobs: tuple[float, tuple] | None = None) -> StepEvent:
+           logprobs: tuple[float, tuple] | None = None, split: tuple[bool, str, str] = (False, "", "")) -> StepEvent:
     # ndarray.tolist() gives the same Python ints/floats as int()/float() per element,
     # in one C call.
     mix_ids = _ints(d.mix_ids) if soft else ()
@@ -394,7 +456,7 @@ def _event(request_id: int, index: int, d: StepDecision, text: str, soft: bool, 
     return StepEvent(
         request_id, index, d.token, text, soft, float(d.entropy),
         _ints(d.top_ids), _floats(d.top_probs), mix_ids, mix_w, reason,
-        *(logprobs or (None, ())),
+        *(logprobs or (None, ())), *split,
     )
 
 

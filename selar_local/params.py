@@ -36,6 +36,9 @@ class DecodeParams:
     lam: float = 1.0         # contrastive push away from the dominant token
     ks: int = 3              # candidates in the gate's entropy and the soft mixture
     thinking_only: bool = False  # gate only inside <think>...</think>
+    # Thinking budget: after this many tokens inside the span, the close marker is
+    # emitted and the answer follows (None: no budget). Needs a model with thinking markers.
+    max_think_tokens: int | None = None
     # Soft Thinking
     soft_topk: int = 10              # max_topk of the soft mixture
     cold_stop_entropy: float = 0.01  # Cold Stop threshold on full-vocab entropy (nats)
@@ -67,6 +70,8 @@ class DecodeParams:
         _check(_finite(self.tau) and self.tau >= 0, "tau", self.tau,
                "a number >= 0 (the gate compares a normalised entropy in [0, 1]; tau > 1 disables it)")
         _check(_finite(self.lam) and self.lam >= 0, "lam", self.lam, "a number >= 0")
+        _check(self.max_think_tokens is None or (_is_int(self.max_think_tokens) and self.max_think_tokens >= 0),
+               "max_think_tokens", self.max_think_tokens, "an integer >= 0, or None for no budget")
         _check(_is_int(self.ks) and 2 <= self.ks <= MAX_MIXTURE_SIZE, "ks", self.ks,
                f"an integer in [2, {MAX_MIXTURE_SIZE}] (entropy over one token is 0; larger mixtures cost every step)")
         if self.top_k:

@@ -50,6 +50,9 @@ class Policy:
         self.info = info
         self.rng = np.random.default_rng(params.seed)
         self.last_dist: Distribution | None = None  # the last step's filtered distribution (logprobs)
+        # Set by a policy that wants the thinking span closed now (Soft Thinking's Cold
+        # Stop); the loop then emits the model's close marker and clears the flag.
+        self.close_requested = False
         # Models without thinking tags: the whole answer counts as the thinking span.
         self.in_thinking = (info.think_open is None) if in_thinking is None else in_thinking
 
@@ -60,6 +63,14 @@ class Policy:
         p = self.params
         self.last_dist = filter_logits(logits, p.temperature, p.top_k, p.top_p, p.min_p)
         return self.last_dist
+
+    def forced_step(self, logits: np.ndarray, token: int) -> StepDecision:
+        """A discrete step showing `token` whatever the logits say (a marker the loop
+        injects), with the usual statistics of the logits for traces."""
+        dist = self._filtered(logits)
+        ids, weights, h = normalized_topk(dist, self.params.ks)
+        self._track_thinking(token)
+        return _discrete(token, h, ids, weights)
 
     def _choose(self, dist: Distribution) -> int:
         return int(dist.ids[0]) if self.params.greedy else sample(dist, self.rng)
@@ -128,8 +139,10 @@ class SoftThinkingPolicy(Policy):
             self._track_thinking(token)
             return _discrete(token, h, top_ids, top_w)
         if self._cold_stop_due(logits):
-            # Emit </think> (or, without thinking tags, simply continue discretely).
+            # Emit </think> (or, without thinking tags, simply continue discretely). The
+            # loop replaces this step by the model's whole close marker where it has one.
             self.cold_stopped = True
+            self.close_requested = True
             if self.info.think_close is not None:
                 self.in_thinking = False
                 return _discrete(self.info.think_close, h, top_ids, top_w)

@@ -10,27 +10,26 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from selar_local.chat import render_jinja_template
+from selar_local.chat import render_chat
 from selar_local.embeddings import EmbeddingTable, input_scale_for
 from selar_local.engine import LlamaContext, LlamaModel, set_verbose
-from selar_local.errors import ContextOverflowError, UnsupportedModelError
+from selar_local.errors import ContextOverflowError, InvalidParameterError, UnsupportedModelError
 from selar_local.generate import GenerationResult, StepEvent, generate_many, stream_tokens
 from selar_local.mathsym import math_symbol_mask
 from selar_local.params import DecodeParams
 from selar_local.policies import TokenInfo
+from selar_local.thinking import SpanTokens, ThinkingMarkers, detect_markers, prompt_leaves_thinking
 
 # Architectures whose embedding-input path differs from the token path in ways rows
-# cannot fix: per-layer token inputs (gemma3n, gemma4) or M-RoPE, which wants several
-# positions per embedding input. Token decoding (cot) still works on them.
+# cannot fix: per-layer token inputs (gemma3n, gemma4). Token decoding (cot) still works
+# on them. M-RoPE models (qwen2vl, qwen3vl, qwen35, ...) are not here: the engine gives
+# their embedding batches the 4-plane positions llama.cpp expects, and the self-check
+# proves it per model (docs/MODELS.md).
 EMBEDDING_INPUT_UNSUPPORTED = {
     "gemma3n": "per-layer token embeddings are computed from token ids only",
     "gemma4": "per-layer token embeddings are computed from token ids only",
-    "qwen2vl": "M-RoPE needs several positions per embedding input",
-    "qwen3vl": "M-RoPE needs several positions per embedding input",
-    "qwen3vlmoe": "M-RoPE needs several positions per embedding input",
 }
 SELF_CHECK_TOLERANCE = 1e-3  # max |logit difference|; measured 0.0 on llama, qwen2, gemma3
-THINK_TAGS = ("<think>", "</think>")
 
 
 @dataclass(frozen=True)
@@ -57,7 +56,7 @@ class Runtime:
         n_gpu_layers: int = -1,
         verbose: bool = False,
         embedding_cache_bytes: int = 64 << 20,
-        think_tags: tuple[str, str] | None = None,
+        think_tags: Sequence[str] | None = None,
         stop_strings: Sequence[str] = (),
     ):
         set_verbose(verbose)
@@ -68,12 +67,15 @@ class Runtime:
                                     n_seq_max=n_parallel, n_threads=n_threads)
         # Stop strings every request gets (from the registry: e.g. a chat turn marker).
         self.stop_strings = tuple(stop_strings)
-        think_open, think_close = (self.model.single_token(tag) for tag in (think_tags or THINK_TAGS))
-        if think_open is None or think_close is None:
-            think_open = think_close = None
+        # Thinking markers: the registry's (think_tags: () for a model without any), else
+        # recognised from the vocabulary (<think>/</think>, gpt-oss's analysis channel).
+        self.thinking_span = thinking_span_for(self.model, think_tags)
+        span = self.thinking_span
         mask = math_symbol_mask(lambda s: self.model.tokenize(s, add_special=False, parse_special=False),
                                 self.model.n_vocab)
-        self.token_info = TokenInfo(self.model.n_vocab, mask, think_open, think_close)
+        # Policies track single-token markers themselves; the loop's SpanTracker handles all.
+        single = (span.single_open, span.single_close) if span is not None else (None, None)
+        self.token_info = TokenInfo(self.model.n_vocab, mask, *(single if None not in single else (None, None)))
         self.table: EmbeddingTable | None = None
         self.self_check = self._load_embedding_rows(embedding_cache_bytes)
 
@@ -138,24 +140,22 @@ class Runtime:
             )
 
     # -- prompts ----------------------------------------------------------------------
-    def chat_prompt(self, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> str:
-        """Messages through the model's chat template: llama.cpp's built-in engine first,
-        the template's own Jinja source (sandboxed) where llama.cpp does not know it."""
-        text = self.model.apply_builtin_chat_template(messages, add_generation_prompt=add_generation_prompt)
-        if text is None:
-            text = render_jinja_template(
-                self.model.chat_template() or "", messages, add_generation_prompt=add_generation_prompt,
-                bos_token=self.model.token_text(self.model.bos_id), eos_token=self.model.token_text(self.model.eos_id),
-            )
-        return text
+    def chat_prompt(self, messages: Sequence[dict], *, add_generation_prompt: bool = True,
+                    tools: Sequence[dict] | None = None, template_kwargs: dict | None = None) -> str:
+        """Messages through the model's own Jinja chat template (sandboxed), with
+        `tools` and template keyword arguments such as enable_thinking; llama.cpp's
+        built-in engine where the template cannot be rendered."""
+        return render_chat(self.model, messages, add_generation_prompt=add_generation_prompt, tools=tools,
+                           template_kwargs=template_kwargs)
 
-    def encode(self, prompt: str | None = None, *, messages: Sequence[dict] | None = None) -> list[int]:
+    def encode(self, prompt: str | None = None, *, messages: Sequence[dict] | None = None,
+               tools: Sequence[dict] | None = None, template_kwargs: dict | None = None) -> list[int]:
         """Tokens of a raw prompt, or of chat messages through the model's template."""
         if (prompt is None) == (messages is None):
             raise ValueError("give exactly one of prompt or messages")
-        text = prompt if messages is None else self.chat_prompt(messages)
-        # Chat templates write the BOS text themselves; add it only for raw prompts.
-        return self.model.tokenize(text, add_special=messages is None, parse_special=True)
+        if messages is None:
+            return self.model.tokenize(prompt, add_special=True, parse_special=True)
+        return chat_tokens(self.model, self.chat_prompt(messages, tools=tools, template_kwargs=template_kwargs))
 
     def check_prompt_fits(self, n_prompt_tokens: int) -> None:
         if n_prompt_tokens == 0:
@@ -167,13 +167,17 @@ class Runtime:
             )
 
     def thinking_at_end(self, prompt_tokens: Sequence[int]) -> bool | None:
-        """Whether the prompt leaves the model inside <think>; None without think tags."""
-        info = self.token_info
-        if info.think_open is None:
+        """Whether the prompt leaves the model inside its thinking span; None without markers."""
+        if self.thinking_span is None:
             return None
-        last_open = max((i for i, t in enumerate(prompt_tokens) if t == info.think_open), default=-1)
-        last_close = max((i for i, t in enumerate(prompt_tokens) if t == info.think_close), default=-1)
-        return last_open > last_close
+        return prompt_leaves_thinking(self.thinking_span, prompt_tokens)
+
+    def check_thinking_params(self, params: DecodeParams) -> None:
+        """A thinking budget needs a span to end."""
+        if params.max_think_tokens is not None and self.thinking_span is None:
+            raise InvalidParameterError(
+                f"invalid max_think_tokens={params.max_think_tokens!r}: this model has no thinking markers "
+                "(no <think> tokens, none in the registry), so there is no thinking span to budget")
 
     # -- generation -------------------------------------------------------------------
     def stream(self, prompt: str | None = None, params: DecodeParams | None = None, *,
@@ -205,6 +209,32 @@ class Runtime:
         self.close()
 
 
+def thinking_span_for(model: LlamaModel, think_tags: Sequence[str] | None) -> SpanTokens | None:
+    """The model's thinking markers tokenised. think_tags: from the registry (an empty
+    sequence: the model has none); None: recognise them from the vocabulary."""
+    if think_tags is None:
+        markers = detect_markers(model.single_token)
+    elif len(think_tags) == 0:
+        markers = None
+    else:
+        markers = ThinkingMarkers.from_tags(tuple(think_tags))
+    if markers is None:
+        return None
+    return SpanTokens.build(markers, lambda text: model.tokenize(text, add_special=False, parse_special=True))
+
+
+def chat_tokens(model: LlamaModel, text: str) -> list[int]:
+    """Tokens of a rendered chat prompt with exactly the BOS the model wants, as
+    llama-server does: where the vocabulary adds BOS itself, a BOS the template wrote
+    is removed first (no double BOS); elsewhere the template's text is taken as is."""
+    if model.add_bos:
+        bos = model.token_text(model.bos_id) if model.bos_id >= 0 else ""
+        if bos and text.startswith(bos):
+            text = text[len(bos):]
+        return model.tokenize(text, add_special=True, parse_special=True)
+    return model.tokenize(text, add_special=False, parse_special=True)
+
+
 def load(model: str | os.PathLike | None = None, **kwargs) -> Runtime:
     """Load a model by registry name or path (None: the embedded default model)."""
     from selar_local.registry import entry_for_path, resolve_model
@@ -212,6 +242,6 @@ def load(model: str | os.PathLike | None = None, **kwargs) -> Runtime:
     path = resolve_model(None if model is None else str(model))
     entry = entry_for_path(path)
     if entry is not None:  # the registry knows this model's conventions
-        kwargs.setdefault("think_tags", entry.think_tags)
+        kwargs.setdefault("think_tags", entry.think_tags or ())  # `think=-`: no markers
         kwargs.setdefault("stop_strings", entry.stop_strings)
     return Runtime(path, **kwargs)

@@ -68,9 +68,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"self-check        {'PASS' if check.passed else 'FAIL'}: max |logit diff| = {diff} "
               f"({check.detail})", file=out)
         template = model.chat_template()
-        print(f"chat template     {'from the model' if template else 'none in the file (chatml is used)'}", file=out)
-        thinking = runtime.token_info.think_open is not None
-        print(f"thinking tags     {'<think> and </think> are single tokens' if thinking else 'none'}", file=out)
+        source = "from the model" if template else "none in the file (llama.cpp's built-in one for the family)"
+        print(f"chat template     {source}", file=out)
+        span = runtime.thinking_span
+        markers = f"{span.markers.open!r} ... {span.markers.close!r}" if span is not None else "none"
+        print(f"thinking markers  {markers}", file=out)
         print(line, file=out)
         if check.passed:
             print(f"VERDICT: OK - soft decoding is supported on {model.architecture}: "
