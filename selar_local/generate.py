@@ -418,11 +418,12 @@ class BatchGenerator:
         self._finished[seq.request_id] = seq
         thinking = bool(seq.thinking_flags) and len(seq.thinking_flags) > index and seq.thinking_flags[index]
         return _event(seq.request_id, index, decision, text, False, reason,
-                      self._logprobs(seq, decision) if reason != "error" else None, self._split(seq, thinking))
+                      self._logprobs(seq, decision) if reason != "error" else None,
+                      self._split(seq, thinking, final=True))
 
     @staticmethod
-    def _split(seq: _Sequence, thinking: bool) -> tuple[bool, str, str]:
-        reasoning, content = seq.span.route(seq.text.released, seq.text.text)
+    def _split(seq: _Sequence, thinking: bool, final: bool = False) -> tuple[bool, str, str]:
+        reasoning, content = seq.span.route(seq.text.released, seq.text.text, final=final)
         return thinking, reasoning, content
 
     @staticmethod

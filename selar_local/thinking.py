@@ -119,6 +119,7 @@ class SpanTracker:
         self._recent: deque[tuple[int, int]] = deque(maxlen=longest)  # (token, text offset before it)
         self._answer_progress = 0
         self._close_end = 0
+        self._pending_from: int | None = None  # text from here may still become a marker
         self._begun = {REASONING: False, CONTENT: False}
 
     # -- state ------------------------------------------------------------------------
@@ -148,6 +149,22 @@ class SpanTracker:
         if span is None:
             return
         self._recent.append((token, offset_before))
+        self._step(token, offset_before, text)
+        self._pending_from = self._partial_marker_start()
+
+    def _partial_marker_start(self) -> int | None:
+        """Where the latest tokens begin a marker by id without completing it (their
+        text, such as gpt-oss's channel name, must not be routed yet)."""
+        if self._state == _CLOSING:
+            return self._close_end
+        ids = self.span.close_ids if self._state == _THINKING else self.span.open_ids
+        for k in range(min(len(ids) - 1, len(self._recent)), 0, -1):
+            if all(self._recent[-k + i][0] == ids[i] for i in range(k)):
+                return self._recent[-k][1]
+        return None
+
+    def _step(self, token: int, offset_before: int, text: str) -> None:
+        span = self.span
         if self._state == _THINKING:
             hit = self._find(span.close_ids, span.markers.close, offset_before, text)
             if hit is None:
@@ -204,13 +221,18 @@ class SpanTracker:
             if lo < hi:
                 yield kind, text[lo:hi]
 
-    def route(self, upto: int, text: str) -> tuple[str, str]:
+    def route(self, upto: int, text: str, *, final: bool = False) -> tuple[str, str]:
         """Reasoning and content among text[previous upto : upto] (streaming deltas;
-        whitespace at the start of each is dropped, as the final split does)."""
+        whitespace at the start of each is dropped, as the final split does). Text that
+        may still turn out to be a marker waits, unless this is the final call."""
         if self.span is None:
             out = text[self._routed:upto]
             self._routed = max(self._routed, upto)
             return "", out
+        if not final and self._pending_from is not None:
+            upto = min(upto, self._pending_from)
+        if final:
+            self._settle()
         out = {REASONING: [], CONTENT: []}
         for kind, piece in self._pieces(self._routed, upto, text):
             if kind == MARKER:
@@ -222,10 +244,16 @@ class SpanTracker:
         self._routed = max(self._routed, upto)
         return "".join(out[REASONING]), "".join(out[CONTENT])
 
+    def _settle(self) -> None:
+        if self._state == _CLOSING:  # ended inside the answer header: what follows the close is content
+            self._bounds.append((self._close_end, CONTENT))
+            self._state = _ANSWER
+
     def split(self, text: str) -> tuple[str, str | None]:
         """(reasoning, answer) of the whole output; answer None without markers."""
         if self.span is None:
             return "", None
+        self._settle()
         parts = {REASONING: [], CONTENT: [], MARKER: []}
         for kind, piece in self._pieces(0, len(text), text):
             parts[kind].append(piece)
