@@ -82,6 +82,8 @@ class GenerationResult:
     decode_seconds: float
     effective_counts: list[float] = field(default_factory=list)  # N_eff of each soft input
     soft_flags: list[bool] = field(default_factory=list)  # per step: was the NEXT input soft
+    # per token, when DecodeParams.logprobs asked: (log p of the token, ((id, log p), ...))
+    logprobs: list[tuple[float, tuple]] = field(default_factory=list)
     # Thinking span: the reasoning (markers stripped) and the answer after the span;
     # answer is None for models without thinking markers (the whole text is the answer).
     reasoning: str = ""
@@ -171,6 +173,7 @@ class _Sequence:
     entropies: list[float] = field(default_factory=list)
     effective_counts: list[float] = field(default_factory=list)
     soft_flags: list[bool] = field(default_factory=list)
+    logprobs: list[tuple[float, tuple]] = field(default_factory=list)
     pending: StepDecision | None = None
     finish_reason: str | None = None
     prefill_seconds: float = 0.0
@@ -195,6 +198,7 @@ class BatchGenerator:
                                 and check.max_abs_diff == 0.0)
         self._since_soft = self.STICKY_EMBEDDING_STEPS  # steps since the last soft input
         self._eog_ids = runtime.model.eog_ids
+        self._eog_list = sorted(self._eog_ids)
         self._free_slots = list(range(runtime.n_parallel))
         self._live: dict[int, _Sequence] = {}
         self._finished: dict[int, _Sequence] = {}
@@ -205,6 +209,10 @@ class BatchGenerator:
     @property
     def free_slots(self) -> int:
         return len(self._free_slots)
+
+    def kv_cells_in_use(self) -> int:
+        """KV cells held by all slots (0 when every sequence has ended or been cancelled)."""
+        return sum(self.context.sequence_length(slot) for slot in range(self.runtime.n_parallel))
 
     @property
     def live_requests(self) -> list[int]:
@@ -384,41 +392,47 @@ class BatchGenerator:
 
     def _advance(self, seq: _Sequence, logits: np.ndarray) -> StepEvent | None:
         """Ask the policy for the next step; apply stop conditions; build the event."""
+        if seq.params.ignore_eos:  # a copy: the buffer may be shared by a group's sequences
+            logits = logits.copy()
+            logits[self._eog_list] = -np.inf
         decision = self._decide(seq, logits)
         token = decision.token
         index = len(seq.tokens)
-        if token in self._eog_ids:
+        if token in self._eog_ids:  # not part of the output: no log-probability either
             return self._finish(seq, decision, index, "stop", seq.text.finish())
+        logprobs = self._logprobs(seq, decision)
         thinking = seq.span.in_span
         seq.tokens.append(token)
         seq.entropies.append(decision.entropy)
         seq.soft_flags.append(False)
         seq.thinking_flags.append(thinking)
+        if logprobs is not None:
+            seq.logprobs.append(logprobs)
         offset_before = len(seq.text.text)
         text, stopped = seq.text.push(self.runtime.model.token_bytes(token))
         seq.span.push(token, offset_before, seq.text.text)
         if stopped:
-            return self._finish(seq, decision, index, "stop", text)
+            return self._finish(seq, decision, index, "stop", text, logprobs)
         if len(seq.tokens) >= seq.params.max_tokens or seq.position + 1 > self.context.n_ctx:
-            return self._finish(seq, decision, index, "length", text + seq.text.finish())
+            return self._finish(seq, decision, index, "length", text + seq.text.finish(), logprobs)
         if decision.soft:
             seq.soft_steps += 1
             seq.soft_flags[-1] = True
             w = decision.mix_weights
             seq.effective_counts.append(float(1.0 / np.dot(w, w)))
         seq.pending = decision
-        return _event(seq.request_id, index, decision, text, decision.soft, None, self._logprobs(seq, decision),
+        return _event(seq.request_id, index, decision, text, decision.soft, None, logprobs,
                       self._split(seq, thinking))
 
-    def _finish(self, seq: _Sequence, decision: StepDecision, index: int, reason: str, text: str) -> StepEvent:
+    def _finish(self, seq: _Sequence, decision: StepDecision, index: int, reason: str, text: str,
+                logprobs: tuple[float, tuple] | None = None) -> StepEvent:
         seq.finish_reason = reason
         seq.pending = None
         self._live.pop(seq.request_id, None)
         self._release_slot(seq)
         self._finished[seq.request_id] = seq
         thinking = bool(seq.thinking_flags) and len(seq.thinking_flags) > index and seq.thinking_flags[index]
-        return _event(seq.request_id, index, decision, text, False, reason,
-                      self._logprobs(seq, decision) if reason != "error" else None,
+        return _event(seq.request_id, index, decision, text, False, reason, logprobs,
                       self._split(seq, thinking, final=True))
 
     @staticmethod
@@ -443,7 +457,7 @@ class BatchGenerator:
             text=seq.text.text, tokens=seq.tokens, prompt_tokens=len(seq.prompt_tokens),
             finish_reason=seq.finish_reason or "stop", soft_steps=seq.soft_steps, entropies=seq.entropies,
             prefill_seconds=seq.prefill_seconds, decode_seconds=decode_seconds,
-            effective_counts=seq.effective_counts, soft_flags=seq.soft_flags,
+            effective_counts=seq.effective_counts, soft_flags=seq.soft_flags, logprobs=seq.logprobs,
             reasoning=reasoning, answer=answer, think_tokens=seq.span.think_tokens, thinking_flags=seq.thinking_flags,
         )
 

@@ -30,6 +30,7 @@ class DecodeParams:
     seed: int = 41
     greedy: bool = False     # shown token = argmax instead of a sample
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # as llama-server: end-of-generation tokens are never drawn
     logprobs: int | None = None  # None: no log-probabilities; n >= 0: the shown token's and n alternatives
     # SeLaR
     tau: float = 0.5         # entropy gate threshold; > 1 never opens the gate
