@@ -126,8 +126,8 @@ class Arch:
     vocab: str = "smollm2"
     hparams: dict = field(default_factory=dict)  # key suffix (after "ARCH.") -> value
     label: str = ""               # file/row name when not the architecture's own
-    # Per-layer tensors the graph uses although the loader marks them optional (so no
-    # error names them): name after "blk.N." -> shape.
+    # Tensors the graph uses although the loader marks them optional (so no error names
+    # them): a name after "blk.N." (every layer) or a full name -> shape.
     layer_tensors: dict = field(default_factory=dict)
 
 
@@ -136,6 +136,8 @@ def _mrope(**extra):
 
 
 _MOE = {"expert_count": 4, "expert_used_count": 2, "expert_feed_forward_length": 32}
+# gated delta net layers (qwen35, qwen3next): fused qkv and gate, optional for the loader
+_DELTA_NET = {"blk.0.attn_qkv.weight": (N_EMBD, 2 * 16 + 128), "blk.0.attn_gate.weight": (N_EMBD, 128)}
 _SSM = {"ssm.conv_kernel": 4, "ssm.inner_size": 128, "ssm.state_size": 16, "ssm.time_step_rank": 4,
         "ssm.group_count": 1}
 
@@ -155,11 +157,11 @@ ARCHITECTURES = [
     Arch("qwen2vl", "qwen2", _mrope()),
     Arch("qwen3vl", "qwen2", _mrope()),
     Arch("qwen3vlmoe", "qwen2", _mrope(**_MOE)),
-    Arch("qwen35", "qwen2", _mrope(**_SSM, full_attention_interval=2)),
+    Arch("qwen35", "qwen2", _mrope(**_SSM, full_attention_interval=2), layer_tensors=_DELTA_NET),
     Arch("qwen35moe", "qwen2", _mrope(**_SSM, **_MOE, full_attention_interval=2,
-                                      expert_shared_feed_forward_length=32)),
+                                      expert_shared_feed_forward_length=32), layer_tensors=_DELTA_NET),
     Arch("qwen3next", "qwen2", {**_SSM, **_MOE, "full_attention_interval": 2,
-                                "expert_shared_feed_forward_length": 32}),
+                                "expert_shared_feed_forward_length": 32}, layer_tensors=_DELTA_NET),
     Arch("granitehybrid", "smollm2", {**_SSM, "attention.head_count_kv": [0, N_HEAD_KV]}),
     Arch("nemotron_h", "smollm2", {**_SSM, "attention.head_count_kv": [0, N_HEAD_KV],
                                    "feed_forward_length": [0, N_FF], "attention.layer_norm_epsilon": 1e-5}),
@@ -270,8 +272,13 @@ def build(arch: Arch, out_dir: Path, tokenizer_kv, n_vocab: int, *, known: dict 
         tensors = {name: tuple(n_vocab if d == -1 else d for d in shape) for name, shape in known.items()}
     else:
         tensors = {"token_embd.weight": (N_EMBD, n_vocab), "output_norm.weight": (N_EMBD,)}
-    seeded = {f"blk.{i}.{name}": tuple(shape) for i in range(N_LAYER) for name, shape in arch.layer_tensors.items()}
+    seeded = {name: tuple(shape) for name, shape in arch.layer_tensors.items() if name.startswith("blk.")}
+    seeded.update({f"blk.{i}.{name}": tuple(shape) for i in range(N_LAYER)
+                   for name, shape in arch.layer_tensors.items() if not name.startswith("blk.")})
     tensors.update(seeded)
+    # An output head of its own (not tied to token_embd): a tied random model mostly
+    # repeats its input token. Dropped where the architecture has no such tensor.
+    tensors.setdefault("output.weight", (N_EMBD, n_vocab))
     guessed: set[str] = set()  # later layers given layer 0's tensors before the loader asked
     requested = {"token_embd.weight", *seeded}  # tensors the loader named (or the graph needs)
     guessing = True

@@ -93,7 +93,15 @@ def render_chat(model, messages: Sequence[Mapping[str, Any]], *, add_generation_
                 tools: Sequence[Mapping] | None = None, template_kwargs: Mapping[str, Any] | None = None) -> str:
     """`model`'s chat prompt for `messages`: its own Jinja template first; llama.cpp's
     built-in engine when the model has no template or Jinja cannot render it (the
-    built-in engine knows neither tools nor template keyword arguments)."""
+    built-in engine knows neither tools nor template keyword arguments).
+
+    A last message from the assistant is a prefill, as llama-server treats it: the
+    conversation before it gets the generation prompt, then its text follows verbatim
+    and the model continues it (e.g. "<think>\n" to start inside the thinking span)."""
+    if add_generation_prompt and len(messages) > 1 and messages[-1].get("role") == "assistant":
+        head = render_chat(model, messages[:-1], add_generation_prompt=True, tools=tools,
+                           template_kwargs=template_kwargs)
+        return head + (messages[-1].get("content") or "")
     template = model.chat_template()
     error: ModelLoadError | None = None
     if template:

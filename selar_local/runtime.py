@@ -181,14 +181,15 @@ class Runtime:
 
     # -- generation -------------------------------------------------------------------
     def stream(self, prompt: str | None = None, params: DecodeParams | None = None, *,
-               messages: Sequence[dict] | None = None) -> Iterator[StepEvent]:
-        """Stream step events; the generator returns the GenerationResult at the end."""
+               messages: Sequence[dict] | None = None, template_kwargs: dict | None = None) -> Iterator[StepEvent]:
+        """Stream step events; the generator returns the GenerationResult at the end.
+        template_kwargs: chat template variables, e.g. {"enable_thinking": False}."""
         params = params or DecodeParams()
-        return stream_tokens(self, self.encode(prompt, messages=messages), params)
+        return stream_tokens(self, self.encode(prompt, messages=messages, template_kwargs=template_kwargs), params)
 
     def generate(self, prompt: str | None = None, params: DecodeParams | None = None, *,
-                 messages: Sequence[dict] | None = None) -> GenerationResult:
-        stream = self.stream(prompt, params, messages=messages)
+                 messages: Sequence[dict] | None = None, template_kwargs: dict | None = None) -> GenerationResult:
+        stream = self.stream(prompt, params, messages=messages, template_kwargs=template_kwargs)
         while True:
             try:
                 next(stream)

@@ -177,7 +177,8 @@ def full_vocab_entropy(logits: np.ndarray) -> float:
     shifted = logits - np.max(logits)
     exp = np.exp(shifted, dtype=np.float64)
     total = exp.sum()
-    return float(math.log(total) - (exp * shifted).sum() / total)
+    # -inf logits (banned tokens, ignore_eos) have p = 0 and add nothing (not 0 * -inf = nan)
+    return float(math.log(total) - np.dot(exp, np.where(exp > 0, shifted, 0.0)) / total)
 
 
 def sample(dist: Distribution, rng: np.random.Generator) -> int:

@@ -323,7 +323,8 @@ def record_for(problem: Problem, method: str, seed: int, params: DecodeParams, r
                       prompt_tokens=None, soft_steps=0, finish_reason="error", wall_seconds=0.0,
                       prefill_seconds=0.0, decode_seconds=0.0)
     else:
-        extracted, correct = grade(result.text, problem.answer, problem.dataset)
+        # Thinking models: the answer after the span is graded, not the reasoning.
+        extracted, correct = grade(result.content, problem.answer, problem.dataset)
         wall = result.prefill_seconds + result.decode_seconds if wall_seconds is None else wall_seconds
         record.update(
             text=result.text, extracted=extracted, correct=bool(correct), error=None,

@@ -35,6 +35,9 @@ def add_decode_arguments(parser: argparse.ArgumentParser, *, method_default: str
     group.add_argument("--seed", type=int, default=_DEFAULTS.seed)
     group.add_argument("--greedy", action="store_true", help="show the argmax token instead of a sample")
     group.add_argument("--max-tokens", type=int, default=_DEFAULTS.max_tokens)
+    group.add_argument("--max-think-tokens", type=int, default=None, metavar="N",
+                       help="thinking budget: after N tokens inside the thinking span the close marker "
+                            "is emitted and the answer follows (models with thinking markers)")
     group.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
@@ -43,6 +46,7 @@ def params_from_args(args: argparse.Namespace, **overrides) -> DecodeParams:
         method=getattr(args, "method", "selar"), tau=args.tau, lam=args.lam, ks=args.ks,
         thinking_only=args.thinking_only, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         min_p=args.min_p, seed=args.seed, greedy=args.greedy, max_tokens=args.max_tokens, stop=tuple(args.stop),
+        max_think_tokens=getattr(args, "max_think_tokens", None),
     )
     values.update(overrides)
     return DecodeParams(**values)
