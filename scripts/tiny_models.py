@@ -138,6 +138,8 @@ def _mrope(**extra):
 _MOE = {"expert_count": 4, "expert_used_count": 2, "expert_feed_forward_length": 32}
 # gated delta net layers (qwen35, qwen3next): fused qkv and gate, optional for the loader
 _DELTA_NET = {"blk.0.attn_qkv.weight": (N_EMBD, 2 * 16 + 128), "blk.0.attn_gate.weight": (N_EMBD, 128)}
+# mamba2 layers add a conv bias the loader marks optional
+_MAMBA2_BIAS = {"blk.0.ssm_conv1d.bias": (128 + 2 * 16,)}
 _SSM = {"ssm.conv_kernel": 4, "ssm.inner_size": 128, "ssm.state_size": 16, "ssm.time_step_rank": 4,
         "ssm.group_count": 1}
 
@@ -162,11 +164,13 @@ ARCHITECTURES = [
                                       expert_shared_feed_forward_length=32), layer_tensors=_DELTA_NET),
     Arch("qwen3next", "qwen2", {**_SSM, **_MOE, "full_attention_interval": 2,
                                 "expert_shared_feed_forward_length": 32}, layer_tensors=_DELTA_NET),
-    Arch("granitehybrid", "smollm2", {**_SSM, "attention.head_count_kv": [0, N_HEAD_KV]}),
+    Arch("granitehybrid", "smollm2", {**_SSM, "attention.head_count_kv": [0, N_HEAD_KV]},
+         layer_tensors=_MAMBA2_BIAS),
     Arch("nemotron_h", "smollm2", {**_SSM, "attention.head_count_kv": [0, N_HEAD_KV],
-                                   "feed_forward_length": [0, N_FF], "attention.layer_norm_epsilon": 1e-5}),
+                                   "feed_forward_length": [0, N_FF], "attention.layer_norm_epsilon": 1e-5},
+         layer_tensors=_MAMBA2_BIAS),
     Arch("lfm2", "smollm2", {"shortconv.l_cache": 3, "attention.head_count_kv": [0, N_HEAD_KV]}),
-    Arch("falcon-h1", "smollm2", dict(_SSM), layer_tensors={"ssm_norm.weight": (128, 1)}),
+    Arch("falcon-h1", "smollm2", dict(_SSM), layer_tensors={"ssm_norm.weight": (128, 1), "ssm_conv1d.bias": (160,)}),
     Arch("gemma3n", "gemma3", {"attention.sliding_window": 32, "embedding_length_per_layer_input": 16,
                                "altup.num_inputs": 4, "altup.active_idx": 0,
                                "attention.shared_kv_layers": 0,
