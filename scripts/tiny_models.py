@@ -2,8 +2,9 @@
 gguf-py's GGUFWriter, and the per-architecture verdict on soft decoding.
 
 Each model has 2 layers, n_embd 64 and a real vocabulary (tokens, merges, chat template)
-copied from a real GGUF installed by `scripts/setup.sh test`: SmolLM2's, Gemma 3's,
-Qwen2.5's, or DeepSeek-R1-Distill-Qwen's (the vocab-only file of build_r1_vocab.py).
+copied from a real GGUF installed by `scripts/setup.sh test`: SmolLM2's (49k tokens, the
+default: small files, quick tests), Gemma 3's, Qwen2.5's, or DeepSeek-R1-Distill-Qwen's
+(the vocab-only file of build_r1_vocab.py).
 The embedding-path self-check needs no trained weights: feeding E[v] as an embedding
 must reproduce token v's logits whatever the weights are.
 
@@ -147,22 +148,22 @@ ARCHITECTURES = [
     Arch("llama", "smollm2"),
     Arch("qwen2", "qwen2"),
     Arch("qwen2", "r1", label="qwen2-r1"),  # the thinking tokenizer and template
-    Arch("qwen3", "qwen2"),
-    Arch("qwen3moe", "qwen2", dict(_MOE)),
+    Arch("qwen3", "smollm2"),
+    Arch("qwen3moe", "smollm2", dict(_MOE)),
     Arch("gemma3", "gemma3", {"attention.sliding_window": 32}),
-    Arch("phi3", "qwen2", layer_tensors={"attn_qkv.weight": (N_EMBD, N_EMBD + 2 * N_HEAD_KV * HEAD_DIM)}),
+    Arch("phi3", "smollm2", layer_tensors={"attn_qkv.weight": (N_EMBD, N_EMBD + 2 * N_HEAD_KV * HEAD_DIM)}),
     Arch("smollm3", "smollm2"),
     Arch("gpt-oss", "smollm2", {**_MOE, "attention.sliding_window": 32}),
     Arch("granite", "smollm2", {"logit_scale": 1.0, "residual_scale": 1.0, "embedding_scale": 1.0,
                                 "attention.scale": 1.0 / math.sqrt(HEAD_DIM)}),
     Arch("olmo2", "smollm2"),
-    Arch("qwen2vl", "qwen2", _mrope()),
-    Arch("qwen3vl", "qwen2", _mrope()),
-    Arch("qwen3vlmoe", "qwen2", _mrope(**_MOE)),
-    Arch("qwen35", "qwen2", _mrope(**_SSM, full_attention_interval=2), layer_tensors=_DELTA_NET),
-    Arch("qwen35moe", "qwen2", _mrope(**_SSM, **_MOE, full_attention_interval=2,
+    Arch("qwen2vl", "smollm2", _mrope()),
+    Arch("qwen3vl", "smollm2", _mrope()),
+    Arch("qwen3vlmoe", "smollm2", _mrope(**_MOE)),
+    Arch("qwen35", "smollm2", _mrope(**_SSM, full_attention_interval=2), layer_tensors=_DELTA_NET),
+    Arch("qwen35moe", "smollm2", _mrope(**_SSM, **_MOE, full_attention_interval=2,
                                       expert_shared_feed_forward_length=32), layer_tensors=_DELTA_NET),
-    Arch("qwen3next", "qwen2", {**_SSM, **_MOE, "full_attention_interval": 2,
+    Arch("qwen3next", "smollm2", {**_SSM, **_MOE, "full_attention_interval": 2,
                                 "expert_shared_feed_forward_length": 32}, layer_tensors=_DELTA_NET),
     Arch("granitehybrid", "smollm2", {**_SSM, "attention.head_count_kv": [0, N_HEAD_KV]},
          layer_tensors=_MAMBA2_BIAS),
@@ -171,11 +172,11 @@ ARCHITECTURES = [
          layer_tensors=_MAMBA2_BIAS),
     Arch("lfm2", "smollm2", {"shortconv.l_cache": 3, "attention.head_count_kv": [0, N_HEAD_KV]}),
     Arch("falcon-h1", "smollm2", dict(_SSM), layer_tensors={"ssm_norm.weight": (128, 1), "ssm_conv1d.bias": (160,)}),
-    Arch("gemma3n", "gemma3", {"attention.sliding_window": 32, "embedding_length_per_layer_input": 16,
+    Arch("gemma3n", "smollm2", {"attention.sliding_window": 32, "embedding_length_per_layer_input": 16,
                                "altup.num_inputs": 4, "altup.active_idx": 0,
                                "attention.shared_kv_layers": 0,
                                "activation_sparsity_scale": [0.0] * N_LAYER}),
-    Arch("gemma4", "gemma3", {"attention.sliding_window": 32, "attention.sliding_window_pattern": [True, False],
+    Arch("gemma4", "smollm2", {"attention.sliding_window": 32, "attention.sliding_window_pattern": [True, False],
                               "embedding_length_per_layer_input": 16, "attention.key_length_swa": HEAD_DIM,
                               "attention.value_length_swa": HEAD_DIM}),
 ]
@@ -491,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             path, spec = build(arch, out, kv, n_vocab, known=known.get(label))
             known[label] = spec
+            save_known(known)  # as it goes: a discovery can take minutes
             verdict = check_in_subprocess(path, arch)
         except RuntimeError as exc:
             verdict = Verdict(arch.name, label, arch.vocab, False, False, str(exc).replace("|", "/"))
@@ -498,7 +500,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label:16s} soft={'yes' if verdict.soft else 'no ':3s} diff={verdict.max_abs_diff:.3g} "
               f"cot={verdict.cot_tokens} selar_soft={verdict.selar_soft_steps} {verdict.recurrent} "
               f"{verdict.detail}", flush=True)
-    save_known(known)
     if args.markdown:
         args.markdown.write_text(markdown(verdicts, time.perf_counter() - started), encoding="utf-8")
     return 0

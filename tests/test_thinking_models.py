@@ -168,3 +168,10 @@ def test_cli_trace_budget_and_hidden_thinking(tmp_path, tiny_model, tiny_r1):
     assert hidden.returncode == 0, hidden.stderr
     assert hidden.stdout.strip() and hidden.stdout.strip() in done.stdout  # only the answer
     assert len(hidden.stdout) < len(done.stdout)
+
+
+def test_cli_no_think_says_when_the_template_has_no_switch(smollm_path):
+    done = _selar("run", "--model", str(smollm_path), "--threads", "1", "--method", "cot", "--max-tokens", "2",
+                  "--no-think", "--system", "Be brief.", "Hi")
+    assert done.returncode == 0, done.stderr
+    assert "has no enable_thinking switch" in done.stderr
