@@ -138,9 +138,13 @@ def _mrope(**extra):
 
 _MOE = {"expert_count": 4, "expert_used_count": 2, "expert_feed_forward_length": 32}
 # gated delta net layers (qwen35, qwen3next): fused qkv and gate, optional for the loader
-_DELTA_NET = {"blk.0.attn_qkv.weight": (N_EMBD, 2 * 16 + 128), "blk.0.attn_gate.weight": (N_EMBD, 128)}
+_DELTA_NET = {"blk.0.attn_qkv.weight": (N_EMBD, 2 * 16 + 64), "blk.0.attn_gate.weight": (N_EMBD, 64)}
 # mamba2 layers add a conv bias the loader marks optional
 _MAMBA2_BIAS = {"blk.0.ssm_conv1d.bias": (128 + 2 * 16,)}
+# gated delta net: the graph takes head_v_dim = inner_size / time_step_rank, the loader
+# state_size: they must agree (16 * 4 = 64)
+_DELTA_SSM = {"ssm.conv_kernel": 4, "ssm.inner_size": 64, "ssm.state_size": 16, "ssm.time_step_rank": 4,
+              "ssm.group_count": 1}
 _SSM = {"ssm.conv_kernel": 4, "ssm.inner_size": 128, "ssm.state_size": 16, "ssm.time_step_rank": 4,
         "ssm.group_count": 1}
 
@@ -160,10 +164,10 @@ ARCHITECTURES = [
     Arch("qwen2vl", "smollm2", _mrope()),
     Arch("qwen3vl", "smollm2", _mrope()),
     Arch("qwen3vlmoe", "smollm2", _mrope(**_MOE)),
-    Arch("qwen35", "smollm2", _mrope(**_SSM, full_attention_interval=2), layer_tensors=_DELTA_NET),
-    Arch("qwen35moe", "smollm2", _mrope(**_SSM, **_MOE, full_attention_interval=2,
+    Arch("qwen35", "smollm2", _mrope(**_DELTA_SSM, full_attention_interval=2), layer_tensors=_DELTA_NET),
+    Arch("qwen35moe", "smollm2", _mrope(**_DELTA_SSM, **_MOE, full_attention_interval=2,
                                       expert_shared_feed_forward_length=32), layer_tensors=_DELTA_NET),
-    Arch("qwen3next", "smollm2", {**_SSM, **_MOE, "full_attention_interval": 2,
+    Arch("qwen3next", "smollm2", {**_DELTA_SSM, **_MOE, "full_attention_interval": 2,
                                 "expert_shared_feed_forward_length": 32}, layer_tensors=_DELTA_NET),
     Arch("granitehybrid", "smollm2", {**_SSM, "attention.head_count_kv": [0, N_HEAD_KV]},
          layer_tensors=_MAMBA2_BIAS),

@@ -175,3 +175,42 @@ def test_cli_no_think_says_when_the_template_has_no_switch(smollm_path):
                   "--no-think", "--system", "Be brief.", "Hi")
     assert done.returncode == 0, done.stderr
     assert "has no enable_thinking switch" in done.stderr
+
+
+def test_server_returns_reasoning_content(tiny_model):
+    """`selar serve` on the tiny R1 model, through the OpenAI client: the reasoning apart,
+    in message.reasoning_content and in the streamed delta.reasoning_content."""
+    import openai
+    from test_server import _free_port, _wait_until_up
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "selar_local.cli", "serve", "--model", str(tiny_model("qwen2-r1")),
+                             "--port", str(port), "--threads", "1", "--n-ctx", "256", "--log-level", "warning"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until_up(url, proc=proc)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        messages = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": "<think>\n"}]
+        extra = {"method": "selar", "tau": 0.0, "thinking_only": True, "max_think_tokens": 8, "ignore_eos": True,
+                 "chat_template_kwargs": {"enable_thinking": True}}
+        full = client.chat.completions.create(model="tiny-qwen2-r1", messages=messages, max_tokens=16, seed=4, extra_body=extra)
+        message = full.choices[0].message
+        reasoning = message.model_extra["reasoning_content"]
+        assert reasoning and message.content and "</think>" not in reasoning + message.content
+        chunks = list(client.chat.completions.create(model="tiny-qwen2-r1", messages=messages, max_tokens=16, seed=4,
+                                                     stream=True, extra_body=extra))
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        assert "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas).strip() == reasoning
+        assert "".join(d.content or "" for d in deltas).strip() == message.content
+        bad = httpx_post(url, {"messages": messages, "max_think_tokens": -1})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_think_tokens"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def httpx_post(url: str, body: dict):
+    import httpx
+
+    return httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
