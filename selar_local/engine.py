@@ -461,10 +461,16 @@ class LlamaContext:
         self._lib.llama_memory_seq_rm(self._memory, dst, -1, -1)
         self._lib.llama_memory_seq_cp(self._memory, src, dst, -1, -1)
 
-    def truncate_sequence(self, seq_id: int, keep: int) -> None:
-        """Drop the cells of `seq_id` at positions >= keep (for prefix reuse)."""
-        if not self._lib.llama_memory_seq_rm(self._memory, seq_id, keep, -1):
-            self.remove_sequence(seq_id)
+    def truncate_sequence(self, seq_id: int, keep: int) -> bool:
+        """Drop the cells of `seq_id` at positions >= keep (for prefix reuse). Returns
+        whether the prefix was kept: recurrent and hybrid models (mamba, lfm2, qwen35, ...)
+        hold one state per sequence, not per position, and cannot drop a tail; their whole
+        sequence is removed instead (measured: removal and copying of whole sequences
+        work there, docs/MODELS.md)."""
+        if self._lib.llama_memory_seq_rm(self._memory, seq_id, keep, -1):
+            return True
+        self.remove_sequence(seq_id)
+        return False
 
     def sequence_length(self, seq_id: int) -> int:
         return int(self._lib.llama_memory_seq_pos_max(self._memory, seq_id)) + 1
