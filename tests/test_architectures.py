@@ -45,6 +45,11 @@ def test_hybrid_recurrent_sequences_can_be_removed_and_copied(tiny_model):
     try:
         assert runtime.model.is_hybrid and runtime.self_check.passed
         assert tiny_models._sequence_state_check(runtime) == "remove ok, copy ok"
+        # one state per sequence, not per position: a tail cannot be dropped, the whole
+        # sequence goes (and the engine says so)
+        ctx = runtime.context
+        ctx.decode_tokens([1, 2, 3], [0, 1, 2], [0, 0, 0], [False, False, True])
+        assert ctx.truncate_sequence(0, 1) is False and ctx.sequence_length(0) == 0
         result = runtime.generate("The answer is", DecodeParams(method="selar", tau=0.0, max_tokens=6, ignore_eos=True))
         assert result.soft_steps > 0
     finally:
