@@ -171,8 +171,9 @@ ARCHITECTURES = [
                                 "expert_shared_feed_forward_length": 32}, layer_tensors=_DELTA_NET),
     Arch("granitehybrid", "smollm2", {**_SSM, "attention.head_count_kv": [0, N_HEAD_KV]},
          layer_tensors=_MAMBA2_BIAS),
+    # nemotron_h layers are mamba (no kv heads, no ffn), attention (kv heads only) or mlp
     Arch("nemotron_h", "smollm2", {**_SSM, "attention.head_count_kv": [0, N_HEAD_KV],
-                                   "feed_forward_length": [0, N_FF], "attention.layer_norm_epsilon": 1e-5},
+                                   "feed_forward_length": [0, 0], "attention.layer_norm_epsilon": 1e-5},
          layer_tensors=_MAMBA2_BIAS),
     Arch("lfm2", "smollm2", {"shortconv.l_cache": 3, "attention.head_count_kv": [0, N_HEAD_KV]}),
     Arch("falcon-h1", "smollm2", dict(_SSM), layer_tensors={"ssm_norm.weight": (128, 1), "ssm_conv1d.bias": (160,)}),
@@ -370,7 +371,7 @@ def _sequence_state_check(runtime) -> str:
 
 def check(path: Path, arch: Arch, steps: int = 6) -> Verdict:
     from selar_local.params import DecodeParams
-    from selar_local.runtime import Runtime
+    from selar_local.runtime import EMBEDDING_INPUT_UNSUPPORTED, Runtime
 
     label = arch.label or arch.name
     try:
@@ -381,6 +382,18 @@ def check(path: Path, arch: Arch, steps: int = 6) -> Verdict:
         model, sc = runtime.model, runtime.self_check
         v = Verdict(arch.name, label, arch.vocab, True, sc.passed, sc.detail, sc.max_abs_diff,
                     mrope=model.n_pos_per_embd > 1)
+        if runtime.table is None and arch.name in EMBEDDING_INPUT_UNSUPPORTED:
+            # Refused without a self-check at load; measure what the check would see.
+            from selar_local.embeddings import EmbeddingTable, input_scale_for
+
+            runtime.table = EmbeddingTable(path, scale=input_scale_for(arch.name, model.n_embd_inp))
+            if runtime.table.n_embd == model.n_embd_inp:
+                v.max_abs_diff = runtime._embedding_path_difference()
+                v.detail += f" (measured anyway: rows differ from token input by {v.max_abs_diff:.3g})"
+            else:
+                v.detail += (f" (token_embd rows have width {runtime.table.n_embd}, "
+                             f"the model's input {model.n_embd_inp})")
+            runtime.table = None
         if model.is_recurrent or model.is_hybrid:
             v.recurrent = ("hybrid" if model.is_hybrid else "recurrent") + ": " + _sequence_state_check(runtime)
         prompt = runtime.encode("The answer is")
