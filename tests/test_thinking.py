@@ -110,3 +110,28 @@ def test_detect_markers_and_parse():
     assert ThinkingMarkers.from_tags(("<t>", "</t>")) == ThinkingMarkers("<t>", "</t>", "")
     with pytest.raises(ValueError, match="OPEN,CLOSE"):
         ThinkingMarkers.from_tags(("<t>",))
+
+
+def test_bench_grades_the_answer_after_the_span_not_the_reasoning():
+    from selar_local.bench.datasets import Problem
+    from selar_local.bench.runner import record_for
+    from selar_local.generate import GenerationResult
+    from selar_local.params import DecodeParams
+
+    problem = Problem("p1", "gsm8k", "2+3?", "5", "2+3?")
+
+    def result(text, reasoning, answer):
+        return GenerationResult(text=text, tokens=[1, 2], prompt_tokens=3, finish_reason="stop", soft_steps=0,
+                                entropies=[0.1, 0.2], prefill_seconds=0.1, decode_seconds=0.1,
+                                reasoning=reasoning, answer=answer)
+
+    # the reasoning ends on a wrong number; the answer after </think> is right
+    thought = result("Maybe 7?</think>\n\nThe answer is 5.", "Maybe 7?", "The answer is 5.")
+    record = record_for(problem, "cot", 0, DecodeParams(method="cot"), thought)
+    assert record["extracted"] == "5" and record["correct"] and record["text"] == thought.text
+    # the span never closed (length): no answer, nothing to grade, even if the reasoning has it
+    unfinished = result("So it is 5", "So it is 5", "")
+    assert not record_for(problem, "cot", 0, DecodeParams(method="cot"), unfinished)["correct"]
+    # a model without markers: the whole text is the answer
+    plain = result("It is 5.", "", None)
+    assert record_for(problem, "cot", 0, DecodeParams(method="cot"), plain)["correct"]
