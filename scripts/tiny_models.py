@@ -475,7 +475,11 @@ def markdown(verdicts: list[Verdict], seconds: float) -> str:
         "llama.cpp builds internally from a token batch, so the two paths agree bit for bit.",
         "Sequence state (hybrid and recurrent models): a prompt prefilled twice in a removed",
         "sequence must give identical logits, and a copied sequence must continue exactly like",
-        "its source (what parallel sequences and `n` > 1 rely on).",
+        "its source (what parallel sequences and `n` > 1 rely on). Dropping only a tail of",
+        "such a sequence is impossible (one state per sequence): `truncate_sequence` removes it",
+        "all and says so. No architecture needed a change inside llama.cpp (`patches/` has none).",
+        "gemma3n and gemma4 compute per-layer inputs from token ids, which no embedding row",
+        "can carry: they stay refused for soft decoding, with the difference measured above.",
         "",
     ]
     return "\n".join(lines)

@@ -149,7 +149,9 @@ class Selar:
                                **kwargs: Any) -> dict[str, Any] | Iterator[dict[str, Any]]:
         """Chat with the model's template. Keyword arguments: OpenAI's (max_tokens,
         temperature, top_p, stop, seed, n, logprobs, top_logprobs, stream_options) and every DecodeParams field
-        (method, tau, lam, ks, thinking_only, top_k, min_p, greedy, ...)."""
+        (method, tau, lam, ks, thinking_only, max_think_tokens, top_k, min_p, greedy, ...);
+        chat_template_kwargs passes variables to the template (e.g. enable_thinking=False).
+        Thinking models return their reasoning in message.reasoning_content."""
         body = {k: v for k, v in kwargs.items() if v is not None}
         body.update(messages=list(messages), stream=stream)
         return self._run(self.builder.chat(body))
