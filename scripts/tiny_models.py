@@ -155,7 +155,7 @@ ARCHITECTURES = [
     Arch("qwen3", "smollm2"),
     Arch("qwen3moe", "smollm2", dict(_MOE)),
     Arch("gemma3", "gemma3", {"attention.sliding_window": 32}),
-    Arch("phi3", "smollm2", layer_tensors={"attn_qkv.weight": (N_EMBD, N_EMBD + 2 * N_HEAD_KV * HEAD_DIM)}),
+    Arch("phi3", "qwen2", layer_tensors={"attn_qkv.weight": (N_EMBD, N_EMBD + 2 * N_HEAD_KV * HEAD_DIM)}),
     Arch("smollm3", "smollm2"),
     Arch("gpt-oss", "smollm2", {**_MOE, "attention.sliding_window": 32}),
     Arch("granite", "smollm2", {"logit_scale": 1.0, "residual_scale": 1.0, "embedding_scale": 1.0,
