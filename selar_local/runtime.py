@@ -18,6 +18,7 @@ from selar_local.generate import GenerationResult, StepEvent, generate_many, str
 from selar_local.mathsym import math_symbol_mask
 from selar_local.params import DecodeParams
 from selar_local.policies import TokenInfo
+from selar_local.rpc import check_servers, parse_endpoints
 
 # Architectures whose embedding-input path differs from the token path in ways rows
 # cannot fix: per-layer token inputs (gemma3n, gemma4) or M-RoPE, which wants several
@@ -59,10 +60,18 @@ class Runtime:
         embedding_cache_bytes: int = 64 << 20,
         think_tags: tuple[str, str] | None = None,
         stop_strings: Sequence[str] = (),
+        rpc: str | Sequence[str] | None = None,
+        tensor_split: Sequence[float] | None = None,
+        cpu_repack: bool = True,
     ):
         set_verbose(verbose)
         self.model_path = Path(model_path)
-        self.model = LlamaModel(model_path, n_gpu_layers=n_gpu_layers)
+        # RPC servers (llama.cpp's distributed backend, docs/DISTRIBUTED.md): checked here
+        # first, since llama.cpp's client aborts the process on one that does not answer.
+        endpoints = parse_endpoints(rpc)
+        check_servers(endpoints)
+        self.model = LlamaModel(model_path, n_gpu_layers=n_gpu_layers, rpc_servers=[str(e) for e in endpoints],
+                                tensor_split=tensor_split, cpu_repack=cpu_repack)
         self.n_parallel = n_parallel
         self.context = LlamaContext(self.model, n_ctx=n_ctx, n_batch=max(n_batch, n_parallel),
                                     n_seq_max=n_parallel, n_threads=n_threads)

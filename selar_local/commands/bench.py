@@ -74,7 +74,7 @@ def register(subparsers) -> None:
 
 
 _NOT_CONFIG = {"help", "out", "resume", "overwrite", "parallel", "no_progress", "threads", "verbose",
-               "n_gpu_layers", "data_dir", "dataset"}
+               "n_gpu_layers", "data_dir", "dataset", "rpc", "tensor_split"}
 
 
 def parse_seeds(text: str, first_seed: int) -> tuple[int, ...]:
@@ -174,7 +174,7 @@ def _run_locked(args, out: Path, config, problems, model_path: Path) -> int:
     from selar_local.runtime import load
 
     runtime = load(str(model_path), n_ctx=config.n_ctx, n_parallel=parallel, n_threads=args.threads,
-                   n_gpu_layers=args.n_gpu_layers, verbose=args.verbose)
+                   n_gpu_layers=args.n_gpu_layers, verbose=args.verbose, rpc=args.rpc, tensor_split=args.tensor_split)
     n_items = len(problems) * len(config.methods) * len(config.seeds)
     print(f"selar bench: {config.dataset} ({len(problems)} problems) x {','.join(config.methods)} x "
           f"{len(config.seeds)} seed(s) = {n_items} items; {len(done)} already done; "

@@ -16,7 +16,26 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--threads", type=int, default=None, help="CPU threads (default: half the CPUs, about the physical cores)")
     group.add_argument("--n-gpu-layers", type=int, default=-1,
                        help="layers to offload on Metal/CUDA builds (-1: all; ignored on CPU builds)")
+    group.add_argument("--rpc", metavar="HOST:PORT[,HOST:PORT...]", default=None,
+                       help="split the model's layers over these `selar rpc-server`s (llama.cpp's RPC backend; "
+                            "with --n-gpu-layers N only the last N layers leave this machine); docs/DISTRIBUTED.md")
+    group.add_argument("--tensor-split", metavar="P0,P1,...", type=_proportions, default=None,
+                       help="share of the offloaded layers per device: the --rpc servers in order, then local GPUs "
+                            "(default: by free memory)")
     group.add_argument("--verbose", "-v", action="store_true", help="show llama.cpp's log and full tracebacks")
+
+
+def _proportions(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.replace("/", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 3,1, not {text!r}") from None
+
+
+def model_options(args: argparse.Namespace) -> dict:
+    """Where the model runs: the keyword arguments of Runtime / load / Selar."""
+    return dict(n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, verbose=args.verbose,
+                rpc=args.rpc, tensor_split=args.tensor_split)
 
 
 def add_decode_arguments(parser: argparse.ArgumentParser, *, method_default: str | None = "selar") -> None:
@@ -51,5 +70,4 @@ def params_from_args(args: argparse.Namespace, **overrides) -> DecodeParams:
 def load_runtime(args: argparse.Namespace, *, n_parallel: int = 1):
     from selar_local.runtime import load
 
-    return load(args.model, n_ctx=args.n_ctx, n_parallel=n_parallel, n_threads=args.threads,
-                n_gpu_layers=args.n_gpu_layers, verbose=args.verbose)
+    return load(args.model, n_parallel=n_parallel, **model_options(args))
