@@ -437,6 +437,8 @@ def stream_tokens(runtime: "Runtime", prompt_tokens: Sequence[int], params: Deco
             event = events[0] if events else None
     finally:
         generator.cancel(request_id)
+    if event is not None and event.finish_reason == "error":
+        raise generator.pop_error(request_id)  # one stream: its failed decode is the caller's error
     return generator.pop_result(request_id)
 
 
