@@ -39,7 +39,7 @@ from selar_local.api import (
     as_request_error,
     completion_response,
 )
-from selar_local.errors import ContextOverflowError, InvalidParameterError, UnsupportedModelError
+from selar_local.errors import ContextOverflowError, InvalidParameterError, RpcError, UnsupportedModelError
 from selar_local.webpage import add_chat_page, is_public
 
 logger = logging.getLogger("selar_local.server")
@@ -68,6 +68,8 @@ def _response_for(exc: BaseException) -> JSONResponse:
         return error_response(499, str(exc), code="cancelled", type_="cancelled")
     if isinstance(exc, SchedulerClosedError):
         return error_response(503, str(exc), code="shutting_down")
+    if isinstance(exc, RpcError):  # a server holding some of the layers is gone (docs/DISTRIBUTED.md)
+        return error_response(503, str(exc), code="rpc_server_lost")
     if isinstance(exc, (RequestError, InvalidParameterError, ContextOverflowError, UnsupportedModelError)):
         err = as_request_error(exc)  # type: ignore[arg-type]
         return error_response(err.status, str(err), param=err.param, code=err.code)

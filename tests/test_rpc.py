@@ -312,3 +312,16 @@ def read_at_least(stream, n: int) -> bytes:
             assert chunk, f"the client stopped early after {data!r}"
             data += chunk
     return data
+
+
+def test_serve_answers_503_for_a_lost_server():
+    pytest.importorskip("fastapi")
+    import json
+
+    from selar_local.errors import RpcServerLostError
+    from selar_local.server import _response_for
+
+    response = _response_for(RpcServerLostError("RPC server 10.0.0.2:50052 was lost (x): the request failed"))
+    body = json.loads(response.body)
+    assert response.status_code == 503
+    assert body["error"]["code"] == "rpc_server_lost" and "10.0.0.2:50052 was lost" in body["error"]["message"]
