@@ -6,6 +6,7 @@ on loopback and the real Qwen2.5-Coder-0.5B file."""
 from __future__ import annotations
 
 import os
+import re
 import select
 import signal
 import socket
@@ -325,3 +326,21 @@ def test_serve_answers_503_for_a_lost_server():
     body = json.loads(response.body)
     assert response.status_code == 503
     assert body["error"]["code"] == "rpc_server_lost" and "10.0.0.2:50052 was lost" in body["error"]["message"]
+
+
+def run_selar(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "selar_local.cli", *args], capture_output=True, text=True,
+                          env=selar_env(), timeout=STATE_TIMEOUT_S)
+
+
+def test_rpc_server_devices_by_name():
+    listed = run_selar("rpc-server", "--list-devices")
+    assert listed.returncode == 0 and "CPU" in [line.split()[0] for line in listed.stdout.splitlines()]
+    unknown = run_selar("rpc-server", "--port", str(free_port()), "--device", "NOPE0")
+    assert unknown.returncode == 2
+    assert re.search(r"unknown device 'NOPE0': this machine has .*\bCPU\b", unknown.stderr)
+
+
+def test_rpc_server_rejects_ipv6_hosts():
+    result = run_selar("rpc-server", "--host", "::1", "--port", str(free_port()))
+    assert result.returncode == 2 and "expected an IPv4 address" in result.stderr
