@@ -261,6 +261,15 @@ def local_devices() -> list[Device]:
             if fns.reg_name(fns.dev_reg(fns.dev_get(i))) != b"RPC"]
 
 
+_rpc_users: collections.Counter[str] = collections.Counter()  # endpoint -> loaded models using it
+
+
+def rpc_in_use(endpoint: str) -> bool:
+    """Whether a model loaded in this process holds a connection to this server (llama.cpp
+    shares one per endpoint; the server, which serves one client at a time, is busy with it)."""
+    return _rpc_users[endpoint] > 0
+
+
 def rpc_supported() -> bool:
     """Whether this llama.cpp build has the RPC backend (GGML_RPC=ON)."""
     return _Ggml.get().add_server is not None
@@ -356,6 +365,7 @@ class LlamaModel:
                 raise UnsupportedModelError(f"llama.cpp does not support this model's architecture: {detail}")
             raise ModelLoadError(f"llama.cpp could not load {self.path}: {detail or 'no details logged'}")
         self._handle = handle
+        _rpc_users.update(self.rpc_servers)
         self._vocab = lib.llama_model_get_vocab(handle)
         self.n_vocab = int(lib.llama_vocab_n_tokens(self._vocab))
         self.n_embd = int(lib.llama_model_n_embd(handle))
@@ -488,6 +498,7 @@ class LlamaModel:
         if getattr(self, "_handle", None):
             self._lib.llama_model_free(self._handle)
             self._handle = None
+            _rpc_users.subtract(self.rpc_servers)
 
     def __del__(self) -> None:  # pragma: no cover - interpreter shutdown order varies
         try:

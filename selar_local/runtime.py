@@ -12,7 +12,7 @@ import numpy as np
 
 from selar_local.chat import render_jinja_template
 from selar_local.embeddings import EmbeddingTable, input_scale_for
-from selar_local.engine import LlamaContext, LlamaModel, set_verbose
+from selar_local.engine import LlamaContext, LlamaModel, rpc_in_use, set_verbose
 from selar_local.errors import ContextOverflowError, UnsupportedModelError
 from selar_local.generate import GenerationResult, StepEvent, generate_many, stream_tokens
 from selar_local.mathsym import math_symbol_mask
@@ -69,7 +69,7 @@ class Runtime:
         # RPC servers (llama.cpp's distributed backend, docs/DISTRIBUTED.md): checked here
         # first, since llama.cpp's client aborts the process on one that does not answer.
         endpoints = parse_endpoints(rpc)
-        check_servers(endpoints)
+        check_servers([e for e in endpoints if not rpc_in_use(str(e))])
         self.model = LlamaModel(model_path, n_gpu_layers=n_gpu_layers, rpc_servers=[str(e) for e in endpoints],
                                 tensor_split=tensor_split, cpu_repack=cpu_repack)
         self.n_parallel = n_parallel
