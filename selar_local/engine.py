@@ -29,6 +29,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -174,7 +175,6 @@ class _Ggml:
 
     _fns = None
     _abort_hook = None  # must stay referenced, like the log callback
-
     _lock = threading.Lock()
 
     @classmethod
@@ -221,8 +221,6 @@ class _Ggml:
             if add and start:
                 fns["add_server"] = ctypes.CFUNCTYPE(vp, ctypes.c_char_p)(add)
                 fns["start_server"] = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, sz, sz, vp)(start)
-        from types import SimpleNamespace
-
         return SimpleNamespace(**fns)
 
     @classmethod
