@@ -175,12 +175,14 @@ def main() -> int:
             t = traffic_per_step(relayed, relays, params, args.steps)
             print(f"| {label} | {100 * t['soft_share']:.0f}% | {t['sent']:.0f} | {t['received']:.0f} |")
         relayed.close()
-        # The output layer on this machine: the logits are computed here, not shipped.
+        # One layer fewer offloaded: llama.cpp offloads the last N of the n_layer + 1
+        # "layers" (the output layer counts as the last), so layer 0 stays here but the
+        # output layer, and with it the logits, stays on the last server.
         n_layer = int(local_layers(path))
         relayed = Runtime(path, n_ctx=1024, n_threads=args.threads, n_gpu_layers=n_layer,
                           rpc=[str(r.endpoint) for r in relays])
-        for label, params in (("cot, output layer local (--n-gpu-layers %d)" % n_layer, DecodeParams(method="cot", greedy=True)),
-                              ("selar, output layer local", DecodeParams(method="selar", greedy=True))):
+        for label, params in ((f"cot, --n-gpu-layers {n_layer} (layer 0 local)", DecodeParams(method="cot", greedy=True)),
+                              (f"selar, --n-gpu-layers {n_layer}", DecodeParams(method="selar", greedy=True))):
             t = traffic_per_step(relayed, relays, params, args.steps)
             print(f"| {label} | {100 * t['soft_share']:.0f}% | {t['sent']:.0f} | {t['received']:.0f} |")
         relayed.close()
@@ -192,7 +194,7 @@ def main() -> int:
                             rpc=[str(e) for _, e in servers])
         print("\n| run | cot tokens/s | selar tokens/s |\n|---|---|---|")
         for label, rt in (("local", local), ("local, cpu_repack=False", plain), (f"split over {args.servers} servers", split),
-                          (f"split over {args.servers} servers, output layer local", split_out)):
+                          (f"split over {args.servers} servers, --n-gpu-layers {n_layer}", split_out)):
             cot = decode_speed(rt, DecodeParams(method="cot", greedy=True), args.steps)
             selar = decode_speed(rt, DecodeParams(method="selar", greedy=True), args.steps)
             print(f"| {label} | {cot:.1f} | {selar:.1f} |")
