@@ -352,3 +352,27 @@ def test_rpc_server_devices_by_name():
 def test_rpc_server_rejects_ipv6_hosts():
     result = run_selar("rpc-server", "--host", "::1", "--port", str(free_port()))
     assert result.returncode == 2 and "expected an IPv4 address" in result.stderr
+
+
+def test_doctor_over_rpc(model_files, two_servers, capsys):
+    from selar_local.cli import main
+
+    endpoints = ",".join(str(s.endpoint) for s in two_servers)
+    assert main(["doctor", "--model", str(model_files["qwen2"]), "--threads", "1", "--rpc", endpoints]) == 0
+    out = capsys.readouterr().out
+    assert "RPC backend       built in, protocol 7.0.0" in out
+    assert f"RPC0 ({two_servers[0].endpoint}" in out and f"RPC1 ({two_servers[1].endpoint}" in out
+    assert "self-check        PASS: max |logit diff| = 0" in out
+    port = free_port()
+    assert main(["doctor", "--model", str(model_files["qwen2"]), "--rpc", f"127.0.0.1:{port}"]) == 1
+    assert f"VERDICT: FAIL - llama.cpp cannot load this model: RPC server 127.0.0.1:{port} refused" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", [["run", "q"], ["serve"], ["bench", "--dataset", "gsm8k"], ["doctor"]])
+def test_rpc_options_on_every_model_command(command):
+    from selar_local.cli import build_parser
+    from selar_local.commands.common import model_options
+
+    args = build_parser().parse_args([*command, "--rpc", "10.0.0.2:50052,10.0.0.3:50052", "--tensor-split", "3,1"])
+    assert args.rpc == "10.0.0.2:50052,10.0.0.3:50052" and args.tensor_split == (3.0, 1.0)
+    assert model_options(args)["rpc"] == args.rpc and model_options(args)["tensor_split"] == (3.0, 1.0)
