@@ -167,15 +167,13 @@ class RpcServerProcess:
             stdout=subprocess.DEVNULL, stderr=self.log, env=selar_env())
 
     def wait_ready(self) -> None:
+        """Until the server announces it listens (it does once its own handshake worked)."""
         deadline = time.monotonic() + STATE_TIMEOUT_S
-        while True:
+        while "listening on" not in self.stderr():
             assert self.proc.poll() is None, f"rpc-server exited: {self.stderr()}"
-            try:
-                handshake(self.endpoint, timeout=5)
-                return
-            except RpcError:
-                assert time.monotonic() < deadline, f"rpc-server not answering: {self.stderr()}"
-                time.sleep(0.05)
+            assert time.monotonic() < deadline, f"rpc-server not listening: {self.stderr()}"
+            time.sleep(0.05)
+        handshake(self.endpoint, timeout=30)
 
     def stderr(self) -> str:
         self.log.seek(0)
