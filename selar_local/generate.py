@@ -69,6 +69,12 @@ class GenerationResult:
     decode_seconds: float
     effective_counts: list[float] = field(default_factory=list)  # N_eff of each soft input
     soft_flags: list[bool] = field(default_factory=list)  # per step: was the NEXT input soft
+    logprob_sum: float = 0.0  # sum of log p(token) under the sampling distribution
+
+    @property
+    def mean_logprob(self) -> float:
+        """How confident the sampler was in the text it produced (self-consistency's tie-break)."""
+        return self.logprob_sum / len(self.tokens) if self.tokens else 0.0
 
     @property
     def completion_tokens(self) -> int:
@@ -142,6 +148,7 @@ class _Sequence:
     entropies: list[float] = field(default_factory=list)
     effective_counts: list[float] = field(default_factory=list)
     soft_flags: list[bool] = field(default_factory=list)
+    logprob_sum: float = 0.0
     pending: StepDecision | None = None
     finish_reason: str | None = None
     prefill_seconds: float = 0.0
@@ -271,10 +278,12 @@ class BatchGenerator:
         seq.tokens.append(token)
         seq.entropies.append(decision.entropy)
         seq.soft_flags.append(False)
+        seq.logprob_sum += decision.logprob
         text, stopped = seq.text.push(self.runtime.model.token_bytes(token))
         if stopped:
             return self._finish(seq, decision, index, "stop", text)
-        if len(seq.tokens) >= seq.params.max_tokens or seq.position + 1 > self.context.n_ctx:
+        if (decision.final or len(seq.tokens) >= seq.params.max_tokens
+                or seq.position + 1 > self.context.n_ctx):
             return self._finish(seq, decision, index, "length", text + seq.text.finish())
         if decision.soft:
             seq.soft_steps += 1
@@ -300,7 +309,7 @@ class BatchGenerator:
             text=seq.text.text, tokens=seq.tokens, prompt_tokens=len(seq.prompt_tokens),
             finish_reason=seq.finish_reason or "stop", soft_steps=seq.soft_steps, entropies=seq.entropies,
             prefill_seconds=seq.prefill_seconds, decode_seconds=decode_seconds,
-            effective_counts=seq.effective_counts, soft_flags=seq.soft_flags,
+            effective_counts=seq.effective_counts, soft_flags=seq.soft_flags, logprob_sum=seq.logprob_sum,
         )
 
 

@@ -31,6 +31,8 @@ EMBEDDING_INPUT_UNSUPPORTED = {
 }
 SELF_CHECK_TOLERANCE = 1e-3  # max |logit difference|; measured 0.0 on llama, qwen2, gemma3
 THINK_TAGS = ("<think>", "</think>")
+# Injected by SwiReasoning past twice its switch budget (after </think> where the model has one).
+SWIR_ANSWER_PREFIX = "\n\nThe final answer is"
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,8 @@ class Runtime:
             think_open = think_close = None
         mask = math_symbol_mask(lambda s: self.model.tokenize(s, add_special=False, parse_special=False),
                                 self.model.n_vocab)
-        self.token_info = TokenInfo(self.model.n_vocab, mask, think_open, think_close)
+        answer_prefix = tuple(self.model.tokenize(SWIR_ANSWER_PREFIX, add_special=False, parse_special=False))
+        self.token_info = TokenInfo(self.model.n_vocab, mask, think_open, think_close, answer_prefix)
         self.table: EmbeddingTable | None = None
         self.self_check = self._load_embedding_rows(embedding_cache_bytes)
 
