@@ -250,10 +250,25 @@ class RequestBuilder:
         elif not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
             raise RequestError("'stop' must be a string or a list of strings", param="stop")
         values["stop"] = tuple(dict.fromkeys([s for s in stop if s] + list(self.default_stop)))
+        auto = isinstance(values.get("tau"), str) and values["tau"].strip().lower() == "auto"
         try:
-            return DecodeParams(**values)
+            params = DecodeParams(**{**values, "tau": 0.5} if auto else values)
         except (InvalidParameterError, TypeError) as exc:
             raise as_request_error(exc) from exc
+        return params.replace(tau=self._calibrated_tau(params)) if auto else params
+
+    def _calibrated_tau(self, params: DecodeParams) -> float:
+        """tau "auto": the model's cached calibration for this sampler. Calibrating would decode
+        on the context the scheduler is using, so it is done beforehand (`selar calibrate`)."""
+        from selar_local.calibrate import cached_tau
+
+        calibration = cached_tau(self.runtime.model_path, params)
+        if calibration is None:
+            raise RequestError(f"tau='auto': {self.runtime.model_path.name} has no calibration for this sampler "
+                               f"(temperature, top_k, top_p, min_p, ks); run `selar calibrate --model "
+                               f"{self.runtime.model_path}` with the same settings first",
+                               param="tau", code="not_calibrated")
+        return calibration.tau
 
 
 def _is_int(value: Any) -> bool:

@@ -171,8 +171,11 @@ def variant_suffix(first: Run, run: Run) -> str:
         return ""
     mine, theirs = run.config.params, first.config.params
     parts = []
+    auto = run.config.tau_auto and not first.config.tau_auto
     for key in sorted(set(mine) | set(theirs)):
-        if mine.get(key) != theirs.get(key):
+        if key == "tau" and auto:
+            parts.append(f"tau=auto {mine.get(key)}")
+        elif mine.get(key) != theirs.get(key):
             parts.append(("greedy" if mine.get(key) else "sampled") if key == "greedy" else f"{key}={mine.get(key)}")
     if run.config.seeds != first.config.seeds:
         parts.append("seeds=" + ",".join(str(s) for s in run.config.seeds))
@@ -245,7 +248,8 @@ def render_markdown(sections: Sequence[Section]) -> str:
             where = f"`{run.label}`: " if len(section.runs) > 1 else ""
             out.write(f"{where}{c.problems} problems x {len(c.methods)} methods x {len(c.seeds)} seed(s) "
                       f"({', '.join(str(s) for s in c.seeds)}); {len(run.records)}/{expected} items done; "
-                      f"{decoding}; max_tokens {p.get('max_tokens')}; SeLaR tau {p.get('tau')}, "
+                      f"{decoding}; max_tokens {p.get('max_tokens')}; SeLaR tau {p.get('tau')}"
+                      f"{' (auto: calibrated)' if c.tau_auto else ''}, "
                       f"lambda {p.get('lam')}, k_s {p.get('ks')}; n_ctx {c.n_ctx}.\n\n")
         multi_seed = any(len(r.seeds) > 1 for r in section.rows)
         header = ["method", "n", "accuracy % [95% CI]"]

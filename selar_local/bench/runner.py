@@ -116,6 +116,7 @@ class BenchConfig:
     id_field: str | None = None
     problems: int = 0             # number of problems loaded
     problems_sha256: str = ""     # of their ids, prompts and gold answers, in order
+    tau_auto: bool = False        # params' tau came from `selar calibrate` (--tau auto)
 
     def __post_init__(self) -> None:
         bad = [m for m in self.methods if m not in METHODS]
@@ -143,7 +144,7 @@ class BenchConfig:
             "problems": self.problems, "problems_sha256": self.problems_sha256,
             "methods": list(self.methods), "seeds": list(self.seeds),
             "model": self.model, "model_file": self.model_file, "model_size": self.model_size,
-            "n_ctx": self.n_ctx, "params": dict(self.params),
+            "n_ctx": self.n_ctx, "params": dict(self.params), "tau_auto": self.tau_auto,
         }
 
     @classmethod
@@ -166,7 +167,7 @@ class BenchConfig:
                 split=str(data.get("split", "test")), limit=data.get("limit"),
                 question_field=data.get("question_field"), answer_field=data.get("answer_field"),
                 id_field=data.get("id_field"), problems=int(data.get("problems", 0)),
-                problems_sha256=str(data.get("problems_sha256", "")),
+                problems_sha256=str(data.get("problems_sha256", "")), tau_auto=bool(data.get("tau_auto", False)),
             )
         except SelarError as exc:
             raise BenchConfigError(f"{where}: {exc}") from None

@@ -6,7 +6,13 @@ import json
 import sys
 import time
 
-from selar_local.commands.common import add_decode_arguments, add_model_arguments, load_runtime, params_from_args
+from selar_local.commands.common import (
+    add_decode_arguments,
+    add_model_arguments,
+    load_runtime,
+    params_from_args,
+    wants_auto_tau,
+)
 
 SOFT_STYLE, RESET = "\033[36m", "\033[0m"  # soft-step tokens in cyan on a terminal
 
@@ -27,9 +33,17 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    params = params_from_args(args)  # validate before spending seconds on the model
+    auto = wants_auto_tau(args)
+    params = params_from_args(args, **({"tau": 0.5} if auto else {}))  # validate before loading the model
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     runtime = load_runtime(args)
+    if auto:
+        from selar_local.calibrate import auto_tau
+
+        calibration = auto_tau(runtime, params)
+        params = params.replace(tau=calibration.tau)
+        print(f"[tau auto] {calibration.tau:.2f} (calibrated soft share {100 * calibration.soft_share:.1f}%)",
+              file=sys.stderr)
     if args.raw:
         stream = runtime.stream(prompt, params)
     else:
