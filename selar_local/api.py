@@ -17,9 +17,12 @@ response and chunk shapes) in `selar_local/openai_schema.py`; this module joins 
 from __future__ import annotations
 
 import os
+import queue
 import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
+
+from selar_local.generate import GenerationResult
 
 from selar_local.openai_schema import (  # noqa: F401  (re-exported: the API's public names)
     CHAT_FIELDS,
@@ -48,25 +51,33 @@ from selar_local.scheduler import (  # noqa: F401
 
 
 class CompletionStream:
-    """Iterator over the chunks of one streamed request. Closing it (or dropping it,
-    or leaving its `with` block) before the end cancels the request, even one that is
-    still waiting in the queue."""
+    """Iterator over the chunks of one streamed request (all its choices). Closing it
+    (or dropping it, or leaving its `with` block) before the end cancels the request,
+    even one that is still waiting in the queue."""
 
-    def __init__(self, req: PreparedRequest, handle: RequestHandle):
+    def __init__(self, req: PreparedRequest, scheduler: Scheduler, model=None):
         self.request = req
-        self.handle = handle
-        self._chunks = self._generate()
+        self._inbox: queue.Queue = queue.Queue()
+        sinks = [lambda kind, payload, index=index: self._inbox.put((index, kind, payload))
+                 for index in range(len(req.choices))]
+        self.handles: list[RequestHandle] = scheduler.submit_group(req.prompt_tokens, req.choices, sinks=sinks)
+        self._chunks = self._generate(ChunkWriter(req, model))
 
-    def _generate(self) -> Iterator[dict[str, Any]]:
-        writer = ChunkWriter(self.request)
+    def _generate(self, writer: ChunkWriter) -> Iterator[dict[str, Any]]:
         yield from writer.opening()
-        for event in self.handle.events():
-            chunk = writer.event(event)
-            if chunk is not None:
-                yield chunk
-        if self.handle.error is not None:
-            raise self.handle.error
-        yield from writer.closing(self.handle.result)
+        results: dict[int, GenerationResult] = {}
+        while len(results) < len(self.handles):
+            index, kind, payload = self._inbox.get()
+            if kind == "event":
+                chunk = writer.event(payload, index)
+                if chunk is not None:
+                    yield chunk
+            elif kind == "error":
+                raise payload
+            else:
+                results[index] = payload
+                yield writer.choice_closing(payload, index)
+        yield from writer.usage_chunk([results[i] for i in range(len(self.handles))])
 
     def __iter__(self) -> "CompletionStream":
         return self
@@ -76,7 +87,8 @@ class CompletionStream:
 
     def close(self) -> None:
         self._chunks.close()
-        self.handle.cancel()  # no-op once the request has ended
+        for handle in self.handles:
+            handle.cancel()  # no-op once the request has ended
 
     def __enter__(self) -> "CompletionStream":
         return self
@@ -136,7 +148,7 @@ class Selar:
     def create_chat_completion(self, messages: Sequence[Mapping[str, Any]], *, stream: bool = False,
                                **kwargs: Any) -> dict[str, Any] | Iterator[dict[str, Any]]:
         """Chat with the model's template. Keyword arguments: OpenAI's (max_tokens,
-        temperature, top_p, stop, seed, n=1, stream_options) and every DecodeParams field
+        temperature, top_p, stop, seed, n, logprobs, top_logprobs, stream_options) and every DecodeParams field
         (method, tau, lam, ks, thinking_only, top_k, min_p, greedy, ...)."""
         body = {k: v for k, v in kwargs.items() if v is not None}
         body.update(messages=list(messages), stream=stream)
@@ -152,14 +164,15 @@ class Selar:
     __call__ = create_completion
 
     def _run(self, req: PreparedRequest):
-        handle = self.scheduler.submit(req.prompt_tokens, req.params)
         if req.stream:
-            return self._stream(req, handle)
-        return completion_response(req, handle.wait())
-
-    @staticmethod
-    def _stream(req: PreparedRequest, handle: RequestHandle) -> "CompletionStream":
-        return CompletionStream(req, handle)
+            return CompletionStream(req, self.scheduler, self.runtime.model)
+        handles = self.scheduler.submit_group(req.prompt_tokens, req.choices)
+        try:
+            results = [handle.wait() for handle in handles]
+        finally:
+            for handle in handles:
+                handle.cancel()  # no-op once ended; frees the slots if one choice failed
+        return completion_response(req, results, self.runtime.model)
 
     # -- information ----------------------------------------------------------------------
     def models(self) -> dict[str, Any]:

@@ -434,6 +434,12 @@ class LlamaContext:
     def remove_sequence(self, seq_id: int) -> None:
         self._lib.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
 
+    def copy_sequence(self, src: int, dst: int) -> None:
+        """Give `dst` all of `src`'s KV cells (a shared prompt prefilled once). With one KV
+        stream per sequence llama.cpp copies whole streams, so `dst` is cleared first."""
+        self._lib.llama_memory_seq_rm(self._memory, dst, -1, -1)
+        self._lib.llama_memory_seq_cp(self._memory, src, dst, -1, -1)
+
     def truncate_sequence(self, seq_id: int, keep: int) -> None:
         """Drop the cells of `seq_id` at positions >= keep (for prefix reuse)."""
         if not self._lib.llama_memory_seq_rm(self._memory, seq_id, keep, -1):

@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING, Iterator, Sequence
 
 import numpy as np
 
-from selar_local.errors import InvalidParameterError
+from selar_local.errors import ContextOverflowError, DecodeError, InvalidParameterError
 from selar_local.params import DecodeParams
 from selar_local.policies import Policy, StepDecision, make_policy
+from selar_local.sampling import token_logprobs
 
 if TYPE_CHECKING:  # pragma: no cover
     from selar_local.runtime import Runtime
@@ -41,7 +42,11 @@ class StepEvent:
     top_probs: tuple[float, ...]
     mix_ids: tuple[int, ...] = ()
     mix_weights: tuple[float, ...] = ()
-    finish_reason: str | None = None  # "stop" or "length" on a sequence's last event
+    finish_reason: str | None = None  # "stop", "length", or "error" on a sequence's last event
+    # Only when the request asked for them (DecodeParams.logprobs): log-probability of the
+    # shown token under the filtered distribution, and the most probable alternatives.
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
 
     def trace_record(self, token_text: str) -> dict:
         record = {
@@ -75,6 +80,8 @@ class GenerationResult:
     def mean_logprob(self) -> float:
         """How confident the sampler was in the text it produced (self-consistency's tie-break)."""
         return self.logprob_sum / len(self.tokens) if self.tokens else 0.0
+    # per token, when DecodeParams.logprobs asked: (log p of the token, ((id, log p), ...))
+    logprobs: list[tuple[float, tuple]] = field(default_factory=list)
 
     @property
     def completion_tokens(self) -> int:
@@ -149,6 +156,7 @@ class _Sequence:
     effective_counts: list[float] = field(default_factory=list)
     soft_flags: list[bool] = field(default_factory=list)
     logprob_sum: float = 0.0
+    logprobs: list[tuple[float, tuple]] = field(default_factory=list)
     pending: StepDecision | None = None
     finish_reason: str | None = None
     prefill_seconds: float = 0.0
@@ -173,9 +181,11 @@ class BatchGenerator:
                                 and check.max_abs_diff == 0.0)
         self._since_soft = self.STICKY_EMBEDDING_STEPS  # steps since the last soft input
         self._eog_ids = runtime.model.eog_ids
+        self._eog_list = sorted(self._eog_ids)
         self._free_slots = list(range(runtime.n_parallel))
         self._live: dict[int, _Sequence] = {}
         self._finished: dict[int, _Sequence] = {}
+        self._errors: dict[int, BaseException] = {}
         self._next_request = 0
 
     # -- admission --------------------------------------------------------------------
@@ -190,24 +200,52 @@ class BatchGenerator:
     def submit(self, prompt_tokens: Sequence[int], params: DecodeParams) -> tuple[int, StepEvent | None]:
         """Prefill a prompt in a free slot and take its first step.
         Returns the request id and its first event (None if nothing could be shown)."""
+        return self.submit_group(prompt_tokens, [params])[0]
+
+    def submit_group(self, prompt_tokens: Sequence[int],
+                     params_list: Sequence[DecodeParams]) -> list[tuple[int, StepEvent | None]]:
+        """Start len(params_list) sequences of ONE prompt (OpenAI `n`, several seeds,
+        self-consistency): the prompt is prefilled once, its KV cells are copied to the
+        other slots (llama_memory_seq_cp), and every sequence takes its first step from
+        the same logits with its own policy and random stream.
+        Returns (request id, first event) per sequence, in the order of params_list."""
         prompt_tokens = list(prompt_tokens)
+        if not params_list:
+            raise InvalidParameterError("submit_group needs at least one DecodeParams")
         self.runtime.check_prompt_fits(len(prompt_tokens))
-        self.runtime.require_method(params.method)
-        if not self._free_slots:
-            raise RuntimeError("no free sequence slot: wait for a sequence to finish or raise n_parallel")
-        request_id = self._next_request
-        self._next_request += 1
-        policy = make_policy(params, self.runtime.token_info, in_thinking=self.runtime.thinking_at_end(prompt_tokens))
-        seq = _Sequence(request_id, self._free_slots.pop(0), params, policy, prompt_tokens, _TextStream(params.stop + self.runtime.stop_strings))
-        self._live[request_id] = seq
-        seq.started = time.perf_counter()
+        for params in params_list:
+            self.runtime.require_method(params.method)
+        if len(params_list) > len(self._free_slots):
+            raise RuntimeError(f"{len(params_list)} sequences need as many free slots; {len(self._free_slots)} "
+                               "are free: wait for sequences to finish or raise n_parallel")
+        in_thinking = self.runtime.thinking_at_end(prompt_tokens)
+        group = []
+        for params in params_list:
+            request_id = self._next_request
+            self._next_request += 1
+            policy = make_policy(params, self.runtime.token_info, in_thinking=in_thinking)
+            seq = _Sequence(request_id, self._free_slots.pop(0), params, policy, prompt_tokens,
+                            _TextStream(params.stop + self.runtime.stop_strings))
+            self._live[request_id] = seq
+            group.append(seq)
+        started = time.perf_counter()
         try:
-            self._prefill(seq)
+            self._prefill(group[0])
+            for seq in group[1:]:
+                self.context.copy_sequence(group[0].seq_id, seq.seq_id)
+                seq.position = group[0].position
         except BaseException:
-            self.cancel(request_id)
+            for seq in group:
+                self.cancel(seq.request_id)
             raise
-        seq.prefill_seconds = time.perf_counter() - seq.started
-        return request_id, self._advance(seq, self.context.logits(-1))  # last prompt token: batch index, not output index
+        prefill_seconds = time.perf_counter() - started
+        out = []
+        for seq in group:
+            seq.started, seq.prefill_seconds = started, prefill_seconds
+            # the last prompt token's logits: batch index -1 (not an output index), the
+            # same buffer for every sequence of the group; each policy only reads it.
+            out.append((seq.request_id, self._advance(seq, self.context.logits(-1))))
+        return out
 
     def _prefill(self, seq: _Sequence) -> None:
         ctx, tokens = self.context, seq.prompt_tokens
@@ -233,10 +271,29 @@ class BatchGenerator:
 
     # -- stepping ---------------------------------------------------------------------
     def step(self) -> list[StepEvent]:
-        """Feed every live sequence's pending input in one decode and advance each."""
+        """Feed every live sequence's pending input in one decode and advance each.
+
+        If the shared decode fails, each sequence is retried alone, so that only the one
+        that cannot decode ends (with finish_reason "error"; `pop_error` gives why) and
+        its neighbours go on with exactly the logits they would have had."""
         live = [s for s in self._live.values() if s.pending is not None and s.finish_reason is None]
         if not live:
             return []
+        try:
+            self._decode_inputs(live)
+        except (DecodeError, ContextOverflowError, ValueError) as exc:
+            if len(live) == 1:
+                return [self._fail(live[0], exc)]
+            return self._step_alone(live)
+        events = []
+        for i, s in enumerate(live):
+            s.position += 1
+            event = self._advance(s, self.context.logits(i))
+            if event is not None:
+                events.append(event)
+        return events
+
+    def _decode_inputs(self, live: list[_Sequence]) -> None:
         ctx = self.context
         n = len(live)
         positions = [s.position for s in live]
@@ -260,46 +317,80 @@ class BatchGenerator:
                 else:
                     row[:] = table.row(d.token)
             ctx.decode_embedding_buffer(n, positions, seq_ids, want)
+
+    def _step_alone(self, live: list[_Sequence]) -> list[StepEvent]:
         events = []
-        for i, s in enumerate(live):
+        for s in live:
+            try:
+                self._decode_inputs([s])
+            except (DecodeError, ContextOverflowError, ValueError) as exc:
+                events.append(self._fail(s, exc))
+                continue
             s.position += 1
-            event = self._advance(s, ctx.logits(i))
+            event = self._advance(s, self.context.logits(0))
             if event is not None:
                 events.append(event)
         return events
 
+    def _fail(self, seq: _Sequence, exc: BaseException) -> StepEvent:
+        """End one sequence whose input could not be decoded; its slot is freed."""
+        self._errors[seq.request_id] = exc
+        decision = seq.pending
+        text = seq.text.finish()
+        return self._finish(seq, decision, len(seq.tokens), "error", text)
+
+    def pop_error(self, request_id: int) -> BaseException:
+        """Why a sequence ended with finish_reason "error" (its result is dropped)."""
+        self._finished.pop(request_id, None)
+        return self._errors.pop(request_id)
+
     def _advance(self, seq: _Sequence, logits: np.ndarray) -> StepEvent | None:
         """Ask the policy for the next step; apply stop conditions; build the event."""
+        if seq.params.ignore_eos:  # a copy: the buffer may be shared by a group's sequences
+            logits = logits.copy()
+            logits[self._eog_list] = -np.inf
         decision = seq.policy.step(logits)
         token = decision.token
         index = len(seq.tokens)
-        if token in self._eog_ids:
+        if token in self._eog_ids:  # not part of the output: no log-probability either
             return self._finish(seq, decision, index, "stop", seq.text.finish())
+        logprobs = self._logprobs(seq, decision)
         seq.tokens.append(token)
         seq.entropies.append(decision.entropy)
         seq.soft_flags.append(False)
         seq.logprob_sum += decision.logprob
+        if logprobs is not None:
+            seq.logprobs.append(logprobs)
         text, stopped = seq.text.push(self.runtime.model.token_bytes(token))
         if stopped:
-            return self._finish(seq, decision, index, "stop", text)
+            return self._finish(seq, decision, index, "stop", text, logprobs)
         if (decision.final or len(seq.tokens) >= seq.params.max_tokens
                 or seq.position + 1 > self.context.n_ctx):
-            return self._finish(seq, decision, index, "length", text + seq.text.finish())
+            return self._finish(seq, decision, index, "length", text + seq.text.finish(), logprobs)
         if decision.soft:
             seq.soft_steps += 1
             seq.soft_flags[-1] = True
             w = decision.mix_weights
             seq.effective_counts.append(float(1.0 / np.dot(w, w)))
         seq.pending = decision
-        return _event(seq.request_id, index, decision, text, decision.soft, None)
+        return _event(seq.request_id, index, decision, text, decision.soft, None, logprobs)
 
-    def _finish(self, seq: _Sequence, decision: StepDecision, index: int, reason: str, text: str) -> StepEvent:
+    def _finish(self, seq: _Sequence, decision: StepDecision, index: int, reason: str, text: str,
+                logprobs: tuple[float, tuple] | None = None) -> StepEvent:
         seq.finish_reason = reason
         seq.pending = None
         self._live.pop(seq.request_id, None)
         self._release_slot(seq)
         self._finished[seq.request_id] = seq
-        return _event(seq.request_id, index, decision, text, False, reason)
+        return _event(seq.request_id, index, decision, text, False, reason, logprobs)
+
+    @staticmethod
+    def _logprobs(seq: _Sequence, decision: StepDecision) -> tuple[float, tuple] | None:
+        n = seq.params.logprobs
+        dist = seq.policy.last_dist
+        if n is None or dist is None:
+            return None
+        return token_logprobs(dist, decision.token, n)
 
     def pop_result(self, request_id: int) -> GenerationResult:
         """The finished sequence's result (each result can be taken once)."""
@@ -309,11 +400,13 @@ class BatchGenerator:
             text=seq.text.text, tokens=seq.tokens, prompt_tokens=len(seq.prompt_tokens),
             finish_reason=seq.finish_reason or "stop", soft_steps=seq.soft_steps, entropies=seq.entropies,
             prefill_seconds=seq.prefill_seconds, decode_seconds=decode_seconds,
-            effective_counts=seq.effective_counts, soft_flags=seq.soft_flags, logprob_sum=seq.logprob_sum,
+            effective_counts=seq.effective_counts, soft_flags=seq.soft_flags, logprobs=seq.logprobs,
+            logprob_sum=seq.logprob_sum,
         )
 
 
-def _event(request_id: int, index: int, d: StepDecision, text: str, soft: bool, reason: str | None) -> StepEvent:
+def _event(request_id: int, index: int, d: StepDecision, text: str, soft: bool, reason: str | None,
+           logprobs: tuple[float, tuple] | None = None) -> StepEvent:
     # ndarray.tolist() gives the same Python ints/floats as int()/float() per element,
     # in one C call.
     mix_ids = _ints(d.mix_ids) if soft else ()
@@ -321,6 +414,7 @@ def _event(request_id: int, index: int, d: StepDecision, text: str, soft: bool, 
     return StepEvent(
         request_id, index, d.token, text, soft, float(d.entropy),
         _ints(d.top_ids), _floats(d.top_probs), mix_ids, mix_w, reason,
+        *(logprobs or (None, ())),
     )
 
 

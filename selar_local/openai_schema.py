@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import secrets
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -12,18 +13,19 @@ from typing import Any, Callable, Mapping, Sequence
 
 from selar_local.errors import ContextOverflowError, InvalidParameterError, SelarError, UnsupportedModelError
 from selar_local.generate import GenerationResult, StepEvent
-from selar_local.params import DecodeParams
+from selar_local.params import MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, DecodeParams
 
 # DecodeParams fields a request may set by their own name (SeLaR's and the sampler's).
-DECODE_FIELDS = tuple(f.name for f in dataclasses.fields(DecodeParams))
+# (`logprobs` is OpenAI's own field, with its own meaning per endpoint: handled below.)
+DECODE_FIELDS = tuple(f.name for f in dataclasses.fields(DecodeParams) if f.name != "logprobs")
+MAX_MESSAGES = 1024          # messages per chat request
+MAX_COMPLETION_LOGPROBS = 5  # /v1/completions `logprobs`, as OpenAI
 # OpenAI fields that are accepted but only in their neutral form (anything else is an error,
 # so that a client never silently gets something other than what it asked for).
 _NEUTRAL_FIELDS: dict[str, Callable[[Any], bool]] = {
     "frequency_penalty": lambda v: v in (None, 0, 0.0),
     "presence_penalty": lambda v: v in (None, 0, 0.0),
     "logit_bias": lambda v: not v,
-    "logprobs": lambda v: v in (None, False, 0),
-    "top_logprobs": lambda v: v in (None, 0),
     "tools": lambda v: not v,
     "functions": lambda v: not v,
     "tool_choice": lambda v: v in (None, "none", "auto"),
@@ -39,8 +41,8 @@ _NEUTRAL_FIELDS: dict[str, Callable[[Any], bool]] = {
     "modalities": lambda v: v in (None, ["text"]),
 }
 _COMMON_FIELDS = {"model", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature",
-                  "top_p", "stop", "seed", "n"}
-CHAT_FIELDS = frozenset(_COMMON_FIELDS | {"messages"} | set(_NEUTRAL_FIELDS) | set(DECODE_FIELDS))
+                  "top_p", "stop", "seed", "n", "logprobs"}
+CHAT_FIELDS = frozenset(_COMMON_FIELDS | {"messages", "top_logprobs"} | set(_NEUTRAL_FIELDS) | set(DECODE_FIELDS))
 COMPLETION_FIELDS = frozenset(_COMMON_FIELDS | {"prompt", "echo"} | set(_NEUTRAL_FIELDS) | set(DECODE_FIELDS))
 _ROLES = ("system", "developer", "user", "assistant", "tool")
 
@@ -80,13 +82,19 @@ class PreparedRequest:
 
     kind: str  # "chat" or "completion"
     prompt_tokens: list[int]
-    params: DecodeParams
+    choices: list[DecodeParams]  # one per choice (OpenAI `n`), each with its own seed
     stream: bool = False
     include_usage: bool = False
     echo_text: str | None = None
     model: str = ""
     id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex[:24]}")
     created: int = field(default_factory=lambda: int(time.time()))
+    logprobs: bool = False  # answer with log-probabilities (the choices' params carry how many)
+
+    @property
+    def params(self) -> DecodeParams:
+        """The first choice's parameters (the only ones when n = 1)."""
+        return self.choices[0]
 
 
 def _content_text(content: Any, index: int) -> str:
@@ -113,6 +121,9 @@ def _content_text(content: Any, index: int) -> str:
 def normalise_messages(messages: Any) -> list[dict[str, str]]:
     if not isinstance(messages, list) or not messages:
         raise RequestError("'messages' must be a non-empty list of {role, content} objects", param="messages")
+    if len(messages) > MAX_MESSAGES:
+        raise RequestError(f"{len(messages)} messages: at most {MAX_MESSAGES} per request", param="messages",
+                           code="too_many_messages")
     out = []
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping):
@@ -131,6 +142,7 @@ class RequestBuilder:
 
     def __init__(self, runtime, *, model_id: str, default_stop: Sequence[str] = (), aliases: Sequence[str] = ()):
         self.runtime = runtime
+        self.max_choices = runtime.n_parallel  # the choices of one request decode together
         self.model_id = model_id
         self.default_stop = tuple(default_stop)
         self.aliases = frozenset({model_id, *aliases})
@@ -196,10 +208,12 @@ class RequestBuilder:
                                    f"(only its neutral value is accepted)", param=name, code="unsupported_parameter")
 
     def _prepared(self, kind: str, body: Mapping[str, Any], tokens: list[int]) -> PreparedRequest:
-        n = body.get("n", 1)
-        if n not in (None, 1) or isinstance(n, bool):
-            raise RequestError(f"n={n!r}: one choice per request is supported (send n separate requests, "
-                               "each with its own seed)", param="n", code="unsupported_parameter")
+        n = body.get("n")
+        n = 1 if n is None else n
+        if not _is_int(n) or not 1 <= n <= self.max_choices:
+            raise RequestError(f"invalid n={n!r}: expected an integer in [1, {self.max_choices}] (the choices of "
+                               f"one request decode together; this server runs {self.max_choices} sequences at once)",
+                               param="n", code="invalid_value")
         stream = body.get("stream", False)
         if stream is None:
             stream = False
@@ -213,18 +227,45 @@ class RequestBuilder:
         except ContextOverflowError as exc:
             raise RequestError(str(exc), param="messages" if kind == "chat" else "prompt",
                                code="context_length_exceeded") from exc
-        params = self._decode_params(body, len(tokens))
+        n_logprobs = self._logprobs(kind, body)
+        params = self._decode_params(body, len(tokens)).replace(logprobs=n_logprobs)
         try:
             self.runtime.require_method(params.method)
         except UnsupportedModelError as exc:
             raise as_request_error(exc) from exc
-        return PreparedRequest(kind, tokens, params, stream=stream, include_usage=bool(options.get("include_usage")),
-                               model=self.model_id,
+        # Choice i samples with seed + i: a seeded request replays exactly, and its choices differ.
+        choices = [params.replace(seed=(params.seed + i) % (1 << 63)) for i in range(n)]
+        return PreparedRequest(kind, tokens, choices, stream=stream, include_usage=bool(options.get("include_usage")),
+                               model=self.model_id, logprobs=n_logprobs is not None,
                                id=("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24])
+
+    @staticmethod
+    def _logprobs(kind: str, body: Mapping[str, Any]) -> int | None:
+        """Alternatives per token, or None for no log-probabilities. Chat: `logprobs` is a
+        boolean and `top_logprobs` (0-20) the count; completions: `logprobs` is the count (0-5)."""
+        if kind == "chat":
+            wanted, top = body.get("logprobs"), body.get("top_logprobs")
+            if wanted is not None and not isinstance(wanted, bool):
+                raise RequestError(f"invalid logprobs={wanted!r}: expected true or false", param="logprobs")
+            if top is not None and (not _is_int(top) or not 0 <= top <= MAX_TOP_LOGPROBS):
+                raise RequestError(f"invalid top_logprobs={top!r}: expected an integer in [0, {MAX_TOP_LOGPROBS}]",
+                                   param="top_logprobs")
+            if top is not None and not wanted:
+                raise RequestError("top_logprobs needs logprobs=true", param="top_logprobs")
+            return (top or 0) if wanted else None
+        count = body.get("logprobs")
+        if count is None:
+            return None
+        if not _is_int(count) or not 0 <= count <= MAX_COMPLETION_LOGPROBS:
+            raise RequestError(f"invalid logprobs={count!r}: expected an integer in [0, {MAX_COMPLETION_LOGPROBS}]",
+                               param="logprobs")
+        return count
 
     def _decode_params(self, body: Mapping[str, Any], n_prompt: int) -> DecodeParams:
         values: dict[str, Any] = {k: body[k] for k in DECODE_FIELDS if body.get(k) is not None}
-        for flag in ("greedy", "thinking_only"):
+        if "seed" not in values:  # OpenAI: an unseeded request is sampled afresh (the response says the seed)
+            values["seed"] = secrets.randbelow(1 << 31)
+        for flag in ("greedy", "thinking_only", "ignore_eos"):
             if flag in values and not isinstance(values[flag], bool):
                 raise RequestError(f"invalid {flag}={values[flag]!r}: expected true or false", param=flag)
         max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
@@ -249,6 +290,10 @@ class RequestBuilder:
             stop = [stop]
         elif not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
             raise RequestError("'stop' must be a string or a list of strings", param="stop")
+        room_for_stops = MAX_STOP_STRINGS - len(self.default_stop)  # the model's own stop strings count too
+        if len(stop) > room_for_stops:  # before anything iterates over them
+            raise RequestError(f"{len(stop)} stop strings: at most {room_for_stops} for this model", param="stop",
+                               code="invalid_value")
         values["stop"] = tuple(dict.fromkeys([s for s in stop if s] + list(self.default_stop)))
         auto = isinstance(values.get("tau"), str) and values["tau"].strip().lower() == "auto"
         try:
@@ -282,6 +327,7 @@ def selar_summary(params: DecodeParams, result: GenerationResult) -> dict[str, A
     counts = result.effective_counts
     summary = {
         "method": params.method,
+        "seed": params.seed,  # replay a sampled answer by sending this seed
         "soft_steps": result.soft_steps,
         "soft_share": round(result.soft_share, 6),
         "mean_entropy": round(result.mean_entropy, 6),
@@ -295,31 +341,85 @@ def selar_summary(params: DecodeParams, result: GenerationResult) -> dict[str, A
     return summary
 
 
-def usage(result: GenerationResult) -> dict[str, int]:
-    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-            "total_tokens": result.prompt_tokens + result.completion_tokens}
+def usage(req: PreparedRequest, results: Sequence[GenerationResult]) -> dict[str, int]:
+    """The prompt counts once (it is prefilled once for all choices)."""
+    completion = sum(r.completion_tokens for r in results)
+    prompt = len(req.prompt_tokens)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def completion_response(req: PreparedRequest, result: GenerationResult) -> dict[str, Any]:
-    """The non-streaming body: chat.completion or text_completion."""
-    if req.kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": result.text},
-                  "logprobs": None, "finish_reason": result.finish_reason}
-        obj = "chat.completion"
-    else:
-        choice = {"index": 0, "text": (req.echo_text or "") + result.text, "logprobs": None,
-                  "finish_reason": result.finish_reason}
-        obj = "text_completion"
-    return {"id": req.id, "object": obj, "created": req.created, "model": req.model, "choices": [choice],
-            "usage": usage(result), "selar": selar_summary(req.params, result)}
+class LogprobFormatter:
+    """OpenAI's two log-probability shapes from (token, log p, alternatives) records.
+
+    Chat: {"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}.
+    Completions: {"tokens", "token_logprobs", "top_logprobs": [{token: logprob}], "text_offset"}.
+    The log-probabilities are those of the filtered distribution the token was drawn from
+    (temperature, top-k, top-p, min-p applied), not of the raw model."""
+
+    def __init__(self, model, kind: str):
+        self.model = model
+        self.kind = kind
+
+    def _piece(self, token: int) -> tuple[str, list[int]]:
+        data = self.model.token_bytes(token)
+        return data.decode("utf-8", errors="replace"), list(data)
+
+    def chat_entry(self, token: int, logprob: float, top: Sequence[tuple[int, float]]) -> dict[str, Any]:
+        text, data = self._piece(token)
+        alternatives = []
+        for alt, alt_lp in top:
+            alt_text, alt_data = self._piece(alt)
+            alternatives.append({"token": alt_text, "logprob": alt_lp, "bytes": alt_data})
+        return {"token": text, "logprob": logprob, "bytes": data, "top_logprobs": alternatives}
+
+    def block(self, tokens: Sequence[int], records: Sequence[tuple[float, tuple]], offset: int = 0) -> dict[str, Any]:
+        if self.kind == "chat":
+            return {"content": [self.chat_entry(t, lp, top) for t, (lp, top) in zip(tokens, records)]}
+        out: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for token, (lp, top) in zip(tokens, records):
+            text, _ = self._piece(token)
+            out["tokens"].append(text)
+            out["token_logprobs"].append(lp)
+            out["top_logprobs"].append({self._piece(alt)[0]: alt_lp for alt, alt_lp in top})
+            out["text_offset"].append(offset)
+            offset += len(text)
+        return out
+
+
+def completion_response(req: PreparedRequest, results: Sequence[GenerationResult], model=None) -> dict[str, Any]:
+    """The non-streaming body: chat.completion or text_completion, one choice per result."""
+    formatter = LogprobFormatter(model, req.kind) if req.logprobs else None
+    choices = []
+    for index, result in enumerate(results):
+        logprobs = None
+        if formatter is not None:
+            offset = len(req.echo_text or "")
+            logprobs = formatter.block(result.tokens[:len(result.logprobs)], result.logprobs, offset)
+        if req.kind == "chat":
+            choices.append({"index": index, "message": {"role": "assistant", "content": result.text},
+                            "logprobs": logprobs, "finish_reason": result.finish_reason})
+        else:
+            choices.append({"index": index, "text": (req.echo_text or "") + result.text, "logprobs": logprobs,
+                            "finish_reason": result.finish_reason})
+    body = {"id": req.id, "object": "chat.completion" if req.kind == "chat" else "text_completion",
+            "created": req.created, "model": req.model, "choices": choices, "usage": usage(req, results),
+            "selar": selar_summary(req.choices[0], results[0])}
+    if len(results) > 1:
+        body["selar"]["choices"] = [selar_summary(p, r) for p, r in zip(req.choices, results)]
+    return body
 
 
 class ChunkWriter:
-    """Builds the streamed chunks of one request, in order."""
+    """Builds the streamed chunks of one request, in order; with n > 1 the choices'
+    chunks interleave, each carrying its `index`."""
 
-    def __init__(self, req: PreparedRequest):
+    def __init__(self, req: PreparedRequest, model=None):
         self.req = req
         self.object = "chat.completion.chunk" if req.kind == "chat" else "text_completion"
+        self.formatter = LogprobFormatter(model, req.kind) if req.logprobs else None
+        # log-probabilities of tokens whose text is still held back (a possible stop string)
+        self._pending: dict[int, list[tuple[int, tuple[float, tuple]]]] = {}
+        self._offset: dict[int, int] = {}
 
     def _chunk(self, choice: dict | None, **extra: Any) -> dict[str, Any]:
         out = {"id": self.req.id, "object": self.object, "created": self.req.created, "model": self.req.model,
@@ -327,30 +427,47 @@ class ChunkWriter:
         out.update(extra)
         return out
 
-    def _choice(self, text: str | None, finish_reason: str | None, *, role: bool = False) -> dict:
+    def _choice(self, index: int, text: str | None, finish_reason: str | None, *, role: bool = False) -> dict:
+        logprobs = self._flush_logprobs(index, text)
         if self.req.kind == "chat":
             delta: dict[str, Any] = {"role": "assistant"} if role else {}
             if text is not None:
                 delta["content"] = text
-            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+            return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+        return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
+
+    def _flush_logprobs(self, index: int, text: str | None) -> dict | None:
+        pending = self._pending.pop(index, None)
+        if not pending or self.formatter is None:
+            return None
+        offset = self._offset.get(index, len(self.req.echo_text or ""))
+        self._offset[index] = offset + len(text or "")
+        return self.formatter.block([t for t, _ in pending], [r for _, r in pending], offset)
 
     def opening(self) -> list[dict]:
         if self.req.kind == "chat":
-            return [self._chunk(self._choice("", None, role=True))]
-        return [self._chunk(self._choice(self.req.echo_text, None))] if self.req.echo_text else []
+            return [self._chunk(self._choice(i, "", None, role=True)) for i in range(len(self.req.choices))]
+        if self.req.echo_text:
+            return [self._chunk(self._choice(i, self.req.echo_text, None)) for i in range(len(self.req.choices))]
+        return []
 
-    def event(self, event: StepEvent) -> dict | None:
-        """A content chunk for one step (None when the step released no text yet)."""
+    def event(self, event: StepEvent, index: int = 0) -> dict | None:
+        """A content chunk for one step of choice `index` (None when the step released no text yet)."""
+        if event.logprob is not None:
+            self._pending.setdefault(index, []).append((event.token, (event.logprob, event.top_logprobs)))
         if not event.text:
             return None
-        return self._chunk(self._choice(event.text, None),
+        return self._chunk(self._choice(index, event.text, None),
                            selar={"soft": event.soft, "entropy": round(event.entropy, 6) + 0.0})
 
+    def choice_closing(self, result: GenerationResult, index: int = 0) -> dict:
+        """The chunk that ends choice `index` (its finish_reason and `selar` summary)."""
+        return self._chunk(self._choice(index, None if self.req.kind == "chat" else "", result.finish_reason),
+                           selar=selar_summary(self.req.choices[index], result))
+
+    def usage_chunk(self, results: Sequence[GenerationResult]) -> list[dict]:
+        return [self._chunk(None, usage=usage(self.req, results))] if self.req.include_usage else []
+
     def closing(self, result: GenerationResult) -> list[dict]:
-        last = self._chunk(self._choice(None if self.req.kind == "chat" else "", result.finish_reason),
-                           selar=selar_summary(self.req.params, result))
-        chunks = [last]
-        if self.req.include_usage:
-            chunks.append(self._chunk(None, usage=usage(result)))
-        return chunks
+        """One-choice requests: the last chunk and, if asked, the usage chunk."""
+        return [self.choice_closing(result)] + self.usage_chunk([result])

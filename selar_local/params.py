@@ -11,8 +11,12 @@ from selar_local.errors import InvalidParameterError
 
 METHODS = ("cot", "selar", "soft", "moi", "swir")
 SOFT_NOISES = ("none", "gumbel", "dirichlet")
-# Largest mixture (rows mixed per soft input): bounds the per-step row gather and mix.
-MAX_MIXTURE = 64
+# Per-step work grows with these; one request must not be able to make every other
+# request's steps expensive (a 49k-token mixture costs ~2 ms per step on the host).
+MAX_MIXTURE_SIZE = 64        # ks, soft_topk, moi_topn and any other mixture size
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 256        # characters per stop string (held back while streaming)
+MAX_TOP_LOGPROBS = 20        # as OpenAI
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,8 @@ class DecodeParams:
     seed: int = 41
     greedy: bool = False     # shown token = argmax instead of a sample
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # as llama-server: end-of-generation tokens are never drawn
+    logprobs: int | None = None  # None: no log-probabilities; n >= 0: the shown token's and n alternatives
     # SeLaR
     tau: float = 0.5         # entropy gate threshold; > 1 never opens the gate
     lam: float = 1.0         # contrastive push away from the dominant token
@@ -64,21 +70,27 @@ class DecodeParams:
         _check(_finite(self.min_p) and 0 <= self.min_p < 1, "min_p", self.min_p, "a number in [0, 1)")
         _check(_is_int(self.seed) and self.seed >= 0, "seed", self.seed, "an integer >= 0")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop, "non-empty strings")
+        _check(len(self.stop) <= MAX_STOP_STRINGS, "stop", f"<{len(self.stop)} strings>",
+               f"at most {MAX_STOP_STRINGS} stop strings")
+        _check(all(len(s) <= MAX_STOP_LENGTH for s in self.stop), "stop", "<a long string>",
+               f"stop strings of at most {MAX_STOP_LENGTH} characters")
+        _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_TOP_LOGPROBS),
+               "logprobs", self.logprobs, f"an integer in [0, {MAX_TOP_LOGPROBS}] (alternatives per token)")
         _check(_finite(self.tau) and self.tau >= 0, "tau", self.tau,
                "a number >= 0 (the gate compares a normalised entropy in [0, 1]; tau > 1 disables it)")
         _check(_finite(self.lam) and self.lam >= 0, "lam", self.lam, "a number >= 0")
-        _check(_is_int(self.ks) and self.ks >= 2, "ks", self.ks, "an integer >= 2 (entropy over one token is 0)")
+        _check(_is_int(self.ks) and 2 <= self.ks <= MAX_MIXTURE_SIZE, "ks", self.ks,
+               f"an integer in [2, {MAX_MIXTURE_SIZE}] (entropy over one token is 0; larger mixtures cost every step)")
         if self.top_k:
             _check(self.ks <= self.top_k, "ks", self.ks, f"at most top_k ({self.top_k})")
-        _check(_is_int(self.ks) and self.ks <= MAX_MIXTURE, "ks", self.ks, f"at most {MAX_MIXTURE}")
-        _check(_is_int(self.soft_topk) and 1 <= self.soft_topk <= MAX_MIXTURE, "soft_topk", self.soft_topk,
-               f"an integer in [1, {MAX_MIXTURE}]")
+        _check(_is_int(self.soft_topk) and 1 <= self.soft_topk <= MAX_MIXTURE_SIZE, "soft_topk", self.soft_topk,
+               f"an integer in [1, {MAX_MIXTURE_SIZE}]")
         _check(_finite(self.cold_stop_entropy) and self.cold_stop_entropy >= 0, "cold_stop_entropy",
                self.cold_stop_entropy, "a number >= 0")
         _check(_is_int(self.cold_stop_steps) and self.cold_stop_steps >= 1, "cold_stop_steps",
                self.cold_stop_steps, "an integer >= 1")
-        _check(_is_int(self.moi_topn) and 2 <= self.moi_topn <= MAX_MIXTURE, "moi_topn", self.moi_topn,
-               f"an integer in [2, {MAX_MIXTURE}]")
+        _check(_is_int(self.moi_topn) and 2 <= self.moi_topn <= MAX_MIXTURE_SIZE, "moi_topn", self.moi_topn,
+               f"an integer in [2, {MAX_MIXTURE_SIZE}]")
         _check(_finite(self.moi_beta) and self.moi_beta >= 0, "moi_beta", self.moi_beta, "a number >= 0")
         _check(self.soft_noise in SOFT_NOISES, "soft_noise", self.soft_noise, f"one of {', '.join(SOFT_NOISES)}")
         _check(_finite(self.gumbel_tau) and self.gumbel_tau > 0, "gumbel_tau", self.gumbel_tau, "a number > 0")
@@ -92,8 +104,8 @@ class DecodeParams:
                "a number in [0, 1]")
         _check(_finite(self.swir_beta) and 0 <= self.swir_beta <= 1, "swir_beta", self.swir_beta,
                "a number in [0, 1]")
-        _check(_is_int(self.swir_topk) and 1 <= self.swir_topk <= MAX_MIXTURE, "swir_topk", self.swir_topk,
-               f"an integer in [1, {MAX_MIXTURE}]")
+        _check(_is_int(self.swir_topk) and 1 <= self.swir_topk <= MAX_MIXTURE_SIZE, "swir_topk", self.swir_topk,
+               f"an integer in [1, {MAX_MIXTURE_SIZE}]")
 
     def replace(self, **changes: Any) -> "DecodeParams":
         return dataclasses.replace(self, **changes)

@@ -60,6 +60,7 @@ class Policy:
         # Mixture noise has its own stream, so that the token draws stay those of the
         # noise-free run (same seed -> same tokens until a noisy input changes the logits).
         self.noise_rng = np.random.default_rng([params.seed, 1])
+        self.last_dist: Distribution | None = None  # the last step's filtered distribution (logprobs)
         # Models without thinking tags: the whole answer counts as the thinking span.
         self.in_thinking = (info.think_open is None) if in_thinking is None else in_thinking
 
@@ -68,7 +69,8 @@ class Policy:
 
     def _filtered(self, logits: np.ndarray) -> Distribution:
         p = self.params
-        return filter_logits(logits, p.temperature, p.top_k, p.top_p, p.min_p)
+        self.last_dist = filter_logits(logits, p.temperature, p.top_k, p.top_p, p.min_p)
+        return self.last_dist
 
     def _choose(self, dist: Distribution) -> int:
         return int(dist.ids[0]) if self.params.greedy else sample(dist, self.rng)

@@ -141,6 +141,24 @@ def sample(dist: Distribution, rng: np.random.Generator) -> int:
     return int(dist.ids[index])
 
 
+# OpenAI's convention for a log-probability that is effectively minus infinity (JSON has no -inf).
+LOGPROB_FLOOR = -9999.0
+
+
+def token_logprobs(dist: Distribution, token: int, n_top: int) -> tuple[float, tuple[tuple[int, float], ...]]:
+    """log p(token) under the filtered distribution (LOGPROB_FLOOR if the filter dropped
+    it, e.g. an injected </think>), and the n_top most probable (id, log p) pairs."""
+    hit = np.flatnonzero(dist.ids == token)
+    prob = float(dist.probs[hit[0]]) if hit.size else 0.0
+    k = min(n_top, len(dist))
+    top = tuple(zip(dist.ids[:k].tolist(), [_safe_log(p) for p in dist.probs[:k].tolist()]))
+    return _safe_log(prob), top
+
+
+def _safe_log(prob: float) -> float:
+    return max(math.log(prob), LOGPROB_FLOOR) if prob > 0.0 else LOGPROB_FLOOR
+
+
 def effective_count(weights: np.ndarray) -> float:
     """N_eff = 1 / sum w_i^2: how many tokens a soft input superposes."""
     return float(1.0 / np.square(weights).sum())

@@ -16,7 +16,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
-from selar_local.errors import SelarError
+from selar_local.errors import InvalidParameterError, SelarError
 from selar_local.generate import BatchGenerator, GenerationResult, StepEvent
 from selar_local.params import DecodeParams
 
@@ -45,6 +45,7 @@ class SchedulerStats:
     cancelled: int
     failed: int
     rejected: int
+    slots_busy_peak: int  # the most sequences ever decoding together (never above slots_total)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -128,13 +129,13 @@ class Scheduler:
         self.queue_size = queue_size
         self._generator = BatchGenerator(runtime)
         self._lock = threading.Condition()
-        self._waiting: deque[RequestHandle] = deque()
+        self._waiting: deque[list[RequestHandle]] = deque()  # groups admitted together
         self._starting: list[RequestHandle] = []  # taken off the queue, prefilling
         self._running: dict[int, RequestHandle] = {}
         self._to_cancel: list[RequestHandle] = []
         self._closed = False
         self._active = 0  # submitted and not yet ended: waiting, being admitted, or running
-        self._counts = dict(submitted=0, completed=0, cancelled=0, failed=0, rejected=0)
+        self._counts = dict(submitted=0, completed=0, cancelled=0, failed=0, rejected=0, slots_busy_peak=0)
         self._idle_wait = idle_wait
         self._thread = threading.Thread(target=self._run, name="selar-scheduler", daemon=True)
         self._thread.start()
@@ -148,38 +149,56 @@ class Scheduler:
                sink: Callable[[str, Any], None] | None = None) -> RequestHandle:
         """Queue a request. Raises at once (in the caller's thread) for a prompt over the
         context, a method the model cannot run, or a full queue; never blocks."""
+        return self.submit_group(prompt_tokens, [params], sinks=[sink])[0]
+
+    def submit_group(self, prompt_tokens: Sequence[int], params_list: Sequence[DecodeParams], *,
+                     sinks: Sequence[Callable[[str, Any], None] | None] | None = None) -> list[RequestHandle]:
+        """Queue several sequences of one prompt (OpenAI `n`): admitted together, the
+        prompt prefilled once. One handle per sequence; each ends on its own."""
         prompt_tokens = list(prompt_tokens)
         self.runtime.check_prompt_fits(len(prompt_tokens))
-        self.runtime.require_method(params.method)
-        handle = RequestHandle(self, prompt_tokens, params, sink)
+        for params in params_list:
+            self.runtime.require_method(params.method)
+        if not 1 <= len(params_list) <= self.slots_total:
+            raise InvalidParameterError(
+                f"invalid n={len(params_list)}: expected an integer in [1, {self.slots_total}] "
+                f"(the sequences of one request decode together; the server runs {self.slots_total} at once)")
+        sinks = list(sinks) if sinks is not None else [None] * len(params_list)
+        group = [RequestHandle(self, prompt_tokens, params, sink) for params, sink in zip(params_list, sinks)]
         with self._lock:
             if self._closed:
                 raise SchedulerClosedError("the scheduler is closed")
-            if self._active >= self.slots_total + self.queue_size:
+            if self._active + len(group) > self.slots_total + self.queue_size:
                 self._counts["rejected"] += 1
                 raise QueueFullError(
-                    f"server busy: all {self.slots_total} slots are generating and {len(self._waiting)} "
+                    f"server busy: all {self.slots_total} slots are generating and {self._queued()} "
                     f"requests are waiting (queue size {self.queue_size}); retry later, or start the "
                     f"server with a larger --parallel or --queue-size"
                 )
-            self._counts["submitted"] += 1
-            self._active += 1
-            self._waiting.append(handle)
+            self._counts["submitted"] += len(group)
+            self._active += len(group)
+            self._waiting.append(group)
             self._lock.notify_all()
-        return handle
+        return group
 
     def cancel(self, handle: RequestHandle) -> None:
         with self._lock:
             if handle.finished.is_set() or handle.cancelled:
                 return
             handle.cancelled = True
-            if handle in self._waiting:
-                self._waiting.remove(handle)
-                self._counts["cancelled"] += 1
-                handle._deliver("error", RequestCancelledError("request cancelled"))
-            else:
-                self._to_cancel.append(handle)
-                self._lock.notify_all()
+            for group in self._waiting:
+                if handle in group:
+                    group.remove(handle)
+                    if not group:
+                        self._waiting.remove(group)
+                    self._counts["cancelled"] += 1
+                    handle._deliver("error", RequestCancelledError("request cancelled"))
+                    return
+            self._to_cancel.append(handle)
+            self._lock.notify_all()
+
+    def _queued(self) -> int:
+        return sum(len(group) for group in self._waiting)
 
     def _ended(self) -> None:
         with self._lock:
@@ -187,7 +206,7 @@ class Scheduler:
 
     def stats(self) -> SchedulerStats:
         with self._lock:
-            return SchedulerStats(self.slots_total, len(self._running) + len(self._starting), len(self._waiting),
+            return SchedulerStats(self.slots_total, len(self._running) + len(self._starting), self._queued(),
                                   self.queue_size,
                                   **self._counts)
 
@@ -218,7 +237,7 @@ class Scheduler:
         for handle in list(self._running.values()):
             self._drop(handle, "failed", closing)
         with self._lock:
-            waiting, self._waiting = list(self._waiting), deque()
+            waiting, self._waiting = [h for group in self._waiting for h in group], deque()
             for handle in waiting:
                 handle._deliver("error", closing)
 
@@ -228,10 +247,16 @@ class Scheduler:
         for handle in cancels:
             self._drop(handle, "cancelled", RequestCancelledError("request cancelled"))
         with self._lock:  # only this thread changes the generator's slots
-            admit = [self._waiting.popleft() for _ in range(min(gen.free_slots, len(self._waiting)))]
-            self._starting.extend(admit)
-        for handle in admit:
-            self._admit(handle)
+            admit, free = [], gen.free_slots
+            while self._waiting and len(self._waiting[0]) <= free:  # first come, first served
+                group = self._waiting.popleft()
+                free -= len(group)
+                admit.append(group)
+                self._starting.extend(group)
+            busy = len(self._running) + len(self._starting)
+            self._counts["slots_busy_peak"] = max(self._counts["slots_busy_peak"], busy)
+        for group in admit:
+            self._admit(group)
         if self._running:
             try:
                 events = gen.step()
@@ -242,25 +267,35 @@ class Scheduler:
             for event in events:
                 self._dispatch(event)
 
-    def _admit(self, handle: RequestHandle) -> None:
+    def _admit(self, group: list[RequestHandle]) -> None:
         try:
-            request_id, first = self._generator.submit(handle.prompt_tokens, handle.params)
-        except BaseException as exc:  # this request only (the generator freed its slot)
+            started = self._generator.submit_group(group[0].prompt_tokens, [h.params for h in group])
+        except BaseException as exc:  # these requests only (the generator freed their slots)
             with self._lock:
-                self._starting.remove(handle)
-                self._counts["failed"] += 1
-                handle._deliver("error", exc)
+                for handle in group:
+                    self._starting.remove(handle)
+                    self._counts["failed"] += 1
+                    handle._deliver("error", exc)
             return
-        handle.request_id = request_id
         with self._lock:
-            self._starting.remove(handle)
-            self._running[request_id] = handle
-        if first is not None:
-            self._dispatch(first)
+            for handle, (request_id, _first) in zip(group, started):
+                handle.request_id = request_id
+                self._starting.remove(handle)
+                self._running[request_id] = handle
+        for _request_id, first in started:
+            if first is not None:
+                self._dispatch(first)
 
     def _dispatch(self, event: StepEvent) -> None:
         handle = self._running.get(event.request_id)
         if handle is None:
+            return
+        if event.finish_reason == "error":  # this sequence alone could not be decoded
+            error = self._generator.pop_error(event.request_id)
+            with self._lock:
+                self._running.pop(event.request_id, None)
+                self._counts["failed"] += 1
+                handle._deliver("error", error)
             return
         handle._deliver("event", event)
         if event.finish_reason:

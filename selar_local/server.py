@@ -94,14 +94,14 @@ class _EventSource(StreamingResponse):
     """Server-sent events for one request; cancels the request when the client goes away
     (noticed by a watcher on `receive`, whatever the ASGI spec version)."""
 
-    def __init__(self, chunks: AsyncIterator[dict], handle: RequestHandle):
+    def __init__(self, chunks: AsyncIterator[dict], handles: list[RequestHandle]):
         super().__init__(chunks, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self.chunks = chunks
-        self.handle = handle
+        self.handles = handles
 
     async def __call__(self, scope, receive, send) -> None:
-        watcher = asyncio.ensure_future(_until_disconnect(receive, self.handle))
+        watcher = asyncio.ensure_future(_until_disconnect(receive, self.handles))
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             async for chunk in self.chunks:
@@ -112,17 +112,22 @@ class _EventSource(StreamingResponse):
             pass
         finally:
             watcher.cancel()
-            self.handle.cancel()  # no-op once the request has ended
+            _cancel_all(self.handles)  # no-op once the request has ended
             await self.chunks.aclose()
 
 
-async def _until_disconnect(receive, handle: RequestHandle) -> None:
+def _cancel_all(handles: list[RequestHandle]) -> None:
+    for handle in handles:
+        handle.cancel()
+
+
+async def _until_disconnect(receive, handles: list[RequestHandle]) -> None:
     """Wait for the client's http.disconnect (the body was read already), then cancel."""
     try:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                handle.cancel()
+                _cancel_all(handles)
                 return
     except Exception:  # the server may close `receive` at shutdown
         return
@@ -182,17 +187,24 @@ def create_app(llm: Selar, *, api_key: str | None = None, close_on_shutdown: boo
 
 
 async def _read_json(request: Request) -> dict[str, Any]:
+    too_large = RequestError(f"request body over {MAX_BODY_BYTES} bytes", status=413, code="body_too_large")
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
-        raise RequestError(f"request body over {MAX_BODY_BYTES} bytes", status=413, code="body_too_large")
-    raw = await request.body()
-    if len(raw) > MAX_BODY_BYTES:
-        raise RequestError(f"request body over {MAX_BODY_BYTES} bytes", status=413, code="body_too_large")
+        raise too_large
+    # Counted while it arrives (a chunked body has no length to trust): a client cannot make
+    # the server buffer more than the limit.
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > MAX_BODY_BYTES:
+            raise too_large
+        parts.append(part)
+    raw = b"".join(parts)
     if not raw.strip():
         raise RequestError("the request body is empty: send a JSON object", code="invalid_json")
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise RequestError(f"the request body is not valid JSON: {exc}", code="invalid_json") from exc
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object", code="invalid_json")
@@ -206,50 +218,57 @@ async def _complete(request: Request, llm: Selar, build: Callable[[dict], Prepar
         loop = asyncio.get_running_loop()
         inbox: asyncio.Queue = asyncio.Queue()
 
-        def sink(kind: str, payload: Any) -> None:  # called in the scheduler's thread
-            loop.call_soon_threadsafe(inbox.put_nowait, (kind, payload))
+        def sink_for(index: int):
+            def sink(kind: str, payload: Any) -> None:  # called in the scheduler's thread
+                loop.call_soon_threadsafe(inbox.put_nowait, (index, kind, payload))
+            return sink
 
-        handle = llm.scheduler.submit(req.prompt_tokens, req.params, sink=sink)
+        handles = llm.scheduler.submit_group(req.prompt_tokens, req.choices,
+                                             sinks=[sink_for(i) for i in range(len(req.choices))])
     except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI-shaped error
         return _response_for(exc)
     if req.stream:
-        return _EventSource(_sse_chunks(req, inbox), handle)
-    return await _wait_result(request, req, handle, inbox)
+        return _EventSource(_sse_chunks(req, inbox, llm.runtime.model), handles)
+    return await _wait_result(request, req, handles, inbox, llm.runtime.model)
 
 
-async def _sse_chunks(req: PreparedRequest, inbox: asyncio.Queue) -> AsyncIterator[dict]:
-    writer = ChunkWriter(req)
+async def _sse_chunks(req: PreparedRequest, inbox: asyncio.Queue, model) -> AsyncIterator[dict]:
+    writer = ChunkWriter(req, model)
     for chunk in writer.opening():
         yield chunk
-    while True:
-        kind, payload = await inbox.get()
+    results: dict[int, Any] = {}
+    while len(results) < len(req.choices):
+        index, kind, payload = await inbox.get()
         if kind == "event":
-            chunk = writer.event(payload)
+            chunk = writer.event(payload, index)
             if chunk is not None:
                 yield chunk
         elif kind == "done":
-            for chunk in writer.closing(payload):
-                yield chunk
-            return
+            results[index] = payload
+            yield writer.choice_closing(payload, index)
         else:  # the headers are sent: report the failure in the stream, as OpenAI does
             response = _response_for(payload)
             yield json.loads(response.body)
             return
+    for chunk in writer.usage_chunk([results[i] for i in range(len(req.choices))]):
+        yield chunk
 
 
-async def _wait_result(request: Request, req: PreparedRequest, handle: RequestHandle,
-                       inbox: asyncio.Queue) -> Response:
-    watcher = asyncio.ensure_future(_until_disconnect(request.receive, handle))
+async def _wait_result(request: Request, req: PreparedRequest, handles: list[RequestHandle],
+                       inbox: asyncio.Queue, model) -> Response:
+    watcher = asyncio.ensure_future(_until_disconnect(request.receive, handles))
+    results: dict[int, Any] = {}
     try:
-        while True:
-            kind, payload = await inbox.get()
+        while len(results) < len(handles):
+            index, kind, payload = await inbox.get()
             if kind == "done":
-                return JSONResponse(completion_response(req, payload))
-            if kind == "error":
+                results[index] = payload
+            elif kind == "error":
                 return _response_for(payload)
+        return JSONResponse(completion_response(req, [results[i] for i in range(len(handles))], model))
     finally:
         watcher.cancel()
-        handle.cancel()  # no-op once ended; frees the slot if this task was cancelled
+        _cancel_all(handles)  # no-op once ended; frees the slots if this task was cancelled or one failed
 
 
 def _version() -> str:
