@@ -24,7 +24,7 @@ from selar_local.params import DecodeParams
 if TYPE_CHECKING:  # pragma: no cover
     from selar_local.runtime import Runtime
 
-CALIBRATION_VERSION = 1
+CALIBRATION_VERSION = 2
 SOFT_SHARE_BAND = (0.06, 0.14)
 TARGET_SHARE = 0.10
 BINS = 50                      # histogram of h over [0, 1]
@@ -83,7 +83,7 @@ def choose_tau(entropies: Sequence[float], eligible: Sequence[bool], *,
     Among the grid thresholds whose share is in the band, take the one where the density of
     the positive entropies (a 3-bin smoothed histogram) is lowest: the valley between the
     confident and the uncertain steps, where a small change of tau moves few steps. Ties go to
-    the share closest to 10%. When no threshold reaches the band (too few or too discrete
+    the share closest to 10%, and a flat run of equal thresholds to its middle. When no threshold reaches the band (too few or too discrete
     steps), the share closest to 10% wins and `in_band` is False."""
     h = np.asarray(entropies, dtype=np.float64)
     ok = np.asarray(eligible, dtype=bool)
@@ -99,6 +99,15 @@ def choose_tau(entropies: Sequence[float], eligible: Sequence[bool], *,
     if in_band.any():
         candidates = np.flatnonzero(in_band)
         best = candidates[np.lexsort((closeness[candidates], at_tau[candidates]))[0]]
+        # A flat valley (an empty gap in the histogram) gives the same density and share over a
+        # run of thresholds: take the middle of the run, not its edge.
+        same = (at_tau == at_tau[best]) & (shares == shares[best]) & in_band
+        lo = hi = best
+        while lo > 0 and same[lo - 1]:
+            lo -= 1
+        while hi < len(TAU_GRID) - 1 and same[hi + 1]:
+            hi += 1
+        best = (lo + hi) // 2
     else:
         best = int(np.argmin(closeness))
     return float(TAU_GRID[best]), float(shares[best]), bool(in_band[best])

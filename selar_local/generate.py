@@ -477,3 +477,44 @@ def generate_many(
         for event in generator.step():
             collect(event)
     return results  # type: ignore[return-value]
+
+
+def generate_groups(
+    runtime: "Runtime", prompts: Sequence[Sequence[int]], params_lists: Sequence[Sequence[DecodeParams]],
+    *, on_finish=None,
+) -> list[list[GenerationResult]]:
+    """Decode each prompt as a group of sequences, one per DecodeParams (self-consistency):
+    the prompt is prefilled once and its KV cells copied (`BatchGenerator.submit_group`).
+    Groups are admitted whole as slots free up. `on_finish(index, results)` is called as
+    each group completes."""
+    if len(params_lists) != len(prompts):
+        raise InvalidParameterError("one list of DecodeParams per prompt")
+    widest = max((len(p) for p in params_lists), default=0)
+    if widest > runtime.n_parallel or any(not p for p in params_lists):
+        raise InvalidParameterError(f"groups of 1 to n_parallel ({runtime.n_parallel}) sequences; "
+                                    f"got {widest}: raise the parallel sequences to at least the samples")
+    generator = BatchGenerator(runtime)
+    results: list[list[GenerationResult | None]] = [[None] * len(p) for p in params_lists]
+    left = [len(p) for p in params_lists]
+    owner: dict[int, tuple[int, int]] = {}
+    queue = list(range(len(prompts)))
+
+    def collect(event: StepEvent | None) -> None:
+        if event is not None and event.finish_reason:
+            index, member = owner.pop(event.request_id)
+            results[index][member] = generator.pop_result(event.request_id)
+            left[index] -= 1
+            if left[index] == 0 and on_finish is not None:
+                on_finish(index, results[index])
+
+    while queue or owner:
+        while queue and generator.free_slots >= len(params_lists[queue[0]]):
+            index = queue.pop(0)
+            started = generator.submit_group(prompts[index], params_lists[index])
+            for member, (request_id, _) in enumerate(started):
+                owner[request_id] = (index, member)
+            for _, first in started:
+                collect(first)
+        for event in generator.step():
+            collect(event)
+    return results  # type: ignore[return-value]

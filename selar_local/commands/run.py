@@ -27,6 +27,12 @@ def register(subparsers) -> None:
                         help="write one JSON line per step (token, soft or not, entropy, top-k ids and weights)")
     parser.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                         help="mark tokens whose next input was soft (default: when writing to a terminal)")
+    parser.add_argument("--samples", "-k", type=int, default=1,
+                        help="latent self-consistency: decode K samples of the prompt together (seeds seed..seed+K-1) "
+                             "and print the majority answer (default 1: one streamed answer)")
+    parser.add_argument("--answer-format", default="math", metavar="DATASET",
+                        help="how --samples reads and compares answers: math (boxed), gsm8k (boxed or last number), "
+                             "gpqa_diamond (option letter) (default %(default)s)")
     add_model_arguments(parser)
     add_decode_arguments(parser)
     parser.set_defaults(func=run)
@@ -35,8 +41,12 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     auto = wants_auto_tau(args)
     params = params_from_args(args, **({"tau": 0.5} if auto else {}))  # validate before loading the model
+    if args.samples < 1:
+        from selar_local.errors import InvalidParameterError
+
+        raise InvalidParameterError(f"--samples must be >= 1, got {args.samples}")
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    runtime = load_runtime(args)
+    runtime = load_runtime(args, n_parallel=args.samples)
     if auto:
         from selar_local.calibrate import auto_tau
 
@@ -44,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
         params = params.replace(tau=calibration.tau)
         print(f"[tau auto] {calibration.tau:.2f} (calibrated soft share {100 * calibration.soft_share:.1f}%)",
               file=sys.stderr)
+    if args.samples > 1:
+        return _run_samples(args, runtime, params, prompt)
     if args.raw:
         stream = runtime.stream(prompt, params)
     else:
@@ -76,4 +88,21 @@ def run(args: argparse.Namespace) -> int:
         f"prompt {result.prompt_tokens} tokens, {elapsed:.2f} s, finish: {result.finish_reason}",
         file=sys.stderr,
     )
+    return 0
+
+
+def _run_samples(args: argparse.Namespace, runtime, params, prompt: str) -> int:
+    messages = None if args.raw else ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": prompt}]
+    started = time.perf_counter()
+    vote = runtime.generate_samples(None if messages else prompt, params, messages=messages, samples=args.samples,
+                                    dataset=args.answer_format)
+    elapsed = time.perf_counter() - started
+    print(vote.text)
+    for i, (r, answer) in enumerate(zip(vote.results, vote.answers)):
+        mark = "*" if i == vote.index else " "
+        print(f"{mark}[sample {i}, seed {params.seed + i}] answer {answer!r}, {r.completion_tokens} tokens, "
+              f"{r.soft_steps} soft, mean log-prob {r.mean_logprob:.3f}, finish: {r.finish_reason}", file=sys.stderr)
+    print(f"[{params.method} x {args.samples}] majority answer {vote.answer!r} ({vote.votes}/{args.samples} votes, "
+          f"{vote.voters} samples answered), shown: sample {vote.index}; {elapsed:.2f} s", file=sys.stderr)
     return 0
