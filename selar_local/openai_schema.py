@@ -406,7 +406,21 @@ def completion_response(req: PreparedRequest, results: Sequence[GenerationResult
             "selar": selar_summary(req.choices[0], results[0])}
     if len(results) > 1:
         body["selar"]["choices"] = [selar_summary(p, r) for p, r in zip(req.choices, results)]
+        body["selar"]["vote"] = vote_summary(results)
     return body
+
+
+VOTE_FORMAT = "gsm8k"  # answers read as the last \boxed{}, else the last number in the text
+
+
+def vote_summary(results: Sequence[GenerationResult]) -> dict[str, Any]:
+    """Self-consistency over the n choices: their answers and the majority (ties: the most
+    confident choice by mean log-probability)."""
+    from selar_local.runtime import SelfConsistencyResult
+
+    vote = SelfConsistencyResult.from_results(results, VOTE_FORMAT)
+    return {"answer": vote.answer, "votes": vote.votes, "voters": vote.voters, "choice_index": vote.index,
+            "answers": vote.answers}
 
 
 class ChunkWriter:

@@ -199,10 +199,11 @@ class Runtime:
 
     def generate_samples(self, prompt: str | None = None, params: DecodeParams | None = None, *,
                          messages: Sequence[dict] | None = None, samples: int = 5,
-                         dataset: str = "math") -> "SelfConsistencyResult":
+                         dataset: str = "gsm8k") -> "SelfConsistencyResult":
         """Latent self-consistency: `samples` sequences of one prompt decoded together (prefilled
         once), sample i with seed + i, and a majority vote over their extracted answers (`dataset`
-        decides how answers are read and compared: "math", "gsm8k", "gpqa_diamond", ...)."""
+        decides how answers are read and compared: "gsm8k" the last box else the last number,
+        "math" boxed only, "gpqa_diamond" the option letter)."""
         from selar_local.vote import sample_seeds
 
         params = params or DecodeParams()
@@ -240,7 +241,7 @@ class SelfConsistencyResult:
         return self.results[self.index].text
 
     @classmethod
-    def from_results(cls, results: Sequence[GenerationResult], dataset: str = "math") -> "SelfConsistencyResult":
+    def from_results(cls, results: Sequence[GenerationResult], dataset: str = "gsm8k") -> "SelfConsistencyResult":
         from selar_local.bench.grading import answer_key, extract_answer
         from selar_local.vote import majority_vote
 

@@ -37,6 +37,9 @@ def register(subparsers) -> None:
     run.add_argument("--seeds", default="1",
                      help="number of seeds, counting up from --seed (default 1); or an explicit list "
                           "such as 41,42,43")
+    run.add_argument("--samples", "-k", type=int, default=1,
+                     help="latent self-consistency: K samples per problem (seeds seed..seed+K-1, prompt prefilled "
+                          "once), reported as pass@1, maj@K and pass@K (default 1; needs --parallel >= K)")
     run.add_argument("--out", "-o", default=None, help="run folder (config.json, results.jsonl, report)")
     run.add_argument("--resume", action="store_true",
                      help="continue the run in --out; with no --dataset, its saved config is used as is")
@@ -107,6 +110,8 @@ def _config_from_args(args):
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise InvalidParameterError(f"--methods: unknown {', '.join(unknown) or '(none)'}; choose from {', '.join(METHODS)}")
+    if args.samples < 1:
+        raise InvalidParameterError("--samples must be >= 1")
     if args.limit is not None and args.limit < 1:
         raise InvalidParameterError("--limit must be >= 1")
     auto = wants_auto_tau(args)
@@ -126,6 +131,7 @@ def _config_from_args(args):
         model_size=model_path.stat().st_size, n_ctx=args.n_ctx, split=args.split, limit=args.limit,
         question_field=args.question_field, answer_field=args.answer_field, id_field=args.id_field,
         problems=len(problems), problems_sha256=problems_digest(problems), tau_auto=auto,
+        samples=args.samples,
     )
     return config, problems, model_path
 
@@ -191,13 +197,18 @@ def _run_locked(args, out: Path, config, problems, model_path: Path) -> int:
     from selar_local.bench.runner import prepare_run, run_bench
 
     done = prepare_run(out, config, resume=args.resume, overwrite=args.overwrite)
-    parallel = args.parallel or (int(done[-1].get("parallel") or 1) if done else 1)
+    parallel = args.parallel or (int(done[-1].get("parallel") or 1) if done else max(1, config.samples))
+    if parallel < config.samples:
+        from selar_local.errors import InvalidParameterError
+
+        raise InvalidParameterError(f"--samples {config.samples} decodes its samples together: give --parallel "
+                                    f">= {config.samples}")
 
     from selar_local.runtime import load
 
     runtime = load(str(model_path), n_ctx=config.n_ctx, n_parallel=parallel, n_threads=args.threads,
                    n_gpu_layers=args.n_gpu_layers, verbose=args.verbose)
-    n_items = len(problems) * len(config.methods) * len(config.seeds)
+    n_items = len(problems) * len(config.methods) * len(config.seeds) * config.samples
     print(f"selar bench: {config.dataset} ({len(problems)} problems) x {','.join(config.methods)} x "
           f"{len(config.seeds)} seed(s) = {n_items} items; {len(done)} already done; "
           f"model {model_path.name}; --parallel {parallel}; results in {out}/results.jsonl",

@@ -30,9 +30,9 @@ def register(subparsers) -> None:
     parser.add_argument("--samples", "-k", type=int, default=1,
                         help="latent self-consistency: decode K samples of the prompt together (seeds seed..seed+K-1) "
                              "and print the majority answer (default 1: one streamed answer)")
-    parser.add_argument("--answer-format", default="math", metavar="DATASET",
-                        help="how --samples reads and compares answers: math (boxed), gsm8k (boxed or last number), "
-                             "gpqa_diamond (option letter) (default %(default)s)")
+    parser.add_argument("--answer-format", default="gsm8k", metavar="DATASET",
+                        help="how --samples reads and compares answers: gsm8k (the last \\boxed{}, else the last "
+                             "number), math (boxed only), gpqa_diamond (option letter) (default %(default)s)")
     add_model_arguments(parser)
     add_decode_arguments(parser)
     parser.set_defaults(func=run)
