@@ -182,6 +182,8 @@ def test_bench_new_methods_and_tau_auto(tmp_path, monkeypatch):
     from selar_local import calibrate as cal
 
     monkeypatch.setattr(cal, "cache_file", lambda sha, settings: tmp_path / f"cal-{sha[:8]}.json")
+    full = cal.calibrate
+    monkeypatch.setattr(cal, "calibrate", lambda runtime, params, **kw: full(runtime, params, max_tokens=48))
     out = tmp_path / "auto"
     assert cli_main([*BENCH, "--methods", "selar,swir,soft", "--tau", "auto", "--soft-noise", "gumbel",
                      "--parallel", "4", "--out", str(out)]) == 0
