@@ -197,3 +197,36 @@ def test_bench_new_methods_and_tau_auto(tmp_path, monkeypatch):
     assert any(r["soft_steps"] for r in records if r["method"] == "swir")
     md = bench_report.write_report([out], out, plots=False)
     assert f"SeLaR tau {calibration['tau']} (auto: calibrated)" in md
+
+
+def test_http_server_runs_the_new_methods_and_tau_auto(smollm4, tmp_path, monkeypatch):
+    """POST /v1/chat/completions with swir, Stochastic Soft Thinking, n > 1 (the vote) and
+    tau "auto" (refused until the model is calibrated, then the calibrated value)."""
+    from fastapi.testclient import TestClient
+
+    from selar_local import calibrate as cal
+    from selar_local.api import Selar
+    from selar_local.registry import file_sha256
+    from selar_local.server import create_app
+
+    monkeypatch.setattr(cal, "cache_file", lambda sha, settings: tmp_path / f"{sha}.json")
+    llm = Selar(runtime=smollm4)
+    body = {"model": MODEL, "messages": QUESTION, "max_tokens": 20, "seed": 3}
+    try:
+        with TestClient(create_app(llm)) as client:
+            swir = client.post("/v1/chat/completions", json={**body, "method": "swir", "swir_window": 4}).json()
+            assert swir["selar"]["method"] == "swir" and swir["choices"][0]["message"]["content"]
+            noisy = client.post("/v1/chat/completions", json={**body, "method": "selar", "soft_noise": "dirichlet",
+                                                                "dirichlet_alpha": 2.0, "n": 2}).json()
+            assert len(noisy["choices"]) == 2 and len(noisy["selar"]["vote"]["answers"]) == 2
+            bad = client.post("/v1/chat/completions", json={**body, "soft_noise": "uniform"})
+            assert bad.status_code == 400 and bad.json()["error"]["param"] == "soft_noise"
+            refused = client.post("/v1/chat/completions", json={**body, "tau": "auto"})
+            assert refused.status_code == 400 and refused.json()["error"]["code"] == "not_calibrated"
+            cal.store(cal.Calibration(tau=0.37, soft_share=0.1, in_band=True, steps=1, histogram=[1] * cal.BINS,
+                                      model_sha256=file_sha256(smollm4.model_path),
+                                      settings=cal.sampler_settings(DecodeParams())))
+            auto = client.post("/v1/chat/completions", json={**body, "tau": "auto"}).json()
+            assert auto["selar"]["tau"] == 0.37
+    finally:
+        llm.close()
