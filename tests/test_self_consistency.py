@@ -230,3 +230,27 @@ def test_http_server_runs_the_new_methods_and_tau_auto(smollm4, tmp_path, monkey
             assert auto["selar"]["tau"] == 0.37
     finally:
         llm.close()
+
+
+def test_run_cli_new_methods(capsys, tmp_path, monkeypatch, smollm_path):
+    """`selar run` streams swir (with a trace) and noisy soft thinking, and resolves --tau auto."""
+    from selar_local import calibrate as cal
+
+    trace = tmp_path / "t.jsonl"
+    common = ["run", "--model", MODEL, "--max-tokens", "24", "--threads", "2", "What is 17 + 5?"]
+    assert cli_main([*common, "--method", "swir", "--swir-window", "4", "--trace", str(trace)]) == 0
+    steps = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert steps and steps[0]["soft"]  # SwiReasoning starts latent
+    assert cli_main([*common, "--method", "soft", "--soft-noise", "gumbel", "--gumbel-tau", "0.3"]) == 0
+    assert "[soft]" in capsys.readouterr().err
+    monkeypatch.setattr(cal, "cache_file", lambda sha, settings: tmp_path / "cal.json")
+    full = cal.calibrate
+    monkeypatch.setattr(cal, "calibrate", lambda runtime, params, **kw: full(runtime, params, max_tokens=32))
+    assert cli_main([*common, "--method", "selar", "--tau", "auto"]) == 0
+    tau = json.loads((tmp_path / "cal.json").read_text())["tau"]
+    assert f"[tau auto] {tau:.2f}" in capsys.readouterr().err
+
+
+def test_tau_argument_rejects_words():
+    with pytest.raises(SystemExit):
+        cli_main(["run", "--tau", "often", "x"])

@@ -42,11 +42,16 @@ def calibrate_command(args: argparse.Namespace) -> int:
         raise InvalidParameterError("--max-tokens and --parallel must be >= 1")
     params = DecodeParams(method="cot", ks=args.ks, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, min_p=args.min_p, seed=args.seed)
-    runtime = load_runtime(args, n_parallel=args.parallel)
-    try:
-        calibration = auto_tau(runtime, params, refresh=args.refresh, max_tokens=args.max_tokens)
-    finally:
-        runtime.close()
+    from selar_local.calibrate import cached_tau
+    from selar_local.registry import resolve_model
+
+    calibration = None if args.refresh else cached_tau(resolve_model(args.model), params)
+    if calibration is None:  # not cached yet (or --refresh): load the model and decode
+        runtime = load_runtime(args, n_parallel=args.parallel)
+        try:
+            calibration = auto_tau(runtime, params, refresh=True, max_tokens=args.max_tokens)
+        finally:
+            runtime.close()
     if args.json:
         print(calibration.to_json())
     else:
