@@ -6,6 +6,8 @@ import json
 import sys
 import time
 
+from selar_local.errors import InvalidParameterError
+
 from selar_local.commands.common import (
     add_decode_arguments,
     add_model_arguments,
@@ -42,9 +44,9 @@ def run(args: argparse.Namespace) -> int:
     auto = wants_auto_tau(args)
     params = params_from_args(args, **({"tau": 0.5} if auto else {}))  # validate before loading the model
     if args.samples < 1:
-        from selar_local.errors import InvalidParameterError
-
         raise InvalidParameterError(f"--samples must be >= 1, got {args.samples}")
+    if args.samples > 1 and args.trace:
+        raise InvalidParameterError("--trace follows one streamed answer; it cannot be combined with --samples")
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     runtime = load_runtime(args, n_parallel=args.samples)
     if auto:
