@@ -193,6 +193,10 @@ class BatchGenerator:
     def free_slots(self) -> int:
         return len(self._free_slots)
 
+    def kv_cells_in_use(self) -> int:
+        """KV cells held by all slots (0 when every sequence has ended or been cancelled)."""
+        return sum(self.context.sequence_length(slot) for slot in range(self.runtime.n_parallel))
+
     @property
     def live_requests(self) -> list[int]:
         return list(self._live)

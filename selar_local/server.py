@@ -4,6 +4,7 @@
     POST /v1/completions        raw-prompt completion, same
     GET  /v1/models             the one model served
     GET  /health                status and slot/queue counters
+    GET  /                      the chat page (selar_local/web/; no API key needed to load it)
 
 SeLaR parameters (method, tau, lam, ks, thinking_only, top_k, min_p, greedy, ...) are
 extra fields of the request body, so the `openai` client passes them with `extra_body`.
@@ -39,6 +40,7 @@ from selar_local.api import (
     completion_response,
 )
 from selar_local.errors import ContextOverflowError, InvalidParameterError, UnsupportedModelError
+from selar_local.webpage import add_chat_page, is_public
 
 logger = logging.getLogger("selar_local.server")
 
@@ -81,7 +83,7 @@ class _ApiKeyMiddleware:
         self.expected = f"Bearer {api_key}".encode()
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
+        if scope["type"] == "http" and not is_public(scope):
             given = dict(scope.get("headers") or ()).get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):
                 message = "missing API key: send 'Authorization: Bearer KEY'" if not given else "invalid API key"
@@ -181,6 +183,7 @@ def create_app(llm: Selar, *, api_key: str | None = None, close_on_shutdown: boo
     async def completions(request: Request):
         return await _complete(request, llm, llm.builder.completion)
 
+    add_chat_page(app)  # GET /: the chat page (selar_local/web/)
     if api_key:
         app.add_middleware(_ApiKeyMiddleware, api_key=api_key)
     return app

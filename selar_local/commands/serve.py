@@ -11,9 +11,10 @@ from selar_local.commands.common import add_model_arguments
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "serve", help="serve a model over an OpenAI-compatible HTTP API",
+        "serve", help="serve a model over an OpenAI-compatible HTTP API, with a chat page",
         description="Serve one model over an OpenAI-compatible HTTP API: POST /v1/chat/completions, "
-                    "POST /v1/completions (streaming or not), GET /v1/models, GET /health. SeLaR "
+                    "POST /v1/completions (streaming or not), GET /v1/models, GET /health; and a chat "
+                    "page at / that shows each token's entropy, soft steps and candidates. SeLaR "
                     "parameters (method, tau, lam, ks, ...) are extra fields of the request body.",
     )
     add_model_arguments(parser)
@@ -60,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
           f"with {args.parallel} slot(s) of {llm.runtime.context.n_ctx} tokens, queue {args.queue_size}; "
           f"soft decoding {'available' if check.passed else 'UNAVAILABLE (' + check.detail + '; only method=cot)'}",
           file=sys.stderr, flush=True)
+    print(f"selar: chat page at {_page_url(args.host, args.port)}", file=sys.stderr, flush=True)
     try:
         serve(llm, host=args.host, port=args.port, api_key=args.api_key, log_level=args.log_level)
     finally:
@@ -74,3 +76,10 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _page_url(host: str, port: int) -> str:
+    """Where a browser on this machine finds the chat page."""
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"  # bound to every address: this machine's own will do
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
