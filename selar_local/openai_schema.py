@@ -493,6 +493,10 @@ class ChunkWriter:
         return self._chunk(self._choice(index, None if self.req.kind == "chat" else "", result.finish_reason),
                            selar=selar_summary(self.req.choices[index], result))
 
+    def vote_chunk(self, results: Sequence[GenerationResult]) -> list[dict]:
+        """With n > 1: a chunk without choices whose `selar.vote` is the self-consistency vote."""
+        return [self._chunk(None, selar={"vote": vote_summary(results)})] if len(results) > 1 else []
+
     def usage_chunk(self, results: Sequence[GenerationResult]) -> list[dict]:
         return [self._chunk(None, usage=usage(self.req, results))] if self.req.include_usage else []
 

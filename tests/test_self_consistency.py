@@ -148,12 +148,15 @@ def test_server_n_reports_the_vote(smollm4):
     llm = Selar(runtime=smollm4)
     try:
         out = llm.create_chat_completion(QUESTION, n=3, max_tokens=30, seed=5, method="soft", soft_noise="gumbel")
+        chunks = list(llm.create_chat_completion(QUESTION, n=2, max_tokens=20, seed=5, method="swir", stream=True))
     finally:
         llm.close()
     vote = out["selar"]["vote"]
     assert len(out["choices"]) == 3 and len(vote["answers"]) == 3
     assert 0 <= vote["choice_index"] < 3 and vote["votes"] <= vote["voters"] <= 3
     assert [c["seed"] for c in out["selar"]["choices"]] == [5, 6, 7]
+    streamed_votes = [c["selar"]["vote"] for c in chunks if "vote" in c.get("selar", {})]
+    assert len(streamed_votes) == 1 and chunks[-1]["choices"] == [] and len(streamed_votes[0]["answers"]) == 2
 
 
 BENCH = ["bench", "--dataset", "gsm8k", "--limit", "2", "--max-tokens", "30", "--model", MODEL,
@@ -219,6 +222,11 @@ def test_http_server_runs_the_new_methods_and_tau_auto(smollm4, tmp_path, monkey
             noisy = client.post("/v1/chat/completions", json={**body, "method": "selar", "soft_noise": "dirichlet",
                                                                 "dirichlet_alpha": 2.0, "n": 2}).json()
             assert len(noisy["choices"]) == 2 and len(noisy["selar"]["vote"]["answers"]) == 2
+            with client.stream("POST", "/v1/chat/completions", json={**body, "n": 2, "stream": True}) as streamed:
+                events = [json.loads(line[6:]) for line in streamed.iter_lines()
+                          if line.startswith("data: ") and line != "data: [DONE]"]
+            votes = [e["selar"]["vote"] for e in events if "vote" in e.get("selar", {})]
+            assert len(votes) == 1 and len(votes[0]["answers"]) == 2 and events[-1]["selar"]["vote"] == votes[0]
             bad = client.post("/v1/chat/completions", json={**body, "soft_noise": "uniform"})
             assert bad.status_code == 400 and bad.json()["error"]["param"] == "soft_noise"
             refused = client.post("/v1/chat/completions", json={**body, "tau": "auto"})
