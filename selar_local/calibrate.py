@@ -83,8 +83,9 @@ def choose_tau(entropies: Sequence[float], eligible: Sequence[bool], *,
     Among the grid thresholds whose share is in the band, take the one where the density of
     the positive entropies (a 3-bin smoothed histogram) is lowest: the valley between the
     confident and the uncertain steps, where a small change of tau moves few steps. Ties go to
-    the share closest to 10%, and a flat run of equal thresholds to its middle. When no threshold reaches the band (too few or too discrete
-    steps), the share closest to 10% wins and `in_band` is False."""
+    the share closest to 10%, and a flat run of equal thresholds to its middle. When no
+    threshold reaches the band (too few or too discrete steps), the share closest to 10% wins
+    and `in_band` is False."""
     h = np.asarray(entropies, dtype=np.float64)
     ok = np.asarray(eligible, dtype=bool)
     if h.size == 0:
