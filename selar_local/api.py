@@ -77,6 +77,7 @@ class CompletionStream:
             else:
                 results[index] = payload
                 yield writer.choice_closing(payload, index)
+        yield from writer.vote_chunk([results[i] for i in range(len(self.handles))])
         yield from writer.usage_chunk([results[i] for i in range(len(self.handles))])
 
     def __iter__(self) -> "CompletionStream":

@@ -13,8 +13,8 @@ import numpy as np
 from selar_local.chat import render_jinja_template
 from selar_local.embeddings import EmbeddingTable, input_scale_for
 from selar_local.engine import LlamaContext, LlamaModel, rpc_in_use, set_verbose
-from selar_local.errors import ContextOverflowError, UnsupportedModelError
-from selar_local.generate import GenerationResult, StepEvent, generate_many, stream_tokens
+from selar_local.errors import ContextOverflowError, InvalidParameterError, UnsupportedModelError
+from selar_local.generate import GenerationResult, StepEvent, generate_groups, generate_many, stream_tokens
 from selar_local.mathsym import math_symbol_mask
 from selar_local.params import DecodeParams
 from selar_local.policies import TokenInfo
@@ -32,6 +32,8 @@ EMBEDDING_INPUT_UNSUPPORTED = {
 }
 SELF_CHECK_TOLERANCE = 1e-3  # max |logit difference|; measured 0.0 on llama, qwen2, gemma3
 THINK_TAGS = ("<think>", "</think>")
+# Injected by SwiReasoning past twice its switch budget (after </think> where the model has one).
+SWIR_ANSWER_PREFIX = "\n\nThe final answer is"
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,8 @@ class Runtime:
             think_open = think_close = None
         mask = math_symbol_mask(lambda s: self.model.tokenize(s, add_special=False, parse_special=False),
                                 self.model.n_vocab)
-        self.token_info = TokenInfo(self.model.n_vocab, mask, think_open, think_close)
+        answer_prefix = tuple(self.model.tokenize(SWIR_ANSWER_PREFIX, add_special=False, parse_special=False))
+        self.token_info = TokenInfo(self.model.n_vocab, mask, think_open, think_close, answer_prefix)
         self.table: EmbeddingTable | None = None
         self.self_check = self._load_embedding_rows(embedding_cache_bytes)
 
@@ -203,6 +206,23 @@ class Runtime:
     def generate_batch(self, prompts: Sequence[Sequence[int]], params, *, on_finish=None) -> list[GenerationResult]:
         return generate_many(self, prompts, params, on_finish=on_finish)
 
+    def generate_samples(self, prompt: str | None = None, params: DecodeParams | None = None, *,
+                         messages: Sequence[dict] | None = None, samples: int = 5,
+                         dataset: str = "gsm8k") -> "SelfConsistencyResult":
+        """Latent self-consistency: `samples` sequences of one prompt decoded together (prefilled
+        once), sample i with seed + i, and a majority vote over their extracted answers (`dataset`
+        decides how answers are read and compared: "gsm8k" the last box else the last number,
+        "math" boxed only, "gpqa_diamond" the option letter)."""
+        from selar_local.vote import sample_seeds
+
+        params = params or DecodeParams()
+        if not isinstance(samples, int) or isinstance(samples, bool) or not 1 <= samples <= self.n_parallel:
+            raise InvalidParameterError(f"invalid samples={samples!r}: expected an integer in [1, n_parallel="
+                                        f"{self.n_parallel}] (load with n_parallel >= samples)")
+        group = [params.replace(seed=s) for s in sample_seeds(params.seed, samples)]
+        results = generate_groups(self, [self.encode(prompt, messages=messages)], [group])[0]
+        return SelfConsistencyResult.from_results(results, dataset)
+
     def close(self) -> None:
         self.context.close()
         self.model.close()
@@ -212,6 +232,32 @@ class Runtime:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@dataclass
+class SelfConsistencyResult:
+    """K samples of one prompt and their vote."""
+
+    results: list[GenerationResult]
+    answers: list[str | None]   # each sample's extracted answer
+    answer: str | None          # the majority answer (as the chosen sample wrote it)
+    index: int                  # the chosen sample: most confident among the majority
+    votes: int
+    voters: int
+
+    @property
+    def text(self) -> str:
+        return self.results[self.index].text
+
+    @classmethod
+    def from_results(cls, results: Sequence[GenerationResult], dataset: str = "gsm8k") -> "SelfConsistencyResult":
+        from selar_local.bench.grading import answer_key, extract_answer
+        from selar_local.vote import majority_vote
+
+        answers = [extract_answer(r.text, dataset) for r in results]
+        vote = majority_vote([answer_key(a, dataset) for a in answers], [r.mean_logprob for r in results])
+        return cls(list(results), answers, answers[vote.index] if vote.key is not None else None, vote.index,
+                   vote.votes, vote.voters)
 
 
 def load(model: str | os.PathLike | None = None, **kwargs) -> Runtime:

@@ -255,7 +255,8 @@ async def _sse_chunks(req: PreparedRequest, inbox: asyncio.Queue, model) -> Asyn
             response = _response_for(payload)
             yield json.loads(response.body)
             return
-    for chunk in writer.usage_chunk([results[i] for i in range(len(req.choices))]):
+    ordered = [results[i] for i in range(len(req.choices))]
+    for chunk in writer.vote_chunk(ordered) + writer.usage_chunk(ordered):
         yield chunk
 
 
