@@ -77,6 +77,7 @@ class CompletionStream:
             else:
                 results[index] = payload
                 yield writer.choice_closing(payload, index)
+        yield from writer.vote_chunk([results[i] for i in range(len(self.handles))])
         yield from writer.usage_chunk([results[i] for i in range(len(self.handles))])
 
     def __iter__(self) -> "CompletionStream":
@@ -127,12 +128,13 @@ class Selar:
 
     def __init__(self, model: str | os.PathLike | None = None, *, n_ctx: int = 4096, n_parallel: int = 1,
                  n_threads: int | None = None, n_gpu_layers: int = -1, n_batch: int = 512,
-                 queue_size: int = 32, verbose: bool = False, runtime=None, model_id: str | None = None):
+                 queue_size: int = 32, verbose: bool = False, runtime=None, model_id: str | None = None,
+                 rpc=None, tensor_split=None):
         if runtime is None:
             from selar_local.runtime import load
 
             runtime = load(model, n_ctx=n_ctx, n_batch=n_batch, n_parallel=n_parallel, n_threads=n_threads,
-                           n_gpu_layers=n_gpu_layers, verbose=verbose)
+                           n_gpu_layers=n_gpu_layers, verbose=verbose, rpc=rpc, tensor_split=tensor_split)
             self._owns_runtime = True
         else:
             self._owns_runtime = False

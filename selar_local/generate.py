@@ -82,6 +82,12 @@ class GenerationResult:
     decode_seconds: float
     effective_counts: list[float] = field(default_factory=list)  # N_eff of each soft input
     soft_flags: list[bool] = field(default_factory=list)  # per step: was the NEXT input soft
+    logprob_sum: float = 0.0  # sum of log p(token) under the sampling distribution
+
+    @property
+    def mean_logprob(self) -> float:
+        """How confident the sampler was in the text it produced (self-consistency's tie-break)."""
+        return self.logprob_sum / len(self.tokens) if self.tokens else 0.0
     # per token, when DecodeParams.logprobs asked: (log p of the token, ((id, log p), ...))
     logprobs: list[tuple[float, tuple]] = field(default_factory=list)
     # Thinking span: the reasoning (markers stripped) and the answer after the span;
@@ -173,6 +179,7 @@ class _Sequence:
     entropies: list[float] = field(default_factory=list)
     effective_counts: list[float] = field(default_factory=list)
     soft_flags: list[bool] = field(default_factory=list)
+    logprob_sum: float = 0.0
     logprobs: list[tuple[float, tuple]] = field(default_factory=list)
     pending: StepDecision | None = None
     finish_reason: str | None = None
@@ -406,6 +413,7 @@ class BatchGenerator:
         seq.entropies.append(decision.entropy)
         seq.soft_flags.append(False)
         seq.thinking_flags.append(thinking)
+        seq.logprob_sum += decision.logprob
         if logprobs is not None:
             seq.logprobs.append(logprobs)
         offset_before = len(seq.text.text)
@@ -413,7 +421,8 @@ class BatchGenerator:
         seq.span.push(token, offset_before, seq.text.text)
         if stopped:
             return self._finish(seq, decision, index, "stop", text, logprobs)
-        if len(seq.tokens) >= seq.params.max_tokens or seq.position + 1 > self.context.n_ctx:
+        if (decision.final or len(seq.tokens) >= seq.params.max_tokens
+                or seq.position + 1 > self.context.n_ctx):
             return self._finish(seq, decision, index, "length", text + seq.text.finish(), logprobs)
         if decision.soft:
             seq.soft_steps += 1
@@ -459,6 +468,7 @@ class BatchGenerator:
             prefill_seconds=seq.prefill_seconds, decode_seconds=decode_seconds,
             effective_counts=seq.effective_counts, soft_flags=seq.soft_flags, logprobs=seq.logprobs,
             reasoning=reasoning, answer=answer, think_tokens=seq.span.think_tokens, thinking_flags=seq.thinking_flags,
+            logprob_sum=seq.logprob_sum,
         )
 
 
@@ -500,6 +510,8 @@ def stream_tokens(runtime: "Runtime", prompt_tokens: Sequence[int], params: Deco
             event = events[0] if events else None
     finally:
         generator.cancel(request_id)
+    if event is not None and event.finish_reason == "error":
+        raise generator.pop_error(request_id)  # one stream: its failed decode is the caller's error
     return generator.pop_result(request_id)
 
 
@@ -531,6 +543,47 @@ def generate_many(
             request_id, first = generator.submit(prompts[index], params[index])
             owner[request_id] = index
             collect(first)
+        for event in generator.step():
+            collect(event)
+    return results  # type: ignore[return-value]
+
+
+def generate_groups(
+    runtime: "Runtime", prompts: Sequence[Sequence[int]], params_lists: Sequence[Sequence[DecodeParams]],
+    *, on_finish=None,
+) -> list[list[GenerationResult]]:
+    """Decode each prompt as a group of sequences, one per DecodeParams (self-consistency):
+    the prompt is prefilled once and its KV cells copied (`BatchGenerator.submit_group`).
+    Groups are admitted whole as slots free up. `on_finish(index, results)` is called as
+    each group completes."""
+    if len(params_lists) != len(prompts):
+        raise InvalidParameterError("one list of DecodeParams per prompt")
+    widest = max((len(p) for p in params_lists), default=0)
+    if widest > runtime.n_parallel or any(not p for p in params_lists):
+        raise InvalidParameterError(f"groups of 1 to n_parallel ({runtime.n_parallel}) sequences; "
+                                    f"got {widest}: raise the parallel sequences to at least the samples")
+    generator = BatchGenerator(runtime)
+    results: list[list[GenerationResult | None]] = [[None] * len(p) for p in params_lists]
+    left = [len(p) for p in params_lists]
+    owner: dict[int, tuple[int, int]] = {}
+    queue = list(range(len(prompts)))
+
+    def collect(event: StepEvent | None) -> None:
+        if event is not None and event.finish_reason:
+            index, member = owner.pop(event.request_id)
+            results[index][member] = generator.pop_result(event.request_id)
+            left[index] -= 1
+            if left[index] == 0 and on_finish is not None:
+                on_finish(index, results[index])
+
+    while queue or owner:
+        while queue and generator.free_slots >= len(params_lists[queue[0]]):
+            index = queue.pop(0)
+            started = generator.submit_group(prompts[index], params_lists[index])
+            for member, (request_id, _) in enumerate(started):
+                owner[request_id] = (index, member)
+            for _, first in started:
+                collect(first)
         for event in generator.step():
             collect(event)
     return results  # type: ignore[return-value]

@@ -318,10 +318,25 @@ class RequestBuilder:
             raise RequestError(f"{len(stop)} stop strings: at most {room_for_stops} for this model", param="stop",
                                code="invalid_value")
         values["stop"] = tuple(dict.fromkeys([s for s in stop if s] + list(self.default_stop)))
+        auto = isinstance(values.get("tau"), str) and values["tau"].strip().lower() == "auto"
         try:
-            return DecodeParams(**values)
+            params = DecodeParams(**{**values, "tau": 0.5} if auto else values)
         except (InvalidParameterError, TypeError) as exc:
             raise as_request_error(exc) from exc
+        return params.replace(tau=self._calibrated_tau(params)) if auto else params
+
+    def _calibrated_tau(self, params: DecodeParams) -> float:
+        """tau "auto": the model's cached calibration for this sampler. Calibrating would decode
+        on the context the scheduler is using, so it is done beforehand (`selar calibrate`)."""
+        from selar_local.calibrate import cached_tau
+
+        calibration = cached_tau(self.runtime.model_path, params)
+        if calibration is None:
+            raise RequestError(f"tau='auto': {self.runtime.model_path.name} has no calibration for this sampler "
+                               f"(temperature, top_k, top_p, min_p, ks); run `selar calibrate --model "
+                               f"{self.runtime.model_path}` with the same settings first",
+                               param="tau", code="not_calibrated")
+        return calibration.tau
 
 
 def _is_int(value: Any) -> bool:
@@ -417,7 +432,21 @@ def completion_response(req: PreparedRequest, results: Sequence[GenerationResult
             "selar": selar_summary(req.choices[0], results[0])}
     if len(results) > 1:
         body["selar"]["choices"] = [selar_summary(p, r) for p, r in zip(req.choices, results)]
+        body["selar"]["vote"] = vote_summary(results)
     return body
+
+
+VOTE_FORMAT = "gsm8k"  # answers read as the last \boxed{}, else the last number in the text
+
+
+def vote_summary(results: Sequence[GenerationResult]) -> dict[str, Any]:
+    """Self-consistency over the n choices: their answers and the majority (ties: the most
+    confident choice by mean log-probability)."""
+    from selar_local.runtime import SelfConsistencyResult
+
+    vote = SelfConsistencyResult.from_results(results, VOTE_FORMAT)
+    return {"answer": vote.answer, "votes": vote.votes, "voters": vote.voters, "choice_index": vote.index,
+            "answers": vote.answers}
 
 
 class ChunkWriter:
@@ -485,6 +514,10 @@ class ChunkWriter:
         """The chunk that ends choice `index` (its finish_reason and `selar` summary)."""
         return self._chunk(self._choice(index, None if self.req.kind == "chat" else "", result.finish_reason),
                            selar=selar_summary(self.req.choices[index], result))
+
+    def vote_chunk(self, results: Sequence[GenerationResult]) -> list[dict]:
+        """With n > 1: a chunk without choices whose `selar.vote` is the self-consistency vote."""
+        return [self._chunk(None, selar={"vote": vote_summary(results)})] if len(results) > 1 else []
 
     def usage_chunk(self, results: Sequence[GenerationResult]) -> list[dict]:
         return [self._chunk(None, usage=usage(self.req, results))] if self.req.include_usage else []

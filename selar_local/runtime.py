@@ -12,12 +12,13 @@ import numpy as np
 
 from selar_local.chat import render_chat
 from selar_local.embeddings import EmbeddingTable, input_scale_for
-from selar_local.engine import LlamaContext, LlamaModel, set_verbose
+from selar_local.engine import LlamaContext, LlamaModel, rpc_in_use, set_verbose
 from selar_local.errors import ContextOverflowError, InvalidParameterError, UnsupportedModelError
-from selar_local.generate import GenerationResult, StepEvent, generate_many, stream_tokens
+from selar_local.generate import GenerationResult, StepEvent, generate_groups, generate_many, stream_tokens
 from selar_local.mathsym import math_symbol_mask
 from selar_local.params import DecodeParams
 from selar_local.policies import TokenInfo
+from selar_local.rpc import check_servers, parse_endpoints
 from selar_local.thinking import SpanTokens, ThinkingMarkers, detect_markers, prompt_leaves_thinking
 
 # Architectures whose embedding-input path differs from the token path in ways rows
@@ -30,6 +31,8 @@ EMBEDDING_INPUT_UNSUPPORTED = {
     "gemma4": "per-layer token embeddings are computed from token ids only",
 }
 SELF_CHECK_TOLERANCE = 1e-3  # max |logit difference|; measured 0.0 on llama, qwen2, gemma3
+# Injected by SwiReasoning past twice its switch budget (after </think> where the model has one).
+SWIR_ANSWER_PREFIX = "\n\nThe final answer is"
 
 
 @dataclass(frozen=True)
@@ -58,10 +61,18 @@ class Runtime:
         embedding_cache_bytes: int = 64 << 20,
         think_tags: Sequence[str] | None = None,
         stop_strings: Sequence[str] = (),
+        rpc: str | Sequence[str] | None = None,
+        tensor_split: Sequence[float] | None = None,
+        cpu_repack: bool = True,
     ):
         set_verbose(verbose)
         self.model_path = Path(model_path)
-        self.model = LlamaModel(model_path, n_gpu_layers=n_gpu_layers)
+        # RPC servers (llama.cpp's distributed backend, docs/DISTRIBUTED.md): checked here
+        # first, since llama.cpp's client aborts the process on one that does not answer.
+        endpoints = parse_endpoints(rpc)
+        check_servers([e for e in endpoints if not rpc_in_use(str(e))])
+        self.model = LlamaModel(model_path, n_gpu_layers=n_gpu_layers, rpc_servers=[str(e) for e in endpoints],
+                                tensor_split=tensor_split, cpu_repack=cpu_repack)
         self.n_parallel = n_parallel
         self.context = LlamaContext(self.model, n_ctx=n_ctx, n_batch=max(n_batch, n_parallel),
                                     n_seq_max=n_parallel, n_threads=n_threads)
@@ -75,7 +86,9 @@ class Runtime:
                                 self.model.n_vocab)
         # Policies track single-token markers themselves; the loop's SpanTracker handles all.
         single = (span.single_open, span.single_close) if span is not None else (None, None)
-        self.token_info = TokenInfo(self.model.n_vocab, mask, *(single if None not in single else (None, None)))
+        think_open, think_close = single if None not in single else (None, None)
+        answer_prefix = tuple(self.model.tokenize(SWIR_ANSWER_PREFIX, add_special=False, parse_special=False))
+        self.token_info = TokenInfo(self.model.n_vocab, mask, think_open, think_close, answer_prefix)
         self.table: EmbeddingTable | None = None
         self.self_check = self._load_embedding_rows(embedding_cache_bytes)
 
@@ -199,6 +212,23 @@ class Runtime:
     def generate_batch(self, prompts: Sequence[Sequence[int]], params, *, on_finish=None) -> list[GenerationResult]:
         return generate_many(self, prompts, params, on_finish=on_finish)
 
+    def generate_samples(self, prompt: str | None = None, params: DecodeParams | None = None, *,
+                         messages: Sequence[dict] | None = None, samples: int = 5,
+                         dataset: str = "gsm8k") -> "SelfConsistencyResult":
+        """Latent self-consistency: `samples` sequences of one prompt decoded together (prefilled
+        once), sample i with seed + i, and a majority vote over their extracted answers (`dataset`
+        decides how answers are read and compared: "gsm8k" the last box else the last number,
+        "math" boxed only, "gpqa_diamond" the option letter)."""
+        from selar_local.vote import sample_seeds
+
+        params = params or DecodeParams()
+        if not isinstance(samples, int) or isinstance(samples, bool) or not 1 <= samples <= self.n_parallel:
+            raise InvalidParameterError(f"invalid samples={samples!r}: expected an integer in [1, n_parallel="
+                                        f"{self.n_parallel}] (load with n_parallel >= samples)")
+        group = [params.replace(seed=s) for s in sample_seeds(params.seed, samples)]
+        results = generate_groups(self, [self.encode(prompt, messages=messages)], [group])[0]
+        return SelfConsistencyResult.from_results(results, dataset)
+
     def close(self) -> None:
         self.context.close()
         self.model.close()
@@ -234,6 +264,32 @@ def chat_tokens(model: LlamaModel, text: str) -> list[int]:
             text = text[len(bos):]
         return model.tokenize(text, add_special=True, parse_special=True)
     return model.tokenize(text, add_special=False, parse_special=True)
+
+
+@dataclass
+class SelfConsistencyResult:
+    """K samples of one prompt and their vote."""
+
+    results: list[GenerationResult]
+    answers: list[str | None]   # each sample's extracted answer
+    answer: str | None          # the majority answer (as the chosen sample wrote it)
+    index: int                  # the chosen sample: most confident among the majority
+    votes: int
+    voters: int
+
+    @property
+    def text(self) -> str:
+        return self.results[self.index].text
+
+    @classmethod
+    def from_results(cls, results: Sequence[GenerationResult], dataset: str = "gsm8k") -> "SelfConsistencyResult":
+        from selar_local.bench.grading import answer_key, extract_answer
+        from selar_local.vote import majority_vote
+
+        answers = [extract_answer(r.content, dataset) for r in results]  # after any thinking span
+        vote = majority_vote([answer_key(a, dataset) for a in answers], [r.mean_logprob for r in results])
+        return cls(list(results), answers, answers[vote.index] if vote.key is not None else None, vote.index,
+                   vote.votes, vote.voters)
 
 
 def load(model: str | os.PathLike | None = None, **kwargs) -> Runtime:

@@ -7,7 +7,7 @@ import argparse
 import math
 import sys
 
-from selar_local.commands.common import add_model_arguments
+from selar_local.commands.common import add_model_arguments, model_options
 
 
 def register(subparsers) -> None:
@@ -22,8 +22,9 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from selar_local.engine import build_info
+    from selar_local.engine import build_info, rpc_supported
     from selar_local.errors import SelarError
+    from selar_local.rpc import RPC_PROTO_VERSION
     from selar_local.registry import entry_for_path, resolve_model
 
     out = sys.stdout
@@ -32,6 +33,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"llama.cpp build   {info.summary}", file=out)
     if args.verbose:
         print(f"system info       {info.system_info}", file=out)
+    print(f"RPC backend       {'built in, protocol ' + '.'.join(map(str, RPC_PROTO_VERSION)) if rpc_supported() else 'not built (GGML_RPC=OFF): --rpc unavailable'}",
+          file=out)
     try:
         path = resolve_model(args.model)
     except SelarError as exc:
@@ -47,8 +50,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         from selar_local.runtime import Runtime
 
-        runtime = Runtime(path, n_ctx=args.n_ctx, n_threads=args.threads, n_gpu_layers=args.n_gpu_layers,
-                          verbose=args.verbose)
+        runtime = Runtime(path, **model_options(args))
     except SelarError as exc:
         print(line, file=out)
         print(f"VERDICT: FAIL - llama.cpp cannot load this model: {exc}", file=out)
@@ -56,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         model, check, table = runtime.model, runtime.self_check, runtime.table
         print(f"model             {model.name} ({model.description})", file=out)
+        if model.devices:
+            print(f"offload devices   {'; '.join(d.summary for d in model.devices)}", file=out)
         print(f"architecture      {model.architecture}", file=out)
         print(f"vocabulary        n_vocab={model.n_vocab}, eog tokens={len(model.eog_ids)}", file=out)
         print(f"embedding width   n_embd_inp={model.n_embd_inp}, n_ctx_train={model.n_ctx_train}", file=out)

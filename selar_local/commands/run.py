@@ -6,7 +6,15 @@ import json
 import sys
 import time
 
-from selar_local.commands.common import add_decode_arguments, add_model_arguments, load_runtime, params_from_args
+from selar_local.errors import InvalidParameterError
+
+from selar_local.commands.common import (
+    add_decode_arguments,
+    add_model_arguments,
+    load_runtime,
+    params_from_args,
+    wants_auto_tau,
+)
 
 # On a terminal: tokens whose next input was soft in cyan, the thinking span dimmed.
 SOFT_STYLE, THINK_STYLE, SOFT_THINK_STYLE, RESET = "\033[36m", "\033[2m", "\033[2;36m", "\033[0m"
@@ -26,15 +34,35 @@ def register(subparsers) -> None:
                         help="write one JSON line per step (token, soft or not, entropy, top-k ids and weights)")
     parser.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                         help="mark tokens whose next input was soft (default: when writing to a terminal)")
+    parser.add_argument("--samples", "-k", type=int, default=1,
+                        help="latent self-consistency: decode K samples of the prompt together (seeds seed..seed+K-1) "
+                             "and print the majority answer (default 1: one streamed answer)")
+    parser.add_argument("--answer-format", default="gsm8k", metavar="DATASET",
+                        help="how --samples reads and compares answers: gsm8k (the last \\boxed{}, else the last "
+                             "number), math (boxed only), gpqa_diamond (option letter) (default %(default)s)")
     add_model_arguments(parser)
     add_decode_arguments(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    params = params_from_args(args)  # validate before spending seconds on the model
+    auto = wants_auto_tau(args)
+    params = params_from_args(args, **({"tau": 0.5} if auto else {}))  # validate before loading the model
+    if args.samples < 1:
+        raise InvalidParameterError(f"--samples must be >= 1, got {args.samples}")
+    if args.samples > 1 and args.trace:
+        raise InvalidParameterError("--trace follows one streamed answer; it cannot be combined with --samples")
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    runtime = load_runtime(args)
+    runtime = load_runtime(args, n_parallel=args.samples)
+    if auto:
+        from selar_local.calibrate import auto_tau
+
+        calibration = auto_tau(runtime, params)
+        params = params.replace(tau=calibration.tau)
+        print(f"[tau auto] {calibration.tau:.2f} (calibrated soft share {100 * calibration.soft_share:.1f}%)",
+              file=sys.stderr)
+    if args.samples > 1:
+        return _run_samples(args, runtime, params, prompt)
     if args.raw:
         stream = runtime.stream(prompt, params)
     else:
@@ -83,4 +111,21 @@ def run(args: argparse.Namespace) -> int:
         f"{'greedy' if params.greedy else f'seed {params.seed}'}",
         file=sys.stderr,
     )
+    return 0
+
+
+def _run_samples(args: argparse.Namespace, runtime, params, prompt: str) -> int:
+    messages = None if args.raw else ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": prompt}]
+    started = time.perf_counter()
+    vote = runtime.generate_samples(None if messages else prompt, params, messages=messages, samples=args.samples,
+                                    dataset=args.answer_format)
+    elapsed = time.perf_counter() - started
+    print(vote.text)
+    for i, (r, answer) in enumerate(zip(vote.results, vote.answers)):
+        mark = "*" if i == vote.index else " "
+        print(f"{mark}[sample {i}, seed {params.seed + i}] answer {answer!r}, {r.completion_tokens} tokens, "
+              f"{r.soft_steps} soft, mean log-prob {r.mean_logprob:.3f}, finish: {r.finish_reason}", file=sys.stderr)
+    print(f"[{params.method} x {args.samples}] majority answer {vote.answer!r} ({vote.votes}/{args.samples} votes, "
+          f"{vote.voters} samples answered), shown: sample {vote.index}; {elapsed:.2f} s", file=sys.stderr)
     return 0

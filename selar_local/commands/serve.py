@@ -6,7 +6,7 @@ import ipaddress
 import os
 import sys
 
-from selar_local.commands.common import add_model_arguments
+from selar_local.commands.common import add_model_arguments, model_options
 
 
 def register(subparsers) -> None:
@@ -53,9 +53,8 @@ def run(args: argparse.Namespace) -> int:
     if not _is_loopback(args.host) and not args.api_key:
         print(f"selar: warning: listening on {args.host} without --api-key: anyone who can reach this "
               "port can use the model", file=sys.stderr)
-    llm = Selar(args.model, n_ctx=args.n_ctx, n_parallel=args.parallel, n_threads=args.threads,
-                n_gpu_layers=args.n_gpu_layers, queue_size=args.queue_size, verbose=args.verbose,
-                model_id=args.model_alias)
+    llm = Selar(args.model, n_parallel=args.parallel, queue_size=args.queue_size, model_id=args.model_alias,
+                **model_options(args))
     check = llm.runtime.self_check
     print(f"selar: serving {llm.model_id} ({llm.runtime.model.architecture}) on http://{args.host}:{args.port}/v1 "
           f"with {args.parallel} slot(s) of {llm.runtime.context.n_ctx} tokens, queue {args.queue_size}; "
