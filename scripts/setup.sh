@@ -13,6 +13,29 @@ python="${PYTHON:-python3}"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 # x86 CPUs: list ISA extensions instead of -march=native (patches/README.md, AMX crash).
 export CMAKE_ARGS="${CMAKE_ARGS:-$(bash .ci/llama_cmake_args.sh)}"
+# llama-cpp-python, built from its sdist with patches/*.patch applied (patches/README.md:
+# the RPC client must not abort the process on a lost server). The wheel is cached under
+# ~/.cache/selar-local/wheels, keyed by version, patches and CMAKE_ARGS, so a new venv
+# installs it in seconds; the stamp in .venv makes a second run a no-op.
+llama_version=$(sed -n 's/.*"llama-cpp-python==\([0-9.]*\)".*/\1/p' pyproject.toml)
+llama_key=$(python -c 'import hashlib, pathlib, sys
+h = hashlib.sha256(sys.argv[1].encode())
+for p in sorted(pathlib.Path("patches").glob("*.patch")): h.update(p.read_bytes())
+print(h.hexdigest()[:16])' "$llama_version $CMAKE_ARGS")
+if [ ! -f ".venv/.llama-cpp-python-$llama_key" ]; then
+  wheels="${XDG_CACHE_HOME:-$HOME/.cache}/selar-local/wheels/$llama_key"
+  if ! ls "$wheels"/llama_cpp_python-*.whl >/dev/null 2>&1; then
+    src=$(mktemp -d)
+    trap 'rm -rf "$src"' EXIT
+    echo "building llama-cpp-python $llama_version with patches/ (about 10 minutes on 2 cores)" >&2
+    pip download -q --no-deps --no-binary :all: "llama-cpp-python==$llama_version" -d "$src"
+    tar -xzf "$src/llama_cpp_python-$llama_version.tar.gz" -C "$src"
+    for p in patches/*.patch; do patch -s -p1 -d "$src/llama_cpp_python-$llama_version" < "$p"; done
+    pip wheel -q --no-deps -w "$wheels" "$src/llama_cpp_python-$llama_version"
+  fi
+  pip install -q --force-reinstall --no-deps "$wheels"/llama_cpp_python-*.whl
+  touch ".venv/.llama-cpp-python-$llama_key"
+fi
 if [ "$mode" = "test" ]; then
   if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } ||

@@ -77,6 +77,7 @@ class CompletionStream:
             else:
                 results[index] = payload
                 yield writer.choice_closing(payload, index)
+        yield from writer.vote_chunk([results[i] for i in range(len(self.handles))])
         yield from writer.usage_chunk([results[i] for i in range(len(self.handles))])
 
     def __iter__(self) -> "CompletionStream":
@@ -128,14 +129,15 @@ class Selar:
     def __init__(self, model: str | os.PathLike | None = None, *, n_ctx: int = 4096, n_parallel: int = 1,
                  n_threads: int | None = None, n_gpu_layers: int = -1, n_batch: int = 512,
                  queue_size: int = 32, verbose: bool = False, runtime=None, model_id: str | None = None,
-                 **runtime_options: Any):
+                 rpc=None, tensor_split=None, **runtime_options: Any):
         """runtime_options: more Runtime settings (n_threads_batch, prefill_chunk,
         prompt_cache, kv_unified)."""
         if runtime is None:
             from selar_local.runtime import load
 
             runtime = load(model, n_ctx=n_ctx, n_batch=n_batch, n_parallel=n_parallel, n_threads=n_threads,
-                           n_gpu_layers=n_gpu_layers, verbose=verbose, **runtime_options)
+                           n_gpu_layers=n_gpu_layers, verbose=verbose, rpc=rpc, tensor_split=tensor_split,
+                           **runtime_options)
             self._owns_runtime = True
         else:
             self._owns_runtime = False
@@ -152,7 +154,9 @@ class Selar:
                                **kwargs: Any) -> dict[str, Any] | Iterator[dict[str, Any]]:
         """Chat with the model's template. Keyword arguments: OpenAI's (max_tokens,
         temperature, top_p, stop, seed, n, logprobs, top_logprobs, stream_options) and every DecodeParams field
-        (method, tau, lam, ks, thinking_only, top_k, min_p, greedy, ...)."""
+        (method, tau, lam, ks, thinking_only, max_think_tokens, top_k, min_p, greedy, ...);
+        chat_template_kwargs passes variables to the template (e.g. enable_thinking=False).
+        Thinking models return their reasoning in message.reasoning_content."""
         body = {k: v for k, v in kwargs.items() if v is not None}
         body.update(messages=list(messages), stream=stream)
         return self._run(self.builder.chat(body))

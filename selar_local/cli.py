@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # Imported lazily so that `selar models` does not pay for FastAPI, and so on.
-COMMAND_MODULES = ("run", "bench", "serve", "models", "doctor", "bench_speed")
+COMMAND_MODULES = ("run", "bench", "serve", "models", "doctor", "bench_speed", "rpc_server", "calibrate")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -88,6 +88,14 @@ class EmbeddingTable:
         rows = self.rows(ids)
         return np.dot(np.asarray(weights, dtype=np.float32), rows, out=out)
 
+    def dense(self) -> np.ndarray:
+        """The whole table dequantised, (n_vocab, n_embd) float32, bypassing the cache. Decoding
+        never needs it (152k x 896 floats are 0.5 GB); measurements of full-vocabulary
+        mixtures do (scripts/measure_swir_topk.py)."""
+        table = self._dequantize(np.asarray(self._raw), self._qtype).astype(np.float32, copy=False)
+        table = table.reshape(self.n_vocab, self.n_embd)
+        return table * np.float32(self.scale) if self.scale != 1.0 else table
+
     def _read_raw(self, ids: list[int]) -> np.ndarray:
         """Raw (quantised) bytes of the given rows, shape (len(ids), row_bytes)."""
         if self._fd is None:  # no pread (Windows): read through the map

@@ -13,27 +13,36 @@ Traps handled here (each measured with llama-cpp-python 0.3.36):
   and the embedding batch are two structs with exactly one of the two pointers set;
 - importing `llama_cpp` installs a log callback that prints to stderr; ours replaces it,
   keeps recent lines for error messages, and stays referenced for the life of the process
-  (a collected ctypes callback segfaults on the next log line).
+  (a collected ctypes callback segfaults on the next log line);
+- ggml's RPC client (distributed decoding, docs/DISTRIBUTED.md) aborts the process on a
+  lost server; patches/llama.cpp-rpc-lost-server.patch makes it log the loss and fail the
+  decode instead, and the log line is turned into RpcServerLostError here.
 """
 from __future__ import annotations
 
 import collections
 import ctypes
+import math
 import os
 import re
 import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Iterable, Sequence
 
 import numpy as np
 
-from selar_local.errors import ContextOverflowError, DecodeError, ModelLoadError, UnsupportedModelError
+from selar_local.errors import (ContextOverflowError, DecodeError, InvalidParameterError, ModelLoadError, RpcError,
+                                 RpcServerLostError, UnsupportedModelError)
 
 GGUF_MAGIC = b"GGUF"
 _LOG_LEVEL_ERROR = 3
 _LOG_LEVEL_CONT = 5
+_MROPE_TYPES = (8, 40)  # LLAMA_ROPE_TYPE_MROPE, LLAMA_ROPE_TYPE_IMROPE
+# Logged by the patched RPC client when a server goes away (patches/llama.cpp-rpc-lost-server.patch).
+_RPC_LOST_LINE = re.compile(r"RPC server (\S+) lost: (.*?); the device is unusable")
 
 
 class _Bindings:
@@ -45,6 +54,7 @@ class _Bindings:
     recent_log: collections.deque[str] = collections.deque(maxlen=64)
     _callback = None  # must stay referenced: llama.cpp keeps the raw pointer
     _last_level = 0
+    rpc_lost: dict[str, str] = {}  # endpoint -> why, from the RPC client's log line
 
     @classmethod
     def get(cls):
@@ -65,6 +75,10 @@ class _Bindings:
         cls._last_level = level
         line = text.decode("utf-8", errors="replace")
         cls.recent_log.append(line)
+        if "RPC server" in line:
+            lost = _RPC_LOST_LINE.search(line)
+            if lost:
+                cls.rpc_lost[lost.group(1)] = lost.group(2)
         if cls.verbose:
             sys.stderr.write(line)
 
@@ -154,10 +168,195 @@ def check_gguf_file(path: Path) -> None:
         )
 
 
+# -- devices and llama.cpp's RPC backend ----------------------------------------------
+_DEVICE_KINDS = ("CPU", "GPU", "IGPU", "ACCEL", "META")  # enum ggml_backend_dev_type
+
+
+@dataclass(frozen=True)
+class Device:
+    """A ggml backend device: local (CPU, CUDA0, Metal...) or on an RPC server."""
+
+    name: str
+    description: str
+    kind: str
+    memory_free: int
+    memory_total: int
+
+    @property
+    def summary(self) -> str:
+        return f"{self.name} ({self.description}, {self.memory_free >> 20} MiB free of {self.memory_total >> 20} MiB)"
+
+
+class _Ggml:
+    """ggml's backend registry (libggml, loaded with libllama) and the RPC backend's entry
+    points, found by name through the registry as upstream's tools do. Every call
+    releases the GIL: the RPC client's worker thread logs through our Python callback."""
+
+    _fns = None
+    _abort_hook = None  # must stay referenced, like the log callback
+    _lock = threading.Lock()
+
+    @classmethod
+    def get(cls):
+        if cls._fns is None:
+            llama_lib()  # loads libllama and, with it, libggml
+            with cls._lock:
+                if cls._fns is None:
+                    cls._fns = cls._bind()
+        return cls._fns
+
+    @staticmethod
+    def _bind():
+        from llama_cpp import _ggml
+
+        lib, vp, sz = _ggml.libggml, ctypes.c_void_p, ctypes.c_size_t
+
+        def fn(name, restype, *argtypes):
+            function = lib[name]  # a new function object: the shared bindings stay untouched
+            function.restype, function.argtypes = restype, list(argtypes)
+            return function
+
+        fns = dict(
+            reg_by_name=fn("ggml_backend_reg_by_name", vp, ctypes.c_char_p),
+            reg_proc=fn("ggml_backend_reg_get_proc_address", vp, vp, ctypes.c_char_p),
+            reg_dev_count=fn("ggml_backend_reg_dev_count", sz, vp),
+            reg_dev_get=fn("ggml_backend_reg_dev_get", vp, vp, sz),
+            reg_name=fn("ggml_backend_reg_name", ctypes.c_char_p, vp),
+            dev_count=fn("ggml_backend_dev_count", sz),
+            dev_get=fn("ggml_backend_dev_get", vp, sz),
+            dev_by_name=fn("ggml_backend_dev_by_name", vp, ctypes.c_char_p),
+            dev_name=fn("ggml_backend_dev_name", ctypes.c_char_p, vp),
+            dev_description=fn("ggml_backend_dev_description", ctypes.c_char_p, vp),
+            dev_type=fn("ggml_backend_dev_type", ctypes.c_int, vp),
+            dev_memory=fn("ggml_backend_dev_memory", None, vp, ctypes.POINTER(sz), ctypes.POINTER(sz)),
+            dev_reg=fn("ggml_backend_dev_backend_reg", vp, vp),
+            set_abort_callback=fn("ggml_set_abort_callback", vp, vp),
+            add_server=None, start_server=None,
+        )
+        rpc = fns["reg_by_name"](b"RPC")
+        if rpc:
+            add = fns["reg_proc"](rpc, b"ggml_backend_rpc_add_server")
+            start = fns["reg_proc"](rpc, b"ggml_backend_rpc_start_server")
+            if add and start:
+                fns["add_server"] = ctypes.CFUNCTYPE(vp, ctypes.c_char_p)(add)
+                fns["start_server"] = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, sz, sz, vp)(start)
+        return SimpleNamespace(**fns)
+
+    @classmethod
+    def describe(cls, handle) -> Device:
+        fns = cls.get()
+        free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+        fns.dev_memory(handle, ctypes.byref(free), ctypes.byref(total))
+        kind = int(fns.dev_type(handle))
+        return Device(fns.dev_name(handle).decode(), (fns.dev_description(handle) or b"").decode(errors="replace"),
+                      _DEVICE_KINDS[kind] if kind < len(_DEVICE_KINDS) else str(kind), free.value, total.value)
+
+    @classmethod
+    def install_abort_hook(cls) -> None:
+        """On a build without the RPC patch a lost server still aborts the process; say why
+        and what to do instead of ggml's bare backtrace."""
+        if cls._abort_hook is not None:
+            return
+
+        def on_abort(message: bytes) -> None:
+            text = message.decode("utf-8", errors="replace").strip()
+            if "RPC" in text:
+                text += ("\nselar: error: an RPC server was lost and this llama.cpp build aborts the process; "
+                         "run scripts/setup.sh to rebuild llama-cpp-python with patches/llama.cpp-rpc-lost-server.patch, "
+                         "which turns this into a clear error")
+            sys.stderr.write(text + "\n")
+            sys.stderr.flush()
+
+        cls._abort_hook = ctypes.CFUNCTYPE(None, ctypes.c_char_p)(on_abort)
+        cls.get().set_abort_callback(ctypes.cast(cls._abort_hook, ctypes.c_void_p))
+
+
+def local_devices() -> list[Device]:
+    """This machine's ggml devices (CPU, and CUDA/Metal/Vulkan on such builds)."""
+    fns = _Ggml.get()
+    return [_Ggml.describe(fns.dev_get(i)) for i in range(fns.dev_count())
+            if fns.reg_name(fns.dev_reg(fns.dev_get(i))) != b"RPC"]
+
+
+_rpc_users: collections.Counter[str] = collections.Counter()  # endpoint -> loaded models using it
+
+
+def rpc_in_use(endpoint: str) -> bool:
+    """Whether a model loaded in this process holds a connection to this server (llama.cpp
+    shares one per endpoint; the server, which serves one client at a time, is busy with it)."""
+    return _rpc_users[endpoint] > 0
+
+
+def rpc_supported() -> bool:
+    """Whether this llama.cpp build has the RPC backend (GGML_RPC=ON)."""
+    return _Ggml.get().add_server is not None
+
+
+def _require_rpc() -> None:
+    if not rpc_supported():
+        raise RpcError("this llama-cpp-python build has no RPC backend: rebuild it with CMAKE_ARGS containing "
+                       "-DGGML_RPC=ON (scripts/setup.sh does)")
+
+
+def _rpc_device_handles(endpoints: Sequence[str]) -> list[int]:
+    """Connect to each server (llama.cpp's client) and return its devices, in order."""
+    _require_rpc()
+    fns = _Ggml.get()
+    _Ggml.install_abort_hook()
+    handles = []
+    for endpoint in endpoints:
+        _Bindings.rpc_lost.pop(endpoint, None)  # a server back after a loss is usable again
+        _Bindings.recent_log.clear()
+        reg = fns.add_server(endpoint.encode())
+        if not reg:
+            raise RpcError(f"RPC server {endpoint} has no device to offer or could not be reached: "
+                           f"{_Bindings.last_errors() or 'no details logged'}")
+        handles.extend(fns.reg_dev_get(reg, i) for i in range(fns.reg_dev_count(reg)))
+    return handles
+
+
+def _local_offload_handles() -> list[int]:
+    """llama.cpp's default offload devices on this machine: the GPUs, else the integrated
+    GPUs (the CPU is not in the list: layers that are not offloaded stay on it)."""
+    fns = _Ggml.get()
+    gpus, igpus = [], []
+    for i in range(fns.dev_count()):
+        handle = fns.dev_get(i)
+        if fns.reg_name(fns.dev_reg(handle)) == b"RPC":
+            continue
+        kind = int(fns.dev_type(handle))
+        (gpus if kind == 1 else igpus if kind == 2 else []).append(handle)
+    return gpus or igpus
+
+
+def serve_rpc(host: str, port: int, *, n_threads: int, device_names: Sequence[str] = ()) -> None:
+    """Run llama.cpp's RPC server in this thread; returns only if it cannot start (the
+    reason is on stderr). Devices by name (`local_devices()`); by default the GPUs, else
+    the CPU, as upstream's rpc-server chooses."""
+    _require_rpc()
+    fns = _Ggml.get()
+    if device_names:
+        handles = []
+        for name in device_names:
+            handle = fns.dev_by_name(name.encode())
+            if not handle or fns.reg_name(fns.dev_reg(handle)) == b"RPC":
+                known = ", ".join(d.name for d in local_devices())
+                raise InvalidParameterError(f"unknown device {name!r}: this machine has {known}")
+            handles.append(handle)
+    else:
+        handles = _local_offload_handles()
+        if not handles:
+            handles = [fns.dev_get(i) for i in range(fns.dev_count()) if int(fns.dev_type(fns.dev_get(i))) == 0][:1]
+    array = (ctypes.c_void_p * len(handles))(*handles)
+    fns.start_server(f"{host}:{port}".encode(), None, n_threads, len(handles), ctypes.cast(array, ctypes.c_void_p))
+
+
 class LlamaModel:
     """A loaded GGUF model: weights, vocabulary, metadata, tokeniser, chat template."""
 
-    def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int = -1, vocab_only: bool = False):
+    def __init__(self, path: str | os.PathLike, *, n_gpu_layers: int = -1, vocab_only: bool = False,
+                 rpc_servers: Sequence[str] = (), tensor_split: Sequence[float] | None = None,
+                 cpu_repack: bool = True):
         self.path = Path(path).expanduser()
         check_gguf_file(self.path)
         lib = llama_lib()
@@ -165,14 +364,25 @@ class LlamaModel:
         params = lib.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers  # -1: all layers where a GPU backend exists; ignored on CPU
         params.vocab_only = vocab_only
+        # False: weights stay in plain CPU buffers, not repacked for the interleaved
+        # kernels. An RPC server's CPU never repacks, so this makes a local run compute
+        # exactly what a run split over RPC servers computes (docs/DISTRIBUTED.md).
+        params.use_extra_bufts = cpu_repack
+        self.rpc_servers = tuple(rpc_servers)
+        self.devices: tuple[Device, ...] = ()
+        self._set_devices(params, tensor_split)
         _Bindings.recent_log.clear()
         handle = lib.llama_model_load_from_file(str(self.path).encode("utf-8"), params)
         if not handle:
             detail = _Bindings.last_errors()
+            lost = [f"{e} ({_Bindings.rpc_lost[e]})" for e in self.rpc_servers if e in _Bindings.rpc_lost]
+            if lost:
+                raise RpcError(f"RPC server {', '.join(lost)} was lost while the model loaded: {detail}")
             if "unknown model architecture" in detail:
                 raise UnsupportedModelError(f"llama.cpp does not support this model's architecture: {detail}")
             raise ModelLoadError(f"llama.cpp could not load {self.path}: {detail or 'no details logged'}")
         self._handle = handle
+        _rpc_users.update(self.rpc_servers)
         self._vocab = lib.llama_model_get_vocab(handle)
         self.n_vocab = int(lib.llama_vocab_n_tokens(self._vocab))
         self.n_embd = int(lib.llama_model_n_embd(handle))
@@ -185,6 +395,39 @@ class LlamaModel:
         self.eog_ids = frozenset(t for t in range(self.n_vocab) if lib.llama_vocab_is_eog(self._vocab, t))
         self.bos_id = int(lib.llama_vocab_bos(self._vocab))
         self.eos_id = int(lib.llama_vocab_eos(self._vocab))
+        self.add_bos = bool(lib.llama_vocab_get_add_bos(self._vocab))
+        # M-RoPE models (qwen2vl, qwen3vl, qwen35, ...) read GGML_MROPE_SECTIONS = 4
+        # positions per embedding input (llama.cpp's n_pos_per_embd, not exported: the
+        # rope type says it). Their embedding batches need the 4n layout (LlamaContext).
+        self.n_pos_per_embd = 4 if int(lib.llama_model_rope_type(handle)) in _MROPE_TYPES else 1
+        # Recurrent state (mamba, rwkv) or a mix of attention and recurrent layers.
+        self.is_recurrent = bool(lib.llama_model_is_recurrent(handle))
+        self.is_hybrid = bool(lib.llama_model_is_hybrid(handle))
+
+    def _set_devices(self, params, tensor_split: Sequence[float] | None) -> None:
+        """The offload devices: the RPC servers' first (as llama.cpp orders them, to keep
+        network transfers few), then the local GPUs; layers split by `tensor_split`."""
+        if not self.rpc_servers and tensor_split is None:
+            return  # llama.cpp's own default choice
+        handles = _rpc_device_handles(self.rpc_servers) + _local_offload_handles()
+        self.devices = tuple(_Ggml.describe(h) for h in handles)
+        if self.rpc_servers:
+            # NULL-terminated; llama.cpp copies the list at load, the array is kept anyway.
+            self._device_array = (ctypes.c_void_p * (len(handles) + 1))(*handles, None)
+            params.devices = ctypes.addressof(self._device_array)
+        if tensor_split is not None:
+            split = [float(x) for x in tensor_split]
+            names = ", ".join(d.name + (f" [{d.description}]" if d.name.startswith("RPC") else "") for d in self.devices)
+            if not self.devices:
+                raise InvalidParameterError("--tensor-split needs offload devices (GPUs or --rpc servers); "
+                                            "this machine has only its CPU")
+            if len(split) > len(self.devices):
+                raise InvalidParameterError(f"--tensor-split has {len(split)} values for {len(self.devices)} "
+                                            f"device(s): {names}")
+            if any(not math.isfinite(x) or x < 0 for x in split) or sum(split) <= 0:
+                raise InvalidParameterError(f"--tensor-split {split}: expected non-negative proportions, not all zero")
+            self._tensor_split = (ctypes.c_float * int(self._lib.llama_max_devices()))(*split)
+            params.tensor_split = self._tensor_split
 
     # -- metadata ---------------------------------------------------------------------
     def metadata(self, key: str) -> str | None:
@@ -280,6 +523,7 @@ class LlamaModel:
         if getattr(self, "_handle", None):
             self._lib.llama_model_free(self._handle)
             self._handle = None
+            _rpc_users.subtract(self.rpc_servers)
 
     def __del__(self) -> None:  # pragma: no cover - interpreter shutdown order varies
         try:
@@ -363,6 +607,13 @@ class LlamaContext:
         self._tokens = np.zeros(n, dtype=np.int32)
         self._embd = np.zeros((n, n_embd), dtype=np.float32)
         self._pos = np.zeros(n, dtype=np.int32)
+        # Embedding batches of M-RoPE models: llama.cpp reads 4 planes of n positions,
+        # pos[j*n + i] for j = temporal, height, width, extra, and expands a token batch
+        # to t = h = w = p, extra = 0. Measured on tiny qwen2vl and qwen3vl models: the
+        # layout [p..|p..|p..|0..] gives logits bit-identical to token input; with only n
+        # entries llama.cpp reads past the end of the buffer.
+        self._n_pos_per_embd = self.model.n_pos_per_embd
+        self._embd_pos = np.zeros(n * self._n_pos_per_embd, dtype=np.int32) if self._n_pos_per_embd > 1 else self._pos
         self._n_seq_id = np.ones(n, dtype=np.int32)
         self._seq_id = np.zeros(n, dtype=np.int32)
         self._logits = np.zeros(n, dtype=np.int8)
@@ -383,6 +634,7 @@ class LlamaContext:
 
         self._token_batch = batch(self._tokens.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), None)
         self._embd_batch = batch(None, self._embd.ctypes.data_as(ctypes.POINTER(ctypes.c_float)))
+        self._embd_batch.pos = self._embd_pos.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
         self._vocab_shape = (self.model.n_vocab,)
 
     # -- decoding ---------------------------------------------------------------------
@@ -453,12 +705,28 @@ class LlamaContext:
 
     def _decode(self, batch, n: int) -> None:
         batch.n_tokens = n
+        if batch is self._embd_batch and self._n_pos_per_embd > 1:
+            planes = self._embd_pos[: n * self._n_pos_per_embd].reshape(self._n_pos_per_embd, n)
+            planes[:3] = self._pos[:n]
+            planes[3:] = 0
         status = self._llama_decode(self._handle, batch)
         self.last_input_kind = "tokens" if batch is self._token_batch else "embeddings"
+        if _Bindings.rpc_lost and self.model.rpc_servers:
+            self.check_rpc_servers()
         if status != 0:
             reason = {1: "no free KV-cache slot for the batch", 2: "aborted"}.get(status, "error")
             raise DecodeError(f"llama_decode failed ({status}: {reason}) {_Bindings.last_errors()}".strip(),
                               status=status)
+
+    def check_rpc_servers(self) -> None:
+        """Raise RpcServerLostError if one of the model's RPC servers was lost (the
+        patched client logs it; the decode fails or its outputs are zeros)."""
+        for endpoint in self.model.rpc_servers:
+            why = _Bindings.rpc_lost.get(endpoint)
+            if why is not None:
+                raise RpcServerLostError(
+                    f"RPC server {endpoint} was lost ({why}): the request failed. The model's layers on that "
+                    "server are gone; once it is back (`selar rpc-server` on that machine), load the model again")
 
     def logits(self, output_index: int) -> np.ndarray:
         """Logits of the output_index-th input that asked for logits in the last decode:
@@ -511,10 +779,16 @@ class LlamaContext:
             if keep is not None:
                 lib.llama_memory_seq_rm(memory, dst, keep, -1)
 
-    def truncate_sequence(self, seq_id: int, keep: int) -> None:
-        """Drop the cells of `seq_id` at positions >= keep (for prefix reuse)."""
-        if not self._lib.llama_memory_seq_rm(self._memory, seq_id, keep, -1):
-            self.remove_sequence(seq_id)
+    def truncate_sequence(self, seq_id: int, keep: int) -> bool:
+        """Drop the cells of `seq_id` at positions >= keep (for prefix reuse). Returns
+        whether the prefix was kept: recurrent and hybrid models (mamba, lfm2, qwen35, ...)
+        hold one state per sequence, not per position, and cannot drop a tail; their whole
+        sequence is removed instead (measured: removal and copying of whole sequences
+        work there, docs/MODELS.md)."""
+        if self._lib.llama_memory_seq_rm(self._memory, seq_id, keep, -1):
+            return True
+        self.remove_sequence(seq_id)
+        return False
 
     def sequence_length(self, seq_id: int) -> int:
         return int(self._lib.llama_memory_seq_pos_max(self._memory, seq_id)) + 1

@@ -36,3 +36,15 @@ class DecodeError(SelarError):
 
 class DatasetError(SelarError):
     """A benchmark data set cannot be found, read, or lacks the fields the harness needs."""
+
+
+class RpcError(SelarError):
+    """An RPC server (llama.cpp's distributed backend) cannot be reached or used."""
+
+
+class RpcVersionError(RpcError):
+    """An RPC server speaks another version of llama.cpp's RPC protocol."""
+
+
+class RpcServerLostError(RpcError, DecodeError):
+    """An RPC server holding some of the model's layers went away mid-generation."""

@@ -39,6 +39,7 @@ from selar_local.kv_slots import Plan, Slot, SlotTable, common_prefix
 from selar_local.params import DecodeParams
 from selar_local.policies import Policy, StepDecision, TokenInfo, make_policy
 from selar_local.sampling import token_logprobs
+from selar_local.thinking import SpanTracker
 
 _DECODE_ERRORS = (DecodeError, ContextOverflowError, ValueError)
 TILE_ROWS = 64  # rows of one tile of ggml's CPU matrix kernels (see BatchGenerator._decode_tokens)
@@ -55,8 +56,10 @@ class LoopHost(Protocol):
     stop_strings: tuple[str, ...]
     slots: SlotTable
     prefill_chunk: int
+    thinking_span: Any      # thinking.ThinkingSpan or None
 
     def check_prompt_fits(self, n_prompt_tokens: int) -> None: ...
+    def check_thinking_params(self, params: DecodeParams) -> None: ...
     def require_method(self, method: str) -> None: ...
     def thinking_at_end(self, prompt_tokens: Sequence[int]) -> bool | None: ...
 
@@ -80,12 +83,19 @@ class StepEvent:
     # shown token under the filtered distribution, and the most probable alternatives.
     logprob: float | None = None
     top_logprobs: tuple[tuple[int, float], ...] = ()
+    # The thinking span (selar_local/thinking.py): whether this token was generated inside
+    # it, and `text` split into reasoning and content (markers in neither). Without
+    # thinking markers, content == text.
+    thinking: bool = False
+    reasoning: str = ""
+    content: str = ""
 
     def trace_record(self, token_text: str) -> dict:
         record = {
             "index": self.index, "token": self.token, "text": token_text, "soft": self.soft,
             "entropy": round(self.entropy, 6),
             "top_ids": list(self.top_ids), "top_probs": [round(p, 6) for p in self.top_probs],
+            "thinking": self.thinking,
         }
         if self.soft:
             record["mix_ids"] = list(self.mix_ids)
@@ -107,9 +117,26 @@ class GenerationResult:
     decode_seconds: float
     effective_counts: list[float] = field(default_factory=list)  # N_eff of each soft input
     soft_flags: list[bool] = field(default_factory=list)  # per step: was the NEXT input soft
+    logprob_sum: float = 0.0  # sum of log p(token) under the sampling distribution
+
+    @property
+    def mean_logprob(self) -> float:
+        """How confident the sampler was in the text it produced (self-consistency's tie-break)."""
+        return self.logprob_sum / len(self.tokens) if self.tokens else 0.0
     # per token, when DecodeParams.logprobs asked: (log p of the token, ((id, log p), ...))
     logprobs: list[tuple[float, tuple]] = field(default_factory=list)
     cached_tokens: int = 0  # prompt tokens whose KV cells were reused (prompt cache or a copy)
+    # Thinking span: the reasoning (markers stripped) and the answer after the span;
+    # answer is None for models without thinking markers (the whole text is the answer).
+    reasoning: str = ""
+    answer: str | None = None
+    think_tokens: int = 0  # tokens generated inside the span
+    thinking_flags: list[bool] = field(default_factory=list)  # per step: token inside the span
+
+    @property
+    def content(self) -> str:
+        """The answer: the text after the thinking span (all of it without markers)."""
+        return self.text if self.answer is None else self.answer
 
     @property
     def completion_tokens(self) -> int:
@@ -132,17 +159,19 @@ class _TextStream:
     """Incremental UTF-8 decoding plus stop strings, holding back any tail that could
     still become a stop string so that streamed text never has to be taken back."""
 
-    def __init__(self, stop: Sequence[str]):
+    def __init__(self, stop: Sequence[str], hold: Sequence[str] = ()):
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._stop = tuple(stop)
-        self._longest = max((len(s) for s in stop), default=0)
+        # `hold`: strings held back like stop strings but not stopping (thinking markers).
+        self._prefixes = self._stop + tuple(hold)
+        self._longest = max((len(s) for s in self._prefixes), default=0)
         self.text = ""
         self.released = 0
 
     def push(self, data: bytes) -> tuple[str, bool]:
         """Add a token's bytes; returns (text to release now, whether a stop string hit)."""
         self.text += self._decoder.decode(data)
-        if self._stop:
+        if self._prefixes:
             search_from = max(0, self.released - self._longest)
             hits = [i for i in (self.text.find(s, search_from) for s in self._stop) if i >= 0]
             if hits:
@@ -158,7 +187,7 @@ class _TextStream:
     def _holdback(self) -> int:
         tail = self.text[-self._longest:] if self._longest else ""
         for size in range(min(len(tail), self._longest), 0, -1):
-            if any(s.startswith(tail[-size:]) for s in self._stop):
+            if any(s.startswith(tail[-size:]) for s in self._prefixes):
                 return size
         return 0
 
@@ -184,11 +213,15 @@ class _Sequence:
     first_logits: np.ndarray | None = None  # known: the first step needs no decode
     cached_tokens: int = 0                  # prompt tokens not prefilled (cache or copy)
     extends_cache: bool = True              # no soft input fed yet
+    span: SpanTracker = field(default_factory=lambda: SpanTracker(None))
+    forced: list[int] = field(default_factory=list)  # tokens to emit next whatever the logits say
+    thinking_flags: list[bool] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     soft_steps: int = 0
     entropies: list[float] = field(default_factory=list)
     effective_counts: list[float] = field(default_factory=list)
     soft_flags: list[bool] = field(default_factory=list)
+    logprob_sum: float = 0.0
     logprobs: list[tuple[float, tuple]] = field(default_factory=list)
     pending: StepDecision | None = None
     finish_reason: str | None = None
@@ -292,16 +325,21 @@ class BatchGenerator:
         if len(params_list) > self.free_slots:
             raise RuntimeError(f"{len(params_list)} sequences need as many free slots; {self.free_slots} "
                                "are free: wait for sequences to finish or raise n_parallel")
+        for params in params_list:
+            self.runtime.check_thinking_params(params)
         self._check_free_caches()
         in_thinking = self.runtime.thinking_at_end(prompt_tokens)
+        span = getattr(self.runtime, "thinking_span", None)
         started = time.perf_counter()
         out = []
         for params in params_list:
             policy = make_policy(params, self.runtime.token_info, in_thinking=in_thinking)
             plan = self.slots.plan(prompt_tokens, whole_only=self.whole_prompts_only)
             self.slots.take(plan.slot)
+            tracker = SpanTracker(span, bool(in_thinking))
             seq = _Sequence(self._next_request, plan.slot, params, policy, prompt_tokens,
-                            _TextStream(params.stop + self.runtime.stop_strings), started=started)
+                            _TextStream(params.stop + self.runtime.stop_strings, tracker.hold_strings),
+                            started=started, span=tracker)
             self._next_request += 1
             self._live[seq.request_id] = seq
             source, upto = self._prefilling_source(seq, plan.reuse)
@@ -526,16 +564,36 @@ class BatchGenerator:
                 events.append(event)
         return events
 
-    def _decide(self, seqs: list[_Sequence], rows: np.ndarray) -> list[StepDecision]:
-        """Each sequence's policy on its logits row: one batch-wide pass, or one by one."""
+    def _decide(self, seqs: list[_Sequence], rows) -> list[StepDecision]:
+        """Each sequence's policy on its logits row: one batch-wide pass, or one by one.
+        A thinking span that must close (budget spent, close marker pending, Cold Stop)
+        overrides the policy with the marker's tokens."""
+        rows = np.asarray(rows) if not isinstance(rows, np.ndarray) else rows
         if any(s.params.ignore_eos for s in seqs):  # a copy: the rows may be llama.cpp's or shared
             rows = np.array(rows)
             for i, s in enumerate(seqs):
                 if s.params.ignore_eos:
                     rows[i, self._eog_list] = -np.inf
-        if self.batch_wide and len(seqs) > 1:
-            return decide_all([s.policy for s in seqs], rows)
-        return [s.policy.step(row) for s, row in zip(seqs, rows)]
+        out: list[StepDecision | None] = [None] * len(seqs)
+        plain = []
+        for i, s in enumerate(seqs):
+            if self._must_close(s):
+                out[i] = self._forced_close(s, rows[i])
+            else:
+                s.policy.in_thinking = s.span.in_thinking
+                plain.append(i)
+        if self.batch_wide and len(plain) > 1:
+            decided = decide_all([seqs[i].policy for i in plain], rows[plain])
+        else:
+            decided = [seqs[i].policy.step(rows[i]) for i in plain]
+        for i, decision in zip(plain, decided):
+            policy = seqs[i].policy
+            if getattr(policy, "close_requested", False):  # Soft Thinking's Cold Stop
+                policy.close_requested = False
+                if seqs[i].span.in_span:
+                    decision = self._forced_close(seqs[i], rows[i])
+            out[i] = decision
+        return out  # type: ignore[return-value]
 
     def _first_steps(self) -> list[StepEvent]:
         """Sequences whose prompt logits are known (just prefilled, cached, or copied)."""
@@ -607,6 +665,19 @@ class BatchGenerator:
         self._finished.pop(request_id, None)
         return self._errors.pop(request_id)
 
+    def _must_close(self, seq: _Sequence) -> bool:
+        """The thinking span must close now: close-marker tokens pending, or the
+        max_think_tokens budget spent."""
+        budget = seq.params.max_think_tokens
+        return bool(seq.forced) or (budget is not None and seq.span.in_span and seq.span.think_tokens >= budget)
+
+    def _forced_close(self, seq: _Sequence, logits: np.ndarray) -> StepDecision:
+        """Emit the close marker (and the answer's opening) token by token as discrete
+        steps, as the Soft Thinking and SwiReasoning code do."""
+        if not seq.forced:
+            seq.forced = list(seq.span.span.forced_close)
+        return seq.policy.forced_step(logits, seq.forced.pop(0))
+
     def _apply(self, seq: _Sequence, decision: StepDecision) -> StepEvent | None:
         """Take the policy's decision: stop conditions, bookkeeping, the event."""
         token = decision.token
@@ -614,15 +685,21 @@ class BatchGenerator:
         if token in self._eog_ids:  # not part of the output: no log-probability either
             return self._finish(seq, decision, index, "stop", seq.text.finish())
         logprobs = self._logprobs(seq, decision)
+        thinking = seq.span.in_span
         seq.tokens.append(token)
         seq.entropies.append(decision.entropy)
         seq.soft_flags.append(False)
+        seq.thinking_flags.append(thinking)
+        seq.logprob_sum += decision.logprob
         if logprobs is not None:
             seq.logprobs.append(logprobs)
+        offset_before = len(seq.text.text)
         text, stopped = seq.text.push(self.runtime.model.token_bytes(token))
+        seq.span.push(token, offset_before, seq.text.text)
         if stopped:
             return self._finish(seq, decision, index, "stop", text, logprobs)
-        if len(seq.tokens) >= seq.params.max_tokens or seq.position + 1 > self.context.n_ctx:
+        if (decision.final or len(seq.tokens) >= seq.params.max_tokens
+                or seq.position + 1 > self.context.n_ctx):
             return self._finish(seq, decision, index, "length", text + seq.text.finish(), logprobs)
         if decision.soft:
             seq.soft_steps += 1
@@ -630,7 +707,8 @@ class BatchGenerator:
             w = decision.mix_weights
             seq.effective_counts.append(float(1.0 / np.dot(w, w)))
         seq.pending = decision
-        return _event(seq.request_id, index, decision, text, decision.soft, None, logprobs)
+        return _event(seq.request_id, index, decision, text, decision.soft, None, logprobs,
+                      self._split(seq, thinking))
 
     def _finish(self, seq: _Sequence, decision: StepDecision, index: int, reason: str, text: str,
                 logprobs: tuple[float, tuple] | None = None) -> StepEvent:
@@ -639,7 +717,14 @@ class BatchGenerator:
         self._live.pop(seq.request_id, None)
         self._release_slot(seq, keep_cache=True)
         self._finished[seq.request_id] = seq
-        return _event(seq.request_id, index, decision, text, False, reason, logprobs)
+        thinking = bool(seq.thinking_flags) and len(seq.thinking_flags) > index and seq.thinking_flags[index]
+        return _event(seq.request_id, index, decision, text, False, reason, logprobs,
+                      self._split(seq, thinking, final=True))
+
+    @staticmethod
+    def _split(seq: _Sequence, thinking: bool, final: bool = False) -> tuple[bool, str, str]:
+        reasoning, content = seq.span.route(seq.text.released, seq.text.text, final=final)
+        return thinking, reasoning, content
 
     @staticmethod
     def _logprobs(seq: _Sequence, decision: StepDecision) -> tuple[float, tuple] | None:
@@ -653,16 +738,19 @@ class BatchGenerator:
         """The finished sequence's result (each result can be taken once)."""
         seq = self._finished.pop(request_id)
         decode_seconds = time.perf_counter() - seq.started - seq.prefill_seconds
+        reasoning, answer = seq.span.split(seq.text.text)
         return GenerationResult(
             text=seq.text.text, tokens=seq.tokens, prompt_tokens=len(seq.prompt_tokens),
             finish_reason=seq.finish_reason or "stop", soft_steps=seq.soft_steps, entropies=seq.entropies,
             prefill_seconds=seq.prefill_seconds, decode_seconds=decode_seconds,
             effective_counts=seq.effective_counts, soft_flags=seq.soft_flags, logprobs=seq.logprobs,
             cached_tokens=seq.cached_tokens,
+            reasoning=reasoning, answer=answer, think_tokens=seq.span.think_tokens, thinking_flags=seq.thinking_flags,
+            logprob_sum=seq.logprob_sum,
         )
 
 def _event(request_id: int, index: int, d: StepDecision, text: str, soft: bool, reason: str | None,
-           logprobs: tuple[float, tuple] | None = None) -> StepEvent:
+           logprobs: tuple[float, tuple] | None = None, split: tuple[bool, str, str] = (False, "", "")) -> StepEvent:
     # ndarray.tolist() gives the same Python ints/floats as int()/float() per element,
     # in one C call.
     mix_ids = _ints(d.mix_ids) if soft else ()
@@ -670,7 +758,7 @@ def _event(request_id: int, index: int, d: StepDecision, text: str, soft: bool, 
     return StepEvent(
         request_id, index, d.token, text, soft, float(d.entropy),
         _ints(d.top_ids), _floats(d.top_probs), mix_ids, mix_w, reason,
-        *(logprobs or (None, ())),
+        *(logprobs or (None, ())), *split,
     )
 
 
@@ -699,7 +787,10 @@ def stream_tokens(runtime: LoopHost, prompt_tokens: Sequence[int], params: Decod
                 if event.finish_reason:
                     return generator.pop_result(request_id)
     finally:
-        generator.cancel(request_id)  # a no-op once it has ended
+        generator.cancel(request_id)
+    if event is not None and event.finish_reason == "error":
+        raise generator.pop_error(request_id)  # one stream: its failed decode is the caller's error
+    return generator.pop_result(request_id)
 
 
 def generate_many(
@@ -743,4 +834,45 @@ def generate_many(
                 collect(event)
     finally:
         generator.close()
+    return results  # type: ignore[return-value]
+
+
+def generate_groups(
+    runtime: LoopHost, prompts: Sequence[Sequence[int]], params_lists: Sequence[Sequence[DecodeParams]],
+    *, on_finish=None,
+) -> list[list[GenerationResult]]:
+    """Decode each prompt as a group of sequences, one per DecodeParams (self-consistency):
+    the prompt is prefilled once and its KV cells copied (`BatchGenerator.submit_group`).
+    Groups are admitted whole as slots free up. `on_finish(index, results)` is called as
+    each group completes."""
+    if len(params_lists) != len(prompts):
+        raise InvalidParameterError("one list of DecodeParams per prompt")
+    widest = max((len(p) for p in params_lists), default=0)
+    if widest > runtime.n_parallel or any(not p for p in params_lists):
+        raise InvalidParameterError(f"groups of 1 to n_parallel ({runtime.n_parallel}) sequences; "
+                                    f"got {widest}: raise the parallel sequences to at least the samples")
+    generator = BatchGenerator(runtime)
+    results: list[list[GenerationResult | None]] = [[None] * len(p) for p in params_lists]
+    left = [len(p) for p in params_lists]
+    owner: dict[int, tuple[int, int]] = {}
+    queue = list(range(len(prompts)))
+
+    def collect(event: StepEvent | None) -> None:
+        if event is not None and event.finish_reason:
+            index, member = owner.pop(event.request_id)
+            results[index][member] = generator.pop_result(event.request_id)
+            left[index] -= 1
+            if left[index] == 0 and on_finish is not None:
+                on_finish(index, results[index])
+
+    while queue or owner:
+        while queue and generator.free_slots >= len(params_lists[queue[0]]):
+            index = queue.pop(0)
+            started = generator.submit_group(prompts[index], params_lists[index])
+            for member, (request_id, _) in enumerate(started):
+                owner[request_id] = (index, member)
+            for _, first in started:
+                collect(first)
+        for event in generator.step():
+            collect(event)
     return results  # type: ignore[return-value]

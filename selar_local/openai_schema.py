@@ -45,7 +45,10 @@ _NEUTRAL_FIELDS: dict[str, Callable[[Any], bool]] = {
 }
 _COMMON_FIELDS = {"model", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature",
                   "top_p", "stop", "seed", "n", "logprobs", "selar_trace"}
-CHAT_FIELDS = frozenset(_COMMON_FIELDS | {"messages", "top_logprobs"} | set(_NEUTRAL_FIELDS) | set(DECODE_FIELDS))
+# chat_template_kwargs: variables for the model's Jinja template, as llama-server takes
+# them (e.g. {"enable_thinking": false} for Qwen3-style templates).
+CHAT_FIELDS = frozenset(_COMMON_FIELDS | {"messages", "top_logprobs", "chat_template_kwargs"} | set(_NEUTRAL_FIELDS)
+                        | set(DECODE_FIELDS))
 COMPLETION_FIELDS = frozenset(_COMMON_FIELDS | {"prompt", "echo"} | set(_NEUTRAL_FIELDS) | set(DECODE_FIELDS))
 _ROLES = ("system", "developer", "user", "assistant", "tool")
 
@@ -163,8 +166,16 @@ class RequestBuilder:
         self._check_fields(body, CHAT_FIELDS)
         self.check_model(body.get("model"))
         messages = normalise_messages(body.get("messages"))
+        kwargs = body.get("chat_template_kwargs") or {}
+        if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) and k.isidentifier() for k in kwargs):
+            raise RequestError("'chat_template_kwargs' must be an object whose keys are template variable names",
+                               param="chat_template_kwargs")
+        reserved = sorted({"messages", "add_generation_prompt", "bos_token", "eos_token", "tools"} & set(kwargs))
+        if reserved:
+            raise RequestError(f"'chat_template_kwargs' cannot set {', '.join(reserved)} (set by the server)",
+                               param="chat_template_kwargs")
         try:
-            tokens = self.runtime.encode(messages=messages)
+            tokens = self.runtime.encode(messages=messages, template_kwargs=dict(kwargs))
         except SelarError as exc:
             raise RequestError(f"cannot format these messages with the model's chat template: {exc}",
                                param="messages") from exc
@@ -236,7 +247,8 @@ class RequestBuilder:
         params = self._decode_params(body, len(tokens)).replace(logprobs=n_logprobs)
         try:
             self.runtime.require_method(params.method)
-        except UnsupportedModelError as exc:
+            self.runtime.check_thinking_params(params)
+        except (UnsupportedModelError, InvalidParameterError) as exc:
             raise as_request_error(exc) from exc
         trace = body.get("selar_trace", False)
         if trace not in (None, True, False):
@@ -306,10 +318,25 @@ class RequestBuilder:
             raise RequestError(f"{len(stop)} stop strings: at most {room_for_stops} for this model", param="stop",
                                code="invalid_value")
         values["stop"] = tuple(dict.fromkeys([s for s in stop if s] + list(self.default_stop)))
+        auto = isinstance(values.get("tau"), str) and values["tau"].strip().lower() == "auto"
         try:
-            return DecodeParams(**values)
+            params = DecodeParams(**{**values, "tau": 0.5} if auto else values)
         except (InvalidParameterError, TypeError) as exc:
             raise as_request_error(exc) from exc
+        return params.replace(tau=self._calibrated_tau(params)) if auto else params
+
+    def _calibrated_tau(self, params: DecodeParams) -> float:
+        """tau "auto": the model's cached calibration for this sampler. Calibrating would decode
+        on the context the scheduler is using, so it is done beforehand (`selar calibrate`)."""
+        from selar_local.calibrate import cached_tau
+
+        calibration = cached_tau(self.runtime.model_path, params)
+        if calibration is None:
+            raise RequestError(f"tau='auto': {self.runtime.model_path.name} has no calibration for this sampler "
+                               f"(temperature, top_k, top_p, min_p, ks); run `selar calibrate --model "
+                               f"{self.runtime.model_path}` with the same settings first",
+                               param="tau", code="not_calibrated")
+        return calibration.tau
 
 
 def _is_int(value: Any) -> bool:
@@ -395,7 +422,10 @@ def completion_response(req: PreparedRequest, results: Sequence[GenerationResult
             offset = len(req.echo_text or "")
             logprobs = formatter.block(result.tokens[:len(result.logprobs)], result.logprobs, offset)
         if req.kind == "chat":
-            choices.append({"index": index, "message": {"role": "assistant", "content": result.text},
+            message = {"role": "assistant", "content": result.content}
+            if result.answer is not None:  # a thinking model: its reasoning apart (DeepSeek's convention)
+                message["reasoning_content"] = result.reasoning
+            choices.append({"index": index, "message": message,
                             "logprobs": logprobs, "finish_reason": result.finish_reason})
         else:
             choices.append({"index": index, "text": (req.echo_text or "") + result.text, "logprobs": logprobs,
@@ -405,7 +435,21 @@ def completion_response(req: PreparedRequest, results: Sequence[GenerationResult
             "selar": selar_summary(req.choices[0], results[0])}
     if len(results) > 1:
         body["selar"]["choices"] = [selar_summary(p, r) for p, r in zip(req.choices, results)]
+        body["selar"]["vote"] = vote_summary(results)
     return body
+
+
+VOTE_FORMAT = "gsm8k"  # answers read as the last \boxed{}, else the last number in the text
+
+
+def vote_summary(results: Sequence[GenerationResult]) -> dict[str, Any]:
+    """Self-consistency over the n choices: their answers and the majority (ties: the most
+    confident choice by mean log-probability)."""
+    from selar_local.runtime import SelfConsistencyResult
+
+    vote = SelfConsistencyResult.from_results(results, VOTE_FORMAT)
+    return {"answer": vote.answer, "votes": vote.votes, "voters": vote.voters, "choice_index": vote.index,
+            "answers": vote.answers}
 
 
 class ChunkWriter:
@@ -426,10 +470,13 @@ class ChunkWriter:
         out.update(extra)
         return out
 
-    def _choice(self, index: int, text: str | None, finish_reason: str | None, *, role: bool = False) -> dict:
-        logprobs = self._flush_logprobs(index, text)
+    def _choice(self, index: int, text: str | None, finish_reason: str | None, *, role: bool = False,
+                reasoning: str = "") -> dict:
+        logprobs = self._flush_logprobs(index, (text or "") + reasoning)
         if self.req.kind == "chat":
             delta: dict[str, Any] = {"role": "assistant"} if role else {}
+            if reasoning:
+                delta["reasoning_content"] = reasoning
             if text is not None:
                 delta["content"] = text
             return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
@@ -456,16 +503,24 @@ class ChunkWriter:
         partial UTF-8 character, or a stop token) whose `selar` object describes that step."""
         if event.logprob is not None:
             self._pending.setdefault(index, []).append((event.token, (event.logprob, event.top_logprobs)))
+        # Chat: the thinking span's text goes to delta.reasoning_content, the rest to
+        # delta.content (llama-server's --reasoning-format deepseek); completions: raw text.
+        content, reasoning = (event.content, event.reasoning) if self.req.kind == "chat" else (event.text, "")
         if self.req.token_text is not None:
-            return self._chunk(self._choice(index, event.text, None), selar=token_trace(event, self.req.token_text))
-        if not event.text:
+            return self._chunk(self._choice(index, content if content or not reasoning else None, None,
+                                            reasoning=reasoning), selar=token_trace(event, self.req.token_text))
+        if not content and not reasoning:
             return None
-        return self._chunk(self._choice(index, event.text, None))
+        return self._chunk(self._choice(index, content if content else None, None, reasoning=reasoning))
 
     def choice_closing(self, result: GenerationResult, index: int = 0) -> dict:
         """The chunk that ends choice `index` (its finish_reason and `selar` summary)."""
         return self._chunk(self._choice(index, None if self.req.kind == "chat" else "", result.finish_reason),
                            selar=selar_summary(self.req.choices[index], result))
+
+    def vote_chunk(self, results: Sequence[GenerationResult]) -> list[dict]:
+        """With n > 1: a chunk without choices whose `selar.vote` is the self-consistency vote."""
+        return [self._chunk(None, selar={"vote": vote_summary(results)})] if len(results) > 1 else []
 
     def usage_chunk(self, results: Sequence[GenerationResult]) -> list[dict]:
         return [self._chunk(None, usage=usage(self.req, results))] if self.req.include_usage else []

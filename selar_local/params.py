@@ -9,7 +9,8 @@ from typing import Any
 
 from selar_local.errors import InvalidParameterError
 
-METHODS = ("cot", "selar", "soft", "moi")
+METHODS = ("cot", "selar", "soft", "moi", "swir")
+SOFT_NOISES = ("none", "gumbel", "dirichlet")
 # Per-step work grows with these; one request must not be able to make every other
 # request's steps expensive (a 49k-token mixture costs ~2 ms per step on the host).
 MAX_MIXTURE_SIZE = 64        # ks, soft_topk, moi_topn and any other mixture size
@@ -37,6 +38,9 @@ class DecodeParams:
     lam: float = 1.0         # contrastive push away from the dominant token
     ks: int = 3              # candidates in the gate's entropy and the soft mixture
     thinking_only: bool = False  # gate only inside <think>...</think>
+    # Thinking budget: after this many tokens inside the span, the close marker is
+    # emitted and the answer follows (None: no budget). Needs a model with thinking markers.
+    max_think_tokens: int | None = None
     # Soft Thinking
     soft_topk: int = 10              # max_topk of the soft mixture
     cold_stop_entropy: float = 0.01  # Cold Stop threshold on full-vocab entropy (nats)
@@ -44,6 +48,16 @@ class DecodeParams:
     # Mixture of Inputs
     moi_topn: int = 20
     moi_beta: float = 1.0
+    # Stochastic Soft Thinking: noise on the mixture weights of soft and selar
+    soft_noise: str = "none"         # none | gumbel | dirichlet
+    gumbel_tau: float = 0.5          # w = softmax((log p + g) / gumbel_tau)
+    dirichlet_alpha: float = 1.0     # w ~ Dir(dirichlet_alpha * p)
+    # SwiReasoning
+    swir_window: int = 512           # W: steps in explicit mode before a switch back to latent
+    swir_max_switches: int = 0       # C_max on latent -> explicit switches; 0: no limit
+    swir_alpha: float = 0.7          # alpha_0: <think> blend when switching to latent
+    swir_beta: float = 0.7           # beta_0: </think> blend when switching to explicit
+    swir_topk: int = 20              # latent input = softmax(l) over the top swir_topk tokens
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -68,6 +82,8 @@ class DecodeParams:
         _check(_finite(self.tau) and self.tau >= 0, "tau", self.tau,
                "a number >= 0 (the gate compares a normalised entropy in [0, 1]; tau > 1 disables it)")
         _check(_finite(self.lam) and self.lam >= 0, "lam", self.lam, "a number >= 0")
+        _check(self.max_think_tokens is None or (_is_int(self.max_think_tokens) and self.max_think_tokens >= 0),
+               "max_think_tokens", self.max_think_tokens, "an integer >= 0, or None for no budget")
         _check(_is_int(self.ks) and 2 <= self.ks <= MAX_MIXTURE_SIZE, "ks", self.ks,
                f"an integer in [2, {MAX_MIXTURE_SIZE}] (entropy over one token is 0; larger mixtures cost every step)")
         if self.top_k:
@@ -81,6 +97,20 @@ class DecodeParams:
         _check(_is_int(self.moi_topn) and 2 <= self.moi_topn <= MAX_MIXTURE_SIZE, "moi_topn", self.moi_topn,
                f"an integer in [2, {MAX_MIXTURE_SIZE}]")
         _check(_finite(self.moi_beta) and self.moi_beta >= 0, "moi_beta", self.moi_beta, "a number >= 0")
+        _check(self.soft_noise in SOFT_NOISES, "soft_noise", self.soft_noise, f"one of {', '.join(SOFT_NOISES)}")
+        _check(_finite(self.gumbel_tau) and self.gumbel_tau > 0, "gumbel_tau", self.gumbel_tau, "a number > 0")
+        _check(_finite(self.dirichlet_alpha) and self.dirichlet_alpha > 0, "dirichlet_alpha",
+               self.dirichlet_alpha, "a number > 0")
+        _check(_is_int(self.swir_window) and self.swir_window >= 1, "swir_window", self.swir_window,
+               "an integer >= 1")
+        _check(_is_int(self.swir_max_switches) and self.swir_max_switches >= 0, "swir_max_switches",
+               self.swir_max_switches, "an integer >= 0 (0: no limit)")
+        _check(_finite(self.swir_alpha) and 0 <= self.swir_alpha <= 1, "swir_alpha", self.swir_alpha,
+               "a number in [0, 1]")
+        _check(_finite(self.swir_beta) and 0 <= self.swir_beta <= 1, "swir_beta", self.swir_beta,
+               "a number in [0, 1]")
+        _check(_is_int(self.swir_topk) and 1 <= self.swir_topk <= MAX_MIXTURE_SIZE, "swir_topk", self.swir_topk,
+               f"an integer in [1, {MAX_MIXTURE_SIZE}]")
 
     def replace(self, **changes: Any) -> "DecodeParams":
         return dataclasses.replace(self, **changes)

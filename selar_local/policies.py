@@ -7,7 +7,9 @@ One policy object per sequence: gates, thinking spans and Cold Stop are per sequ
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -16,8 +18,11 @@ from selar_local.sampling import (
     Distribution,
     filter_logits,
     full_vocab_entropy,
+    noisy_weights,
     normalized_topk,
     sample,
+    softmax,
+    top_candidates,
 )
 
 
@@ -29,6 +34,7 @@ class TokenInfo:
     math_symbol_mask: np.ndarray   # bool[vocab]: tokens that force a discrete step
     think_open: int | None = None  # id of <think>, if the model has one
     think_close: int | None = None  # id of </think>
+    answer_prefix: tuple[int, ...] = ()  # "\n\nThe final answer is" (SwiReasoning's budget end)
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,8 @@ class StepDecision:
     entropy: float                    # the method's gate statistic (normalised entropy)
     top_ids: np.ndarray               # candidates considered, most probable first
     top_probs: np.ndarray
+    logprob: float = 0.0              # log p(token) under the sampling distribution (0: forced)
+    final: bool = False               # the policy ends the sequence after this token
 
 
 class Policy:
@@ -49,7 +57,13 @@ class Policy:
         self.params = params
         self.info = info
         self.rng = np.random.default_rng(params.seed)
+        # Mixture noise has its own stream, so that the token draws stay those of the
+        # noise-free run (same seed -> same tokens until a noisy input changes the logits).
+        self.noise_rng = np.random.default_rng([params.seed, 1])
         self.last_dist: Distribution | None = None  # the last step's filtered distribution (logprobs)
+        # Set by a policy that wants the thinking span closed now (Soft Thinking's Cold
+        # Stop); the loop then emits the model's close marker and clears the flag.
+        self.close_requested = False
         # Models without thinking tags: the whole answer counts as the thinking span.
         self.in_thinking = (info.think_open is None) if in_thinking is None else in_thinking
 
@@ -67,8 +81,21 @@ class Policy:
         self.last_dist = filter_logits(logits, p.temperature, p.top_k, p.top_p, p.min_p)
         return self.last_dist
 
+    def forced_step(self, logits: np.ndarray, token: int) -> StepDecision:
+        """A discrete step showing `token` whatever the logits say (a marker the loop
+        injects), with the usual statistics of the logits for traces."""
+        dist = self._filtered(logits)
+        ids, weights, h = normalized_topk(dist, self.params.ks)
+        self._track_thinking(token)
+        return _discrete(token, h, ids, weights)
+
     def _choose(self, dist: Distribution) -> int:
         return int(dist.ids[0]) if self.params.greedy else sample(dist, self.rng)
+
+    def _noisy(self, probs: np.ndarray) -> np.ndarray:
+        p = self.params
+        return noisy_weights(probs, p.soft_noise, self.noise_rng, gumbel_tau=p.gumbel_tau,
+                             dirichlet_alpha=p.dirichlet_alpha)
 
     def _track_thinking(self, token: int) -> None:
         if token == self.info.think_open:
@@ -77,8 +104,15 @@ class Policy:
             self.in_thinking = False
 
 
-def _discrete(token: int, entropy: float, top_ids: np.ndarray, top_probs: np.ndarray) -> StepDecision:
-    return StepDecision(token, False, None, None, entropy, top_ids, top_probs)
+def token_logprob(dist: Distribution, token: int) -> float:
+    """log p(token) in the filtered distribution; 0.0 for a token outside it (a forced one)."""
+    hit = np.flatnonzero(dist.ids == token)
+    return float(math.log(dist.probs[hit[0]])) if hit.size else 0.0
+
+
+def _discrete(token: int, entropy: float, top_ids: np.ndarray, top_probs: np.ndarray,
+              logprob: float = 0.0) -> StepDecision:
+    return StepDecision(token, False, None, None, entropy, top_ids, top_probs, logprob)
 
 
 class CotPolicy(Policy):
@@ -88,7 +122,7 @@ class CotPolicy(Policy):
         token = self._choose(dist)
         ids, weights, h = normalized_topk(dist, self.params.ks)
         self._track_thinking(token)
-        return _discrete(token, h, ids, weights)
+        return _discrete(token, h, ids, weights, token_logprob(dist, token))
 
 
 class SelarPolicy(Policy):
@@ -101,9 +135,13 @@ class SelarPolicy(Policy):
         gate_open = h >= p.tau and (self.in_thinking or not p.thinking_only)
         forced_discrete = bool(self.info.math_symbol_mask[token])
         self._track_thinking(token)
+        logprob = token_logprob(dist, token)
         if not gate_open or forced_discrete:
-            return _discrete(token, h, ids, q)
-        return StepDecision(token, True, ids, contrastive_weights(q, p.lam * h), h, ids, q)
+            return _discrete(token, h, ids, q, logprob)
+        # Stochastic variant: noise on the candidates' weights; the gate, h and the pushed-off
+        # token v1 stay those of the clean distribution.
+        weights = contrastive_weights(self._noisy(q), p.lam * h)
+        return StepDecision(token, True, ids, weights, h, ids, q, logprob)
 
 
 def contrastive_weights(q: np.ndarray, push: float) -> np.ndarray:
@@ -129,22 +167,25 @@ class SoftThinkingPolicy(Policy):
         if not self.in_thinking or self.cold_stopped:
             token = self._choose(dist)
             self._track_thinking(token)
-            return _discrete(token, h, top_ids, top_w)
+            return _discrete(token, h, top_ids, top_w, token_logprob(dist, token))
         if self._cold_stop_due(logits):
-            # Emit </think> (or, without thinking tags, simply continue discretely).
+            # Emit </think> (or, without thinking tags, simply continue discretely). The
+            # loop replaces this step by the model's whole close marker where it has one.
             self.cold_stopped = True
+            self.close_requested = True
             if self.info.think_close is not None:
                 self.in_thinking = False
                 return _discrete(self.info.think_close, h, top_ids, top_w)
             token = self._choose(dist)
-            return _discrete(token, h, top_ids, top_w)
+            return _discrete(token, h, top_ids, top_w, token_logprob(dist, token))
         token = int(dist.ids[0])
         self._track_thinking(token)
+        logprob = float(math.log(dist.probs[0]))
         if not self.in_thinking:  # the argmax was </think>: leave soft mode on a discrete step
-            return _discrete(token, h, top_ids, top_w)
+            return _discrete(token, h, top_ids, top_w, logprob)
         mix_ids = dist.ids[: p.soft_topk]
-        mix_w = dist.probs[: p.soft_topk] / dist.probs[: p.soft_topk].sum()
-        return StepDecision(token, True, mix_ids, mix_w, h, top_ids, top_w)
+        mix_w = self._noisy(dist.probs[: p.soft_topk] / dist.probs[: p.soft_topk].sum())
+        return StepDecision(token, True, mix_ids, mix_w, h, top_ids, top_w, logprob)
 
     def _cold_stop_due(self, logits: np.ndarray) -> bool:
         if full_vocab_entropy(logits) < self.params.cold_stop_entropy:
@@ -172,7 +213,138 @@ class MixtureOfInputsPolicy(Policy):
         onehot[hit[0]] = 1.0
         posterior = (probs + p.moi_beta * onehot) / (1.0 + p.moi_beta)
         weights = h * posterior + (1.0 - h) * onehot
-        return StepDecision(token, True, ids, weights, h, ids[: p.ks], probs[: p.ks])
+        return StepDecision(token, True, ids, weights, h, ids[: p.ks], probs[: p.ks], token_logprob(dist, token))
+
+# -- SwiReasoning ------------------------------------------------------------------------------
+
+SWIR_ANSWER_TOKENS = 32  # tokens allowed after the injected answer prefix (past 2 C_max switches)
+
+
+class SwirSwitch(NamedTuple):
+    latent: bool
+    ref_entropy: float
+    steps_in_mode: int
+    to_explicit: bool
+    to_latent: bool
+
+
+def swir_switch(latent: bool, ref_entropy: float, steps_in_mode: int, entropy: float, window: int,
+                locked: bool) -> SwirSwitch:
+    """SwiReasoning's switch rule for one step. The reference entropy is set on the first step
+    (ref_entropy NaN) and at every switch. Latent -> explicit at once when the entropy falls
+    below the reference (confidence rose); explicit -> latent when it rises above it, after at
+    least `window` steps in explicit mode, and never once thinking has ended (`locked`)."""
+    if math.isnan(ref_entropy):
+        return SwirSwitch(latent, entropy, 0, False, False)
+    steps = steps_in_mode + 1
+    to_explicit = latent and entropy < ref_entropy
+    to_latent = not latent and not locked and entropy > ref_entropy and steps >= window
+    if to_explicit or to_latent:
+        return SwirSwitch(not latent, entropy, 0, to_explicit, to_latent)
+    return SwirSwitch(latent, ref_entropy, steps, False, False)
+
+
+def blend_with_row(ids: np.ndarray, weights: np.ndarray, keep: float, row: int | None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """keep * mixture + (1 - keep) * E[row], as row weights (the mixture unchanged without a row)."""
+    if row is None or keep >= 1.0:
+        return ids, weights
+    hit = np.flatnonzero(ids == row)
+    if hit.size:
+        weights = keep * weights
+        weights[hit[0]] += 1.0 - keep
+        return ids, weights
+    return np.append(ids, row), np.append(keep * weights, 1.0 - keep)
+
+
+def linear_schedule(start: float, step: int, max_tokens: int) -> float:
+    """SwiReasoning's blend weights rise linearly from start to 1 over the token budget."""
+    return start + (1.0 - start) * min(step, max_tokens) / max_tokens
+
+
+@dataclass
+class SwirState:
+    """One sequence's SwiReasoning state (plain fields, so that a batched form can hold them
+    as arrays)."""
+
+    latent: bool = True               # starts latent
+    ref_entropy: float = math.nan     # set on the first step and at every switch
+    steps_in_mode: int = 0
+    switches: int = 0                 # latent -> explicit switches, for the C_max budget
+    locked: bool = False              # </think> was shown: explicit for good
+    step: int = 0
+    inject: list[int] = field(default_factory=list)  # tokens forced on the next steps
+    answer_budget: int = -1           # steps left before the sequence ends; -1: no limit
+
+
+class SwiReasoningPolicy(Policy):
+    """SwiReasoning: alternate latent blocks (input softmax(l) @ E, restricted to the top
+    `swir_topk` tokens of the raw distribution) and explicit blocks (the sampled token), on
+    the normalised full-vocabulary entropy (see `swir_switch`). Switches blend in the
+    <think> / </think> rows where the model has them; past `swir_max_switches` (C_max)
+    latent -> explicit switches it injects </think>, past 2 C_max the answer prefix, and
+    ends 32 tokens later. Math-symbol tokens and everything after </think> are discrete.
+    The shown token is always the sample of the filtered distribution."""
+
+    def __init__(self, params: DecodeParams, info: TokenInfo, *, in_thinking: bool | None = None):
+        super().__init__(params, info, in_thinking=in_thinking)
+        self.state = SwirState()
+        self._log_vocab = math.log(max(info.vocab_size, 2))
+
+    def step(self, logits: np.ndarray) -> StepDecision:
+        p, info, st = self.params, self.info, self.state
+        dist = self._filtered(logits)
+        top_ids, top_w, _ = normalized_topk(dist, p.ks)
+        h = min(max(full_vocab_entropy(logits) / self._log_vocab, 0.0), 1.0)
+        forced = bool(st.inject)
+        token = st.inject.pop(0) if forced else self._choose(dist)
+        logprob = 0.0 if forced else token_logprob(dist, token)
+        if token == info.think_close and not forced:
+            # A sampled </think> ends thinking; an injected one only nudges (as in the published code).
+            st.locked = True
+        switch = swir_switch(st.latent and not st.locked, st.ref_entropy, st.steps_in_mode, h,
+                             p.swir_window, st.locked)
+        st.latent, st.ref_entropy, st.steps_in_mode = switch.latent, switch.ref_entropy, switch.steps_in_mode
+        final = self._spend_answer_budget()  # before a new budget can be set on this step
+        if switch.to_explicit:
+            self._count_switch()
+        st.step += 1
+        if forced or (bool(info.math_symbol_mask[token]) and not switch.to_explicit):
+            return StepDecision(token, False, None, None, h, top_ids, top_w, logprob, final)
+        if switch.to_explicit and info.think_close is not None:
+            ids, w = blend_with_row(*self._latent_mixture(logits),
+                                    linear_schedule(p.swir_beta, st.step - 1, p.max_tokens), info.think_close)
+            return StepDecision(token, True, ids, w, h, top_ids, top_w, logprob, final)
+        if not st.latent:
+            return StepDecision(token, False, None, None, h, top_ids, top_w, logprob, final)
+        ids, w = self._latent_mixture(logits)
+        if switch.to_latent:
+            ids, w = blend_with_row(ids, w, linear_schedule(p.swir_alpha, st.step - 1, p.max_tokens),
+                                    info.think_open)
+        return StepDecision(token, True, ids, w, h, top_ids, top_w, logprob, final)
+
+    def _latent_mixture(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ids, values = top_candidates(logits, self.params.swir_topk)
+        return ids, softmax(values)  # softmax(l) restricted to the top tokens, renormalised
+
+    def _count_switch(self) -> None:
+        st, c_max, info = self.state, self.params.swir_max_switches, self.info
+        st.switches += 1
+        if not c_max:
+            return
+        close = [] if info.think_close is None else [info.think_close]
+        if c_max <= st.switches <= 2 * c_max:
+            st.inject = list(close)
+        elif st.switches > 2 * c_max and st.answer_budget < 0:
+            st.inject = close + list(info.answer_prefix)
+            st.answer_budget = len(st.inject) + SWIR_ANSWER_TOKENS
+
+    def _spend_answer_budget(self) -> bool:
+        st = self.state
+        if st.answer_budget < 0:
+            return False
+        st.answer_budget -= 1
+        return st.answer_budget == 0
 
 
 POLICIES: dict[str, type[Policy]] = {
@@ -180,6 +352,7 @@ POLICIES: dict[str, type[Policy]] = {
     "selar": SelarPolicy,
     "soft": SoftThinkingPolicy,
     "moi": MixtureOfInputsPolicy,
+    "swir": SwiReasoningPolicy,
 }
 
 

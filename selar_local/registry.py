@@ -75,7 +75,7 @@ class ModelEntry:
     hf_file: str | None = None
     pypi_packages: tuple[str, ...] = ()  # "dist==version", one per part
     pypi_parts: tuple[str, ...] = ()  # path of each part inside its installed package
-    think_tags: tuple[str, str] | None = None
+    think_tags: tuple[str, ...] | None = None  # (OPEN, CLOSE) or (OPEN, CLOSE, ANSWER)
     stop_strings: tuple[str, ...] = ()
     is_default: bool = False
 
@@ -295,13 +295,13 @@ def _parse_size(value: str) -> int | None:
     return int(value)
 
 
-def _parse_think_tags(value: str) -> tuple[str, str] | None:
+def _parse_think_tags(value: str) -> tuple[str, ...] | None:
     if value == "-":
         return None
     tags = _split_list(value)
-    if len(tags) != 2:
-        raise ValueError("think= takes OPEN,CLOSE or -")
-    return tags[0], tags[1]
+    if len(tags) not in (2, 3):
+        raise ValueError("think= takes OPEN,CLOSE or OPEN,CLOSE,ANSWER or -")
+    return tuple(tags)
 
 
 def _parse_stop_strings(value: str) -> list[str]:

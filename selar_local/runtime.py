@@ -10,29 +10,31 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from selar_local.chat import render_jinja_template
+from selar_local.chat import render_chat
 from selar_local.embeddings import EmbeddingTable, input_scale_for
-from selar_local.engine import BuildInfo, LlamaContext, LlamaModel, available_cpus, set_verbose  # noqa: F401
+from selar_local.engine import BuildInfo, LlamaContext, LlamaModel, available_cpus, rpc_in_use, set_verbose  # noqa: F401
 from selar_local.engine import build_info as _engine_build_info
 from selar_local.errors import ContextOverflowError, InvalidParameterError, UnsupportedModelError
-from selar_local.generate import GenerationResult, StepEvent, generate_many, stream_tokens
+from selar_local.generate import GenerationResult, StepEvent, generate_groups, generate_many, stream_tokens
 from selar_local.kv_slots import SlotTable
 from selar_local.mathsym import math_symbol_mask
 from selar_local.params import DecodeParams
 from selar_local.policies import TokenInfo
+from selar_local.rpc import check_servers, parse_endpoints
+from selar_local.thinking import SpanTokens, ThinkingMarkers, detect_markers, prompt_leaves_thinking
 
 # Architectures whose embedding-input path differs from the token path in ways rows
-# cannot fix: per-layer token inputs (gemma3n, gemma4) or M-RoPE, which wants several
-# positions per embedding input. Token decoding (cot) still works on them.
+# cannot fix: per-layer token inputs (gemma3n, gemma4). Token decoding (cot) still works
+# on them. M-RoPE models (qwen2vl, qwen3vl, qwen35, ...) are not here: the engine gives
+# their embedding batches the 4-plane positions llama.cpp expects, and the self-check
+# proves it per model (docs/MODELS.md).
 EMBEDDING_INPUT_UNSUPPORTED = {
     "gemma3n": "per-layer token embeddings are computed from token ids only",
     "gemma4": "per-layer token embeddings are computed from token ids only",
-    "qwen2vl": "M-RoPE needs several positions per embedding input",
-    "qwen3vl": "M-RoPE needs several positions per embedding input",
-    "qwen3vlmoe": "M-RoPE needs several positions per embedding input",
 }
 SELF_CHECK_TOLERANCE = 1e-3  # max |logit difference|; measured 0.0 on llama, qwen2, gemma3
-THINK_TAGS = ("<think>", "</think>")
+# Injected by SwiReasoning past twice its switch budget (after </think> where the model has one).
+SWIR_ANSWER_PREFIX = "\n\nThe final answer is"
 # Prompt tokens per chunk while other sequences decode: one chunk should cost about as
 # much as a few decode steps (on a CPU a prompt token costs about a fifth of a decode
 # step: SmolLM2-135M on 2 cores, 2.2 ms against 11 ms; on a GPU a step is a few ms and a
@@ -78,11 +80,14 @@ class Runtime:
         n_gpu_layers: int = -1,
         verbose: bool = False,
         embedding_cache_bytes: int = 64 << 20,
-        think_tags: tuple[str, str] | None = None,
+        think_tags: Sequence[str] | None = None,
         stop_strings: Sequence[str] = (),
         prefill_chunk: int | None = None,
         prompt_cache: bool = True,
         kv_unified: bool = False,
+        rpc: str | Sequence[str] | None = None,
+        tensor_split: Sequence[float] | None = None,
+        cpu_repack: bool = True,
     ):
         """n_threads: decode threads (default: half the CPUs); n_threads_batch: prompt
         threads (default: all CPUs); prefill_chunk: prompt tokens fed per step while other
@@ -93,7 +98,12 @@ class Runtime:
             raise InvalidParameterError(f"invalid prefill_chunk={prefill_chunk!r}: expected an integer >= 1")
         set_verbose(verbose)
         self.model_path = Path(model_path)
-        self.model = LlamaModel(model_path, n_gpu_layers=n_gpu_layers)
+        # RPC servers (llama.cpp's distributed backend, docs/DISTRIBUTED.md): checked here
+        # first, since llama.cpp's client aborts the process on one that does not answer.
+        endpoints = parse_endpoints(rpc)
+        check_servers([e for e in endpoints if not rpc_in_use(str(e))])
+        self.model = LlamaModel(model_path, n_gpu_layers=n_gpu_layers, rpc_servers=[str(e) for e in endpoints],
+                                tensor_split=tensor_split, cpu_repack=cpu_repack)
         self.n_parallel = n_parallel
         self.context = LlamaContext(self.model, n_ctx=n_ctx, n_batch=max(n_batch, n_parallel),
                                     n_seq_max=n_parallel, n_threads=n_threads, n_threads_batch=n_threads_batch,
@@ -103,12 +113,17 @@ class Runtime:
         self.slots = SlotTable(n_parallel, enabled=prompt_cache)
         # Stop strings every request gets (from the registry: e.g. a chat turn marker).
         self.stop_strings = tuple(stop_strings)
-        think_open, think_close = (self.model.single_token(tag) for tag in (think_tags or THINK_TAGS))
-        if think_open is None or think_close is None:
-            think_open = think_close = None
+        # Thinking markers: the registry's (think_tags: () for a model without any), else
+        # recognised from the vocabulary (<think>/</think>, gpt-oss's analysis channel).
+        self.thinking_span = thinking_span_for(self.model, think_tags)
+        span = self.thinking_span
         mask = math_symbol_mask(lambda s: self.model.tokenize(s, add_special=False, parse_special=False),
                                 self.model.n_vocab)
-        self.token_info = TokenInfo(self.model.n_vocab, mask, think_open, think_close)
+        # Policies track single-token markers themselves; the loop's SpanTracker handles all.
+        single = (span.single_open, span.single_close) if span is not None else (None, None)
+        think_open, think_close = single if None not in single else (None, None)
+        answer_prefix = tuple(self.model.tokenize(SWIR_ANSWER_PREFIX, add_special=False, parse_special=False))
+        self.token_info = TokenInfo(self.model.n_vocab, mask, think_open, think_close, answer_prefix)
         self.table: EmbeddingTable | None = None
         self.self_check = self._load_embedding_rows(embedding_cache_bytes)
 
@@ -182,24 +197,22 @@ class Runtime:
             )
 
     # -- prompts ----------------------------------------------------------------------
-    def chat_prompt(self, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> str:
-        """Messages through the model's chat template: llama.cpp's built-in engine first,
-        the template's own Jinja source (sandboxed) where llama.cpp does not know it."""
-        text = self.model.apply_builtin_chat_template(messages, add_generation_prompt=add_generation_prompt)
-        if text is None:
-            text = render_jinja_template(
-                self.model.chat_template() or "", messages, add_generation_prompt=add_generation_prompt,
-                bos_token=self.model.token_text(self.model.bos_id), eos_token=self.model.token_text(self.model.eos_id),
-            )
-        return text
+    def chat_prompt(self, messages: Sequence[dict], *, add_generation_prompt: bool = True,
+                    tools: Sequence[dict] | None = None, template_kwargs: dict | None = None) -> str:
+        """Messages through the model's own Jinja chat template (sandboxed), with
+        `tools` and template keyword arguments such as enable_thinking; llama.cpp's
+        built-in engine where the template cannot be rendered."""
+        return render_chat(self.model, messages, add_generation_prompt=add_generation_prompt, tools=tools,
+                           template_kwargs=template_kwargs)
 
-    def encode(self, prompt: str | None = None, *, messages: Sequence[dict] | None = None) -> list[int]:
+    def encode(self, prompt: str | None = None, *, messages: Sequence[dict] | None = None,
+               tools: Sequence[dict] | None = None, template_kwargs: dict | None = None) -> list[int]:
         """Tokens of a raw prompt, or of chat messages through the model's template."""
         if (prompt is None) == (messages is None):
             raise ValueError("give exactly one of prompt or messages")
-        text = prompt if messages is None else self.chat_prompt(messages)
-        # Chat templates write the BOS text themselves; add it only for raw prompts.
-        return self.model.tokenize(text, add_special=messages is None, parse_special=True)
+        if messages is None:
+            return self.model.tokenize(prompt, add_special=True, parse_special=True)
+        return chat_tokens(self.model, self.chat_prompt(messages, tools=tools, template_kwargs=template_kwargs))
 
     def check_prompt_fits(self, n_prompt_tokens: int) -> None:
         if n_prompt_tokens == 0:
@@ -211,24 +224,29 @@ class Runtime:
             )
 
     def thinking_at_end(self, prompt_tokens: Sequence[int]) -> bool | None:
-        """Whether the prompt leaves the model inside <think>; None without think tags."""
-        info = self.token_info
-        if info.think_open is None:
+        """Whether the prompt leaves the model inside its thinking span; None without markers."""
+        if self.thinking_span is None:
             return None
-        last_open = max((i for i, t in enumerate(prompt_tokens) if t == info.think_open), default=-1)
-        last_close = max((i for i, t in enumerate(prompt_tokens) if t == info.think_close), default=-1)
-        return last_open > last_close
+        return prompt_leaves_thinking(self.thinking_span, prompt_tokens)
+
+    def check_thinking_params(self, params: DecodeParams) -> None:
+        """A thinking budget needs a span to end."""
+        if params.max_think_tokens is not None and self.thinking_span is None:
+            raise InvalidParameterError(
+                f"invalid max_think_tokens={params.max_think_tokens!r}: this model has no thinking markers "
+                "(no <think> tokens, none in the registry), so there is no thinking span to budget")
 
     # -- generation -------------------------------------------------------------------
     def stream(self, prompt: str | None = None, params: DecodeParams | None = None, *,
-               messages: Sequence[dict] | None = None) -> Iterator[StepEvent]:
-        """Stream step events; the generator returns the GenerationResult at the end."""
+               messages: Sequence[dict] | None = None, template_kwargs: dict | None = None) -> Iterator[StepEvent]:
+        """Stream step events; the generator returns the GenerationResult at the end.
+        template_kwargs: chat template variables, e.g. {"enable_thinking": False}."""
         params = params or DecodeParams()
-        return stream_tokens(self, self.encode(prompt, messages=messages), params)
+        return stream_tokens(self, self.encode(prompt, messages=messages, template_kwargs=template_kwargs), params)
 
     def generate(self, prompt: str | None = None, params: DecodeParams | None = None, *,
-                 messages: Sequence[dict] | None = None) -> GenerationResult:
-        stream = self.stream(prompt, params, messages=messages)
+                 messages: Sequence[dict] | None = None, template_kwargs: dict | None = None) -> GenerationResult:
+        stream = self.stream(prompt, params, messages=messages, template_kwargs=template_kwargs)
         while True:
             try:
                 next(stream)
@@ -237,6 +255,23 @@ class Runtime:
 
     def generate_batch(self, prompts: Sequence[Sequence[int]], params, *, on_finish=None) -> list[GenerationResult]:
         return generate_many(self, prompts, params, on_finish=on_finish)
+
+    def generate_samples(self, prompt: str | None = None, params: DecodeParams | None = None, *,
+                         messages: Sequence[dict] | None = None, samples: int = 5,
+                         dataset: str = "gsm8k") -> "SelfConsistencyResult":
+        """Latent self-consistency: `samples` sequences of one prompt decoded together (prefilled
+        once), sample i with seed + i, and a majority vote over their extracted answers (`dataset`
+        decides how answers are read and compared: "gsm8k" the last box else the last number,
+        "math" boxed only, "gpqa_diamond" the option letter)."""
+        from selar_local.vote import sample_seeds
+
+        params = params or DecodeParams()
+        if not isinstance(samples, int) or isinstance(samples, bool) or not 1 <= samples <= self.n_parallel:
+            raise InvalidParameterError(f"invalid samples={samples!r}: expected an integer in [1, n_parallel="
+                                        f"{self.n_parallel}] (load with n_parallel >= samples)")
+        group = [params.replace(seed=s) for s in sample_seeds(params.seed, samples)]
+        results = generate_groups(self, [self.encode(prompt, messages=messages)], [group])[0]
+        return SelfConsistencyResult.from_results(results, dataset)
 
     def close(self) -> None:
         self.context.close()
@@ -249,6 +284,58 @@ class Runtime:
         self.close()
 
 
+def thinking_span_for(model: LlamaModel, think_tags: Sequence[str] | None) -> SpanTokens | None:
+    """The model's thinking markers tokenised. think_tags: from the registry (an empty
+    sequence: the model has none); None: recognise them from the vocabulary."""
+    if think_tags is None:
+        markers = detect_markers(model.single_token)
+    elif len(think_tags) == 0:
+        markers = None
+    else:
+        markers = ThinkingMarkers.from_tags(tuple(think_tags))
+    if markers is None:
+        return None
+    return SpanTokens.build(markers, lambda text: model.tokenize(text, add_special=False, parse_special=True))
+
+
+def chat_tokens(model: LlamaModel, text: str) -> list[int]:
+    """Tokens of a rendered chat prompt with exactly the BOS the model wants, as
+    llama-server does: where the vocabulary adds BOS itself, a BOS the template wrote
+    is removed first (no double BOS); elsewhere the template's text is taken as is."""
+    if model.add_bos:
+        bos = model.token_text(model.bos_id) if model.bos_id >= 0 else ""
+        if bos and text.startswith(bos):
+            text = text[len(bos):]
+        return model.tokenize(text, add_special=True, parse_special=True)
+    return model.tokenize(text, add_special=False, parse_special=True)
+
+
+@dataclass
+class SelfConsistencyResult:
+    """K samples of one prompt and their vote."""
+
+    results: list[GenerationResult]
+    answers: list[str | None]   # each sample's extracted answer
+    answer: str | None          # the majority answer (as the chosen sample wrote it)
+    index: int                  # the chosen sample: most confident among the majority
+    votes: int
+    voters: int
+
+    @property
+    def text(self) -> str:
+        return self.results[self.index].text
+
+    @classmethod
+    def from_results(cls, results: Sequence[GenerationResult], dataset: str = "gsm8k") -> "SelfConsistencyResult":
+        from selar_local.bench.grading import answer_key, extract_answer
+        from selar_local.vote import majority_vote
+
+        answers = [extract_answer(r.content, dataset) for r in results]  # after any thinking span
+        vote = majority_vote([answer_key(a, dataset) for a in answers], [r.mean_logprob for r in results])
+        return cls(list(results), answers, answers[vote.index] if vote.key is not None else None, vote.index,
+                   vote.votes, vote.voters)
+
+
 def load(model: str | os.PathLike | None = None, **kwargs) -> Runtime:
     """Load a model by registry name or path (None: the embedded default model)."""
     from selar_local.registry import entry_for_path, resolve_model
@@ -256,6 +343,6 @@ def load(model: str | os.PathLike | None = None, **kwargs) -> Runtime:
     path = resolve_model(None if model is None else str(model))
     entry = entry_for_path(path)
     if entry is not None:  # the registry knows this model's conventions
-        kwargs.setdefault("think_tags", entry.think_tags)
+        kwargs.setdefault("think_tags", entry.think_tags or ())  # `think=-`: no markers
         kwargs.setdefault("stop_strings", entry.stop_strings)
     return Runtime(path, **kwargs)

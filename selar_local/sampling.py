@@ -177,7 +177,8 @@ def full_vocab_entropy(logits: np.ndarray) -> float:
     shifted = logits - np.max(logits)
     exp = np.exp(shifted, dtype=np.float64)
     total = exp.sum()
-    return float(math.log(total) - (exp * shifted).sum() / total)
+    # -inf logits (banned tokens, ignore_eos) have p = 0 and add nothing (not 0 * -inf = nan)
+    return float(math.log(total) - np.dot(exp, np.where(exp > 0, shifted, 0.0)) / total)
 
 
 def sample(dist: Distribution, rng: np.random.Generator) -> int:
@@ -210,3 +211,37 @@ def _safe_log(prob: float) -> float:
 def effective_count(weights: np.ndarray) -> float:
     """N_eff = 1 / sum w_i^2: how many tokens a soft input superposes."""
     return float(1.0 / np.square(weights).sum())
+
+
+# -- Stochastic Soft Thinking (Wu et al. 2025): noise on a soft input's mixture weights ----------
+
+def gumbel_noise(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Standard Gumbel draws g = -log(-log U)."""
+    return -np.log(-np.log(rng.random(size)))
+
+
+def gumbel_softmax_weights(probs: np.ndarray, gumbels: np.ndarray, tau: float) -> np.ndarray:
+    """w = softmax((log p + g) / tau). With g = 0 and tau = 1 this is p itself; as tau -> 0
+    it becomes the one-hot of argmax(log p + g), which is a draw from p (Gumbel-max)."""
+    with np.errstate(divide="ignore"):
+        scores = (np.log(probs) + gumbels) / tau
+    return softmax(scores)
+
+
+def dirichlet_weights(probs: np.ndarray, alpha: float, rng: np.random.Generator) -> np.ndarray:
+    """w ~ Dir(alpha p): its mean is p for every alpha; larger alpha, less spread."""
+    weights = rng.dirichlet(alpha * probs)
+    total = weights.sum()
+    if not np.isfinite(total) or total <= 0:  # every component underflowed: keep p
+        return probs.copy()
+    return weights / total
+
+
+def noisy_weights(probs: np.ndarray, noise: str, rng: np.random.Generator, *, gumbel_tau: float,
+                  dirichlet_alpha: float) -> np.ndarray:
+    """The mixture weights of a soft input after the chosen noise ("none" returns `probs`)."""
+    if noise == "gumbel":
+        return gumbel_softmax_weights(probs, gumbel_noise(rng, len(probs)), gumbel_tau)
+    if noise == "dirichlet":
+        return dirichlet_weights(probs, dirichlet_alpha, rng)
+    return probs

@@ -39,7 +39,7 @@ from selar_local.api import (
     as_request_error,
     completion_response,
 )
-from selar_local.errors import ContextOverflowError, InvalidParameterError, UnsupportedModelError
+from selar_local.errors import ContextOverflowError, InvalidParameterError, RpcError, UnsupportedModelError
 from selar_local.webpage import add_chat_page, is_public
 
 logger = logging.getLogger("selar_local.server")
@@ -68,6 +68,8 @@ def _response_for(exc: BaseException) -> JSONResponse:
         return error_response(499, str(exc), code="cancelled", type_="cancelled")
     if isinstance(exc, SchedulerClosedError):
         return error_response(503, str(exc), code="shutting_down")
+    if isinstance(exc, RpcError):  # a server holding some of the layers is gone (docs/DISTRIBUTED.md)
+        return error_response(503, str(exc), code="rpc_server_lost")
     if isinstance(exc, (RequestError, InvalidParameterError, ContextOverflowError, UnsupportedModelError)):
         err = as_request_error(exc)  # type: ignore[arg-type]
         return error_response(err.status, str(err), param=err.param, code=err.code)
@@ -253,7 +255,8 @@ async def _sse_chunks(req: PreparedRequest, inbox: asyncio.Queue, model) -> Asyn
             response = _response_for(payload)
             yield json.loads(response.body)
             return
-    for chunk in writer.usage_chunk([results[i] for i in range(len(req.choices))]):
+    ordered = [results[i] for i in range(len(req.choices))]
+    for chunk in writer.vote_chunk(ordered) + writer.usage_chunk(ordered):
         yield chunk
 
 

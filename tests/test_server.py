@@ -99,7 +99,7 @@ def test_models_and_health(server, client):
 
 
 def test_openai_client_streams_selar_chat(client):
-    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    messages = [{"role": "user", "content": "Which city is the capital of France?"}]
     extra = {"method": "selar", "tau": 0.5}
     stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16, seed=5, stream=True,
                                             stream_options={"include_usage": True}, extra_body=extra)

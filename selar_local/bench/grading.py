@@ -254,3 +254,17 @@ def grade(text: str, gold: str, dataset: str) -> tuple[str | None, bool]:
     """(extracted answer, correct) for a model's full output."""
     predicted = extract_answer(text, dataset)
     return predicted, is_correct(predicted, gold, dataset)
+
+
+def answer_key(answer: str | None, dataset: str) -> str | None:
+    """A canonical spelling of an extracted answer, so that equal answers vote together
+    (``$1,000.00`` and ``1000`` on GSM8K, ``(c)`` and ``C`` on GPQA)."""
+    if answer is None or not answer.strip():
+        return None
+    kind = answer_kind(dataset)
+    if kind == "choice":
+        return _choice_letter(answer)
+    value = parse_plain_number(answer, allow_units=kind == "numeric")
+    if value is not None:
+        return format(value.normalize(), "f")
+    return normalize_latex(answer)

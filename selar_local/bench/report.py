@@ -38,6 +38,7 @@ CSV_COLUMNS = (
     "run", "model", "dataset", "method", "n", "n_problems", "seeds", "correct", "accuracy", "ci_lo", "ci_hi",
     "seed_mean", "seed_std", "mean_tokens", "mean_seconds", "soft_share", "truncated_share", "errors",
     "baseline", "n_paired", "diff", "diff_lo", "diff_hi", "method_only", "baseline_only", "mcnemar_p",
+    "samples", "pass_at_1", "pass_at_k",
 )
 
 
@@ -89,6 +90,9 @@ class MethodRow:
     method_only: int | None = None
     baseline_only: int | None = None
     mcnemar_p: float | None = None
+    samples: int = 1                 # self-consistency: accuracy is maj@samples
+    pass_at_1: float | None = None   # mean accuracy of the single samples
+    pass_at_k: float | None = None   # share of problems some sample solved
 
     def csv_row(self) -> dict[str, Any]:
         row = {k: getattr(self, k) for k in CSV_COLUMNS if k != "seeds"}
@@ -148,6 +152,43 @@ def method_row(run: str, model: str, dataset: str, method: str, records: Sequenc
     )
 
 
+def vote_records(records: Sequence[dict], samples: int) -> tuple[list[dict], float, float]:
+    """Self-consistency: one record per (problem, seed) whose `correct` is the majority vote's
+    (ties by mean log-probability), with the group's tokens and soft steps summed. Returns them
+    with pass@1 (mean over the single samples) and pass@K (some sample correct). Groups with
+    fewer than `samples` records (a run killed while writing one) are left out."""
+    from selar_local.bench.grading import answer_key
+    from selar_local.vote import majority_vote
+
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for r in records:
+        groups.setdefault((str(r["id"]), int(r["seed"])), []).append(r)
+    voted, singles, any_correct = [], [], []
+    for members in groups.values():
+        if len(members) != samples:
+            continue
+        members.sort(key=lambda r: int(r.get("sample", 0)))
+        dataset = members[0]["dataset"]
+        vote = majority_vote([answer_key(r.get("extracted"), dataset) for r in members],
+                             [float(r.get("mean_logprob") or 0.0) for r in members])
+        chosen = members[vote.index]
+        ok = [r for r in members if not r.get("error")]
+        voted.append({
+            "id": chosen["id"], "dataset": dataset, "method": chosen["method"], "seed": int(chosen["seed"]),
+            "correct": bool(chosen.get("correct")) and vote.key is not None, "extracted": chosen.get("extracted"),
+            "error": chosen.get("error") if not ok else None, "finish_reason": chosen.get("finish_reason"),
+            "completion_tokens": sum(int(r.get("completion_tokens") or 0) for r in ok),
+            "soft_steps": sum(int(r.get("soft_steps") or 0) for r in ok),
+            "wall_seconds": max((float(r.get("wall_seconds") or 0.0) for r in ok), default=0.0),
+            "votes": vote.votes,
+        })
+        singles += [bool(r.get("correct")) for r in members]
+        any_correct.append(any(bool(r.get("correct")) for r in members))
+    pass1 = sum(singles) / len(singles) if singles else math.nan
+    passk = sum(any_correct) / len(any_correct) if any_correct else math.nan
+    return voted, pass1, passk
+
+
 def add_paired(row: MethodRow, baseline: str, base_records: Sequence[dict], records: Sequence[dict]) -> None:
     """Pair on (problem, seed) and fill the comparison columns of ``row``."""
     base = {(r["id"], int(r["seed"])): bool(r.get("correct")) for r in base_records}
@@ -171,8 +212,11 @@ def variant_suffix(first: Run, run: Run) -> str:
         return ""
     mine, theirs = run.config.params, first.config.params
     parts = []
+    auto = run.config.tau_auto and not first.config.tau_auto
     for key in sorted(set(mine) | set(theirs)):
-        if mine.get(key) != theirs.get(key):
+        if key == "tau" and auto:
+            parts.append(f"tau=auto {mine.get(key)}")
+        elif mine.get(key) != theirs.get(key):
             parts.append(("greedy" if mine.get(key) else "sampled") if key == "greedy" else f"{key}={mine.get(key)}")
     if run.config.seeds != first.config.seeds:
         parts.append("seeds=" + ",".join(str(s) for s in run.config.seeds))
@@ -196,13 +240,26 @@ def summarize(runs: Sequence[Run], baseline: str = "cot") -> list[Section]:
         for run, by_method in members:
             order = list(run.config.methods) if run.config else []
             suffix = variant_suffix(first, run)
+            samples = run.config.samples if run.config else 1
             for method in [m for m in order if m in by_method] + sorted(m for m in by_method if m not in order):
-                label = method + suffix
+                label = method + (f" maj@{samples}" if samples > 1 else "") + suffix
                 if label in labelled:  # the same method decoded the same way twice: name the folder
                     label = f"{label} [{run.label}]"
                 labelled[label] = (run, by_method[method])
+        extra: dict[str, tuple[int, float, float]] = {}
+        for label, (run, records) in list(labelled.items()):
+            samples = run.config.samples if run.config else 1
+            if samples > 1:
+                voted, pass1, passk = vote_records(records, samples)
+                if not voted:
+                    del labelled[label]
+                    continue
+                labelled[label] = (run, voted)
+                extra[label] = (samples, pass1, passk)
         for label, (run, records) in labelled.items():
             row = method_row(run.label, model, dataset, label, records)
+            if label in extra:
+                row.samples, row.pass_at_1, row.pass_at_k = extra[label]
             if label != baseline and baseline in labelled:
                 add_paired(row, baseline, labelled[baseline][1], records)
             section.rows.append(row)
@@ -245,10 +302,14 @@ def render_markdown(sections: Sequence[Section]) -> str:
             where = f"`{run.label}`: " if len(section.runs) > 1 else ""
             out.write(f"{where}{c.problems} problems x {len(c.methods)} methods x {len(c.seeds)} seed(s) "
                       f"({', '.join(str(s) for s in c.seeds)}); {len(run.records)}/{expected} items done; "
-                      f"{decoding}; max_tokens {p.get('max_tokens')}; SeLaR tau {p.get('tau')}, "
+                      f"{decoding}; max_tokens {p.get('max_tokens')}; SeLaR tau {p.get('tau')}"
+                      f"{' (auto: calibrated)' if c.tau_auto else ''}, "
                       f"lambda {p.get('lam')}, k_s {p.get('ks')}; n_ctx {c.n_ctx}.\n\n")
         multi_seed = any(len(r.seeds) > 1 for r in section.rows)
+        voting = any(r.samples > 1 for r in section.rows)
         header = ["method", "n", "accuracy % [95% CI]"]
+        if voting:
+            header += ["pass@1 %", "pass@K %"]
         if multi_seed:
             header.append("mean over seeds % (sd)")
         header += ["mean tokens", "s / item", "soft steps %", "hit max_tokens %", "errors"]
@@ -259,6 +320,8 @@ def render_markdown(sections: Sequence[Section]) -> str:
         out.write("|" + "|".join("---" for _ in header) + "|\n")
         for r in section.rows:
             cells = [r.method, str(r.n), f"{_pct(r.accuracy)} [{_pct(r.ci_lo)}, {_pct(r.ci_hi)}]"]
+            if voting:
+                cells += [_pct(r.pass_at_1 if r.samples > 1 else r.accuracy), _pct(r.pass_at_k)]
             if multi_seed:
                 cells.append(f"{_pct(r.seed_mean)} ({_pct(r.seed_std)})" if r.seed_mean is not None else "n/a")
             cells += [f"{r.mean_tokens:.1f}", f"{r.mean_seconds:.2f}", _pct(r.soft_share),
@@ -281,7 +344,10 @@ def render_markdown(sections: Sequence[Section]) -> str:
     out.write("Accuracy intervals: Wilson score, 95%. Paired difference: method minus baseline on the same "
               "(problem, seed) items, Newcombe's hybrid score interval; McNemar: exact two-sided binomial "
               "test on the discordant items. s / item is each item's own latency (prefill + decode) while "
-              "sharing the batch with the other live sequences.\n")
+              "sharing the batch with the other live sequences. `maj@K` rows (self-consistency): accuracy is the "
+              "majority vote over K samples (seeds seed..seed+K-1; ties by mean log-probability), tokens and soft "
+              "steps are summed over the K samples, pass@1 is the mean over the single samples and pass@K the "
+              "share of problems some sample solved.\n")
     return out.getvalue()
 
 

@@ -31,7 +31,9 @@ from typing import Any, Callable, Iterable, Sequence
 from selar_local.bench.datasets import Problem, load_problems
 from selar_local.bench.grading import grade
 from selar_local.errors import ContextOverflowError, SelarError
+from selar_local.generate import generate_groups
 from selar_local.params import METHODS, DecodeParams
+from selar_local.vote import sample_seeds
 
 CONFIG_NAME = "config.json"
 RESULTS_NAME = "results.jsonl"
@@ -116,6 +118,8 @@ class BenchConfig:
     id_field: str | None = None
     problems: int = 0             # number of problems loaded
     problems_sha256: str = ""     # of their ids, prompts and gold answers, in order
+    tau_auto: bool = False        # params' tau came from `selar calibrate` (--tau auto)
+    samples: int = 1              # self-consistency: K samples per (problem, method, seed), voted
 
     def __post_init__(self) -> None:
         bad = [m for m in self.methods if m not in METHODS]
@@ -123,6 +127,8 @@ class BenchConfig:
             raise BenchConfigError(f"unknown method(s) {', '.join(bad) or '(none)'}; choose from {', '.join(METHODS)}")
         if len(set(self.methods)) != len(self.methods):
             raise BenchConfigError(f"a method is listed twice: {','.join(self.methods)}")
+        if not isinstance(self.samples, int) or isinstance(self.samples, bool) or self.samples < 1:
+            raise BenchConfigError(f"samples must be an integer >= 1, got {self.samples!r}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise BenchConfigError(f"seeds must be distinct and at least one: {self.seeds}")
         # Canonical form: every DecodeParams field but method/seed, lists for tuples, so that a
@@ -143,7 +149,8 @@ class BenchConfig:
             "problems": self.problems, "problems_sha256": self.problems_sha256,
             "methods": list(self.methods), "seeds": list(self.seeds),
             "model": self.model, "model_file": self.model_file, "model_size": self.model_size,
-            "n_ctx": self.n_ctx, "params": dict(self.params),
+            "n_ctx": self.n_ctx, "params": dict(self.params), "tau_auto": self.tau_auto,
+            "samples": self.samples,
         }
 
     @classmethod
@@ -166,7 +173,8 @@ class BenchConfig:
                 split=str(data.get("split", "test")), limit=data.get("limit"),
                 question_field=data.get("question_field"), answer_field=data.get("answer_field"),
                 id_field=data.get("id_field"), problems=int(data.get("problems", 0)),
-                problems_sha256=str(data.get("problems_sha256", "")),
+                problems_sha256=str(data.get("problems_sha256", "")), tau_auto=bool(data.get("tau_auto", False)),
+                samples=int(data.get("samples", 1)),
             )
         except SelarError as exc:
             raise BenchConfigError(f"{where}: {exc}") from None
@@ -225,8 +233,10 @@ def write_config(run_dir: str | os.PathLike, config: BenchConfig) -> None:
 # Results file
 # ---------------------------------------------------------------------------------------------
 
-def item_key(record: dict[str, Any]) -> tuple[str, str, int]:
-    return (str(record["id"]), str(record["method"]), int(record["seed"]))
+def item_key(record: dict[str, Any]) -> tuple[str, str, int, int]:
+    """(problem, method, seed, sample): `seed` is the work item's seed, `sample` the index of a
+    self-consistency sample (decoded with seed + sample; 0 in single-sample runs)."""
+    return (str(record["id"]), str(record["method"]), int(record["seed"]), int(record.get("sample", 0)))
 
 
 def read_results(path: str | os.PathLike, *, repair: bool = False) -> list[dict[str, Any]]:
@@ -243,7 +253,7 @@ def read_results(path: str | os.PathLike, *, repair: bool = False) -> list[dict[
     lines = raw.split(b"\n")
     body, tail = lines[:-1], lines[-1]
     records: list[dict[str, Any]] = []
-    seen: set[tuple[str, str, int]] = set()
+    seen: set[tuple[str, str, int, int]] = set()
 
     def parse(line: bytes) -> dict[str, Any]:
         record = json.loads(line)
@@ -312,18 +322,23 @@ def compact_trace(entropies: Sequence[float], soft_flags: Sequence[bool]) -> dic
 
 
 def record_for(problem: Problem, method: str, seed: int, params: DecodeParams, result=None, *,
-               error: str | None = None, parallel: int = 1, wall_seconds: float | None = None) -> dict[str, Any]:
-    """One line of results.jsonl. ``result`` is a GenerationResult (None for an error)."""
+               error: str | None = None, parallel: int = 1, wall_seconds: float | None = None,
+               sample: int | None = None) -> dict[str, Any]:
+    """One line of results.jsonl. ``result`` is a GenerationResult (None for an error). In a
+    self-consistency run, ``sample`` is the sample's index (its seed is params.seed)."""
     record: dict[str, Any] = {
         "id": problem.id, "dataset": problem.dataset, "method": method, "seed": seed,
         "gold": problem.answer,
     }
+    if sample is not None:
+        record["sample"] = sample
     if result is None:
         record.update(text="", extracted=None, correct=False, error=error, completion_tokens=0,
                       prompt_tokens=None, soft_steps=0, finish_reason="error", wall_seconds=0.0,
                       prefill_seconds=0.0, decode_seconds=0.0)
     else:
-        extracted, correct = grade(result.text, problem.answer, problem.dataset)
+        # Thinking models: the answer after the span is graded, not the reasoning.
+        extracted, correct = grade(result.content, problem.answer, problem.dataset)
         wall = result.prefill_seconds + result.decode_seconds if wall_seconds is None else wall_seconds
         record.update(
             text=result.text, extracted=extracted, correct=bool(correct), error=None,
@@ -333,6 +348,7 @@ def record_for(problem: Problem, method: str, seed: int, params: DecodeParams, r
             decode_seconds=round(result.decode_seconds, 4),
             mean_neff=(round(sum(result.effective_counts) / len(result.effective_counts), 4)
                        if result.effective_counts else None),
+            mean_logprob=round(result.mean_logprob, 6),
             trace=compact_trace(result.entropies, getattr(result, "soft_flags", []) or []),
         )
     record["parallel"] = parallel
@@ -352,9 +368,8 @@ class WorkItem:
     method: str
     seed: int
 
-    @property
-    def key(self) -> tuple[str, str, int]:
-        return (self.problem.id, self.method, self.seed)
+    def keys(self, samples: int) -> list[tuple[str, str, int, int]]:
+        return [(self.problem.id, self.method, self.seed, i) for i in range(samples)]
 
 
 def work_items(problems: Sequence[Problem], methods: Sequence[str], seeds: Sequence[int]) -> list[WorkItem]:
@@ -441,9 +456,10 @@ def run_bench(
     for method in config.methods:
         runtime.require_method(method)  # fail before any work, not on the first soft step
     items = work_items(problems, config.methods, config.seeds)
+    k = config.samples
     done_keys = {item_key(r) for r in done}
-    todo = [it for it in items if it.key not in done_keys]
-    summary = RunSummary(total=len(items), already_done=len(items) - len(todo))
+    todo = [it for it in items if not all(key in done_keys for key in it.keys(k))]
+    summary = RunSummary(total=len(items) * k, already_done=(len(items) - len(todo)) * k)
     accuracy = RunningAccuracy(config.methods)
     for record in done:
         accuracy.add(record)
@@ -452,7 +468,7 @@ def run_bench(
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(items), initial=summary.already_done, unit="item", dynamic_ncols=True,
+        bar = tqdm(total=summary.total, initial=summary.already_done, unit="item", dynamic_ncols=True,
                    desc=f"{Path(str(config.dataset)).stem}", smoothing=0.05)
         bar.set_postfix_str(accuracy.postfix(), refresh=False)
 
@@ -485,20 +501,35 @@ def run_bench(
                 try:
                     runtime.check_prompt_fits(len(tokens))
                 except ContextOverflowError as exc:
-                    emit(record_for(it.problem, it.method, it.seed, params, None, error=str(exc),
-                                    parallel=parallel))
+                    for i, seed in enumerate(sample_seeds(it.seed, k)):
+                        emit(record_for(it.problem, it.method, it.seed, params.replace(seed=seed), None,
+                                        error=str(exc), parallel=parallel, sample=i if k > 1 else None))
                     continue
                 runnable.append((it, tokens, params))
 
-            # One generate_batch call for everything: it keeps `parallel` sequences live and
-            # admits the next item as soon as one finishes (no draining between chunks).
-            def finished(index: int, result) -> None:
-                it, _, params = runnable[index]
-                emit(record_for(it.problem, it.method, it.seed, params, result, parallel=parallel))
+            if k == 1:
+                # One generate_batch call for everything: it keeps `parallel` sequences live and
+                # admits the next item as soon as one finishes (no draining between chunks).
+                def finished(index: int, result) -> None:
+                    it, _, params = runnable[index]
+                    emit(record_for(it.problem, it.method, it.seed, params, result, parallel=parallel))
 
-            if runnable:
-                runtime.generate_batch([t for _, t, _ in runnable], [p for _, _, p in runnable],
-                                       on_finish=finished)
+                if runnable:
+                    runtime.generate_batch([t for _, t, _ in runnable], [p for _, _, p in runnable],
+                                           on_finish=finished)
+            elif runnable:
+                # Self-consistency: each item's K samples decode as one group (prompt prefilled
+                # once); a group's records are written when the whole group is done.
+                groups = [[p.replace(seed=seed) for seed in sample_seeds(p.seed, k)] for _, _, p in runnable]
+
+                def group_finished(index: int, results) -> None:
+                    it = runnable[index][0]
+                    for i, (params, result) in enumerate(zip(groups[index], results)):
+                        if (it.problem.id, it.method, it.seed, i) not in done_keys:  # a half-written group
+                            emit(record_for(it.problem, it.method, it.seed, params, result, parallel=parallel,
+                                            sample=i))
+
+                generate_groups(runtime, [t for _, t, _ in runnable], groups, on_finish=group_finished)
     finally:
         summary.wall_seconds = time.perf_counter() - started
         if bar is not None:

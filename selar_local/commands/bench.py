@@ -5,7 +5,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from selar_local.commands.common import add_decode_arguments, add_model_arguments, params_from_args, runtime_options
+from selar_local.commands.common import (
+    add_decode_arguments, add_model_arguments, params_from_args, runtime_options, wants_auto_tau,
+)
 
 EPILOG = """\
 examples:
@@ -33,10 +35,13 @@ def register(subparsers) -> None:
     run.add_argument("--split", default="test", help="split of a built-in data set (default test)")
     run.add_argument("--limit", type=int, default=None, help="first N problems only (default: all)")
     run.add_argument("--methods", default="cot,selar,soft",
-                     help="comma-separated methods among cot, selar, soft, moi (default cot,selar,soft)")
+                     help="comma-separated methods among cot, selar, soft, moi, swir (default cot,selar,soft)")
     run.add_argument("--seeds", default="1",
                      help="number of seeds, counting up from --seed (default 1); or an explicit list "
                           "such as 41,42,43")
+    run.add_argument("--samples", "-k", type=int, default=1,
+                     help="latent self-consistency: K samples per problem (seeds seed..seed+K-1, prompt prefilled "
+                          "once), reported as pass@1, maj@K and pass@K (default 1; needs --parallel >= K)")
     run.add_argument("--out", "-o", default=None, help="run folder (config.json, results.jsonl, report)")
     run.add_argument("--resume", action="store_true",
                      help="continue the run in --out; with no --dataset, its saved config is used as is")
@@ -75,7 +80,7 @@ def register(subparsers) -> None:
 
 _NOT_CONFIG = {"help", "out", "resume", "overwrite", "parallel", "no_progress", "threads", "verbose",
                "n_gpu_layers", "data_dir", "dataset", "threads_batch", "prefill_chunk", "prompt_cache",
-               "kv_unified"}
+               "kv_unified", "rpc", "tensor_split"}
 
 
 def parse_seeds(text: str, first_seed: int) -> tuple[int, ...]:
@@ -108,24 +113,49 @@ def _config_from_args(args):
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise InvalidParameterError(f"--methods: unknown {', '.join(unknown) or '(none)'}; choose from {', '.join(METHODS)}")
+    if args.samples < 1:
+        raise InvalidParameterError("--samples must be >= 1")
     if args.limit is not None and args.limit < 1:
         raise InvalidParameterError("--limit must be >= 1")
-    base = params_from_args(args, method=methods[0])  # validates every decoding option
-    params = {k: v for k, v in base.to_dict().items() if k not in PER_ITEM_PARAMS}
+    auto = wants_auto_tau(args)
+    base = params_from_args(args, method=methods[0], **({"tau": 0.5} if auto else {}))  # validates them all
     problems = load_problems(args.dataset, split=args.split, limit=args.limit, data_dir=args.data_dir,
                              question_field=args.question_field, answer_field=args.answer_field,
                              id_field=args.id_field)
     if not problems:
         raise InvalidParameterError(f"{args.dataset}: no problems to run")
     model_path = resolve_model(args.model)
+    if auto:
+        base = base.replace(tau=_auto_tau(args, model_path, base))
+    params = {k: v for k, v in base.to_dict().items() if k not in PER_ITEM_PARAMS}
     config = BenchConfig(
         dataset=args.dataset, methods=methods, seeds=parse_seeds(args.seeds, args.seed), params=params,
         model=str(args.model) if args.model is not None else "(default)", model_file=model_path.name,
         model_size=model_path.stat().st_size, n_ctx=args.n_ctx, split=args.split, limit=args.limit,
         question_field=args.question_field, answer_field=args.answer_field, id_field=args.id_field,
-        problems=len(problems), problems_sha256=problems_digest(problems),
+        problems=len(problems), problems_sha256=problems_digest(problems), tau_auto=auto,
+        samples=args.samples,
     )
     return config, problems, model_path
+
+
+def _auto_tau(args, model_path: Path, params) -> float:
+    """The model's calibrated tau (calibrating it now if the cache has none)."""
+    from selar_local.calibrate import auto_tau, cached_tau
+    from selar_local.runtime import load
+
+    calibration = cached_tau(model_path, params)
+    if calibration is None:
+        print(f"--tau auto: calibrating {model_path.name} (once; cached)", file=sys.stderr)
+        runtime = load(str(model_path), n_ctx=args.n_ctx, n_parallel=4, n_threads=args.threads,
+                       n_gpu_layers=args.n_gpu_layers, verbose=args.verbose)
+        try:
+            calibration = auto_tau(runtime, params)
+        finally:
+            runtime.close()
+    print(f"--tau auto: tau {calibration.tau:.2f} (calibrated soft share {100 * calibration.soft_share:.1f}%)",
+          file=sys.stderr)
+    return calibration.tau
 
 
 def bench(args: argparse.Namespace) -> int:
@@ -170,14 +200,19 @@ def _run_locked(args, out: Path, config, problems, model_path: Path) -> int:
     from selar_local.bench.runner import prepare_run, run_bench
 
     done = prepare_run(out, config, resume=args.resume, overwrite=args.overwrite)
-    parallel = args.parallel or (int(done[-1].get("parallel") or 1) if done else 1)
+    parallel = args.parallel or (int(done[-1].get("parallel") or 1) if done else max(1, config.samples))
+    if parallel < config.samples:
+        from selar_local.errors import InvalidParameterError
+
+        raise InvalidParameterError(f"--samples {config.samples} decodes its samples together: give --parallel "
+                                    f">= {config.samples}")
 
     from selar_local.runtime import load
 
     options = runtime_options(args)
     options["n_ctx"] = config.n_ctx
     runtime = load(str(model_path), n_parallel=parallel, **options)
-    n_items = len(problems) * len(config.methods) * len(config.seeds)
+    n_items = len(problems) * len(config.methods) * len(config.seeds) * config.samples
     print(f"selar bench: {config.dataset} ({len(problems)} problems) x {','.join(config.methods)} x "
           f"{len(config.seeds)} seed(s) ({','.join(map(str, config.seeds))}) = {n_items} items; {len(done)} already done; "
           f"model {model_path.name}; --parallel {parallel}; results in {out}/results.jsonl",

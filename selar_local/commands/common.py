@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from selar_local.params import METHODS, DecodeParams
+from selar_local.errors import InvalidParameterError
+from selar_local.params import METHODS, SOFT_NOISES, DecodeParams
 
 _DEFAULTS = DecodeParams()
 
@@ -28,7 +29,20 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                             "leave) instead of n_ctx cells each")
     group.add_argument("--n-gpu-layers", type=int, default=-1,
                        help="layers to offload on Metal/CUDA builds (-1: all; ignored on CPU builds)")
+    group.add_argument("--rpc", metavar="HOST:PORT[,HOST:PORT...]", default=None,
+                       help="split the model's layers over these `selar rpc-server`s (llama.cpp's RPC backend; "
+                            "with --n-gpu-layers N only the last N layers leave this machine); docs/DISTRIBUTED.md")
+    group.add_argument("--tensor-split", metavar="P0,P1,...", type=_proportions, default=None,
+                       help="share of the offloaded layers per device: the --rpc servers in order, then local GPUs "
+                            "(default: by free memory)")
     group.add_argument("--verbose", "-v", action="store_true", help="show llama.cpp's log and full tracebacks")
+
+
+def _proportions(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.replace("/", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 3,1, not {text!r}") from None
 
 
 def add_decode_arguments(parser: argparse.ArgumentParser, *, method_default: str | None = "selar") -> None:
@@ -36,10 +50,28 @@ def add_decode_arguments(parser: argparse.ArgumentParser, *, method_default: str
     if method_default is not None:
         group.add_argument("--method", choices=METHODS, default=method_default,
                            help=f"decoding method (default {method_default})")
-    group.add_argument("--tau", type=float, default=_DEFAULTS.tau, help="SeLaR entropy gate threshold")
+    group.add_argument("--tau", type=tau_value, default=_DEFAULTS.tau,
+                       help="SeLaR entropy gate threshold, or 'auto': the model's calibrated threshold "
+                            "(`selar calibrate`; calibrates first if needed)")
     group.add_argument("--lam", type=float, default=_DEFAULTS.lam, help="SeLaR contrastive push strength")
     group.add_argument("--ks", type=int, default=_DEFAULTS.ks, help="SeLaR candidates in gate and mixture")
     group.add_argument("--thinking-only", action="store_true", help="SeLaR: gate only inside <think>...</think>")
+    group.add_argument("--soft-noise", choices=SOFT_NOISES, default=_DEFAULTS.soft_noise,
+                       help="Stochastic Soft Thinking: noise on the soft inputs' mixture weights (soft, selar)")
+    group.add_argument("--gumbel-tau", type=float, default=_DEFAULTS.gumbel_tau,
+                       help="temperature of the Gumbel-softmax weights (default %(default)s)")
+    group.add_argument("--dirichlet-alpha", type=float, default=_DEFAULTS.dirichlet_alpha,
+                       help="concentration scale of the Dirichlet weights Dir(alpha p) (default %(default)s)")
+    group.add_argument("--swir-window", type=int, default=_DEFAULTS.swir_window,
+                       help="SwiReasoning: explicit steps before a switch back to latent (default %(default)s)")
+    group.add_argument("--swir-max-switches", type=int, default=_DEFAULTS.swir_max_switches,
+                       help="SwiReasoning: switch budget C_max (0: no limit)")
+    group.add_argument("--swir-alpha", type=float, default=_DEFAULTS.swir_alpha,
+                       help="SwiReasoning: <think> blend weight alpha_0 at a switch to latent")
+    group.add_argument("--swir-beta", type=float, default=_DEFAULTS.swir_beta,
+                       help="SwiReasoning: </think> blend weight beta_0 at a switch to explicit")
+    group.add_argument("--swir-topk", type=int, default=_DEFAULTS.swir_topk,
+                       help="SwiReasoning: tokens in the latent mixture softmax(l) @ E (default %(default)s)")
     group.add_argument("--temperature", type=float, default=_DEFAULTS.temperature)
     group.add_argument("--top-k", type=int, default=_DEFAULTS.top_k)
     group.add_argument("--top-p", type=float, default=_DEFAULTS.top_p)
@@ -47,14 +79,38 @@ def add_decode_arguments(parser: argparse.ArgumentParser, *, method_default: str
     group.add_argument("--seed", type=int, default=_DEFAULTS.seed)
     group.add_argument("--greedy", action="store_true", help="show the argmax token instead of a sample")
     group.add_argument("--max-tokens", type=int, default=_DEFAULTS.max_tokens)
+    group.add_argument("--max-think-tokens", type=int, default=None, metavar="N",
+                       help="thinking budget: after N tokens inside the thinking span the close marker "
+                            "is emitted and the answer follows (models with thinking markers)")
     group.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
+def tau_value(text: str) -> float | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+
+
+def wants_auto_tau(args: argparse.Namespace) -> bool:
+    return getattr(args, "tau", None) == "auto"
+
+
 def params_from_args(args: argparse.Namespace, **overrides) -> DecodeParams:
+    """The decoding parameters of the command line. With --tau auto, pass the resolved value
+    as the `tau` override (see `selar_local.calibrate.auto_tau`)."""
+    if wants_auto_tau(args) and "tau" not in overrides:
+        raise InvalidParameterError("--tau auto is resolved against the model: calibrate first")
     values = dict(
         method=getattr(args, "method", "selar"), tau=args.tau, lam=args.lam, ks=args.ks,
         thinking_only=args.thinking_only, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         min_p=args.min_p, seed=args.seed, greedy=args.greedy, max_tokens=args.max_tokens, stop=tuple(args.stop),
+        max_think_tokens=getattr(args, "max_think_tokens", None),
+        soft_noise=args.soft_noise, gumbel_tau=args.gumbel_tau, dirichlet_alpha=args.dirichlet_alpha,
+        swir_window=args.swir_window, swir_max_switches=args.swir_max_switches, swir_alpha=args.swir_alpha,
+        swir_beta=args.swir_beta, swir_topk=args.swir_topk,
     )
     values.update(overrides)
     return DecodeParams(**values)
@@ -70,7 +126,7 @@ def runtime_options(args: argparse.Namespace) -> dict:
             raise InvalidParameterError(f"invalid --{name.replace('_', '-')} {value}: expected an integer >= 1")
     return dict(n_ctx=args.n_ctx, n_threads=args.threads, n_threads_batch=args.threads_batch,
                 prefill_chunk=args.prefill_chunk, prompt_cache=args.prompt_cache, kv_unified=args.kv_unified,
-                n_gpu_layers=args.n_gpu_layers, verbose=args.verbose)
+                n_gpu_layers=args.n_gpu_layers, verbose=args.verbose, rpc=args.rpc, tensor_split=args.tensor_split)
 
 
 def load_runtime(args: argparse.Namespace, *, n_parallel: int = 1):

@@ -22,7 +22,9 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from selar_local.engine import rpc_supported
     from selar_local.errors import SelarError
+    from selar_local.rpc import RPC_PROTO_VERSION
     from selar_local.registry import entry_for_path, resolve_model
     from selar_local.runtime import build_info
 
@@ -33,6 +35,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"llama.cpp build   {info.summary}", file=out)
     if args.verbose:
         print(f"system info       {info.system_info}", file=out)
+    print(f"RPC backend       {'built in, protocol ' + '.'.join(map(str, RPC_PROTO_VERSION)) if rpc_supported() else 'not built (GGML_RPC=OFF): --rpc unavailable'}",
+          file=out)
     try:
         path = resolve_model(args.model)
     except SelarError as exc:
@@ -56,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         model, check, table = runtime.model, runtime.self_check, runtime.table
         print(f"model             {model.name} ({model.description})", file=out)
+        if model.devices:
+            print(f"offload devices   {'; '.join(d.summary for d in model.devices)}", file=out)
         print(f"architecture      {model.architecture}", file=out)
         print(f"vocabulary        n_vocab={model.n_vocab}, eog tokens={len(model.eog_ids)}", file=out)
         print(f"embedding width   n_embd_inp={model.n_embd_inp}, n_ctx_train={model.n_ctx_train}", file=out)
@@ -73,9 +79,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"self-check        {'PASS' if check.passed else 'FAIL'}: max |logit diff| = {diff} "
               f"({check.detail})", file=out)
         template = model.chat_template()
-        print(f"chat template     {'from the model' if template else 'none in the file (chatml is used)'}", file=out)
-        thinking = runtime.token_info.think_open is not None
-        print(f"thinking tags     {'<think> and </think> are single tokens' if thinking else 'none'}", file=out)
+        source = "from the model" if template else "none in the file (llama.cpp's built-in one for the family)"
+        print(f"chat template     {source}", file=out)
+        span = runtime.thinking_span
+        markers = f"{span.markers.open!r} ... {span.markers.close!r}" if span is not None else "none"
+        print(f"thinking markers  {markers}", file=out)
         print(line, file=out)
         if check.passed:
             print(f"VERDICT: OK - soft decoding is supported on {model.architecture}: "

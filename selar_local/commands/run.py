@@ -6,9 +6,18 @@ import json
 import sys
 import time
 
-from selar_local.commands.common import add_decode_arguments, add_model_arguments, load_runtime, params_from_args
+from selar_local.errors import InvalidParameterError
 
-SOFT_STYLE, RESET = "\033[36m", "\033[0m"  # soft-step tokens in cyan on a terminal
+from selar_local.commands.common import (
+    add_decode_arguments,
+    add_model_arguments,
+    load_runtime,
+    params_from_args,
+    wants_auto_tau,
+)
+
+# On a terminal: tokens whose next input was soft in cyan, the thinking span dimmed.
+SOFT_STYLE, THINK_STYLE, SOFT_THINK_STYLE, RESET = "\033[36m", "\033[2m", "\033[2;36m", "\033[0m"
 
 
 def register(subparsers) -> None:
@@ -17,28 +26,58 @@ def register(subparsers) -> None:
     parser.add_argument("prompt", help="the question (use - to read it from standard input)")
     parser.add_argument("--system", default=None, help="system message for the chat template")
     parser.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
+    parser.add_argument("--no-think", action="store_true",
+                        help="render the chat template with enable_thinking=false (Qwen3-style templates)")
+    parser.add_argument("--hide-thinking", action="store_true",
+                        help="print only the answer, not the reasoning inside the thinking span")
     parser.add_argument("--trace", metavar="FILE", default=None,
                         help="write one JSON line per step (token, soft or not, entropy, top-k ids and weights)")
     parser.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                         help="mark tokens whose next input was soft (default: when writing to a terminal)")
+    parser.add_argument("--samples", "-k", type=int, default=1,
+                        help="latent self-consistency: decode K samples of the prompt together (seeds seed..seed+K-1) "
+                             "and print the majority answer (default 1: one streamed answer)")
+    parser.add_argument("--answer-format", default="gsm8k", metavar="DATASET",
+                        help="how --samples reads and compares answers: gsm8k (the last \\boxed{}, else the last "
+                             "number), math (boxed only), gpqa_diamond (option letter) (default %(default)s)")
     add_model_arguments(parser)
     add_decode_arguments(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    params = params_from_args(args)  # validate before spending seconds on the model
+    auto = wants_auto_tau(args)
+    params = params_from_args(args, **({"tau": 0.5} if auto else {}))  # validate before loading the model
+    if args.samples < 1:
+        raise InvalidParameterError(f"--samples must be >= 1, got {args.samples}")
+    if args.samples > 1 and args.trace:
+        raise InvalidParameterError("--trace follows one streamed answer; it cannot be combined with --samples")
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    runtime = load_runtime(args)
+    runtime = load_runtime(args, n_parallel=args.samples)
+    if auto:
+        from selar_local.calibrate import auto_tau
+
+        calibration = auto_tau(runtime, params)
+        params = params.replace(tau=calibration.tau)
+        print(f"[tau auto] {calibration.tau:.2f} (calibrated soft share {100 * calibration.soft_share:.1f}%)",
+              file=sys.stderr)
+    if args.samples > 1:
+        return _run_samples(args, runtime, params, prompt)
     if args.raw:
         stream = runtime.stream(prompt, params)
     else:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
             {"role": "user", "content": prompt}]
-        stream = runtime.stream(params=params, messages=messages)
+        template_kwargs = {"enable_thinking": False} if args.no_think else None
+        if args.no_think and runtime.chat_prompt(messages, template_kwargs=template_kwargs) == runtime.chat_prompt(
+                messages, template_kwargs={"enable_thinking": True}):
+            print("note: this model's chat template has no enable_thinking switch; --no-think changes nothing",
+                  file=sys.stderr)
+        stream = runtime.stream(params=params, messages=messages, template_kwargs=template_kwargs)
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
     trace = open(args.trace, "w", encoding="utf-8") if args.trace else None
     started = time.perf_counter()
+    shown_reasoning = False
     try:
         while True:
             try:
@@ -46,8 +85,16 @@ def run(args: argparse.Namespace) -> int:
             except StopIteration as done:
                 result = done.value
                 break
-            if event.text:
-                sys.stdout.write(f"{SOFT_STYLE}{event.text}{RESET}" if color and event.soft else event.text)
+            if event.reasoning and not args.hide_thinking:
+                style = SOFT_THINK_STYLE if event.soft else THINK_STYLE
+                sys.stdout.write(f"{style}{event.reasoning}{RESET}" if color else event.reasoning)
+                shown_reasoning = True
+            if event.content:
+                if shown_reasoning:  # the answer starts on its own paragraph
+                    sys.stdout.write("\n\n")
+                    shown_reasoning = False
+                sys.stdout.write(f"{SOFT_STYLE}{event.content}{RESET}" if color and event.soft else event.content)
+            if event.reasoning or event.content:
                 sys.stdout.flush()
             if trace:
                 trace.write(json.dumps(event.trace_record(runtime.model.token_text(event.token))) + "\n")
@@ -60,7 +107,25 @@ def run(args: argparse.Namespace) -> int:
         f"[{params.method}] {result.completion_tokens} tokens, {result.soft_steps} soft steps "
         f"({100 * result.soft_share:.1f}%), {result.tokens_per_second:.1f} tokens/s, "
         f"prompt {result.prompt_tokens} tokens, {elapsed:.2f} s, finish: {result.finish_reason}, "
+        f"{f'thinking {result.think_tokens} tokens, ' if result.answer is not None else ''}"
         f"{'greedy' if params.greedy else f'seed {params.seed}'}",
         file=sys.stderr,
     )
+    return 0
+
+
+def _run_samples(args: argparse.Namespace, runtime, params, prompt: str) -> int:
+    messages = None if args.raw else ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": prompt}]
+    started = time.perf_counter()
+    vote = runtime.generate_samples(None if messages else prompt, params, messages=messages, samples=args.samples,
+                                    dataset=args.answer_format)
+    elapsed = time.perf_counter() - started
+    print(vote.text)
+    for i, (r, answer) in enumerate(zip(vote.results, vote.answers)):
+        mark = "*" if i == vote.index else " "
+        print(f"{mark}[sample {i}, seed {params.seed + i}] answer {answer!r}, {r.completion_tokens} tokens, "
+              f"{r.soft_steps} soft, mean log-prob {r.mean_logprob:.3f}, finish: {r.finish_reason}", file=sys.stderr)
+    print(f"[{params.method} x {args.samples}] majority answer {vote.answer!r} ({vote.votes}/{args.samples} votes, "
+          f"{vote.voters} samples answered), shown: sample {vote.index}; {elapsed:.2f} s", file=sys.stderr)
     return 0

@@ -1,0 +1,227 @@
+"""`--tau auto`: a SeLaR gate threshold fitted to the model instead of a constant.
+
+SeLaR's tau (0.5) was tuned on Qwen3; a less confident model opens the gate far more often
+(SmolLM2-135M: 62% of steps at 0.5). Calibration decodes a handful of built-in reasoning
+prompts with `cot`, collects the normalised top-k_s entropy of every step, and chooses tau in
+the low-density valley between the confident mode (near 0) and the uncertain mode, among the
+thresholds whose soft share (steps with h >= tau whose token is not a math symbol, as SeLaR
+would gate them) lies in the band the paper reports, 6-14%. The result is cached per model
+file (sha256) and sampler settings in the user's cache.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+from selar_local.params import DecodeParams
+
+if TYPE_CHECKING:  # pragma: no cover
+    from selar_local.runtime import Runtime
+
+CALIBRATION_VERSION = 2
+SOFT_SHARE_BAND = (0.06, 0.14)
+TARGET_SHARE = 0.10
+BINS = 50                      # histogram of h over [0, 1]
+TAU_GRID = np.round(np.arange(0.02, 1.0001, 0.01), 2)  # candidate thresholds
+# Word problems in the style of the reasoning benchmarks (written for this purpose).
+CALIBRATION_PROMPTS = (
+    "A baker makes 24 muffins in the morning and 18 in the afternoon. She sells 29 of them. "
+    "How many muffins are left? Think step by step.",
+    "Tom reads 15 pages a day. His book has 240 pages. After 6 days, how many pages does he "
+    "still have to read? Explain your reasoning.",
+    "A train travels 180 km in 2 hours and then 150 km in 3 hours. What is its average speed "
+    "over the whole trip? Show your work.",
+    "Maria buys 3 notebooks at $4 each and 2 pens at $1.50 each. She pays with a $20 bill. "
+    "How much change does she get? Reason step by step.",
+    "A rectangle is 3 times as long as it is wide, and its perimeter is 48 cm. What is its "
+    "area? Work it out carefully.",
+    "In a class of 30 students, 40% play football and half of the rest play chess. How many "
+    "students play neither? Think it through.",
+    "A tank holds 500 litres. It is filled at 25 litres per minute while 10 litres per minute "
+    "leak out. How long does it take to fill the empty tank? Explain.",
+    "Sam is twice as old as his sister. In 6 years the sum of their ages will be 36. How old "
+    "is Sam now? Solve it step by step.",
+)
+
+
+class CalibrationError(Exception):
+    pass
+
+
+@dataclass
+class Calibration:
+    tau: float
+    soft_share: float              # share of cot steps SeLaR would make soft at this tau
+    in_band: bool
+    steps: int
+    histogram: list[int]           # counts of h in BINS equal bins over [0, 1]
+    model_sha256: str = ""
+    model_file: str = ""
+    settings: dict = field(default_factory=dict)
+    prompts: int = 0
+    version: int = CALIBRATION_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+
+def soft_share(entropies: np.ndarray, eligible: np.ndarray, tau: float) -> float:
+    """Share of steps SeLaR would make soft: h >= tau and the token is not a math symbol."""
+    return float(np.mean((entropies >= tau) & eligible)) if len(entropies) else 0.0
+
+
+def choose_tau(entropies: Sequence[float], eligible: Sequence[bool], *,
+               band: tuple[float, float] = SOFT_SHARE_BAND) -> tuple[float, float, bool]:
+    """(tau, soft share, whether the share is in `band`).
+
+    Among the grid thresholds whose share is in the band, take the one where the density of
+    the positive entropies (a 3-bin smoothed histogram) is lowest: the valley between the
+    confident and the uncertain steps, where a small change of tau moves few steps. Ties go to
+    the share closest to 10%, and a flat run of equal thresholds to its middle. When no
+    threshold reaches the band (too few or too discrete steps), the share closest to 10% wins
+    and `in_band` is False."""
+    h = np.asarray(entropies, dtype=np.float64)
+    ok = np.asarray(eligible, dtype=bool)
+    if h.size == 0:
+        raise CalibrationError("no decoding steps to calibrate on")
+    shares = np.array([soft_share(h, ok, t) for t in TAU_GRID])
+    in_band = (shares >= band[0]) & (shares <= band[1])
+    positive = h[h > 0]
+    counts, edges = np.histogram(positive, bins=BINS, range=(0.0, 1.0))
+    density = np.convolve(counts, np.ones(3) / 3, mode="same")
+    at_tau = density[np.clip(np.searchsorted(edges, TAU_GRID, side="right") - 1, 0, BINS - 1)]
+    closeness = np.abs(shares - TARGET_SHARE)
+    if in_band.any():
+        candidates = np.flatnonzero(in_band)
+        best = candidates[np.lexsort((closeness[candidates], at_tau[candidates]))[0]]
+        # A flat valley (an empty gap in the histogram) gives the same density and share over a
+        # run of thresholds: take the middle of the run, not its edge.
+        same = (at_tau == at_tau[best]) & (shares == shares[best]) & in_band
+        lo = hi = best
+        while lo > 0 and same[lo - 1]:
+            lo -= 1
+        while hi < len(TAU_GRID) - 1 and same[hi + 1]:
+            hi += 1
+        best = (lo + hi) // 2
+    else:
+        best = int(np.argmin(closeness))
+    return float(TAU_GRID[best]), float(shares[best]), bool(in_band[best])
+
+
+def histogram(entropies: Sequence[float]) -> list[int]:
+    counts, _ = np.histogram(np.asarray(entropies, dtype=np.float64), bins=BINS, range=(0.0, 1.0))
+    return [int(c) for c in counts]
+
+
+def sampler_settings(params: DecodeParams) -> dict:
+    """The settings the entropy depends on (and so the cache key besides the model)."""
+    return {"temperature": params.temperature, "top_k": params.top_k, "top_p": params.top_p,
+            "min_p": params.min_p, "ks": params.ks}
+
+
+def cache_file(model_sha256: str, settings: dict) -> Path:
+    from selar_local.registry import cache_dir
+
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    return cache_dir() / "calibration" / f"{model_sha256}-{key}.json"
+
+
+def load_cached(model_sha256: str, settings: dict) -> Calibration | None:
+    path = cache_file(model_sha256, settings)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("version") != CALIBRATION_VERSION or data.get("settings") != settings:
+            return None
+        return Calibration(**data)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def store(calibration: Calibration) -> Path:
+    path = cache_file(calibration.model_sha256, calibration.settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(calibration.to_json(), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def calibrate(runtime: "Runtime", params: DecodeParams | None = None, *,
+              prompts: Sequence[str] = CALIBRATION_PROMPTS, max_tokens: int = 256) -> Calibration:
+    """Decode `prompts` with cot under `params`' sampler and choose tau (nothing cached)."""
+    from selar_local.registry import file_sha256
+
+    base = (params or DecodeParams()).replace(method="cot", max_tokens=max_tokens, soft_noise="none")
+    tokens = [runtime.encode(messages=[{"role": "user", "content": p}]) for p in prompts]
+    results = runtime.generate_batch(tokens, [base.replace(seed=base.seed + i) for i in range(len(tokens))])
+    mask = runtime.token_info.math_symbol_mask
+    entropies = np.concatenate([np.asarray(r.entropies, dtype=np.float64) for r in results])
+    eligible = np.concatenate([~mask[np.asarray(r.tokens, dtype=np.int64)] for r in results])
+    tau, share, in_band = choose_tau(entropies, eligible)
+    return Calibration(tau=tau, soft_share=share, in_band=in_band, steps=int(entropies.size),
+                       histogram=histogram(entropies), model_sha256=file_sha256(runtime.model_path),
+                       model_file=runtime.model_path.name, settings=sampler_settings(base), prompts=len(prompts))
+
+
+def auto_tau(runtime: "Runtime", params: DecodeParams | None = None, *, refresh: bool = False,
+             **calibrate_options) -> Calibration:
+    """The model's calibrated tau for `params`' sampler: from the cache, else calibrated now."""
+    from selar_local.registry import file_sha256
+
+    settings = sampler_settings(params or DecodeParams())
+    if not refresh:
+        cached = load_cached(file_sha256(runtime.model_path), settings)
+        if cached is not None:
+            return cached
+    calibration = calibrate(runtime, params, **calibrate_options)
+    store(calibration)
+    return calibration
+
+
+def cached_tau(model_path: Path, params: DecodeParams | None = None) -> Calibration | None:
+    """The cached calibration of a model file, without loading it (None if there is none)."""
+    from selar_local.registry import file_sha256
+
+    return load_cached(file_sha256(Path(model_path)), sampler_settings(params or DecodeParams()))
+
+
+def render_histogram(calibration: Calibration, width: int = 40) -> str:
+    """The entropy histogram as text, the chosen tau marked."""
+    counts = calibration.histogram
+    peak = max(counts[1:] + [1])  # the h = 0 spike would flatten every other bar
+    lines = []
+    for i, count in enumerate(counts):
+        lo = i / BINS
+        bar = "#" * min(width, round(width * count / peak))
+        mark = "  <- tau" if lo <= calibration.tau < lo + 1 / BINS else ""
+        lines.append(f"{lo:4.2f}-{lo + 1 / BINS:4.2f} {count:6d} {bar}{mark}")
+    return "\n".join(lines)
+
+
+def plot_histogram(calibration: Calibration, path: str | os.PathLike) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    edges = np.linspace(0.0, 1.0, BINS + 1)
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.bar(edges[:-1], calibration.histogram, width=1 / BINS, align="edge", color="#4c72b0")
+    ax.set_yscale("log")
+    ax.axvline(calibration.tau, color="#c44e52", linestyle="--",
+               label=f"tau = {calibration.tau:.2f} (soft share {100 * calibration.soft_share:.1f}%)")
+    ax.set_xlabel("normalised top-k_s entropy h (cot steps)")
+    ax.set_ylabel("steps (log scale)")
+    ax.set_title(calibration.model_file)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,65 @@
+"""`selar calibrate --model M`: fit SeLaR's gate threshold to a model (used by --tau auto)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from selar_local.commands.common import add_model_arguments
+from selar_local.params import DecodeParams
+
+_DEFAULTS = DecodeParams()
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "calibrate", help="fit SeLaR's entropy threshold tau to a model (for --tau auto)",
+        description="Decode built-in reasoning prompts with cot, histogram the normalised top-k_s entropy "
+                    "of every step, and choose tau in the low-density zone between the confident and the "
+                    "uncertain steps so that SeLaR's soft share lands in 6-14%. The result is cached per "
+                    "model file (sha256) and sampler settings; --tau auto uses it.")
+    parser.add_argument("--max-tokens", type=int, default=256, help="tokens per prompt (default %(default)s)")
+    parser.add_argument("--parallel", "-p", type=int, default=4, help="prompts decoded together (default %(default)s)")
+    parser.add_argument("--refresh", action="store_true", help="calibrate again even if a cached result exists")
+    parser.add_argument("--plot", metavar="PNG", default=None, help="write the histogram as a PNG")
+    parser.add_argument("--json", action="store_true", help="print the calibration as JSON")
+    sampler = parser.add_argument_group("sampler (the entropy depends on it; --tau auto matches these)")
+    sampler.add_argument("--ks", type=int, default=_DEFAULTS.ks)
+    sampler.add_argument("--temperature", type=float, default=_DEFAULTS.temperature)
+    sampler.add_argument("--top-k", type=int, default=_DEFAULTS.top_k)
+    sampler.add_argument("--top-p", type=float, default=_DEFAULTS.top_p)
+    sampler.add_argument("--min-p", type=float, default=_DEFAULTS.min_p)
+    sampler.add_argument("--seed", type=int, default=_DEFAULTS.seed)
+    add_model_arguments(parser)
+    parser.set_defaults(func=calibrate_command)
+
+
+def calibrate_command(args: argparse.Namespace) -> int:
+    from selar_local.calibrate import auto_tau, plot_histogram, render_histogram
+    from selar_local.commands.common import load_runtime
+    from selar_local.errors import InvalidParameterError
+
+    if args.max_tokens < 1 or args.parallel < 1:
+        raise InvalidParameterError("--max-tokens and --parallel must be >= 1")
+    params = DecodeParams(method="cot", ks=args.ks, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, min_p=args.min_p, seed=args.seed)
+    from selar_local.calibrate import cached_tau
+    from selar_local.registry import resolve_model
+
+    calibration = None if args.refresh else cached_tau(resolve_model(args.model), params)
+    if calibration is None:  # not cached yet (or --refresh): load the model and decode
+        runtime = load_runtime(args, n_parallel=args.parallel)
+        try:
+            calibration = auto_tau(runtime, params, refresh=True, max_tokens=args.max_tokens)
+        finally:
+            runtime.close()
+    if args.json:
+        print(calibration.to_json())
+    else:
+        print(render_histogram(calibration))
+    band = "inside" if calibration.in_band else "OUTSIDE"
+    print(f"{calibration.model_file}: tau {calibration.tau:.2f}, soft share {100 * calibration.soft_share:.1f}% "
+          f"({band} the 6-14% band) over {calibration.steps} cot steps of {calibration.prompts} prompts",
+          file=sys.stderr)
+    if args.plot:
+        print(f"histogram: {plot_histogram(calibration, args.plot)}", file=sys.stderr)
+    return 0

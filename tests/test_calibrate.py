@@ -1,0 +1,89 @@
+"""`--tau auto`: the threshold choice on hand-made entropies, the cache, and `selar calibrate` on
+the three real test models (each must land inside the 6-14% soft-share band)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from selar_local import calibrate as cal
+from selar_local.params import DecodeParams
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_flat_gap_gives_its_middle():
+    # 870 confident steps (h = 0) and 130 spread over [0.2, 0.9): every tau in the empty gap
+    # (0, 0.2) gates the same 13%; the smoothed density is 0 for tau in [0.02, 0.17].
+    h = np.concatenate([np.zeros(870), np.linspace(0.2, 0.9, 130, endpoint=False)])
+    tau, share, in_band = cal.choose_tau(h, np.ones_like(h, dtype=bool))
+    assert (tau, share, in_band) == (0.09, 0.13, True)
+
+
+def test_math_symbols_do_not_count_as_soft():
+    h = np.concatenate([np.zeros(800), np.full(200, 0.8)])
+    eligible = np.ones(1000, dtype=bool)
+    assert cal.soft_share(h, eligible, 0.5) == 0.2
+    eligible[800:900] = False  # half the uncertain steps are digits: SeLaR keeps them discrete
+    assert cal.soft_share(h, eligible, 0.5) == 0.1
+    tau, share, in_band = cal.choose_tau(h, eligible)
+    assert share == 0.1 and in_band and tau <= 0.8
+
+
+def test_uniform_entropies_land_in_the_band():
+    h = np.linspace(0.0, 1.0, 1001)
+    tau, share, in_band = cal.choose_tau(h, np.ones_like(h, dtype=bool))
+    assert in_band and cal.SOFT_SHARE_BAND[0] <= share <= cal.SOFT_SHARE_BAND[1]
+    assert share == pytest.approx(1.0 - tau, abs=0.002)
+
+
+def test_no_uncertain_steps_is_reported_out_of_band():
+    h = np.zeros(100)
+    tau, share, in_band = cal.choose_tau(h, np.ones(100, dtype=bool))
+    assert share == 0.0 and not in_band
+
+
+def test_empty_input_is_an_error():
+    with pytest.raises(cal.CalibrationError):
+        cal.choose_tau([], [])
+
+
+def test_cache_round_trip_is_keyed_by_model_and_sampler(tmp_path, monkeypatch):
+    monkeypatch.setattr(cal, "cache_file", lambda sha, settings: tmp_path / f"{sha}-{settings['top_k']}.json")
+    settings = cal.sampler_settings(DecodeParams())
+    stored = cal.Calibration(tau=0.42, soft_share=0.1, in_band=True, steps=10, histogram=[1] * cal.BINS,
+                             model_sha256="abc", model_file="m.gguf", settings=settings, prompts=2)
+    cal.store(stored)
+    assert cal.load_cached("abc", settings) == stored
+    assert cal.load_cached("abc", cal.sampler_settings(DecodeParams(top_k=40))) is None
+    assert cal.load_cached("other", settings) is None
+
+
+def test_histogram_render_marks_tau():
+    c = cal.Calibration(tau=0.43, soft_share=0.1, in_band=True, steps=3, histogram=[1] * cal.BINS)
+    lines = cal.render_histogram(c).splitlines()
+    assert len(lines) == cal.BINS and lines[21].startswith("0.42-0.44") and lines[21].endswith("<- tau")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen2"])
+def test_selar_calibrate_on_real_models(arch, model_files, tmp_path):
+    """The CLI on each test model: a tau, a soft share inside the band, a cached JSON and a PNG."""
+    env = {**os.environ, "SELAR_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
+    plot = tmp_path / "h.png"
+    cmd = [sys.executable, "-m", "selar_local.cli", "calibrate", "--model", str(model_files[arch]), "--threads", "2",
+           "--max-tokens", "64", "--parallel", "8", "--plot", str(plot), "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["in_band"] and 0.06 <= result["soft_share"] <= 0.14
+    assert 0 < result["tau"] <= 1 and result["steps"] == sum(result["histogram"])
+    assert "inside the 6-14% band" in out.stderr
+    assert plot.stat().st_size > 0
+    cached = list((tmp_path / "cache" / "calibration").glob("*.json"))
+    assert len(cached) == 1 and json.loads(cached[0].read_text())["tau"] == result["tau"]
+    # A second call reads the cache (same answer, no decoding needed).
+    again = subprocess.run(cmd[:-3] + ["--json"], capture_output=True, text=True, env=env, timeout=900)
+    assert json.loads(again.stdout) == result
