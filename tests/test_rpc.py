@@ -369,8 +369,8 @@ def test_doctor_over_rpc(model_files, two_servers, capsys):
 @pytest.mark.parametrize("command", [["run", "q"], ["serve"], ["bench", "--dataset", "gsm8k"], ["doctor"]])
 def test_rpc_options_on_every_model_command(command):
     from selar_local.cli import build_parser
-    from selar_local.commands.common import model_options
+    from selar_local.commands.common import runtime_options
 
     args = build_parser().parse_args([*command, "--rpc", "10.0.0.2:50052,10.0.0.3:50052", "--tensor-split", "3,1"])
     assert args.rpc == "10.0.0.2:50052,10.0.0.3:50052" and args.tensor_split == (3.0, 1.0)
-    assert model_options(args)["rpc"] == args.rpc and model_options(args)["tensor_split"] == (3.0, 1.0)
+    assert runtime_options(args)["rpc"] == args.rpc and runtime_options(args)["tensor_split"] == (3.0, 1.0)
