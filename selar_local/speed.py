@@ -22,7 +22,6 @@ embedding batches. It is a benchmark, not a test: it asserts nothing about speed
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import platform

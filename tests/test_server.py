@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +16,7 @@ import pytest
 
 from selar_local.api import Selar
 from selar_local.server import create_app
+from serve_helpers import free_port, running_server, wait_until_up
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "sk-selar-test"
@@ -26,44 +25,12 @@ MODEL = "smollm2-135m-instruct"
 PROMPTS = ["What is 2+3?", "Name a color.", "What is the capital of France?", "Say hello."]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_until_up(url: str, *, proc: subprocess.Popen | None = None, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"selar serve exited with {proc.returncode}:\n{proc.stderr.read()}")
-        try:
-            if httpx.get(url + "/health", headers=AUTH, timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError("the server did not come up")
-
-
 @pytest.fixture(scope="module")
 def server(smollm_path):
     """`selar serve --parallel 4` in a subprocess: base URL."""
-    port = _free_port()
-    cmd = [sys.executable, "-m", "selar_local.cli", "serve", "--model", str(smollm_path), "--port", str(port),
-           "--parallel", "4", "--queue-size", "8", "--api-key", KEY, "--n-ctx", "512", "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_until_up(url, proc=proc)
+    with running_server(smollm_path, "--parallel", "4", "--queue-size", "8", "--n-ctx", "512",
+                        api_key=KEY) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -253,14 +220,14 @@ def one_slot_server(smollm):
     import uvicorn
 
     llm = Selar(runtime=smollm, queue_size=0)
-    port = _free_port()
+    port = free_port()
     config = uvicorn.Config(create_app(llm), host="127.0.0.1", port=port, log_level="warning")
     uv = uvicorn.Server(config)
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_until_up(url, timeout=30)
+        wait_until_up(url, timeout=120)
         yield url
     finally:
         uv.should_exit = True

@@ -181,15 +181,9 @@ def test_server_returns_reasoning_content(tiny_model):
     """`selar serve` on the tiny R1 model, through the OpenAI client: the reasoning apart,
     in message.reasoning_content and in the streamed delta.reasoning_content."""
     import openai
-    from test_server import _free_port, _wait_until_up
+    from serve_helpers import running_server
 
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "selar_local.cli", "serve", "--model", str(tiny_model("qwen2-r1")),
-                             "--port", str(port), "--threads", "1", "--n-ctx", "256", "--log-level", "warning"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_until_up(url, proc=proc)
+    with running_server(tiny_model("qwen2-r1"), "--threads", "1", "--n-ctx", "256") as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
         messages = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": "<think>\n"}]
         extra = {"method": "selar", "tau": 0.0, "thinking_only": True, "max_think_tokens": 8, "ignore_eos": True,
@@ -205,9 +199,6 @@ def test_server_returns_reasoning_content(tiny_model):
         assert "".join(d.content or "" for d in deltas).strip() == message.content
         bad = httpx_post(url, {"messages": messages, "max_think_tokens": -1})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_think_tokens"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def httpx_post(url: str, body: dict):

@@ -13,9 +13,6 @@ import json
 import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,6 +20,7 @@ import httpx
 import pytest
 
 from selar_local.params import DecodeParams
+from serve_helpers import running_server
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "sk-page-test"
@@ -49,40 +47,11 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(smollm_path):
     """`selar serve` with an API key and one slot (so a replayed request decodes alike)."""
-    port = _free_port()
-    cmd = [sys.executable, "-m", "selar_local.cli", "serve", "--model", str(smollm_path), "--port", str(port),
-           "--api-key", KEY, "--n-ctx", "1024", "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"selar serve exited with {proc.returncode}:\n{proc.stderr.read()}")
-            try:
-                if httpx.get(url + "/health", headers=AUTH, timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "selar serve did not come up"
-            time.sleep(0.2)
+    with running_server(smollm_path, "--n-ctx", "1024", api_key=KEY) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,59 @@
+"""`selar serve` in a subprocess on a free loopback port, for the tests that need a real
+server: started, waited for (its /health answers, with a generous bound), stopped."""
+from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_up(url: str, *, proc: subprocess.Popen | None = None, headers: dict | None = None,
+                  timeout: float = 120.0) -> None:
+    """Until GET /health answers 200 (or the process exits: its stderr is the error)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"selar serve exited with {proc.returncode}:\n{proc.stderr.read()}")
+        try:
+            if httpx.get(url + "/health", headers=headers or {}, timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError("the server did not come up")
+
+
+@contextlib.contextmanager
+def running_server(model_path, *args: str, api_key: str | None = None) -> Iterator[str]:
+    """`selar serve --model MODEL_PATH ARGS...` on 127.0.0.1: yields its base URL."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "selar_local.cli", "serve", "--model", str(model_path), "--port", str(port),
+           "--log-level", "warning", *args]
+    if api_key:
+        cmd += ["--api-key", api_key]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(url, proc=proc, headers={"Authorization": f"Bearer {api_key}"} if api_key else None)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
