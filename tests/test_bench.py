@@ -163,6 +163,29 @@ def _config(**changes) -> BenchConfig:
     return BenchConfig(**values)
 
 
+def test_a_run_of_the_older_prompt_format_is_neither_resumed_nor_paired(tmp_path):
+    """Runs made before prompts were rendered with the GGUF's own Jinja template (their
+    config has no prompt_format) saw other prompts: resuming one with today's code would mix
+    two prompt formats in one run, and pairing it with a new run would compare unlike things."""
+    from selar_local.bench.runner import PROMPT_FORMAT, prepare_run
+
+    old = _config().to_dict()
+    del old["prompt_format"]
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(old))
+    assert read_config(tmp_path).prompt_format == 1
+    with pytest.raises(BenchConfigError, match=f"prompt_format: 1 \\(saved\\) vs {PROMPT_FORMAT} \\(now\\)"):
+        prepare_run(tmp_path, _config(), resume=True)
+
+    (tmp_path / "old").mkdir(), (tmp_path / "new").mkdir()
+    old_run, new_run = _synthetic_run(tmp_path / "old"), _synthetic_run(tmp_path / "new")
+    config = json.loads((old_run / CONFIG_NAME).read_text())
+    del config["prompt_format"]
+    (old_run / CONFIG_NAME).write_text(json.dumps(config))
+    markdown = bench_report.write_report([old_run, new_run], tmp_path / "both", plots=False)
+    assert "prompt format 1)" in markdown and f"prompt format {PROMPT_FORMAT})" in markdown
+    assert markdown.count("## gsm8k") == 2  # two tables: nothing paired across formats
+
+
 def test_resume_with_a_different_config_is_refused_naming_the_differences(tmp_path, capsys):
     from selar_local.bench.runner import prepare_run, write_config
 

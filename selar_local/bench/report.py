@@ -107,6 +107,7 @@ class Section:
     dataset: str
     rows: list[MethodRow] = field(default_factory=list)
     runs: list[Run] = field(default_factory=list)
+    prompt_format: int = 0
 
 
 def load_run(path: str | Path) -> Run:
@@ -225,17 +226,19 @@ def variant_suffix(first: Run, run: Run) -> str:
 
 def summarize(runs: Sequence[Run], baseline: str = "cot") -> list[Section]:
     """One section per (model file, data set); rows are the methods of every run in it."""
-    groups: dict[tuple[str, str], list[tuple[Run, dict[str, list[dict]]]]] = {}
+    groups: dict[tuple[str, str, int], list[tuple[Run, dict[str, list[dict]]]]] = {}
     for run in runs:
         by_dataset: dict[str, dict[str, list[dict]]] = {}
         for r in run.records:
             by_dataset.setdefault(r["dataset"], {}).setdefault(r["method"], []).append(r)
-        for dataset, by_method in by_dataset.items():
-            groups.setdefault((run.model, dataset), []).append((run, by_method))
+        prompt_format = run.config.prompt_format if run.config else 0
+        for dataset, by_method in by_dataset.items():  # other prompts: not comparable, another table
+            groups.setdefault((run.model, dataset, prompt_format), []).append((run, by_method))
     sections: list[Section] = []
-    for (model, dataset), members in groups.items():
+    for (model, dataset, prompt_format), members in groups.items():
         first = members[0][0]
-        section = Section(" + ".join(run.label for run, _ in members), model, dataset, runs=[m[0] for m in members])
+        section = Section(" + ".join(run.label for run, _ in members), model, dataset, runs=[m[0] for m in members],
+                          prompt_format=prompt_format)
         labelled: dict[str, tuple[Run, list[dict]]] = {}
         for run, by_method in members:
             order = list(run.config.methods) if run.config else []
@@ -289,7 +292,8 @@ def render_markdown(sections: Sequence[Section]) -> str:
     out = io.StringIO()
     out.write("# Benchmark report\n\n")
     for section in sections:
-        out.write(f"## {section.dataset} - {section.model} (run `{section.run}`)\n\n")
+        out.write(f"## {section.dataset} - {section.model} (run `{section.run}`, prompt format "
+                  f"{section.prompt_format})\n\n")
         for run in section.runs:
             if run.config is None:
                 continue

@@ -41,6 +41,11 @@ LOCK_NAME = ".lock"
 CONFIG_VERSION = 1
 # Keys of the decoding parameters that vary per work item (not part of the run's params).
 PER_ITEM_PARAMS = ("method", "seed")
+# How a problem becomes the model's prompt. 1: llama.cpp's built-in template engine (runs made
+# before the GGUF's own Jinja template was rendered); 2: the GGUF's Jinja template, as
+# transformers renders it (Qwen2.5 and SmolLM2 then get their default system prompts). Runs of
+# different formats are neither resumed into each other nor paired in one report table.
+PROMPT_FORMAT = 2
 
 
 class BenchConfigError(SelarError):
@@ -120,6 +125,7 @@ class BenchConfig:
     problems_sha256: str = ""     # of their ids, prompts and gold answers, in order
     tau_auto: bool = False        # params' tau came from `selar calibrate` (--tau auto)
     samples: int = 1              # self-consistency: K samples per (problem, method, seed), voted
+    prompt_format: int = PROMPT_FORMAT  # how problems become prompts (see PROMPT_FORMAT)
 
     def __post_init__(self) -> None:
         bad = [m for m in self.methods if m not in METHODS]
@@ -150,7 +156,7 @@ class BenchConfig:
             "methods": list(self.methods), "seeds": list(self.seeds),
             "model": self.model, "model_file": self.model_file, "model_size": self.model_size,
             "n_ctx": self.n_ctx, "params": dict(self.params), "tau_auto": self.tau_auto,
-            "samples": self.samples,
+            "samples": self.samples, "prompt_format": self.prompt_format,
         }
 
     @classmethod
@@ -175,6 +181,7 @@ class BenchConfig:
                 id_field=data.get("id_field"), problems=int(data.get("problems", 0)),
                 problems_sha256=str(data.get("problems_sha256", "")), tau_auto=bool(data.get("tau_auto", False)),
                 samples=int(data.get("samples", 1)),
+                prompt_format=int(data.get("prompt_format", 1)),  # absent: written before format 2
             )
         except SelarError as exc:
             raise BenchConfigError(f"{where}: {exc}") from None
