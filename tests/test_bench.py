@@ -96,7 +96,10 @@ def test_parallel_4_gives_the_same_greedy_results_as_parallel_1(reference_run, t
 def test_sigint_mid_run_then_resume_gives_the_uninterrupted_table(reference_run, tmp_path, capsys):
     out = tmp_path / "interrupted"
     cmd = [sys.executable, "-m", "selar_local.cli", "bench", *SMALL_RUN, "--parallel", "1", "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT at its default disposition in the child: a suite started from a background job
+    # (`cmd &`) inherits SIGINT ignored, and Python then never raises KeyboardInterrupt.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     results = out / RESULTS_NAME
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and proc.poll() is None:
