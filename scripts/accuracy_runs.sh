@@ -6,9 +6,11 @@
 #   nohup nice -n 19 bash scripts/accuracy_runs.sh > /tmp/accuracy_runs.log 2>&1 &
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-/work/main/.venv/bin/python}
+PY=${PY:-.venv/bin/python}
 MODEL=${MODEL:-qwen2.5-coder-0.5b-instruct}
-TAG=${TAG:-qwen05}
+# f2: prompt format 2 (the GGUF's Jinja template; docs/BENCHMARKS.md "Prompt formats"). The
+# format-1 folders (gsm8k-qwen05, -greedy-cot, -swir) are kept for their own comparisons.
+TAG=${TAG:-qwen05-f2}
 RUNS=docs/benchmarks/runs
 COMMON=(--dataset gsm8k --model "$MODEL" --threads "${THREADS:-1}" --no-progress --resume)
 
@@ -18,6 +20,9 @@ bench() {  # bench NAME ARGS...: one resumable run folder
   PYTHONPATH=$PWD "$PY" -m selar_local.cli bench "${COMMON[@]}" --out "$RUNS/gsm8k-$TAG-$name" "$@"
 }
 
+# The baselines of this prompt format first: sampled cot, selar and soft, and greedy cot.
+bench main --limit 200 --methods cot,selar,soft --parallel 8
+bench greedy-cot --limit 200 --methods cot --greedy --parallel 8
 # SwiReasoning with W = 64: the published W = 512 was set for 32k-token budgets; with 512 tokens
 # it would allow at most one latent block.
 bench swir --limit 200 --methods swir --swir-window 64 --parallel 8
