@@ -119,6 +119,22 @@ def test_cold_stop_emits_the_close_marker(tiny_r1):
     assert result.think_tokens == 4
 
 
+def test_spans_close_alike_when_sequences_share_the_batch_wide_step(tiny_r1):
+    """A budget close and a Cold Stop close, decided in one batch-wide step beside another
+    sequence, give exactly the tokens each gives alone."""
+    prompt = tiny_r1.encode(messages=[{"role": "user", "content": QUESTION}, {"role": "assistant", "content": "<think>\n"}])
+    budget = DecodeParams(method="selar", tau=0.0, thinking_only=True, max_think_tokens=6, max_tokens=14, seed=3,
+                          ignore_eos=True)
+    cold = DecodeParams(method="soft", cold_stop_entropy=100.0, cold_stop_steps=5, max_tokens=12, seed=4,
+                        ignore_eos=True)
+    alone = [_run(tiny_r1, prompt, **params.to_dict())[1] for params in (budget, cold)]
+    together = tiny_r1.generate_batch([prompt, prompt], [budget, cold])
+    assert [r.tokens for r in together] == [r.tokens for r in alone]
+    assert THINK_CLOSE in together[0].tokens and together[0].tokens.index(THINK_CLOSE) == 6
+    assert together[1].tokens.index(THINK_CLOSE) == 4
+    assert [r.think_tokens for r in together] == [6, 4]
+
+
 def test_budget_needs_markers(smollm):
     from selar_local.errors import InvalidParameterError
 
