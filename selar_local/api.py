@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-from selar_local.generate import GenerationResult
 
 from selar_local.openai_schema import (  # noqa: F401  (re-exported: the API's public names)
     CHAT_FIELDS,
@@ -65,20 +64,11 @@ class CompletionStream:
 
     def _generate(self, writer: ChunkWriter) -> Iterator[dict[str, Any]]:
         yield from writer.opening()
-        results: dict[int, GenerationResult] = {}
-        while len(results) < len(self.handles):
+        while not writer.finished:
             index, kind, payload = self._inbox.get()
-            if kind == "event":
-                chunk = writer.event(payload, index)
-                if chunk is not None:
-                    yield chunk
-            elif kind == "error":
+            if kind == "error":
                 raise payload
-            else:
-                results[index] = payload
-                yield writer.choice_closing(payload, index)
-        yield from writer.vote_chunk([results[i] for i in range(len(self.handles))])
-        yield from writer.usage_chunk([results[i] for i in range(len(self.handles))])
+            yield from writer.feed(index, kind, payload)
 
     def __iter__(self) -> "CompletionStream":
         return self

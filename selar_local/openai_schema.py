@@ -463,6 +463,7 @@ class ChunkWriter:
         # log-probabilities of tokens whose text is still held back (a possible stop string)
         self._pending: dict[int, list[tuple[int, tuple[float, tuple]]]] = {}
         self._offset: dict[int, int] = {}
+        self._results: dict[int, GenerationResult] = {}  # finished choices
 
     def _chunk(self, choice: dict | None, **extra: Any) -> dict[str, Any]:
         out = {"id": self.req.id, "object": self.object, "created": self.req.created, "model": self.req.model,
@@ -525,9 +526,24 @@ class ChunkWriter:
     def usage_chunk(self, results: Sequence[GenerationResult]) -> list[dict]:
         return [self._chunk(None, usage=usage(self.req, results))] if self.req.include_usage else []
 
-    def closing(self, result: GenerationResult) -> list[dict]:
-        """One-choice requests: the last chunk and, if asked, the usage chunk."""
-        return [self.choice_closing(result)] + self.usage_chunk([result])
+    def feed(self, index: int, kind: str, payload: Any) -> list[dict]:
+        """The chunks one item of choice `index` brings: an "event" (a step) or "done" (its
+        result); after the last choice's result, the vote and usage chunks too. The API's
+        iterator and the server's event stream both read their items through this."""
+        if kind == "event":
+            chunk = self.event(payload, index)
+            return [chunk] if chunk is not None else []
+        self._results[index] = payload
+        out = [self.choice_closing(payload, index)]
+        if self.finished:
+            ordered = [self._results[i] for i in range(len(self.req.choices))]
+            out += self.vote_chunk(ordered) + self.usage_chunk(ordered)
+        return out
+
+    @property
+    def finished(self) -> bool:
+        """Every choice has its result."""
+        return len(self._results) == len(self.req.choices)
 
 
 def token_trace(event: StepEvent, token_text: Callable[[int], str]) -> dict[str, Any]:

