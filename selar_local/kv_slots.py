@@ -95,7 +95,7 @@ class SlotTable:
 
     def plan(self, prompt: Sequence[int], slot: Slot | None = None, *, whole_only: bool = False) -> Plan:
         """The slot for `prompt` (the given one, or the free slot that can reuse the most,
-        least recently used on a tie) and the longest prefix it can start from: its own
+        see `_preference` for ties) and the longest prefix it can start from: its own
         cells, or cells copied from another slot that holds more (busy ones included:
         their cells up to len(tokens) are computed). Does not mark the slot busy."""
         if slot is None:
@@ -103,8 +103,7 @@ class SlotTable:
             if not free:
                 raise RuntimeError("no free sequence slot")
             scored = [(self.reusable(s, prompt, whole_only=whole_only), s) for s in free]
-            (reuse, logits), slot = max(scored, key=lambda item: (item[0][0], item[0][1] is not None,
-                                                                -item[1].last_used))
+            (reuse, logits), slot = max(scored, key=lambda item: _preference(*item))
         else:
             reuse, logits = self.reusable(slot, prompt, whole_only=whole_only)
         best = Plan(slot, reuse, None, logits)
@@ -134,3 +133,13 @@ class SlotTable:
                 slot.forget(0)
                 dropped += 1
         return dropped
+
+
+def _preference(reusable: tuple[int, np.ndarray | None], slot: Slot) -> tuple:
+    """Among free slots: the most reusable prefix, then known logits; on a tie, an empty
+    slot (nothing cached is lost) with the lowest seq_id, else the least recently used
+    cache. Lowest ids first keep the live seq_ids consecutive: with one KV stream per
+    sequence llama.cpp decodes each run of consecutive seq_ids as its own ubatch."""
+    reuse, logits = reusable
+    empty = not slot.tokens
+    return reuse, logits is not None, empty, -slot.seq_id if empty else -slot.last_used

@@ -92,3 +92,36 @@ def test_unified_kv_cache_lets_one_long_request_use_more_cells(model_files):
     prompt = single.encode(messages=LONG)
     assert 256 < len(prompt) + 12 < 768
     assert unified.generate_batch([prompt], GREEDY)[0].tokens == single.generate_batch([prompt], GREEDY)[0].tokens
+
+
+def test_live_inputs_reach_llama_cpp_in_seq_id_order(model_files):
+    """With one KV stream per sequence llama.cpp decodes each run of consecutive seq_ids
+    as its own ubatch, so the live inputs go in ascending seq_id order whatever order the
+    requests came in, and a new request takes the lowest empty slot (filling gaps)."""
+    rt = runtime_for("llama", model_files, n_parallel=4, prompt_cache=False)
+    prompt = rt.encode(messages=CHAT)
+    gen = BatchGenerator(rt)
+    params = DecodeParams(method="selar", seed=1, max_tokens=40, ignore_eos=True)
+    first = [gen.submit(prompt, params.replace(seed=i))[0] for i in range(4)]
+    while any(gen._live[r].pending is None for r in first):  # noqa: SLF001 - until all four decode
+        gen.step()
+    slots = {r: gen._live[r].seq_id for r in first}  # noqa: SLF001
+    assert sorted(slots.values()) == [0, 1, 2, 3]
+    gen.cancel(first[2]), gen.cancel(first[0])  # free seq_ids 0 and 2 (in that order)
+    late = gen.submit(prompt, params.replace(seed=9))[0]
+    assert gen._live[late].seq_id == 0  # noqa: SLF001 - the lowest empty slot, not the last freed
+    batches = []
+    ctx = rt.context
+    real_tokens, real_embeddings = ctx.decode_tokens, ctx.decode_embedding_buffer
+    ctx.decode_tokens = lambda tokens, positions, seq_ids, want: (
+        batches.append(list(seq_ids)), real_tokens(tokens, positions, seq_ids, want))
+    ctx.decode_embedding_buffer = lambda n, positions, seq_ids, want: (
+        batches.append(list(seq_ids)), real_embeddings(n, positions, seq_ids, want))
+    try:
+        for _ in range(8):
+            gen.step()
+    finally:
+        del ctx.decode_tokens, ctx.decode_embedding_buffer
+    live_batches = [b for b in batches if len(b) == len(set(b)) == 3]
+    assert live_batches and all(b == [0, 1, 3] for b in live_batches)  # not admission order [1, 3, 0]
+    gen.close()
