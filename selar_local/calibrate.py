@@ -24,7 +24,7 @@ from selar_local.params import DecodeParams
 if TYPE_CHECKING:  # pragma: no cover
     from selar_local.runtime import Runtime
 
-CALIBRATION_VERSION = 2
+CALIBRATION_VERSION = 3
 SOFT_SHARE_BAND = (0.06, 0.14)
 TARGET_SHARE = 0.10
 BINS = 50                      # histogram of h over [0, 1]
@@ -61,6 +61,7 @@ class Calibration:
     in_band: bool
     steps: int
     histogram: list[int]           # counts of h in BINS equal bins over [0, 1]
+    max_share: float = 0.0         # the share at any tau just above 0: steps with h > 0 (not math symbols)
     model_sha256: str = ""
     model_file: str = ""
     settings: dict = field(default_factory=dict)
@@ -74,6 +75,12 @@ class Calibration:
 def soft_share(entropies: np.ndarray, eligible: np.ndarray, tau: float) -> float:
     """Share of steps SeLaR would make soft: h >= tau and the token is not a math symbol."""
     return float(np.mean((entropies >= tau) & eligible)) if len(entropies) else 0.0
+
+
+def reachable_share(entropies: np.ndarray, eligible: np.ndarray) -> float:
+    """The largest soft share any tau > 0 can give: steps whose filtered distribution keeps
+    a second candidate (h > 0), math symbols excepted. Below the band, no tau reaches it."""
+    return float(np.mean((entropies > 0) & eligible)) if len(entropies) else 0.0
 
 
 def choose_tau(entropies: Sequence[float], eligible: Sequence[bool], *,
@@ -165,6 +172,7 @@ def calibrate(runtime: "Runtime", params: DecodeParams | None = None, *,
     eligible = np.concatenate([~mask[np.asarray(r.tokens, dtype=np.int64)] for r in results])
     tau, share, in_band = choose_tau(entropies, eligible)
     return Calibration(tau=tau, soft_share=share, in_band=in_band, steps=int(entropies.size),
+                       max_share=reachable_share(entropies, eligible),
                        histogram=histogram(entropies), model_sha256=file_sha256(runtime.model_path),
                        model_file=runtime.model_path.name, settings=sampler_settings(base), prompts=len(prompts))
 
@@ -189,6 +197,19 @@ def cached_tau(model_path: Path, params: DecodeParams | None = None) -> Calibrat
     from selar_local.registry import file_sha256
 
     return load_cached(file_sha256(Path(model_path)), sampler_settings(params or DecodeParams()))
+
+
+def out_of_band_reason(calibration: Calibration) -> str | None:
+    """Why no tau lands in the band, when that is the sampler's doing (None otherwise)."""
+    low = SOFT_SHARE_BAND[0]
+    if calibration.in_band or calibration.max_share >= low:
+        return None
+    s = calibration.settings
+    return (f"no tau reaches {100 * low:.0f}%: only {100 * calibration.max_share:.1f}% of the steps keep a second "
+            f"candidate after the filter (temperature {s.get('temperature')}, top-k {s.get('top_k')}, top-p "
+            f"{s.get('top_p')}, min-p {s.get('min_p')}), and a step with one candidate has entropy 0. The model is "
+            f"this confident under this sampler; calibrate under the sampler you decode with (a model's own "
+            f"recommended settings, e.g. Gemma 3's --temperature 1.0 --top-k 64 --top-p 0.95).")
 
 
 def render_histogram(calibration: Calibration, width: int = 40) -> str:

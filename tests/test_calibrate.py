@@ -87,3 +87,21 @@ def test_selar_calibrate_on_real_models(arch, model_files, tmp_path):
     # A second call reads the cache (same answer, no decoding needed).
     again = subprocess.run(cmd[:-3] + ["--json"], capture_output=True, text=True, env=env, timeout=900)
     assert json.loads(again.stdout) == result
+
+
+def test_a_sampler_that_leaves_one_candidate_says_why_no_tau_reaches_the_band():
+    # 96% of the steps keep one candidate after top-p (h = 0): at most 4% can ever be soft.
+    h = np.concatenate([np.zeros(960), np.full(40, 0.5)])
+    ok = np.ones(1000, dtype=bool)
+    assert cal.reachable_share(h, ok) == 0.04
+    tau, share, in_band = cal.choose_tau(h, ok)
+    c = cal.Calibration(tau=tau, soft_share=share, in_band=in_band, steps=1000, histogram=cal.histogram(h),
+                        max_share=cal.reachable_share(h, ok), settings=cal.sampler_settings(DecodeParams()))
+    assert (share, in_band) == (0.04, False)
+    reason = cal.out_of_band_reason(c)
+    assert "only 4.0% of the steps keep a second candidate" in reason and "top-p 0.95" in reason
+    spread = np.linspace(0.0, 1.0, 1001)
+    tau, share, in_band = cal.choose_tau(spread, np.ones(1001, dtype=bool))
+    assert cal.out_of_band_reason(cal.Calibration(tau=tau, soft_share=share, in_band=in_band, steps=1001,
+                                                  histogram=cal.histogram(spread),
+                                                  max_share=cal.reachable_share(spread, np.ones(1001, bool)))) is None

@@ -34,7 +34,7 @@ def register(subparsers) -> None:
 
 
 def calibrate_command(args: argparse.Namespace) -> int:
-    from selar_local.calibrate import auto_tau, plot_histogram, render_histogram
+    from selar_local.calibrate import auto_tau, out_of_band_reason, plot_histogram, render_histogram
     from selar_local.commands.common import load_runtime
     from selar_local.errors import InvalidParameterError
 
@@ -60,6 +60,9 @@ def calibrate_command(args: argparse.Namespace) -> int:
     print(f"{calibration.model_file}: tau {calibration.tau:.2f}, soft share {100 * calibration.soft_share:.1f}% "
           f"({band} the 6-14% band) over {calibration.steps} cot steps of {calibration.prompts} prompts",
           file=sys.stderr)
+    reason = out_of_band_reason(calibration)
+    if reason:
+        print(reason, file=sys.stderr)
     if args.plot:
         print(f"histogram: {plot_histogram(calibration, args.plot)}", file=sys.stderr)
     return 0
