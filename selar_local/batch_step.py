@@ -17,7 +17,9 @@ from typing import Sequence
 import numpy as np
 
 from selar_local.policies import CotPolicy, Policy, SelarPolicy, StepDecision, contrastive_weights
-from selar_local.sampling import _MIN_BLOCKED_VOCAB, Distribution, filter_logits
+from selar_local.sampling import _MIN_BLOCKED_VOCAB, Distribution, _top_k_ids, filter_logits
+
+WIDE_VOCAB = 100_000  # the vocabulary size from which rows are cut one by one (see _top_k_rows)
 
 
 def decide_all(policies: Sequence[Policy], logits: np.ndarray) -> list[StepDecision]:
@@ -88,6 +90,18 @@ def _batchable(k: int, vocab: int) -> bool:
 def _top_k_rows(logits: np.ndarray, rows: list[int], k: int) -> tuple[np.ndarray, np.ndarray]:
     """Ids of the k largest logits of each given row ([len(rows), k], in no order) and
     whether that set is certain (no tie with a logit outside it).
+
+    Wide vocabularies go row by row (`_top_k_ids`, which settles ties itself): in the
+    serving loop one pass over 16 rows of 152k logits cost 1.06 ms against 0.5 ms for the
+    rows one at a time, whose gathers find their row still in cache."""
+    if logits.shape[1] >= WIDE_VOCAB:
+        ids = np.stack([_top_k_ids(logits[i], k) for i in rows])
+        return ids, np.ones(len(rows), dtype=bool)
+    return _top_k_block(logits, rows, k)
+
+
+def _top_k_block(logits: np.ndarray, rows: list[int], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """_top_k_rows in one pass over all the rows.
 
     As in sampling._top_k_ids: the head of each row viewed as (r, c); the k columns with
     the largest maxima hold every logit above the k-th largest column maximum, so the
