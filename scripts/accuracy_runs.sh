@@ -1,36 +1,53 @@
 #!/usr/bin/env bash
-# The GSM8K runs of issue 12 on Qwen2.5-Coder-0.5B, one after the other, each resumable: run this
-# script again after a kill and every run continues where it stopped (finished runs are skipped
-# in seconds). Results go to docs/benchmarks/runs/; `selar bench report` joins them with the
-# existing cot/selar/soft run of the same model and data set.
-#   nohup nice -n 19 bash scripts/accuracy_runs.sh > /tmp/accuracy_runs.log 2>&1 &
+# The GSM8K runs of issue 12 on Qwen2.5-Coder-0.5B and -1.5B, one after the other, each
+# resumable: run this script again after a kill and every run continues where it stopped
+# (finished runs are skipped in seconds). Results go to docs/benchmarks/runs/; `selar bench
+# report` joins the runs of one model and data set (docs/BENCHMARKS.md, "Issue 12").
+#   THREADS=1 nohup nice -n 19 bash scripts/accuracy_runs.sh > /tmp/accuracy_runs.log 2>&1 &
+# Order: the single-sample methods on the 0.5B model, then the baselines of the 1.5B model
+# (cot, selar, soft, greedy cot: the pair where the fixed gate was seen to hurt), the tau sweeps
+# on both, the rest of the 1.5B methods, and the five-sample runs last (the longest).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-MODEL=${MODEL:-qwen2.5-coder-0.5b-instruct}
-# f2: prompt format 2 (the GGUF's Jinja template; docs/BENCHMARKS.md "Prompt formats"). The
-# format-1 folders (gsm8k-qwen05, -greedy-cot, -swir) are kept for their own comparisons.
-TAG=${TAG:-qwen05-f2}
 RUNS=docs/benchmarks/runs
-COMMON=(--dataset gsm8k --model "$MODEL" --threads "${THREADS:-1}" --no-progress --resume)
+# Tags: f2 = prompt format 2 (the GGUF's Jinja template; docs/BENCHMARKS.md "Prompt formats").
+# The format-1 folders (gsm8k-qwen05, -greedy-cot, -swir) are kept for their own comparisons.
+declare -A MODEL=([qwen05-f2]=qwen2.5-coder-0.5b-instruct [qwen15-f2]=qwen2.5-coder-1.5b-instruct)
 
-bench() {  # bench NAME ARGS...: one resumable run folder
-  local name=$1; shift
-  echo "== $(date -u +%FT%TZ) $name"
-  PYTHONPATH=$PWD "$PY" -m selar_local.cli bench "${COMMON[@]}" --out "$RUNS/gsm8k-$TAG-$name" "$@"
+bench() {  # bench TAG NAME ARGS...: one resumable run folder
+  local tag=$1 name=$2; shift 2
+  echo "== $(date -u +%FT%TZ) $tag $name"
+  PYTHONPATH=$PWD "$PY" -m selar_local.cli bench --dataset gsm8k --model "${MODEL[$tag]}" \
+    --threads "${THREADS:-1}" --no-progress --resume --out "$RUNS/gsm8k-$tag-$name" "$@"
 }
 
-# The baselines of this prompt format first: sampled cot, selar and soft, and greedy cot.
-bench main --limit 200 --methods cot,selar,soft --parallel 8
-bench greedy-cot --limit 200 --methods cot --greedy --parallel 8
-# SwiReasoning with W = 64: the published W = 512 was set for 32k-token budgets; with 512 tokens
-# it would allow at most one latent block.
-bench swir --limit 200 --methods swir --swir-window 64 --parallel 8
-bench selar-tau-auto --limit 200 --methods selar --tau auto --parallel 8
-bench soft-gumbel --limit 200 --methods soft --soft-noise gumbel --parallel 8
-bench moi --limit 200 --methods moi --parallel 8
-for tau in 0.3 0.7 0.9; do
-  bench "selar-tau${tau/./}" --limit 100 --methods selar --tau "$tau" --parallel 8
-done
-bench maj5 --limit 200 --methods cot,selar --samples 5 --parallel 10
+baselines() {  # sampled cot, selar and soft, and greedy cot
+  bench "$1" main --limit 200 --methods cot,selar,soft --parallel 8
+  bench "$1" greedy-cot --limit 200 --methods cot --greedy --parallel 8
+}
+
+single_sample_methods() {
+  # SwiReasoning with W = 64: the published W = 512 was set for 32k-token budgets; with 512
+  # tokens it would allow at most one latent block.
+  bench "$1" swir --limit 200 --methods swir --swir-window 64 --parallel 8
+  bench "$1" selar-tau-auto --limit 200 --methods selar --tau auto --parallel 8
+  bench "$1" soft-gumbel --limit 200 --methods soft --soft-noise gumbel --parallel 8
+  bench "$1" moi --limit 200 --methods moi --parallel 8
+}
+
+tau_sweep() {  # tau 0.5 is the main run's selar; auto is its own run
+  for tau in 0.3 0.7 0.9; do
+    bench "$1" "selar-tau${tau/./}" --limit 100 --methods selar --tau "$tau" --parallel 8
+  done
+}
+
+baselines qwen05-f2
+single_sample_methods qwen05-f2
+baselines qwen15-f2
+tau_sweep qwen05-f2
+tau_sweep qwen15-f2
+single_sample_methods qwen15-f2
+bench qwen05-f2 maj5 --limit 200 --methods cot,selar --samples 5 --parallel 10
+bench qwen15-f2 maj5 --limit 200 --methods cot,selar --samples 5 --parallel 10
 echo "== $(date -u +%FT%TZ) all runs done"
