@@ -7,6 +7,8 @@
 # Order: the single-sample methods on the 0.5B model, then the baselines of the 1.5B model
 # (cot, selar, soft, greedy cot: the pair where the fixed gate was seen to hurt), the tau sweeps
 # on both, the rest of the 1.5B methods, and the five-sample runs last (the longest).
+# --parallel 16: on this 2-core machine with one thread, 16 sequences of Qwen2.5-Coder-0.5B decode
+# 92 tokens/s in all against 58 for 8 (32: 97); the accuracy figures do not depend on it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -23,22 +25,22 @@ bench() {  # bench TAG NAME ARGS...: one resumable run folder
 }
 
 baselines() {  # sampled cot, selar and soft, and greedy cot
-  bench "$1" main --limit 200 --methods cot,selar,soft --parallel 8
-  bench "$1" greedy-cot --limit 200 --methods cot --greedy --parallel 8
+  bench "$1" main --limit 200 --methods cot,selar,soft --parallel 16
+  bench "$1" greedy-cot --limit 200 --methods cot --greedy --parallel 16
 }
 
 single_sample_methods() {
   # SwiReasoning with W = 64: the published W = 512 was set for 32k-token budgets; with 512
   # tokens it would allow at most one latent block.
-  bench "$1" swir --limit 200 --methods swir --swir-window 64 --parallel 8
-  bench "$1" selar-tau-auto --limit 200 --methods selar --tau auto --parallel 8
-  bench "$1" soft-gumbel --limit 200 --methods soft --soft-noise gumbel --parallel 8
-  bench "$1" moi --limit 200 --methods moi --parallel 8
+  bench "$1" swir --limit 200 --methods swir --swir-window 64 --parallel 16
+  bench "$1" selar-tau-auto --limit 200 --methods selar --tau auto --parallel 16
+  bench "$1" soft-gumbel --limit 200 --methods soft --soft-noise gumbel --parallel 16
+  bench "$1" moi --limit 200 --methods moi --parallel 16
 }
 
 tau_sweep() {  # tau 0.5 is the main run's selar; auto is its own run
   for tau in 0.3 0.7 0.9; do
-    bench "$1" "selar-tau${tau/./}" --limit 100 --methods selar --tau "$tau" --parallel 8
+    bench "$1" "selar-tau${tau/./}" --limit 100 --methods selar --tau "$tau" --parallel 16
   done
 }
 
@@ -48,6 +50,6 @@ baselines qwen15-f2
 tau_sweep qwen05-f2
 tau_sweep qwen15-f2
 single_sample_methods qwen15-f2
-bench qwen05-f2 maj5 --limit 200 --methods cot,selar --samples 5 --parallel 10
-bench qwen15-f2 maj5 --limit 200 --methods cot,selar --samples 5 --parallel 10
+bench qwen05-f2 maj5 --limit 200 --methods cot,selar --samples 5 --parallel 20
+bench qwen15-f2 maj5 --limit 200 --methods cot,selar --samples 5 --parallel 20
 echo "== $(date -u +%FT%TZ) all runs done"
