@@ -92,8 +92,8 @@ def _top_k_rows(logits: np.ndarray, rows: list[int], k: int) -> tuple[np.ndarray
     whether that set is certain (no tie with a logit outside it).
 
     Wide vocabularies go row by row (`_top_k_ids`, which settles ties itself): in the
-    serving loop one pass over 16 rows of 152k logits cost 1.06 ms against 0.5 ms for the
-    rows one at a time, whose gathers find their row still in cache."""
+    serving loop the filter of 16 rows of 152k logits took 0.95-1.06 ms with one pass over
+    all of them and 0.70-0.91 ms row by row, whose gathers find their row still in cache."""
     if logits.shape[1] >= WIDE_VOCAB:
         ids = np.stack([_top_k_ids(logits[i], k) for i in rows])
         return ids, np.ones(len(rows), dtype=bool)

@@ -265,8 +265,8 @@ class BatchGenerator:
         self.slots = runtime.slots
         self.prefill_chunk = max(1, int(prefill_chunk or runtime.prefill_chunk))
         # False: each policy steps on its own row (the reference path). By default the batch-wide
-        # step runs below WIDE_VOCAB, where it is the faster of the two (16 rows of 49k: 0.67 against
-        # 0.80 ms host work a step); at 152k one row at a time was faster (0.86 against 1.23 ms).
+        # step runs below WIDE_VOCAB, where it is the faster of the two (16 rows of 49k: 0.66 against
+        # 0.79 ms host work a step); at 152k one row at a time was faster (1.24 against 1.57 ms).
         if batch_wide is None:
             batch_wide = self.context.model.n_vocab < WIDE_VOCAB
         self.batch_wide = batch_wide
@@ -437,8 +437,8 @@ class BatchGenerator:
         events = self._first_steps()
         # In seq_id order: with one KV stream per sequence llama.cpp puts only runs of
         # consecutive seq_ids into one ubatch (llama_batch_allocr::split_equal), and each
-        # extra ubatch reads all the weights again (16 live sequences in admission order
-        # [12..15, 0..11] decoded in 2 ubatches: 104 ms a step against 80).
+        # extra ubatch is another pass through the model (16 live sequences in admission
+        # order [12..15, 0..11]: 2 ubatches, 100 ms a step against 85; benchmarks/ubatch_split.py).
         decoding = sorted((s for s in self._live.values() if s.pending is not None), key=_by_seq_id)
         pieces = self._next_pieces(len(decoding))
         if decoding or pieces:
