@@ -234,7 +234,7 @@ def host_per_step(path: str, levels=(1, 4, 16, 32), steps: int = 100) -> dict:
                 vocab_s = [0.0]
                 real_filter = batch_step._filter_all
 
-                def timed_filter(*args):  # the vocabulary-sized part of the batch-wide step
+                def timed_filter(*args, real_filter=real_filter, vocab_s=vocab_s):  # the vocabulary-sized part
                     t = time.perf_counter()
                     result = real_filter(*args)
                     vocab_s[0] += time.perf_counter() - t
