@@ -172,13 +172,26 @@ def normalized_topk(dist: Distribution, k: int) -> tuple[np.ndarray, np.ndarray,
     return ids, weights, (0.0 if h <= 0.0 else min(h, 1.0))  # no -0.0 in traces
 
 
+# Logits further than this below the largest have p = 0 exactly (exp underflows).
+_NO_MASS = -1e4
+
+
 def full_vocab_entropy(logits: np.ndarray) -> float:
-    """Entropy of softmax(logits) over the whole vocabulary (Soft Thinking's Cold Stop)."""
+    """Entropy of softmax(logits) over the whole vocabulary (Soft Thinking's Cold Stop,
+    SwiReasoning's switches): exp in the logits' precision, sums in float64 (2e-9 relative
+    from the all-float64 value at 152k).
+
+    No BLAS: np.dot of two 152k vectors runs in NumPy's multi-threaded OpenBLAS, whose
+    threads compete with llama.cpp's; it took 8 ms a call on a busy 2-core machine (0.03 ms
+    on one thread). This takes ~0.25 ms (all in float64: 1.35 ms)."""
     shifted = logits - np.max(logits)
-    exp = np.exp(shifted, dtype=np.float64)
-    total = exp.sum()
-    # -inf logits (banned tokens, ignore_eos) have p = 0 and add nothing (not 0 * -inf = nan)
-    return float(math.log(total) - np.dot(exp, np.where(exp > 0, shifted, 0.0)) / total)
+    # -inf logits (banned tokens, ignore_eos) have p = 0 and add nothing (0 * floor = 0, not
+    # 0 * -inf = nan); every logit below the floor has p = 0 anyway.
+    np.maximum(shifted, _NO_MASS, out=shifted)
+    exp = np.exp(shifted)
+    total = exp.sum(dtype=np.float64)
+    exp *= shifted
+    return float(math.log(total) - exp.sum(dtype=np.float64) / total)
 
 
 def sample(dist: Distribution, rng: np.random.Generator) -> int:

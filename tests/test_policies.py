@@ -99,6 +99,20 @@ class TestEntropy:
         assert full_vocab_entropy(logits) == pytest.approx(entropy(p))
         assert entropy(np.array([0.5, 0.5])) == pytest.approx(math.log(2))
 
+    def test_full_vocab_entropy_of_a_wide_float32_row_with_banned_tokens(self):
+        # float32 exp (relative error ~1e-7 a term), float64 sums: within 1e-6 of the float64 value
+        logits = (np.random.default_rng(5).standard_normal(151_936) * 3).astype(np.float32)
+        logits[[0, 7, 151_935]] = -np.inf  # ignore_eos bans: p = 0, no nan
+        finite = logits[np.isfinite(logits)].astype(np.float64)
+        p = np.exp(finite - finite.max())
+        p /= p.sum()
+        reference = float(-(p * np.log(p)).sum())
+        assert full_vocab_entropy(logits) == pytest.approx(reference, rel=1e-6)
+        assert np.isinf(logits[[0, 7, 151_935]]).all()  # the row itself is untouched
+        one_hot = np.full(151_936, -np.inf, dtype=np.float32)
+        one_hot[3] = 2.0
+        assert full_vocab_entropy(one_hot) == 0.0
+
     def test_effective_count(self):
         assert effective_count(np.array([0.5, 0.5])) == pytest.approx(2.0)
         assert effective_count(np.array([1.0])) == pytest.approx(1.0)
