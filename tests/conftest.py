@@ -7,8 +7,12 @@ that cannot be had is an error, not a skip: these tests are the engine's proof.
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
+from selar_local.bench.datasets import DATA_DIR_ENV
 from selar_local.registry import get_entry, local_path, pull
 
 TEST_MODELS = {
@@ -102,3 +106,10 @@ def tiny_model(tmp_path_factory, model_files, r1_vocab_path):
         return built[label]
 
     return get
+
+
+def external_data_dir(containing: str) -> Path | None:
+    """A folder of data sets the package does not ship (GPQA Diamond, GSM8K train), only where
+    $SELAR_DATA_DIR names one: the suite reads nothing beside the repository unless told to."""
+    root = os.environ.get(DATA_DIR_ENV)
+    return Path(root) if root and (Path(root) / containing).is_file() else None

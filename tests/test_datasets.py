@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import external_data_dir
 
 from selar_local.bench.datasets import (
     ANSWER_INSTRUCTION,
@@ -15,7 +16,6 @@ from selar_local.bench.datasets import (
     build_prompt,
     canonical_name,
     PACKAGED_DATA_DIR,
-    find_data_dir,
     load_problems,
 )
 from selar_local.errors import DatasetError, SelarError
@@ -23,12 +23,12 @@ from selar_local.errors import DatasetError, SelarError
 # The public test sets ship inside the package; these tests need nothing beside the repository.
 DATA_DIR = PACKAGED_DATA_DIR
 # GPQA Diamond and GSM8K's train split are not shipped (GPQA's authors ask that it not be
-# published in plain text): read from $SELAR_DATA_DIR or ../shared/data where a developer has it.
-EXTERNAL_DIR = find_data_dir(containing="gpqa_diamond/test.jsonl")
+# published in plain text): read from $SELAR_DATA_DIR where a developer has them.
+EXTERNAL_DIR = external_data_dir("gpqa_diamond/test.jsonl")
 requires_external = pytest.mark.skipif(
     EXTERNAL_DIR is None or EXTERNAL_DIR == PACKAGED_DATA_DIR,
     reason="GPQA Diamond and GSM8K train are not shipped: set SELAR_DATA_DIR to a folder holding "
-           "gpqa_diamond/test.jsonl and gsm8k/train.jsonl (e.g. ../shared/data) to run this test",
+           "gpqa_diamond/test.jsonl and gsm8k/train.jsonl to run this test",
 )
 SHIPPED = ("gsm8k", "math500", "aime24", "aime25", "amc23")
 

@@ -6,7 +6,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from selar_local.bench.datasets import PACKAGED_DATA_DIR, find_data_dir, load_problems
+from conftest import external_data_dir
+from selar_local.bench.datasets import PACKAGED_DATA_DIR, load_problems
 from selar_local.bench.grading import (
     answer_kind,
     extract_answer,
@@ -18,10 +19,10 @@ from selar_local.bench.grading import (
 )
 
 # GPQA Diamond is not shipped (its authors ask that it not be published in plain text).
-GPQA_DIR = find_data_dir(containing="gpqa_diamond/test.jsonl")
+GPQA_DIR = external_data_dir("gpqa_diamond/test.jsonl")
 requires_gpqa = pytest.mark.skipif(
     GPQA_DIR is None, reason="GPQA Diamond is not shipped: set SELAR_DATA_DIR to a folder holding "
-                             "gpqa_diamond/test.jsonl (e.g. ../shared/data) to run this test")
+                             "gpqa_diamond/test.jsonl to run this test")
 
 
 def gold_answers(name: str) -> list[str]:
