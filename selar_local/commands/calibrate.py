@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from selar_local.commands.common import add_model_arguments
+from selar_local.commands.common import add_model_arguments, add_sampler_arguments
 from selar_local.params import DecodeParams
 
 _DEFAULTS = DecodeParams()
@@ -23,12 +23,8 @@ def register(subparsers) -> None:
     parser.add_argument("--plot", metavar="PNG", default=None, help="write the histogram as a PNG")
     parser.add_argument("--json", action="store_true", help="print the calibration as JSON")
     sampler = parser.add_argument_group("sampler (the entropy depends on it; --tau auto matches these)")
-    sampler.add_argument("--ks", type=int, default=_DEFAULTS.ks)
-    sampler.add_argument("--temperature", type=float, default=_DEFAULTS.temperature)
-    sampler.add_argument("--top-k", type=int, default=_DEFAULTS.top_k)
-    sampler.add_argument("--top-p", type=float, default=_DEFAULTS.top_p)
-    sampler.add_argument("--min-p", type=float, default=_DEFAULTS.min_p)
-    sampler.add_argument("--seed", type=int, default=_DEFAULTS.seed)
+    sampler.add_argument("--ks", type=int, default=_DEFAULTS.ks, help="SeLaR candidates in the gate's entropy")
+    add_sampler_arguments(sampler)
     add_model_arguments(parser)
     parser.set_defaults(func=calibrate_command)
 

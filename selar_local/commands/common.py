@@ -72,17 +72,23 @@ def add_decode_arguments(parser: argparse.ArgumentParser, *, method_default: str
                        help="SwiReasoning: </think> blend weight beta_0 at a switch to explicit")
     group.add_argument("--swir-topk", type=int, default=_DEFAULTS.swir_topk,
                        help="SwiReasoning: tokens in the latent mixture softmax(l) @ E (default %(default)s)")
-    group.add_argument("--temperature", type=float, default=_DEFAULTS.temperature)
-    group.add_argument("--top-k", type=int, default=_DEFAULTS.top_k)
-    group.add_argument("--top-p", type=float, default=_DEFAULTS.top_p)
-    group.add_argument("--min-p", type=float, default=_DEFAULTS.min_p)
-    group.add_argument("--seed", type=int, default=_DEFAULTS.seed)
+    add_sampler_arguments(group)
     group.add_argument("--greedy", action="store_true", help="show the argmax token instead of a sample")
     group.add_argument("--max-tokens", type=int, default=_DEFAULTS.max_tokens)
     group.add_argument("--max-think-tokens", type=int, default=None, metavar="N",
                        help="thinking budget: after N tokens inside the thinking span the close marker "
                             "is emitted and the answer follows (models with thinking markers)")
     group.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def add_sampler_arguments(group) -> None:
+    """The sampling filter and seed, shared by every decoding command and `selar calibrate`
+    (the gate's entropy depends on them)."""
+    group.add_argument("--temperature", type=float, default=_DEFAULTS.temperature)
+    group.add_argument("--top-k", type=int, default=_DEFAULTS.top_k)
+    group.add_argument("--top-p", type=float, default=_DEFAULTS.top_p)
+    group.add_argument("--min-p", type=float, default=_DEFAULTS.min_p)
+    group.add_argument("--seed", type=int, default=_DEFAULTS.seed)
 
 
 def tau_value(text: str) -> float | str:
