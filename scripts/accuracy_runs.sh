@@ -3,7 +3,8 @@
 # resumable: run this script again after a kill and every run continues where it stopped
 # (finished runs are skipped in seconds). Results go to docs/benchmarks/runs/; `selar bench
 # report` joins the runs of one model and data set (docs/BENCHMARKS.md, "Issue 12").
-#   THREADS=1 nohup nice -n 19 bash scripts/accuracy_runs.sh > /tmp/accuracy_runs.log 2>&1 &
+#   THREADS=1 nohup nice -n 19 bash scripts/accuracy_runs.sh qwen05 > /tmp/acc05.log 2>&1 &
+#   THREADS=1 nohup nice -n 19 bash scripts/accuracy_runs.sh qwen15 > /tmp/acc15.log 2>&1 &
 # Order: the single-sample methods on the 0.5B model, then the baselines of the 1.5B model
 # (cot, selar, soft, greedy cot: the pair where the fixed gate was seen to hurt), the tau sweeps
 # on both, the rest of the 1.5B methods, and the five-sample runs last (the longest).
@@ -44,12 +45,26 @@ tau_sweep() {  # tau 0.5 is the main run's selar; auto is its own run
   done
 }
 
-baselines qwen05-f2
-single_sample_methods qwen05-f2
-baselines qwen15-f2
-tau_sweep qwen05-f2
-tau_sweep qwen15-f2
-single_sample_methods qwen15-f2
-bench qwen05-f2 maj5 --limit 200 --methods cot,selar --samples 5 --parallel 20
-bench qwen15-f2 maj5 --limit 200 --methods cot,selar --samples 5 --parallel 20
-echo "== $(date -u +%FT%TZ) all runs done"
+qwen05() {
+  baselines qwen05-f2
+  single_sample_methods qwen05-f2
+  tau_sweep qwen05-f2
+  bench qwen05-f2 maj5 --limit 200 --methods cot,selar --samples 5 --parallel 20
+}
+
+qwen15() {
+  baselines qwen15-f2
+  tau_sweep qwen15-f2
+  single_sample_methods qwen15-f2
+  bench qwen15-f2 maj5 --limit 200 --methods cot,selar --samples 5 --parallel 20
+}
+
+# One queue per model (`bash scripts/accuracy_runs.sh qwen05` and `... qwen15` as two background
+# jobs, one core each: no two jobs ever write one run folder); no argument runs both in turn.
+case "${1:-all}" in
+  qwen05) qwen05 ;;
+  qwen15) qwen15 ;;
+  all) qwen05; qwen15 ;;
+  *) echo "usage: $0 [qwen05|qwen15|all]" >&2; exit 2 ;;
+esac
+echo "== $(date -u +%FT%TZ) ${1:-all} runs done"
