@@ -231,7 +231,7 @@ def _add_hparam(writer, key: str, value) -> None:
 
 
 def write_gguf(path: Path, arch: Arch, tokenizer_kv, n_vocab: int, tensors: dict[str, tuple[int, ...]],
-               seed: int = 0) -> None:
+               seed: int = 0, extra_kv: dict | None = None) -> None:
     from gguf import GGMLQuantizationType, GGUFWriter
 
     writer = GGUFWriter(str(path), arch.name)
@@ -242,6 +242,8 @@ def write_gguf(path: Path, arch: Arch, tokenizer_kv, n_vocab: int, tensors: dict
         _add_hparam(writer, f"{arch.name}.{key}", value)
     for key, vtype, value, item in tokenizer_kv:
         writer.add_key_value(key, value, vtype, item)
+    for key, value in (extra_kv or {}).items():  # e.g. general.sampling.temp
+        _add_hparam(writer, key, value)
     rng = np.random.default_rng(seed)
     for name, shape in tensors.items():
         values = _tensor_values(name, shape, rng)
@@ -272,12 +274,14 @@ def _load_error(path: Path) -> str | None:
 
 
 def build(arch: Arch, out_dir: Path, tokenizer_kv, n_vocab: int, *, known: dict | None = None,
-          max_rounds: int = 300) -> tuple[Path, dict[str, tuple[int, ...]]]:
+          max_rounds: int = 300, extra_kv: dict | None = None,
+          suffix: str = "") -> tuple[Path, dict[str, tuple[int, ...]]]:
     """Write `arch` with the tensors llama.cpp asks for (see the module docstring),
-    starting from `known` (a tensor list found before: one round when still right).
+    starting from `known` (a tensor list found before: one round when still right),
+    and any `extra_kv` metadata (file name tiny-LABEL{suffix}.gguf).
     Returns the path and the tensor list, -1 standing for n_vocab."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"tiny-{arch.label or arch.name}.gguf"
+    path = out_dir / f"tiny-{arch.label or arch.name}{suffix}.gguf"
     if known:
         tensors = {name: tuple(n_vocab if d == -1 else d for d in shape) for name, shape in known.items()}
     else:
@@ -293,7 +297,7 @@ def build(arch: Arch, out_dir: Path, tokenizer_kv, n_vocab: int, *, known: dict 
     requested = {"token_embd.weight", *seeded}  # tensors the loader named (or the graph needs)
     guessing = True
     for _ in range(max_rounds):
-        write_gguf(path, arch, tokenizer_kv, n_vocab, tensors)
+        write_gguf(path, arch, tokenizer_kv, n_vocab, tensors, extra_kv=extra_kv)
         error = _load_error(path)
         if error is None:
             return path, {name: tuple(-1 if d == n_vocab else d for d in shape) for name, shape in tensors.items()}

@@ -178,7 +178,8 @@ class Selar:
             "id": self.model_id, "object": "model", "created": self.created, "owned_by": "selar-local",
             "meta": {"architecture": model.architecture, "n_vocab": model.n_vocab, "n_ctx": self.runtime.context.n_ctx,
                      "n_ctx_train": model.n_ctx_train, "n_parallel": self.runtime.n_parallel,
-                     "soft_decoding": self.runtime.self_check.passed, "path": str(self.runtime.model_path)},
+                     "soft_decoding": self.runtime.self_check.passed, "path": str(self.runtime.model_path),
+                     "sampler": dict(self.runtime.sampler.values)},
         }]}
 
     def close(self) -> None:

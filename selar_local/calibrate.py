@@ -164,7 +164,7 @@ def calibrate(runtime: "Runtime", params: DecodeParams | None = None, *,
     """Decode `prompts` with cot under `params`' sampler and choose tau (nothing cached)."""
     from selar_local.registry import file_sha256
 
-    base = (params or DecodeParams()).replace(method="cot", max_tokens=max_tokens, soft_noise="none")
+    base = (params or runtime.default_params()).replace(method="cot", max_tokens=max_tokens, soft_noise="none")
     tokens = [runtime.encode(messages=[{"role": "user", "content": p}]) for p in prompts]
     results = runtime.generate_batch(tokens, [base.replace(seed=base.seed + i) for i in range(len(tokens))])
     mask = runtime.token_info.math_symbol_mask
@@ -182,7 +182,7 @@ def auto_tau(runtime: "Runtime", params: DecodeParams | None = None, *, refresh:
     """The model's calibrated tau for `params`' sampler: from the cache, else calibrated now."""
     from selar_local.registry import file_sha256
 
-    settings = sampler_settings(params or DecodeParams())
+    settings = sampler_settings(params or runtime.default_params())
     if not refresh:
         cached = load_cached(file_sha256(runtime.model_path), settings)
         if cached is not None:
@@ -196,7 +196,10 @@ def cached_tau(model_path: Path, params: DecodeParams | None = None) -> Calibrat
     """The cached calibration of a model file, without loading it (None if there is none)."""
     from selar_local.registry import file_sha256
 
-    return load_cached(file_sha256(Path(model_path)), sampler_settings(params or DecodeParams()))
+    from selar_local.model_sampler import model_sampler
+
+    params = params or model_sampler(model_path).apply(DecodeParams())
+    return load_cached(file_sha256(Path(model_path)), sampler_settings(params))
 
 
 def out_of_band_reason(calibration: Calibration) -> str | None:

@@ -97,6 +97,8 @@ class GGUFIndex:
                 metadata[key] = cur.string().decode("utf-8", errors="replace")
             elif vtype in (GGUFValueType.UINT32, GGUFValueType.INT32, GGUFValueType.UINT64):
                 metadata[key] = cur.take({4: "<I", 5: "<i", 10: "<Q"}[vtype])
+            elif vtype == GGUFValueType.FLOAT32:  # e.g. general.sampling.temp
+                metadata[key] = cur.take("<f")
             else:
                 cur.skip_value(vtype)
         infos = []

@@ -318,6 +318,7 @@ class RequestBuilder:
             raise RequestError(f"{len(stop)} stop strings: at most {room_for_stops} for this model", param="stop",
                                code="invalid_value")
         values["stop"] = tuple(dict.fromkeys([s for s in stop if s] + list(self.default_stop)))
+        values = self.runtime.sampler.fill(values)  # the model's recommended sampler where the request names none
         auto = isinstance(values.get("tau"), str) and values["tau"].strip().lower() == "auto"
         try:
             params = DecodeParams(**{**values, "tau": 0.5} if auto else values)

@@ -17,6 +17,8 @@ MAX_MIXTURE_SIZE = 64        # ks, soft_topk, moi_topn and any other mixture siz
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256        # characters per stop string (held back while streaming)
 MAX_TOP_LOGPROBS = 20        # as OpenAI
+# The filter a model may recommend (GGUF general.sampling.*, a registry entry's sampler=).
+SAMPLER_FIELDS = ("temperature", "top_k", "top_p", "min_p")
 
 
 @dataclass(frozen=True)
@@ -66,11 +68,8 @@ class DecodeParams:
             object.__setattr__(self, "stop", tuple(self.stop or ()))
         _check(self.method in METHODS, "method", self.method, f"one of {', '.join(METHODS)}")
         _check(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", self.max_tokens, "an integer >= 1")
-        _check(_finite(self.temperature) and self.temperature > 0, "temperature", self.temperature,
-               "a number > 0 (use greedy=True for argmax decoding)")
-        _check(_is_int(self.top_k) and self.top_k >= 0, "top_k", self.top_k, "an integer >= 0 (0 disables)")
-        _check(_finite(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p, "a number in (0, 1]")
-        _check(_finite(self.min_p) and 0 <= self.min_p < 1, "min_p", self.min_p, "a number in [0, 1)")
+        for name in SAMPLER_FIELDS:
+            check_sampler_value(name, getattr(self, name))
         _check(_is_int(self.seed) and self.seed >= 0, "seed", self.seed, "an integer >= 0")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop, "non-empty strings")
         _check(len(self.stop) <= MAX_STOP_STRINGS, "stop", f"<{len(self.stop)} strings>",
@@ -126,6 +125,20 @@ class DecodeParams:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+_SAMPLER_RULES = {
+    "temperature": (lambda v: _finite(v) and v > 0, "a number > 0 (use greedy=True for argmax decoding)"),
+    "top_k": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0 disables)"),
+    "top_p": (lambda v: _finite(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "min_p": (lambda v: _finite(v) and 0 <= v < 1, "a number in [0, 1)"),
+}
+
+
+def check_sampler_value(name: str, value: Any) -> None:
+    """Raise InvalidParameterError unless `value` is valid for the sampler field `name`."""
+    ok, expected = _SAMPLER_RULES[name]
+    _check(ok(value), name, value, expected)
 
 
 def _is_int(value: Any) -> bool:

@@ -45,7 +45,7 @@ _SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _RANGE_PATTERN = re.compile(r"\{(\d+)\.\.(\d+)\}")
 _PIP_SPEC_PATTERN = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([A-Za-z0-9][A-Za-z0-9.+!_-]*)")
-_KNOWN_KEYS = frozenset({"hf", "pypi", "parts", "sha256", "size", "arch", "think", "stop", "file"})
+_KNOWN_KEYS = frozenset({"hf", "pypi", "parts", "sha256", "size", "arch", "think", "stop", "file", "sampler"})
 _REQUIRED_KEYS = ("arch", "sha256", "size")
 
 __all__ = [
@@ -77,6 +77,9 @@ class ModelEntry:
     pypi_parts: tuple[str, ...] = ()  # path of each part inside its installed package
     think_tags: tuple[str, ...] | None = None  # (OPEN, CLOSE) or (OPEN, CLOSE, ANSWER)
     stop_strings: tuple[str, ...] = ()
+    # The model's recommended sampler where its GGUF file does not carry one
+    # (selar_local.model_sampler): ((field, value), ...), e.g. (("top_k", 64),).
+    sampler: tuple[tuple[str, float | int], ...] = ()
     is_default: bool = False
 
     @property
@@ -187,6 +190,7 @@ def _parse_entry(name: str, fields: list[Field], path: Path, entry_line: int) ->
         pypi_parts=parts,
         think_tags=parse("think", _parse_think_tags),
         stop_strings=tuple(parse("stop", _parse_stop_strings) or ()),
+        sampler=parse("sampler", _parse_sampler) or (),
         is_default=is_default,
     )
 
@@ -306,6 +310,12 @@ def _parse_think_tags(value: str) -> tuple[str, ...] | None:
 
 def _parse_stop_strings(value: str) -> list[str]:
     return [] if value == "-" else _split_list(value)
+
+
+def _parse_sampler(value: str) -> tuple[tuple[str, float | int], ...]:
+    from selar_local.model_sampler import parse_sampler_field
+
+    return parse_sampler_field(value)
 
 
 # --------------------------------------------------------------------------- cache and verification

@@ -18,6 +18,7 @@ from selar_local.errors import ContextOverflowError, InvalidParameterError, Unsu
 from selar_local.generate import GenerationResult, StepEvent, generate_groups, generate_many, stream_tokens
 from selar_local.kv_slots import SlotTable
 from selar_local.mathsym import math_symbol_mask
+from selar_local.model_sampler import ModelSampler, model_sampler
 from selar_local.params import DecodeParams
 from selar_local.policies import TokenInfo
 from selar_local.rpc import check_servers, parse_endpoints
@@ -88,12 +89,15 @@ class Runtime:
         rpc: str | Sequence[str] | None = None,
         tensor_split: Sequence[float] | None = None,
         cpu_repack: bool = True,
+        sampler: "ModelSampler | None" = None,
     ):
         """n_threads: decode threads (default: half the CPUs); n_threads_batch: prompt
         threads (default: all CPUs); prefill_chunk: prompt tokens fed per step while other
         sequences decode (default 64 on CPU, 256 with GPU offload); prompt_cache: a slot
         keeps its cells for the next request that shares a prefix; kv_unified: one KV
-        pool of n_ctx * n_parallel cells shared by all sequences instead of n_ctx each."""
+        pool of n_ctx * n_parallel cells shared by all sequences instead of n_ctx each;
+        sampler: the model's recommended sampler (default: its GGUF general.sampling.* keys
+        and its registry entry's sampler=), used by default_params() and where params is None."""
         if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
             raise InvalidParameterError(f"invalid prefill_chunk={prefill_chunk!r}: expected an integer >= 1")
         set_verbose(verbose)
@@ -111,6 +115,7 @@ class Runtime:
         offload = n_gpu_layers != 0 and self.build.gpu_backend
         self.prefill_chunk = prefill_chunk or default_prefill_chunk(offload)
         self.slots = SlotTable(n_parallel, enabled=prompt_cache)
+        self.sampler = sampler if sampler is not None else model_sampler(self.model_path, self.model.metadata)
         # Stop strings every request gets (from the registry: e.g. a chat turn marker).
         self.stop_strings = tuple(stop_strings)
         # Thinking markers: the registry's (think_tags: () for a model without any), else
@@ -237,11 +242,16 @@ class Runtime:
                 "(no <think> tokens, none in the registry), so there is no thinking span to budget")
 
     # -- generation -------------------------------------------------------------------
+    def default_params(self, **changes) -> DecodeParams:
+        """DecodeParams with this model's recommended sampler (see selar_local.model_sampler)
+        where `changes` name none: what a call without params decodes with."""
+        return DecodeParams(**self.sampler.fill(changes))
+
     def stream(self, prompt: str | None = None, params: DecodeParams | None = None, *,
                messages: Sequence[dict] | None = None, template_kwargs: dict | None = None) -> Iterator[StepEvent]:
         """Stream step events; the generator returns the GenerationResult at the end.
         template_kwargs: chat template variables, e.g. {"enable_thinking": False}."""
-        params = params or DecodeParams()
+        params = params or self.default_params()
         return stream_tokens(self, self.encode(prompt, messages=messages, template_kwargs=template_kwargs), params)
 
     def generate(self, prompt: str | None = None, params: DecodeParams | None = None, *,
@@ -265,7 +275,7 @@ class Runtime:
         "math" boxed only, "gpqa_diamond" the option letter)."""
         from selar_local.vote import sample_seeds
 
-        params = params or DecodeParams()
+        params = params or self.default_params()
         if not isinstance(samples, int) or isinstance(samples, bool) or not 1 <= samples <= self.n_parallel:
             raise InvalidParameterError(f"invalid samples={samples!r}: expected an integer in [1, n_parallel="
                                         f"{self.n_parallel}] (load with n_parallel >= samples)")

@@ -185,7 +185,7 @@ def create_app(llm: Selar, *, api_key: str | None = None, close_on_shutdown: boo
     async def completions(request: Request):
         return await _complete(request, llm, llm.builder.completion)
 
-    add_chat_page(app)  # GET /: the chat page (selar_local/web/)
+    add_chat_page(app, llm.runtime.default_params())  # GET /: the chat page (selar_local/web/)
     if api_key:
         app.add_middleware(_ApiKeyMiddleware, api_key=api_key)
     return app

@@ -20,24 +20,25 @@ _CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'
 _PLACEHOLDER = "{{SELAR_DEFAULTS}}"
 
 
-def page_defaults() -> dict:
-    """The side panel's starting values: DecodeParams' defaults for the knobs it shows."""
-    d = DecodeParams()
+def page_defaults(params: DecodeParams | None = None) -> dict:
+    """The side panel's starting values for the knobs it shows: the served model's defaults
+    (its recommended sampler, `Runtime.default_params()`), else DecodeParams'."""
+    d = params or DecodeParams()
     return {"methods": list(METHODS),
             "params": {"method": d.method, "tau": d.tau, "lam": d.lam, "ks": d.ks, "temperature": d.temperature,
                        "max_tokens": d.max_tokens, "seed": d.seed},
             "top_k": d.top_k}
 
 
-def page_html() -> str:
+def page_html(params: DecodeParams | None = None) -> str:
     html = resources.files("selar_local").joinpath("web/index.html").read_text(encoding="utf-8")
     # Inside <script type="application/json">: "</" must not end the element.
-    data = json.dumps(page_defaults()).replace("</", "<\\/")
+    data = json.dumps(page_defaults(params)).replace("</", "<\\/")
     return html.replace(_PLACEHOLDER, data)
 
 
-def add_chat_page(app: FastAPI) -> None:
-    html = page_html()
+def add_chat_page(app: FastAPI, params: DecodeParams | None = None) -> None:
+    html = page_html(params)
     headers = {"Content-Security-Policy": _CSP, "Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
 
     @app.get("/", include_in_schema=False)

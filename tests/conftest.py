@@ -95,15 +95,19 @@ def tiny_model(tmp_path_factory, model_files, r1_vocab_path):
     vocabularies: dict = {}
     built: dict = {}
 
-    def get(label: str):
-        if label not in built:
+    def get(label: str, extra_kv: dict | None = None):
+        """The tiny model of that label; with extra_kv, a variant carrying that metadata too."""
+        key = (label, tuple(sorted((extra_kv or {}).items())))
+        if key not in built:
             arch = next(a for a in tiny_models.ARCHITECTURES if (a.label or a.name) == label)
             if arch.vocab not in vocabularies:
                 kv = tiny_models.read_tokenizer_kv(sources[arch.vocab])
                 vocabularies[arch.vocab] = (kv, len(next(v for k, _, v, _ in kv if k == "tokenizer.ggml.tokens")))
             kv, n_vocab = vocabularies[arch.vocab]
-            built[label], _ = tiny_models.build(arch, out, kv, n_vocab, known=known.get(label))
-        return built[label]
+            suffix = f"-{len(built)}" if extra_kv else ""
+            built[key], _ = tiny_models.build(arch, out, kv, n_vocab, known=known.get(label), extra_kv=extra_kv,
+                                              suffix=suffix)
+        return built[key]
 
     return get
 

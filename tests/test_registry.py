@@ -90,6 +90,11 @@ def test_real_registry_lists_the_models_with_their_sources() -> None:
         assert entry.is_verified == (entry.size is not None)
 
 
+def test_a_sampler_field_gives_the_models_recommended_values() -> None:
+    assert REAL_REGISTRY["gemma3-270m"].sampler == (("temperature", 1.0), ("top_k", 64), ("top_p", 0.95))
+    assert REAL_REGISTRY["smollm2-135m-instruct"].sampler == ()  # the published SeLaR settings stay
+
+
 def test_packaged_registry_is_the_repository_file() -> None:
     assert (REPO_ROOT / "selar_local" / "models.txt").resolve() == (REPO_ROOT / "models.txt").resolve()
     assert load_registry() == REAL_REGISTRY
@@ -135,6 +140,12 @@ GOOD = "sha256=-  size=-  arch=llama  hf=o/r/f.gguf"
         ("m  sha256=-  size=-  arch=x  think=<t>  hf=o/r/f\n", 1, "OPEN,CLOSE"),
         ("# first\n   hf=o/r/f\n", 2, "continues no model entry"),
         ("m=1  arch=x\n", 1, "not a model name"),
+        (f"m {GOOD}\n  sampler=top_k:64,colour:1\n", 2, "unknown sampler field 'colour'"),
+        (f"m {GOOD} sampler=top_p:1.5\n", 1, "invalid top_p=1.5"),
+        (f"m {GOOD} sampler=temperature:0\n", 1, "invalid temperature=0.0"),
+        (f"m {GOOD} sampler=top_k:6.5\n", 1, "top_k:6.5 is not a number"),
+        (f"m {GOOD} sampler=top_k:64,top_k:40\n", 1, "top_k given twice"),
+        (f"m {GOOD} sampler=top_k\n", 1, "is not FIELD:VALUE"),
     ],
 )
 def test_malformed_lines_are_reported_with_file_and_line(tmp_path: Path, text: str, line: int, message: str) -> None:

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from selar_local.commands.common import (
-    add_decode_arguments, add_model_arguments, params_from_args, runtime_options, wants_auto_tau,
+    add_decode_arguments, add_model_arguments, explicit_sampler, params_from_args, runtime_options, wants_auto_tau,
 )
 
 EPILOG = """\
@@ -106,6 +106,7 @@ def _config_from_args(args):
     from selar_local.bench.runner import PER_ITEM_PARAMS, BenchConfig, problems_digest
     from selar_local.bench.datasets import load_problems
     from selar_local.errors import InvalidParameterError
+    from selar_local.model_sampler import model_sampler
     from selar_local.params import METHODS
     from selar_local.registry import resolve_model
 
@@ -125,6 +126,7 @@ def _config_from_args(args):
     if not problems:
         raise InvalidParameterError(f"{args.dataset}: no problems to run")
     model_path = resolve_model(args.model)
+    base = model_sampler(model_path).apply(base, explicit_sampler(args))  # recorded in the config
     if auto:
         base = base.replace(tau=_auto_tau(args, model_path, base))
     params = {k: v for k, v in base.to_dict().items() if k not in PER_ITEM_PARAMS}

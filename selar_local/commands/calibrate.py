@@ -36,12 +36,15 @@ def calibrate_command(args: argparse.Namespace) -> int:
 
     if args.max_tokens < 1 or args.parallel < 1:
         raise InvalidParameterError("--max-tokens and --parallel must be >= 1")
-    params = DecodeParams(method="cot", ks=args.ks, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, min_p=args.min_p, seed=args.seed)
     from selar_local.calibrate import cached_tau
+    from selar_local.commands.common import explicit_sampler, sampler_from_args
+    from selar_local.model_sampler import model_sampler
     from selar_local.registry import resolve_model
 
-    calibration = None if args.refresh else cached_tau(resolve_model(args.model), params)
+    model_path = resolve_model(args.model)
+    params = DecodeParams(method="cot", ks=args.ks, seed=args.seed, **sampler_from_args(args))
+    params = model_sampler(model_path).apply(params, explicit_sampler(args))  # the sampler it decodes with
+    calibration = None if args.refresh else cached_tau(model_path, params)
     if calibration is None:  # not cached yet (or --refresh): load the model and decode
         runtime = load_runtime(args, n_parallel=args.parallel)
         try:

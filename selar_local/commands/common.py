@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from selar_local.errors import InvalidParameterError
-from selar_local.params import METHODS, SOFT_NOISES, DecodeParams
+from selar_local.params import METHODS, SAMPLER_FIELDS, SOFT_NOISES, DecodeParams
 
 _DEFAULTS = DecodeParams()
 
@@ -83,12 +83,23 @@ def add_decode_arguments(parser: argparse.ArgumentParser, *, method_default: str
 
 def add_sampler_arguments(group) -> None:
     """The sampling filter and seed, shared by every decoding command and `selar calibrate`
-    (the gate's entropy depends on them)."""
-    group.add_argument("--temperature", type=float, default=_DEFAULTS.temperature)
-    group.add_argument("--top-k", type=int, default=_DEFAULTS.top_k)
-    group.add_argument("--top-p", type=float, default=_DEFAULTS.top_p)
-    group.add_argument("--min-p", type=float, default=_DEFAULTS.min_p)
+    (the gate's entropy depends on them). The filter options default to None: the model's
+    recommended value where it has one (selar_local.model_sampler), else the published one."""
+    model = "the model's recommended value (GGUF general.sampling.*, the registry), else"
+    group.add_argument("--temperature", type=float, default=None, help=f"default: {model} {_DEFAULTS.temperature}")
+    group.add_argument("--top-k", type=int, default=None, help=f"default: {model} {_DEFAULTS.top_k} (0 disables)")
+    group.add_argument("--top-p", type=float, default=None, help=f"default: {model} {_DEFAULTS.top_p}")
+    group.add_argument("--min-p", type=float, default=None, help=f"default: {model} {_DEFAULTS.min_p}")
     group.add_argument("--seed", type=int, default=_DEFAULTS.seed)
+
+
+def explicit_sampler(args: argparse.Namespace) -> set[str]:
+    """The sampler fields given on the command line (the model's values fill the others)."""
+    return {name for name in SAMPLER_FIELDS if getattr(args, name, None) is not None}
+
+
+def sampler_from_args(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, name) for name in explicit_sampler(args)}
 
 
 def tau_value(text: str) -> float | str:
@@ -106,13 +117,15 @@ def wants_auto_tau(args: argparse.Namespace) -> bool:
 
 def params_from_args(args: argparse.Namespace, **overrides) -> DecodeParams:
     """The decoding parameters of the command line. With --tau auto, pass the resolved value
-    as the `tau` override (see `selar_local.calibrate.auto_tau`)."""
+    as the `tau` override (see `selar_local.calibrate.auto_tau`). Sampler options not given
+    keep the published values here: once the model is known, `ModelSampler.apply(params,
+    explicit_sampler(args))` puts its recommended ones in their place."""
     if wants_auto_tau(args) and "tau" not in overrides:
         raise InvalidParameterError("--tau auto is resolved against the model: calibrate first")
     values = dict(
         method=getattr(args, "method", "selar"), tau=args.tau, lam=args.lam, ks=args.ks,
-        thinking_only=args.thinking_only, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        min_p=args.min_p, seed=args.seed, greedy=args.greedy, max_tokens=args.max_tokens, stop=tuple(args.stop),
+        thinking_only=args.thinking_only, **sampler_from_args(args),
+        seed=args.seed, greedy=args.greedy, max_tokens=args.max_tokens, stop=tuple(args.stop),
         max_think_tokens=getattr(args, "max_think_tokens", None),
         soft_noise=args.soft_noise, gumbel_tau=args.gumbel_tau, dirichlet_alpha=args.dirichlet_alpha,
         swir_window=args.swir_window, swir_max_switches=args.swir_max_switches, swir_alpha=args.swir_alpha,

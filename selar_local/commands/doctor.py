@@ -84,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         span = runtime.thinking_span
         markers = f"{span.markers.open!r} ... {span.markers.close!r}" if span is not None else "none"
         print(f"thinking markers  {markers}", file=out)
+        print(f"sampler defaults  {runtime.sampler.describe()}", file=out)
         print(line, file=out)
         if check.passed:
             print(f"VERDICT: OK - soft decoding is supported on {model.architecture}: "

@@ -12,6 +12,7 @@ from selar_local.commands.common import (
     add_decode_arguments,
     add_model_arguments,
     load_runtime,
+    explicit_sampler,
     params_from_args,
     wants_auto_tau,
 )
@@ -54,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidParameterError("--trace follows one streamed answer; it cannot be combined with --samples")
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     runtime = load_runtime(args, n_parallel=args.samples)
+    params = runtime.sampler.apply(params, explicit_sampler(args))
     if auto:
         from selar_local.calibrate import auto_tau
 

@@ -60,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
           f"with {args.parallel} slot(s) of {llm.runtime.context.n_ctx} tokens, queue {args.queue_size}; "
           f"soft decoding {'available' if check.passed else 'UNAVAILABLE (' + check.detail + '; only method=cot)'}",
           file=sys.stderr, flush=True)
+    print(f"selar: sampler defaults: {llm.runtime.sampler.describe()}", file=sys.stderr, flush=True)
     print(f"selar: chat page at {_page_url(args.host, args.port)}", file=sys.stderr, flush=True)
     try:
         serve(llm, host=args.host, port=args.port, api_key=args.api_key, log_level=args.log_level)
