@@ -23,6 +23,7 @@ from selar_local.errors import InvalidParameterError
 from selar_local.params import SAMPLER_FIELDS, DecodeParams, check_sampler_value
 
 log = logging.getLogger(__name__)
+_DEFAULT_KS = DecodeParams().ks
 
 # GGUF key -> DecodeParams field (llama.cpp's LLAMA_MODEL_META_KEY_SAMPLING_*)
 GGUF_SAMPLING_KEYS = {
@@ -107,10 +108,17 @@ def _from_gguf(name: str, raw: Any) -> float | int | None:
         # sampler (and the calibration cached under it) is the same whichever read it.
         number = round(number, 6)
     try:
-        check_sampler_value(name, number)
+        _check(name, number)
     except InvalidParameterError:
         return None
     return number
+
+
+def _check(name: str, value: float | int) -> None:
+    check_sampler_value(name, value)
+    if name == "top_k" and 0 < value < _DEFAULT_KS:  # the published ks would no longer fit under it
+        raise InvalidParameterError(f"invalid top_k={value}: a recommended top-k must be 0 or at least "
+                                    f"{_DEFAULT_KS} (the default ks: the gate and the mixture need the candidates)")
 
 
 def parse_sampler_field(text: str) -> tuple[tuple[str, float | int], ...]:
@@ -130,7 +138,7 @@ def parse_sampler_field(text: str) -> tuple[tuple[str, float | int], ...]:
         except ValueError:
             raise ValueError(f"{name}:{value} is not a number") from None
         try:
-            check_sampler_value(name, number)
+            _check(name, number)
         except InvalidParameterError as exc:
             raise ValueError(str(exc)) from None
         out[name] = number

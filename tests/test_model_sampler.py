@@ -50,11 +50,11 @@ def test_the_two_readers_of_a_float32_agree(tmp_path):
 
 
 def test_invalid_gguf_values_are_ignored_with_a_warning(tmp_path, caplog):
-    bad = {"general.sampling.temp": "0.000000", "general.sampling.top_k": "2.5", "general.sampling.top_p": "x",
+    bad = {"general.sampling.temp": "0.000000", "general.sampling.top_k": "2", "general.sampling.top_p": "x",
            "general.sampling.min_p": "0.100000"}
     with caplog.at_level(logging.WARNING, logger="selar_local.model_sampler"):
         sampler = model_sampler(tmp_path / "m.gguf", bad.get, registry={})
-    assert sampler.values == {"min_p": 0.1}  # temp 0 is llama.cpp's greedy, not a temperature
+    assert sampler.values == {"min_p": 0.1}  # temp 0 is llama.cpp's greedy; top-k 2 leaves ks=3 no room
     assert "general.sampling.temp" in caplog.text and "general.sampling.top_k" in caplog.text
 
 

@@ -146,6 +146,7 @@ GOOD = "sha256=-  size=-  arch=llama  hf=o/r/f.gguf"
         (f"m {GOOD} sampler=top_k:6.5\n", 1, "top_k:6.5 is not a number"),
         (f"m {GOOD} sampler=top_k:64,top_k:40\n", 1, "top_k given twice"),
         (f"m {GOOD} sampler=top_k\n", 1, "is not FIELD:VALUE"),
+        (f"m {GOOD} sampler=top_k:1\n", 1, "must be 0 or at least 3"),
     ],
 )
 def test_malformed_lines_are_reported_with_file_and_line(tmp_path: Path, text: str, line: int, message: str) -> None:
