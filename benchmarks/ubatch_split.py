@@ -4,7 +4,8 @@ throughput: one ubatch per step").
 With one KV stream per sequence, llama.cpp puts only a run of consecutive, increasing seq_ids
 into one ubatch; a batch in another order, or with gaps, is decoded in several. This decodes
 one token for each of several live sequences, in several orders, with and without a unified
-KV cache, and prints the median step time of each. Asserts nothing.
+KV cache, and prints the median step time of each; then the generation loop with a gap in
+its seq_ids, with `BatchGenerator(close_gaps=...)` off and on. Asserts nothing.
 
     python benchmarks/ubatch_split.py [--model smollm2-135m-instruct] [--reps 15]
 """
@@ -57,6 +58,39 @@ def step_times(model: str, unified: bool, reps: int) -> dict[str, float]:
         rt.close()
 
 
+def gap_closing(model: str, reps: int, n_ctx: int = 4096, steps: int = 24) -> dict[str, dict[str, float]]:
+    """The generation loop with 16 requests of which every other one ends after 4 tokens:
+    8 live sequences at seq_ids 0, 2, .., 14. Median ms per step after the gap appears,
+    with `close_gaps` off (8 ubatches) and on (4 moves, then one ubatch), and the one step
+    that pays for the moves (4 KV stream copies of n_ctx cells)."""
+    from selar_local.generate import BatchGenerator
+    from selar_local.params import DecodeParams
+
+    rt = Runtime(model, n_ctx=n_ctx, n_parallel=16, prompt_cache=False, n_threads=1)
+    out: dict[str, dict[str, list[float]]] = {"off": {"step": [], "first": []}, "on": {"step": [], "first": []}}
+    try:
+        prompt = rt.encode(messages=[{"role": "user", "content": "Write a poem about the sea."}])
+        for rep in range(reps):
+            for mode in (("off", "on") if rep % 2 == 0 else ("on", "off")):
+                gen = BatchGenerator(rt, close_gaps=mode == "on")
+                params = DecodeParams(method="cot", greedy=True, ignore_eos=True, max_tokens=64)
+                for i in range(16):
+                    gen.submit(prompt, params.replace(max_tokens=4 if i % 2 else 4 + 2 * steps))
+                while len(gen.live_requests) > 8:
+                    gen.step()
+                times = []
+                for _ in range(steps):
+                    t0 = time.perf_counter()
+                    gen.step()
+                    times.append(time.perf_counter() - t0)
+                out[mode]["first"].append(times[0])
+                out[mode]["step"].append(statistics.median(times[1:]))
+                gen.close()
+    finally:
+        rt.close()
+    return {mode: {k: 1e3 * statistics.median(v) for k, v in figures.items()} for mode, figures in out.items()}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -69,6 +103,13 @@ def main() -> int:
     print("|---|---:|---:|---:|")
     for name, seqs in ORDERS:
         print(f"| {name} | {ubatches(seqs)} | {split[name]:.1f} | {unified[name]:.1f} |")
+    gaps = gap_closing(model, max(3, args.reps // 5))
+    print("\nThe generation loop, 8 live sequences left at seq_ids 0, 2, .., 14 (n_ctx 4096 per sequence; "
+          "medians over alternating repetitions)\n")
+    print("| close_gaps | ms per step afterwards | ms of the first step (the moves) |")
+    print("|---|---:|---:|")
+    for mode in ("off", "on"):
+        print(f"| {mode} | {gaps[mode]['step']:.1f} | {gaps[mode]['first']:.1f} |")
     return 0
 
 

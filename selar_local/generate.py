@@ -259,7 +259,7 @@ class BatchGenerator:
     STICKY_EMBEDDING_STEPS = 16
 
     def __init__(self, runtime: LoopHost, *, batch_wide: bool | None = None, prefill_chunk: int | None = None,
-                 whole_prompts_only: bool = False):
+                 whole_prompts_only: bool = False, close_gaps: bool = True):
         self.runtime = runtime
         self.context = runtime.context
         self.slots = runtime.slots
@@ -273,6 +273,8 @@ class BatchGenerator:
         # Reuse cells only for a whole prompt with its logits (exact), never a partial prefix
         # (the rest would be batched differently from a fresh prefill): batch jobs.
         self.whole_prompts_only = whole_prompts_only
+        # Move live sequences into free slots so that their seq_ids stay consecutive (_close_gaps).
+        self.close_gaps = close_gaps
         check = runtime.self_check
         # Rows may stand in for tokens without changing a single logit only where the
         # load-time self-check found the two paths bit-identical (max |diff| == 0).
@@ -440,6 +442,8 @@ class BatchGenerator:
         # extra ubatch is another pass through the model (16 live sequences in admission
         # order [12..15, 0..11]: 2 ubatches, 100 ms a step against 85; benchmarks/ubatch_split.py).
         decoding = sorted((s for s in self._live.values() if s.pending is not None), key=_by_seq_id)
+        if self.close_gaps and self._close_gaps(decoding):
+            decoding.sort(key=_by_seq_id)
         pieces = self._next_pieces(len(decoding))
         if decoding or pieces:
             try:
@@ -452,6 +456,45 @@ class BatchGenerator:
             self._resolve_waiting()
             events += self._first_steps()
         return events
+
+    def _close_gaps(self, decoding: list[_Sequence]) -> bool:
+        """Make the live inputs' seq_ids one consecutive run, moving as few sequences as
+        possible into free slots (a gap left by a finished request costs an extra ubatch
+        every step: 8 live sequences with gaps took 58 against 49 ms a step, SmolLM2, one
+        thread, benchmarks/ubatch_split.py; on a GPU each ubatch reads the weights again).
+        A move copies the sequence's KV stream (llama_memory_seq_cp, done by llama.cpp at
+        the next decode) and leaves its old slot as prompt cache of the same tokens.
+        Returns whether anything moved."""
+        if len(decoding) < 2 or self.context.kv_unified:
+            return False
+        ids = {s.seq_id for s in decoding}
+        if max(ids) - min(ids) + 1 == len(ids):
+            return False
+        slots = self.slots.slots
+        best: tuple[int, int] | None = None  # (moves, first seq_id of the window)
+        for start in range(len(slots) - len(ids) + 1):
+            window = range(start, start + len(ids))
+            if all(i in ids or not slots[i].busy for i in window):
+                moves = len(ids) - sum(i in ids for i in window)
+                if best is None or moves < best[0]:
+                    best = (moves, start)
+        if best is None:  # busy slots that are not decoding (prefilling, waiting) split every window
+            return False
+        window = range(best[1], best[1] + len(ids))
+        free = [slots[i] for i in window if i not in ids]
+        for seq, slot in zip([s for s in decoding if s.seq_id not in window], free):
+            self._move(seq, slot)
+        return True
+
+    def _move(self, seq: _Sequence, dst: Slot) -> None:
+        src = seq.slot
+        self.context.copy_sequence(src.seq_id, dst.seq_id)  # what dst cached is given up
+        dst.tokens, dst.logits, dst.logits_at = list(src.tokens), src.logits, src.logits_at
+        self.slots.take(dst)
+        seq.slot = dst
+        keep = self.slots.enabled  # the old cells stay as the cache of the tokens so far
+        self.context.truncate_sequence(src.seq_id, len(src.tokens) if keep else 0)
+        self.slots.release(src, keep_cache=keep)
 
     def _next_pieces(self, n_decoding: int) -> list[_Piece]:
         """The next prompt tokens to feed: one chunk while others decode (so no stream

@@ -100,7 +100,7 @@ def test_live_inputs_reach_llama_cpp_in_seq_id_order(model_files):
     requests came in, and a new request takes the lowest empty slot (filling gaps)."""
     rt = runtime_for("llama", model_files, n_parallel=4, prompt_cache=False)
     prompt = rt.encode(messages=CHAT)
-    gen = BatchGenerator(rt)
+    gen = BatchGenerator(rt, close_gaps=False)  # the gap at 2 stays (see the next test)
     params = DecodeParams(method="selar", seed=1, max_tokens=40, ignore_eos=True)
     first = [gen.submit(prompt, params.replace(seed=i))[0] for i in range(4)]
     while any(gen._live[r].pending is None for r in first):  # noqa: SLF001 - until all four decode
@@ -125,3 +125,67 @@ def test_live_inputs_reach_llama_cpp_in_seq_id_order(model_files):
     live_batches = [b for b in batches if len(b) == len(set(b)) == 3]
     assert live_batches and all(b == [0, 1, 3] for b in live_batches)  # not admission order [1, 3, 0]
     gen.close()
+
+
+def _spy_batches(ctx, batches: list):
+    real_tokens, real_embeddings = ctx.decode_tokens, ctx.decode_embedding_buffer
+    ctx.decode_tokens = lambda tokens, positions, seq_ids, want: (
+        batches.append(list(seq_ids)), real_tokens(tokens, positions, seq_ids, want))
+    ctx.decode_embedding_buffer = lambda n, positions, seq_ids, want: (
+        batches.append(list(seq_ids)), real_embeddings(n, positions, seq_ids, want))
+
+
+def _gap_run(rt, close_gaps: bool, method: str = "selar"):
+    """Four sequences; the one in slot 1 ends early: three decode on with a gap at 1."""
+    prompt = rt.encode(messages=CHAT)
+    gen = BatchGenerator(rt, close_gaps=close_gaps)
+    base = DecodeParams(method=method, max_tokens=24, ignore_eos=True)
+    ids = [gen.submit(prompt, base.replace(seed=i, max_tokens=4 if i == 1 else 24))[0] for i in range(4)]
+    batches: list = []
+    _spy_batches(rt.context, batches)
+    tokens: dict = {}
+    try:
+        while gen.live_requests:
+            for event in gen.step():
+                tokens.setdefault(event.request_id, []).append(event.token)
+    finally:
+        del rt.context.decode_tokens, rt.context.decode_embedding_buffer
+    return gen, ids, tokens, batches
+
+
+def test_a_gap_in_the_live_seq_ids_is_closed_by_moving_a_sequence_and_changes_no_token(model_files):
+    """A finished request leaves a hole in the seq_ids (an extra ubatch every step with one
+    KV stream per sequence); the highest live sequence moves into it (its KV stream copied)
+    and decodes on with exactly the tokens it would have had."""
+    rt = runtime_for("llama", model_files, n_parallel=4, prompt_cache=False)
+    _, ids, kept, kept_batches = _gap_run(rt, close_gaps=False)
+    gen, ids2, moved, moved_batches = _gap_run(rt, close_gaps=True)
+    assert moved == kept  # every request's tokens, the moved one's included
+    three = [b for b in kept_batches if len(b) == len(set(b)) == 3]
+    assert three and all(b == [0, 2, 3] for b in three)
+    three = [b for b in moved_batches if len(b) == len(set(b)) == 3]
+    assert three and all(b == [0, 1, 2] for b in three)
+    assert gen.kv_cells_in_use() == 0
+
+
+def test_a_moved_sequence_leaves_its_cells_as_prompt_cache(model_files):
+    rt = runtime_for("llama", model_files, n_parallel=4)  # prompt cache on
+    prompt = rt.encode(messages=CHAT)
+    gen = BatchGenerator(rt)
+    params = DecodeParams(method="cot", max_tokens=30, ignore_eos=True)
+    ids = [gen.submit(prompt, params.replace(seed=i))[0] for i in range(3)]
+    while any(gen._live[r].pending is None for r in ids):  # noqa: SLF001
+        gen.step()
+    for _ in range(3):  # a few decoded tokens beyond the prompt
+        gen.step()
+    gen.cancel(ids[1])
+    mover = gen._live[ids[2]]  # noqa: SLF001
+    old_slot = mover.slot
+    gen.step()
+    assert mover.seq_id == 1 and not old_slot.busy
+    cached = list(old_slot.tokens)
+    assert cached[:len(prompt)] == prompt and len(cached) > len(prompt)  # the prompt and the tokens so far
+    assert rt.context.sequence_length(old_slot.seq_id) == len(cached)
+    assert mover.slot.tokens[:len(cached)] == cached
+    gen.close()
+    assert gen.kv_cells_in_use() == 0
