@@ -471,16 +471,16 @@ class BatchGenerator:
         if max(ids) - min(ids) + 1 == len(ids):
             return False
         slots = self.slots.slots
-        best: tuple[int, int] | None = None  # (moves, first seq_id of the window)
+        best: tuple[int, int, int] | None = None  # (moves, cached tokens given up, first seq_id)
         for start in range(len(slots) - len(ids) + 1):
             window = range(start, start + len(ids))
             if all(i in ids or not slots[i].busy for i in window):
-                moves = len(ids) - sum(i in ids for i in window)
-                if best is None or moves < best[0]:
-                    best = (moves, start)
+                taken = [slots[i] for i in window if i not in ids]
+                cost = (len(taken), sum(len(slot.tokens) for slot in taken), start)
+                best = cost if best is None or cost < best else best
         if best is None:  # busy slots that are not decoding (prefilling, waiting) split every window
             return False
-        window = range(best[1], best[1] + len(ids))
+        window = range(best[2], best[2] + len(ids))
         free = [slots[i] for i in window if i not in ids]
         for seq, slot in zip([s for s in decoding if s.seq_id not in window], free):
             self._move(seq, slot)

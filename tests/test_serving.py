@@ -169,6 +169,9 @@ def test_a_gap_in_the_live_seq_ids_is_closed_by_moving_a_sequence_and_changes_no
 
 
 def test_a_moved_sequence_leaves_its_cells_as_prompt_cache(model_files):
+    """With the prompt cache on, a move prefers an empty slot to one holding a cache (the
+    cancelled request's cells stay reusable), and the mover's old slot becomes a cache of
+    the prompt and the tokens decoded so far, matching llama.cpp's cell count."""
     rt = runtime_for("llama", model_files, n_parallel=4)  # prompt cache on
     prompt = rt.encode(messages=CHAT)
     gen = BatchGenerator(rt)
@@ -178,11 +181,16 @@ def test_a_moved_sequence_leaves_its_cells_as_prompt_cache(model_files):
         gen.step()
     for _ in range(3):  # a few decoded tokens beyond the prompt
         gen.step()
-    gen.cancel(ids[1])
-    mover = gen._live[ids[2]]  # noqa: SLF001
-    old_slot = mover.slot
+    gen.cancel(ids[1])  # slot 1: free, caching the cancelled request's cells
+    cancelled_cache = list(gen.slots.slots[1].tokens)
+    live = [gen._live[ids[0]], gen._live[ids[2]]]  # noqa: SLF001
+    before = [s.slot for s in live]
     gen.step()
-    assert mover.seq_id == 1 and not old_slot.busy
+    assert sorted(s.seq_id for s in live) == [2, 3]  # 0 -> 3 (empty), not 2 -> 1 (a cache)
+    assert gen.slots.slots[1].tokens == cancelled_cache
+    mover = live[0]
+    old_slot = before[0]
+    assert old_slot.seq_id == 0 and not old_slot.busy
     cached = list(old_slot.tokens)
     assert cached[:len(prompt)] == prompt and len(cached) > len(prompt)  # the prompt and the tokens so far
     assert rt.context.sequence_length(old_slot.seq_id) == len(cached)
