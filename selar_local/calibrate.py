@@ -62,6 +62,9 @@ class Calibration:
     steps: int
     histogram: list[int]           # counts of h in BINS equal bins over [0, 1]
     max_share: float = 0.0         # the share at any tau just above 0: steps with h > 0 (not math symbols)
+    # How much tau depends on which prompts were decoded: its 10th and 90th percentile when the
+    # prompts are drawn again with replacement (empty in calibrations cached before it existed).
+    tau_spread: list[float] = field(default_factory=list)
     model_sha256: str = ""
     model_file: str = ""
     settings: dict = field(default_factory=dict)
@@ -121,6 +124,25 @@ def choose_tau(entropies: Sequence[float], eligible: Sequence[bool], *,
     return float(TAU_GRID[best]), float(shares[best]), bool(in_band[best])
 
 
+def tau_spread(per_prompt: Sequence[tuple[np.ndarray, np.ndarray]], *, draws: int = 200,
+               seed: int = 0) -> list[float]:
+    """[p10, p90] of the tau `choose_tau` picks when the prompts are resampled with
+    replacement (each draw: as many prompts as there are, their steps concatenated). A
+    narrow spread says the prompts agree; a wide one that another handful of prompts, or
+    another batch's last bits on the same ones, could move tau that far."""
+    if len(per_prompt) < 2:
+        return []
+    rng = np.random.default_rng(seed)
+    taus = []
+    for _ in range(draws):
+        pick = rng.integers(0, len(per_prompt), len(per_prompt))
+        h = np.concatenate([per_prompt[i][0] for i in pick])
+        ok = np.concatenate([per_prompt[i][1] for i in pick])
+        if h.size:
+            taus.append(choose_tau(h, ok)[0])
+    return [float(x) for x in np.percentile(taus, [10, 90])] if taus else []
+
+
 def histogram(entropies: Sequence[float]) -> list[int]:
     counts, _ = np.histogram(np.asarray(entropies, dtype=np.float64), bins=BINS, range=(0.0, 1.0))
     return [int(c) for c in counts]
@@ -168,11 +190,13 @@ def calibrate(runtime: "Runtime", params: DecodeParams | None = None, *,
     tokens = [runtime.encode(messages=[{"role": "user", "content": p}]) for p in prompts]
     results = runtime.generate_batch(tokens, [base.replace(seed=base.seed + i) for i in range(len(tokens))])
     mask = runtime.token_info.math_symbol_mask
-    entropies = np.concatenate([np.asarray(r.entropies, dtype=np.float64) for r in results])
-    eligible = np.concatenate([~mask[np.asarray(r.tokens, dtype=np.int64)] for r in results])
+    per_prompt = [(np.asarray(r.entropies, dtype=np.float64), ~mask[np.asarray(r.tokens, dtype=np.int64)])
+                  for r in results]
+    entropies = np.concatenate([h for h, _ in per_prompt])
+    eligible = np.concatenate([ok for _, ok in per_prompt])
     tau, share, in_band = choose_tau(entropies, eligible)
     return Calibration(tau=tau, soft_share=share, in_band=in_band, steps=int(entropies.size),
-                       max_share=reachable_share(entropies, eligible),
+                       max_share=reachable_share(entropies, eligible), tau_spread=tau_spread(per_prompt),
                        histogram=histogram(entropies), model_sha256=file_sha256(runtime.model_path),
                        model_file=runtime.model_path.name, settings=sampler_settings(base), prompts=len(prompts))
 

@@ -81,6 +81,8 @@ def test_selar_calibrate_on_real_models(arch, model_files, tmp_path):
     assert result["in_band"] and 0.06 <= result["soft_share"] <= 0.14
     assert 0 < result["tau"] <= 1 and result["steps"] == sum(result["histogram"])
     assert "inside the 6-14% band" in out.stderr
+    lo, hi = result["tau_spread"]
+    assert 0 < lo <= hi <= 1 and "tau with the prompts resampled" in out.stderr
     assert plot.stat().st_size > 0
     cached = list((tmp_path / "cache" / "calibration").glob("*.json"))
     assert len(cached) == 1 and json.loads(cached[0].read_text())["tau"] == result["tau"]
@@ -105,3 +107,19 @@ def test_a_sampler_that_leaves_one_candidate_says_why_no_tau_reaches_the_band():
     assert cal.out_of_band_reason(cal.Calibration(tau=tau, soft_share=share, in_band=in_band, steps=1001,
                                                   histogram=cal.histogram(spread),
                                                   max_share=cal.reachable_share(spread, np.ones(1001, bool)))) is None
+
+
+def test_tau_spread_is_a_point_when_the_prompts_agree_and_wide_when_they_do_not():
+    rng = np.random.default_rng(3)
+    prompt = (np.concatenate([np.zeros(180), rng.uniform(0.2, 1.0, 20)]), np.ones(200, dtype=bool))
+    same = [prompt] * 8
+    tau = cal.choose_tau(np.concatenate([h for h, _ in same]), np.ones(1600, dtype=bool))[0]
+    assert cal.tau_spread(same) == [tau, tau]
+    # Confident prompts (5% of steps uncertain) and unsure ones (50%): how many of each a draw
+    # holds moves the share at every tau, and so tau (measured: 0.37-0.78).
+    mixed = [(np.concatenate([np.zeros(200 - n), rng.uniform(0.05, 1.0, n)]), np.ones(200, dtype=bool))
+             for n in (10, 100) * 4]
+    lo, hi = cal.tau_spread(mixed)
+    assert hi - lo >= 0.2
+    assert cal.tau_spread(mixed) == [lo, hi]  # seeded: the same answer every time
+    assert cal.tau_spread(mixed[:1]) == []  # one prompt cannot be resampled

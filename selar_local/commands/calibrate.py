@@ -59,6 +59,11 @@ def calibrate_command(args: argparse.Namespace) -> int:
     print(f"{calibration.model_file}: tau {calibration.tau:.2f}, soft share {100 * calibration.soft_share:.1f}% "
           f"({band} the 6-14% band) over {calibration.steps} cot steps of {calibration.prompts} prompts",
           file=sys.stderr)
+    if calibration.tau_spread:
+        lo, hi = calibration.tau_spread
+        print(f"tau with the prompts resampled: {lo:.2f}-{hi:.2f} (10th-90th percentile)"
+              + ("; a wide spread: more prompts (or --max-tokens) would pin it down" if hi - lo > 0.2 else ""),
+              file=sys.stderr)
     reason = out_of_band_reason(calibration)
     if reason:
         print(reason, file=sys.stderr)
