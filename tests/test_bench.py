@@ -447,6 +447,19 @@ def test_a_control_run_of_the_same_model_joins_the_table_and_can_be_the_baseline
     assert soft["diff"] == pytest.approx(-0.2) and soft["mcnemar_p"] == pytest.approx(0.625)
     assert data["cot (greedy)"]["diff"] is None
 
+    # A shorter run (the first 5 problems): with common_problems every row counts those 5 only.
+    short = tmp_path / "short"
+    short.mkdir()
+    (short / CONFIG_NAME).write_text(json.dumps(_config(methods=("cot",), limit=5, problems=5,
+                                                        params={**sampled, "greedy": True, "max_tokens": 9}).to_dict()))
+    (short / RESULTS_NAME).write_text("".join(json.dumps(r) + "\n" for r in rows[:5]))
+    runs = [bench_report.load_run(d) for d in (run, control, short)]
+    mixed = {r.method: r for r in bench_report.summarize(runs)[0].rows}
+    common = {r.method: r for r in bench_report.summarize(runs, common_problems=True)[0].rows}
+    assert mixed["cot"].n == 10 and {r.n for r in common.values()} == {5}
+    assert common["cot"].correct == 5 and common["selar"].correct == 5  # p0-p4 right for both
+    assert common["cot (greedy)"].diff == 0.0
+
     # The same run given twice: its rows are told apart by folder, not merged or dropped.
     twice = bench_report.summarize([bench_report.load_run(run), bench_report.load_run(run)])
     assert [r.method for r in twice[0].rows] == ["cot", "selar", "soft", "cot [synthetic]", "selar [synthetic]",

@@ -224,8 +224,11 @@ def variant_suffix(first: Run, run: Run) -> str:
     return f" ({', '.join(parts)})" if parts else ""
 
 
-def summarize(runs: Sequence[Run], baseline: str = "cot") -> list[Section]:
-    """One section per (model file, data set); rows are the methods of every run in it."""
+def summarize(runs: Sequence[Run], baseline: str = "cot", *, common_problems: bool = False) -> list[Section]:
+    """One section per (model file, data set); rows are the methods of every run in it.
+    common_problems: every row keeps only the problems all rows of its section hold, so that
+    runs of different lengths (a 100-problem sweep beside 200-problem runs) compare on the
+    same problems, accuracy columns included."""
     groups: dict[tuple[str, str, int], list[tuple[Run, dict[str, list[dict]]]]] = {}
     for run in runs:
         by_dataset: dict[str, dict[str, list[dict]]] = {}
@@ -249,6 +252,10 @@ def summarize(runs: Sequence[Run], baseline: str = "cot") -> list[Section]:
                 if label in labelled:  # the same method decoded the same way twice: name the folder
                     label = f"{label} [{run.label}]"
                 labelled[label] = (run, by_method[method])
+        if common_problems and labelled:
+            shared = set.intersection(*({r["id"] for r in records} for _, records in labelled.values()))
+            labelled = {label: (run, [r for r in records if r["id"] in shared])
+                        for label, (run, records) in labelled.items()}
         extra: dict[str, tuple[int, float, float]] = {}
         for label, (run, records) in list(labelled.items()):
             samples = run.config.samples if run.config else 1
@@ -383,9 +390,10 @@ def choose_trace(runs: Sequence[Run], problem: str | None = None, method: str | 
 
 
 def write_report(run_dirs: Sequence[Path], out_dir: Path, *, baseline: str = "cot", plots: bool = True,
-                 trace_problem: str | None = None, trace_method: str | None = None) -> str:
+                 trace_problem: str | None = None, trace_method: str | None = None,
+                 common_problems: bool = False) -> str:
     runs = [load_run(d) for d in run_dirs]
-    sections = summarize(runs, baseline)
+    sections = summarize(runs, baseline, common_problems=common_problems)
     markdown = render_markdown(sections)
     out_dir.mkdir(parents=True, exist_ok=True)
     if plots:

@@ -75,6 +75,9 @@ def register(subparsers) -> None:
                         help="problem id for the entropy-trace plot (default: the one with most soft steps)")
     report.add_argument("--trace-method", default=None, help="method for the entropy-trace plot (default selar)")
     report.add_argument("--no-plots", action="store_true", help="tables only")
+    report.add_argument("--common-problems", action="store_true",
+                        help="keep only the problems every row holds (e.g. a 100-problem tau sweep beside "
+                             "200-problem runs): accuracies and pairs on the same problems")
     report.set_defaults(func=bench_report)
 
 
@@ -243,6 +246,6 @@ def bench_report(args: argparse.Namespace) -> int:
     out = Path(args.out or args.run_dirs[0])
     markdown = write_report([Path(d) for d in args.run_dirs], out, baseline=args.baseline,
                             plots=not args.no_plots, trace_problem=args.trace_problem,
-                            trace_method=args.trace_method)
+                            trace_method=args.trace_method, common_problems=args.common_problems)
     print(markdown)
     return 0
