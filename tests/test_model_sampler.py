@@ -6,7 +6,6 @@ import argparse
 import logging
 from pathlib import Path
 
-import pytest
 from pull_helpers import write_registry
 
 from selar_local.commands.common import add_decode_arguments, explicit_sampler, params_from_args
