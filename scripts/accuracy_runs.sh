@@ -50,17 +50,20 @@ qwen05() {
   single_sample_methods qwen05-f2
   tau_sweep qwen05-f2
   bench qwen05-f2 maj5 --limit 200 --methods cot,selar --samples 5 --parallel 20
+  # Then half of the 1.5B model's five-sample runs, so that both cores stay busy to the end.
+  bench qwen15-f2 maj5-selar --limit 200 --methods selar --samples 5 --parallel 20
 }
 
 qwen15() {
   baselines qwen15-f2
   tau_sweep qwen15-f2
   single_sample_methods qwen15-f2
-  bench qwen15-f2 maj5 --limit 200 --methods cot,selar --samples 5 --parallel 20
+  bench qwen15-f2 maj5-cot --limit 200 --methods cot --samples 5 --parallel 20
 }
 
-# One queue per model (`bash scripts/accuracy_runs.sh qwen05` and `... qwen15` as two background
-# jobs, one core each: no two jobs ever write one run folder); no argument runs both in turn.
+# Two queues (`bash scripts/accuracy_runs.sh qwen05` and `... qwen15` as two background jobs, one
+# core each), of about the same length (~9 hours from the state of 2026-11-23 17:30); no two of
+# their runs write one folder. No argument runs both in turn.
 case "${1:-all}" in
   qwen05) qwen05 ;;
   qwen15) qwen15 ;;
