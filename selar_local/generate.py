@@ -422,8 +422,12 @@ class BatchGenerator:
         if seq.source is not None:  # never started: the slot still holds its old cache intact
             self.slots.release(slot, keep_cache=keep_cache)
             return
+        self._give_back(slot, keep_cache=keep_cache)
+
+    def _give_back(self, slot: Slot, *, keep_cache: bool) -> None:
+        """Free a slot whose cells hold its tokens and maybe more: the cells past the cached
+        tokens (soft inputs and what followed them) are dropped, or all of them."""
         keep_cache = keep_cache and self.slots.enabled
-        # Cells past the cached tokens (soft inputs and what followed them) are dropped.
         self.context.truncate_sequence(slot.seq_id, len(slot.tokens) if keep_cache else 0)
         self.slots.release(slot, keep_cache=keep_cache)
 
@@ -492,9 +496,7 @@ class BatchGenerator:
         dst.tokens, dst.logits, dst.logits_at = list(src.tokens), src.logits, src.logits_at
         self.slots.take(dst)
         seq.slot = dst
-        keep = self.slots.enabled  # the old cells stay as the cache of the tokens so far
-        self.context.truncate_sequence(src.seq_id, len(src.tokens) if keep else 0)
-        self.slots.release(src, keep_cache=keep)
+        self._give_back(src, keep_cache=True)  # the old cells stay as the cache of the tokens so far
 
     def _next_pieces(self, n_decoding: int) -> list[_Piece]:
         """The next prompt tokens to feed: one chunk while others decode (so no stream

@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from selar_local.commands.common import add_model_arguments, add_sampler_arguments
+from selar_local.commands.common import (
+    add_model_arguments, add_sampler_arguments, explicit_sampler, load_runtime, sampler_from_args,
+)
 from selar_local.params import DecodeParams
 
 _DEFAULTS = DecodeParams()
@@ -31,13 +33,11 @@ def register(subparsers) -> None:
 
 def calibrate_command(args: argparse.Namespace) -> int:
     from selar_local.calibrate import auto_tau, out_of_band_reason, plot_histogram, render_histogram
-    from selar_local.commands.common import load_runtime
     from selar_local.errors import InvalidParameterError
 
     if args.max_tokens < 1 or args.parallel < 1:
         raise InvalidParameterError("--max-tokens and --parallel must be >= 1")
     from selar_local.calibrate import cached_tau
-    from selar_local.commands.common import explicit_sampler, sampler_from_args
     from selar_local.model_sampler import model_sampler
     from selar_local.registry import resolve_model
 
