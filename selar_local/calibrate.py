@@ -6,7 +6,15 @@ prompts with `cot`, collects the normalised top-k_s entropy of every step, and c
 the low-density valley between the confident mode (near 0) and the uncertain mode, among the
 thresholds whose soft share (steps with h >= tau whose token is not a math symbol, as SeLaR
 would gate them) lies in the band the paper reports, 6-14%. The result is cached per model
-file (sha256) and sampler settings in the user's cache.
+file (sha256), sampler settings and rule version in the user's cache.
+
+Version 4 of the rule (docs/BENCHMARKS.md, "How stable is tau"): sixteen prompts instead of
+eight; a threshold must leave some of the uncertain steps discrete (one below every positive
+entropy would gate on whether the sampler's filter kept a second token, not on how uncertain
+the step is: that flipped Qwen2.5-Coder-0.5B between 0.04 and 0.4); and densities within
+sampling noise of the lowest count as equally low, the tie going to the share nearest 10%
+(a density that rises through the band, as Gemma 3's does, has its "valley" at the band's
+edge, where a new prompt set falls outside).
 """
 from __future__ import annotations
 
@@ -24,9 +32,13 @@ from selar_local.params import DecodeParams
 if TYPE_CHECKING:  # pragma: no cover
     from selar_local.runtime import Runtime
 
-CALIBRATION_VERSION = 3
+CALIBRATION_VERSION = 4
 SOFT_SHARE_BAND = (0.06, 0.14)
 TARGET_SHARE = 0.10
+# tau must leave at least this share of the steps with h > 0 below it (discrete).
+MIN_DISCRETE_UNCERTAIN = 0.2
+# Smoothed densities within this many Poisson standard errors of the lowest tie.
+DENSITY_TIE_Z = 2.0
 BINS = 50                      # histogram of h over [0, 1]
 TAU_GRID = np.round(np.arange(0.02, 1.0001, 0.01), 2)  # candidate thresholds
 # Word problems in the style of the reasoning benchmarks (written for this purpose).
@@ -47,6 +59,22 @@ CALIBRATION_PROMPTS = (
     "leak out. How long does it take to fill the empty tank? Explain.",
     "Sam is twice as old as his sister. In 6 years the sum of their ages will be 36. How old "
     "is Sam now? Solve it step by step.",
+    "A shop sells apples in bags of 6. Lena needs 50 apples for a party. How many bags must "
+    "she buy, and how many apples will be left over? Think step by step.",
+    "A cyclist rides at 18 km per hour for 2.5 hours and then walks 4 km. How far did she "
+    "travel in total? Explain your reasoning.",
+    "A recipe needs 3 eggs for every 250 g of flour. How many eggs are needed for 1 kg of "
+    "flour? Show your work.",
+    "Ben saves $12 each week. He already has $45. How many weeks until he can buy a bike that "
+    "costs $200? Reason step by step.",
+    "A garden is 12 m long and 7 m wide. A path 1 m wide runs around the outside of it. What "
+    "is the area of the path? Work it out carefully.",
+    "Three friends share a pizza bill of $42 and a tip of 15% of the bill equally. How much "
+    "does each pay? Think it through.",
+    "A library had 1,250 books. It gave away 8% of them and then bought 140 new ones. How "
+    "many books does it have now? Explain.",
+    "The sum of three consecutive even numbers is 84. What is the largest of them? Solve it "
+    "step by step.",
 )
 
 
@@ -90,37 +118,43 @@ def choose_tau(entropies: Sequence[float], eligible: Sequence[bool], *,
                band: tuple[float, float] = SOFT_SHARE_BAND) -> tuple[float, float, bool]:
     """(tau, soft share, whether the share is in `band`).
 
-    Among the grid thresholds whose share is in the band, take the one where the density of
-    the positive entropies (a 3-bin smoothed histogram) is lowest: the valley between the
-    confident and the uncertain steps, where a small change of tau moves few steps. Ties go to
-    the share closest to 10%, and a flat run of equal thresholds to its middle. When no
-    threshold reaches the band (too few or too discrete steps), the share closest to 10% wins
-    and `in_band` is False."""
+    The candidates are the grid thresholds whose share is in the band and that leave at least
+    MIN_DISCRETE_UNCERTAIN of the positive entropies below them. Among them, take the one where
+    the density of the positive entropies (a 3-bin smoothed histogram) is lowest: the valley
+    between the confident and the uncertain steps, where a small change of tau moves few
+    steps. Densities within DENSITY_TIE_Z Poisson standard errors of the lowest count as equal;
+    ties go to the share closest to 10%, and a flat run of equal thresholds to its middle. When
+    no threshold qualifies (too few or too discrete steps), the share closest to 10% wins and
+    `in_band` says whether it is in the band."""
     h = np.asarray(entropies, dtype=np.float64)
     ok = np.asarray(eligible, dtype=bool)
     if h.size == 0:
         raise CalibrationError("no decoding steps to calibrate on")
     shares = np.array([soft_share(h, ok, t) for t in TAU_GRID])
     in_band = (shares >= band[0]) & (shares <= band[1])
-    positive = h[h > 0]
+    positive = np.sort(h[h > 0])
+    below = np.searchsorted(positive, TAU_GRID, side="left") / max(positive.size, 1)
+    candidate = in_band & (below >= MIN_DISCRETE_UNCERTAIN)
     counts, edges = np.histogram(positive, bins=BINS, range=(0.0, 1.0))
     density = np.convolve(counts, np.ones(3) / 3, mode="same")
     at_tau = density[np.clip(np.searchsorted(edges, TAU_GRID, side="right") - 1, 0, BINS - 1)]
     closeness = np.abs(shares - TARGET_SHARE)
-    if in_band.any():
-        candidates = np.flatnonzero(in_band)
-        best = candidates[np.lexsort((closeness[candidates], at_tau[candidates]))[0]]
-        # A flat valley (an empty gap in the histogram) gives the same density and share over a
-        # run of thresholds: take the middle of the run, not its edge.
-        same = (at_tau == at_tau[best]) & (shares == shares[best]) & in_band
-        lo = hi = best
-        while lo > 0 and same[lo - 1]:
-            lo -= 1
-        while hi < len(TAU_GRID) - 1 and same[hi + 1]:
-            hi += 1
-        best = (lo + hi) // 2
-    else:
+    if not candidate.any():
         best = int(np.argmin(closeness))
+        return float(TAU_GRID[best]), float(shares[best]), bool(in_band[best])
+    lowest = at_tau[candidate].min()
+    # the mean of 3 bins of counts: its standard error is sqrt(3 d) / 3 (at least that of one count)
+    low = candidate & (at_tau <= lowest + DENSITY_TIE_Z * np.sqrt(max(3 * lowest, 1.0)) / 3)
+    best = int(np.flatnonzero(low)[np.argmin(closeness[low])])
+    # A flat run (an empty stretch of the histogram) gives the same share over several
+    # thresholds: take the middle of the run, not its edge.
+    same = low & (shares == shares[best])
+    lo = hi = best
+    while lo > 0 and same[lo - 1]:
+        lo -= 1
+    while hi < len(TAU_GRID) - 1 and same[hi + 1]:
+        hi += 1
+    best = (lo + hi) // 2
     return float(TAU_GRID[best]), float(shares[best]), bool(in_band[best])
 
 
@@ -158,7 +192,9 @@ def cache_file(model_sha256: str, settings: dict) -> Path:
     from selar_local.registry import cache_dir
 
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    return cache_dir() / "calibration" / f"{model_sha256}-{key}.json"
+    # The rule's version is in the name, so that a program of an older version (a benchmark still
+    # running from an older checkout) keeps its own file rather than overwriting this one.
+    return cache_dir() / "calibration" / f"{model_sha256}-{key}-v{CALIBRATION_VERSION}.json"
 
 
 def load_cached(model_sha256: str, settings: dict) -> Calibration | None:

@@ -15,12 +15,32 @@ from selar_local.params import DecodeParams
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_flat_gap_gives_its_middle():
-    # 870 confident steps (h = 0) and 130 spread over [0.2, 0.9): every tau in the empty gap
-    # (0, 0.2) gates the same 13%; the smoothed density is 0 for tau in [0.02, 0.17].
+def test_a_threshold_under_every_uncertain_step_is_not_taken():
+    # 870 confident steps (h = 0) and 130 spread evenly over [0.2, 0.9). Every tau in the empty
+    # gap (0, 0.2) gates 13%, inside the band, but gates on whether a second token survived the
+    # filter, not on entropy. tau must keep 20% of the uncertain steps discrete; the density is
+    # even, so the share nearest 10% wins: 100 steps have h >= 0.36.
     h = np.concatenate([np.zeros(870), np.linspace(0.2, 0.9, 130, endpoint=False)])
     tau, share, in_band = cal.choose_tau(h, np.ones_like(h, dtype=bool))
-    assert (tau, share, in_band) == (0.09, 0.13, True)
+    assert (tau, share, in_band) == (0.36, 0.1, True)
+
+
+def test_an_empty_valley_between_two_modes_gives_its_middle():
+    # 850 confident steps, 60 in a low mode [0.1, 0.3) and 90 in a high one [0.6, 0.9). The
+    # smoothed density is 0 for tau in [0.32, 0.57], every one of them gating 9%: the middle.
+    h = np.concatenate([np.zeros(850), np.linspace(0.1, 0.3, 60, endpoint=False),
+                        np.linspace(0.6, 0.9, 90, endpoint=False)])
+    tau, share, in_band = cal.choose_tau(h, np.ones_like(h, dtype=bool))
+    assert (tau, share, in_band) == (0.44, 0.09, True)
+
+
+def test_a_density_rising_through_the_band_takes_the_share_nearest_ten_percent():
+    # 300 uncertain steps with density 2h (Gemma 3's shape): the lowest density in the band is
+    # at its 14% edge, but the densities across the band differ by less than their noise, and
+    # a threshold at the edge falls outside the band on the next prompts. share = 0.3 (1 - t^2).
+    h = np.concatenate([np.zeros(700), np.sqrt(np.linspace(0.0, 1.0, 302)[1:-1])])
+    tau, share, in_band = cal.choose_tau(h, np.ones_like(h, dtype=bool))
+    assert in_band and abs(share - 0.10) <= 0.005 and tau == 0.82
 
 
 def test_math_symbols_do_not_count_as_soft():
@@ -116,7 +136,7 @@ def test_tau_spread_is_a_point_when_the_prompts_agree_and_wide_when_they_do_not(
     tau = cal.choose_tau(np.concatenate([h for h, _ in same]), np.ones(1600, dtype=bool))[0]
     assert cal.tau_spread(same) == [tau, tau]
     # Confident prompts (5% of steps uncertain) and unsure ones (50%): how many of each a draw
-    # holds moves the share at every tau, and so tau (measured: 0.37-0.78).
+    # holds moves the share at every tau, and so tau (measured: 0.46-0.75).
     mixed = [(np.concatenate([np.zeros(200 - n), rng.uniform(0.05, 1.0, n)]), np.ones(200, dtype=bool))
              for n in (10, 100) * 4]
     lo, hi = cal.tau_spread(mixed)

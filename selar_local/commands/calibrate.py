@@ -20,7 +20,7 @@ def register(subparsers) -> None:
                     "uncertain steps so that SeLaR's soft share lands in 6-14%. The result is cached per "
                     "model file (sha256) and sampler settings; --tau auto uses it.")
     parser.add_argument("--max-tokens", type=int, default=256, help="tokens per prompt (default %(default)s)")
-    parser.add_argument("--parallel", "-p", type=int, default=4, help="prompts decoded together (default %(default)s)")
+    parser.add_argument("--parallel", "-p", type=int, default=8, help="prompts decoded together (default %(default)s)")
     parser.add_argument("--refresh", action="store_true", help="calibrate again even if a cached result exists")
     parser.add_argument("--plot", metavar="PNG", default=None, help="write the histogram as a PNG")
     parser.add_argument("--json", action="store_true", help="print the calibration as JSON")
