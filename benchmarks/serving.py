@@ -325,7 +325,7 @@ def batched(path: str, levels=(1, 4, 8, 16), steps: int = 48, reps: int = 3) -> 
 
 # -- report ------------------------------------------------------------------------------
 def markdown(r: dict) -> str:
-    lines = [f"# Serving benchmark (issue 11)", "", f"- {r['build']}; {r['cpus']} CPUs; load {r['load']}", ""]
+    lines = ["# Serving benchmark (issue 11)", "", f"- {r['build']}; {r['cpus']} CPUs; load {r['load']}", ""]
     if "prompt" in r:
         lines += ["## Prompt tokens/s, default settings", "", "| prompt tokens | selar-local | Llama | ratio |",
                   "|---:|---:|---:|---:|"]

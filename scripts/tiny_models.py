@@ -413,7 +413,6 @@ def check(path: Path, arch: Arch, steps: int = 6) -> Verdict:
 
 def check_in_subprocess(path: Path, arch: Arch) -> Verdict:
     """`check` in a child process: a crash inside llama.cpp is a verdict, not the end."""
-    import dataclasses
     import json
     import subprocess
 

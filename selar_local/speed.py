@@ -686,7 +686,7 @@ def render_markdown(reports: list[ModelReport], machine: dict, settings: dict) -
                  "for every contender; no GPU")
     lines.append(f"- Python {machine['python']}, NumPy {machine['numpy']}, {machine['platform']}")
     lines.append(f"- settings: {settings}")
-    lines.append(f"- load average at the end of each model: "
+    lines.append("- load average at the end of each model: "
                  + "; ".join(f"{r.name} {' '.join(f'{x:.2f}' for x in r.loadavg)}" for r in reports))
     lines.append("")
     if any(r.speed for r in reports):
