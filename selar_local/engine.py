@@ -368,6 +368,7 @@ class LlamaModel:
         # kernels. An RPC server's CPU never repacks, so this makes a local run compute
         # exactly what a run split over RPC servers computes (docs/DISTRIBUTED.md).
         params.use_extra_bufts = cpu_repack
+        self.cpu_repack = cpu_repack
         self.rpc_servers = tuple(rpc_servers)
         self.devices: tuple[Device, ...] = ()
         self._set_devices(params, tensor_split)

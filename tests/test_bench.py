@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -89,8 +90,24 @@ def test_parallel_4_gives_the_same_greedy_results_as_parallel_1(reference_run, t
     for key in ref:
         assert {f: par[key][f] for f in COMPARED} == {f: ref[key][f] for f in COMPARED}, key
         assert par[key]["trace"]["soft"] == ref[key]["trace"]["soft"], key
-        assert par[key]["parallel"] == 4
+        assert par[key]["parallel"] == 4 and par[key]["cpu_repack"] is False  # plain kernels by default
     assert table_without_times(out) == table_without_times(reference_run)
+
+
+def test_a_resumed_run_keeps_the_cpu_kernels_it_decoded_with(reference_run, tmp_path, capsys):
+    """A run from before the setting was recorded decoded with repacked weights; resuming it
+    goes on with them (the new rows say so), and --no-cpu-repack on the command line wins."""
+    for name, flags, expected in (("old", (), True), ("asked", ("--no-cpu-repack",), False)):
+        out = tmp_path / name
+        shutil.copytree(reference_run, out)
+        rows = read_results(out / RESULTS_NAME)
+        for row in rows:
+            row.pop("cpu_repack")
+        (out / RESULTS_NAME).write_text("".join(json.dumps(r) + "\n" for r in rows[:-2]))
+        assert bench("--out", str(out), "--resume", "--no-progress", *flags) == 0
+        assert f"CPU weights {'repacked' if expected else 'not repacked'}" in capsys.readouterr().err
+        resumed = read_results(out / RESULTS_NAME)
+        assert [r.get("cpu_repack") for r in resumed] == [None] * (len(rows) - 2) + [expected] * 2
 
 
 def test_sigint_mid_run_then_resume_gives_the_uninterrupted_table(reference_run, tmp_path, capsys):

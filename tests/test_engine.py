@@ -150,6 +150,46 @@ class TestGeneration:
         assert [r.soft_steps for r in parallel] == [r.soft_steps for r in sequential]
 
 
+def _logits_of_first(ctx, prompts: list[list[int]], next_tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Prefill the prompts as sequences 0..n-1 in one batch, then feed one more token to each
+    in one batch: sequence 0's logits after each (copies), the KV cells removed afterwards."""
+    tokens, positions, seq_ids, wants = [], [], [], []
+    for s, prompt in enumerate(prompts):
+        tokens += prompt
+        positions += range(len(prompt))
+        seq_ids += [s] * len(prompt)
+        wants += [False] * (len(prompt) - 1) + [True]
+    try:
+        ctx.decode_tokens(tokens, positions, seq_ids, wants)
+        after_prompt = ctx.logits_rows(len(prompts))[0].copy()
+        ctx.decode_tokens(next_tokens, [len(p) for p in prompts], range(len(prompts)), [True] * len(prompts))
+        return after_prompt, ctx.logits_rows(len(prompts))[0].copy()
+    finally:
+        for s in range(len(prompts)):
+            ctx.remove_sequence(s)
+
+
+def test_plain_cpu_kernels_make_a_sequence_independent_of_its_batch(model_files):
+    """With weights not repacked (`cpu_repack=False`, the benchmark's default) a sequence's
+    logits do not depend on which sequences share its batch. Repacked Q4_K weights take
+    another kernel for rows in groups of four than for the rest, and on AVX2 CPUs this very
+    comparison then differs by ~0.2 in the logits (docs/BENCHMARKS.md, "Batching"). Plain
+    kernels compute each row alike; 1e-3 leaves room for a CPU whose kernels sum a row's
+    products in another order when the batch is even (ARM's int8 matmul path): float32
+    rounding over these dot products is ~1e-5 of logits of size ~20."""
+    rt = Runtime(model_files["qwen2"], n_ctx=2048, n_parallel=4, n_threads=2, prompt_cache=False, cpu_repack=False)
+    try:
+        questions = ["What is 2 + 3?", "Name a prime number above 10.", "Spell cat.", "Why is the sky blue?"]
+        prompts = [rt.encode(messages=[{"role": "user", "content": q}]) for q in questions]
+        next_tokens = [rt.encode("The")[-1]] * 4
+        alone = _logits_of_first(rt.context, prompts[:1], next_tokens[:1])
+        together = _logits_of_first(rt.context, prompts, next_tokens)
+        for a, b in zip(alone, together):
+            assert np.abs(a - b).max() <= 1e-3
+    finally:
+        rt.close()
+
+
 class TestBadInput:
     def test_missing_file(self, tmp_path):
         with pytest.raises(ModelLoadError, match="not found"):

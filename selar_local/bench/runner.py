@@ -19,6 +19,7 @@ steps marked without loading the model again.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -329,10 +330,12 @@ def compact_trace(entropies: Sequence[float], soft_flags: Sequence[bool]) -> dic
 
 
 def record_for(problem: Problem, method: str, seed: int, params: DecodeParams, result=None, *,
-               error: str | None = None, parallel: int = 1, wall_seconds: float | None = None,
-               sample: int | None = None) -> dict[str, Any]:
+               error: str | None = None, parallel: int = 1, cpu_repack: bool | None = None,
+               wall_seconds: float | None = None, sample: int | None = None) -> dict[str, Any]:
     """One line of results.jsonl. ``result`` is a GenerationResult (None for an error). In a
-    self-consistency run, ``sample`` is the sample's index (its seed is params.seed)."""
+    self-consistency run, ``sample`` is the sample's index (its seed is params.seed).
+    ``parallel`` and ``cpu_repack`` are how the item was decoded, not what was asked for: a
+    resumed run may change them (rows written before cpu_repack was recorded were repacked)."""
     record: dict[str, Any] = {
         "id": problem.id, "dataset": problem.dataset, "method": method, "seed": seed,
         "gold": problem.answer,
@@ -359,6 +362,8 @@ def record_for(problem: Problem, method: str, seed: int, params: DecodeParams, r
             trace=compact_trace(result.entropies, getattr(result, "soft_flags", []) or []),
         )
     record["parallel"] = parallel
+    if cpu_repack is not None:
+        record["cpu_repack"] = cpu_repack
     record["finished_at"] = round(time.time(), 3)
     record["params"] = params.to_dict()
     record["params"]["stop"] = list(params.stop)
@@ -480,6 +485,7 @@ def run_bench(
         bar.set_postfix_str(accuracy.postfix(), refresh=False)
 
     results_path = Path(run_dir) / RESULTS_NAME
+    make_record = functools.partial(record_for, parallel=parallel, cpu_repack=runtime.model.cpu_repack)
     started = time.perf_counter()
     prompt_cache: dict[str, list[int]] = {}
     try:
@@ -509,8 +515,8 @@ def run_bench(
                     runtime.check_prompt_fits(len(tokens))
                 except ContextOverflowError as exc:
                     for i, seed in enumerate(sample_seeds(it.seed, k)):
-                        emit(record_for(it.problem, it.method, it.seed, params.replace(seed=seed), None,
-                                        error=str(exc), parallel=parallel, sample=i if k > 1 else None))
+                        emit(make_record(it.problem, it.method, it.seed, params.replace(seed=seed), None,
+                                         error=str(exc), sample=i if k > 1 else None))
                     continue
                 runnable.append((it, tokens, params))
 
@@ -519,7 +525,7 @@ def run_bench(
                 # admits the next item as soon as one finishes (no draining between chunks).
                 def finished(index: int, result) -> None:
                     it, _, params = runnable[index]
-                    emit(record_for(it.problem, it.method, it.seed, params, result, parallel=parallel))
+                    emit(make_record(it.problem, it.method, it.seed, params, result))
 
                 if runnable:
                     runtime.generate_batch([t for _, t, _ in runnable], [p for _, _, p in runnable],
@@ -533,8 +539,7 @@ def run_bench(
                     it = runnable[index][0]
                     for i, (params, result) in enumerate(zip(groups[index], results)):
                         if (it.problem.id, it.method, it.seed, i) not in done_keys:  # a half-written group
-                            emit(record_for(it.problem, it.method, it.seed, params, result, parallel=parallel,
-                                            sample=i))
+                            emit(make_record(it.problem, it.method, it.seed, params, result, sample=i))
 
                 generate_groups(runtime, [t for _, t, _ in runnable], groups, on_finish=group_finished)
     finally:

@@ -83,7 +83,7 @@ def register(subparsers) -> None:
 
 _NOT_CONFIG = {"help", "out", "resume", "overwrite", "parallel", "no_progress", "threads", "verbose",
                "n_gpu_layers", "data_dir", "dataset", "threads_batch", "prefill_chunk", "prompt_cache",
-               "kv_unified", "rpc", "tensor_split"}
+               "kv_unified", "rpc", "tensor_split", "cpu_repack"}
 
 
 def parse_seeds(text: str, first_seed: int) -> tuple[int, ...]:
@@ -216,11 +216,16 @@ def _run_locked(args, out: Path, config, problems, model_path: Path) -> int:
 
     options = runtime_options(args)
     options["n_ctx"] = config.n_ctx
+    # Plain CPU kernels unless asked: with repacked weights an item's logits depend on its batch
+    # neighbours (docs/BENCHMARKS.md, "Batching"). A resumed run keeps what it decoded with
+    # (rows from before the setting was recorded were repacked).
+    options.setdefault("cpu_repack", bool(done[-1].get("cpu_repack", True)) if done else False)
     runtime = load(str(model_path), n_parallel=parallel, **options)
     n_items = len(problems) * len(config.methods) * len(config.seeds) * config.samples
     print(f"selar bench: {config.dataset} ({len(problems)} problems) x {','.join(config.methods)} x "
           f"{len(config.seeds)} seed(s) ({','.join(map(str, config.seeds))}) = {n_items} items; {len(done)} already done; "
-          f"model {model_path.name}; --parallel {parallel}; results in {out}/results.jsonl",
+          f"model {model_path.name}; --parallel {parallel}; CPU weights "
+          f"{'repacked' if options['cpu_repack'] else 'not repacked'}; results in {out}/results.jsonl",
           file=sys.stderr)
     try:
         summary = run_bench(runtime, config, problems, out, done=done, parallel=parallel,

@@ -35,6 +35,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tensor-split", metavar="P0,P1,...", type=_proportions, default=None,
                        help="share of the offloaded layers per device: the --rpc servers in order, then local GPUs "
                             "(default: by free memory)")
+    group.add_argument("--cpu-repack", action=argparse.BooleanOptionalAction, default=None,
+                       help="let llama.cpp repack quantized weights for its interleaved CPU kernels. Those "
+                            "kernels treat a row differently by where it falls in the batch, so a sequence's "
+                            "logits then depend on what decodes beside it (default: on; `bench`: off, so that "
+                            "an item's tokens do not depend on --parallel or on where a run was resumed)")
     group.add_argument("--verbose", "-v", action="store_true", help="show llama.cpp's log and full tracebacks")
 
 
@@ -143,9 +148,12 @@ def runtime_options(args: argparse.Namespace) -> dict:
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise InvalidParameterError(f"invalid --{name.replace('_', '-')} {value}: expected an integer >= 1")
-    return dict(n_ctx=args.n_ctx, n_threads=args.threads, n_threads_batch=args.threads_batch,
-                prefill_chunk=args.prefill_chunk, prompt_cache=args.prompt_cache, kv_unified=args.kv_unified,
-                n_gpu_layers=args.n_gpu_layers, verbose=args.verbose, rpc=args.rpc, tensor_split=args.tensor_split)
+    options = dict(n_ctx=args.n_ctx, n_threads=args.threads, n_threads_batch=args.threads_batch,
+                   prefill_chunk=args.prefill_chunk, prompt_cache=args.prompt_cache, kv_unified=args.kv_unified,
+                   n_gpu_layers=args.n_gpu_layers, verbose=args.verbose, rpc=args.rpc, tensor_split=args.tensor_split)
+    if args.cpu_repack is not None:  # else the command's default
+        options["cpu_repack"] = args.cpu_repack
+    return options
 
 
 def load_runtime(args: argparse.Namespace, *, n_parallel: int = 1):
