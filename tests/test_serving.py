@@ -3,13 +3,15 @@ streams, the prompt cache, shared prefixes, the unified KV cache option."""
 from __future__ import annotations
 
 from conftest import runtime_for
+from decode_compare import assert_same_greedy_decode
 from selar_local.generate import BatchGenerator
 from selar_local.params import DecodeParams
 
 CHAT = [{"role": "user", "content": "Name three colors and say why you like them."}]
 LONG = [{"role": "user", "content": " ".join(f"Fact {i}: the lighthouse keeper logged ship {i}." for i in range(40))
          + " Which ship came first?"}]
-GREEDY = DecodeParams(method="cot", greedy=True, max_tokens=12)
+# logprobs: the top two of every step, to tell a near-tie from a difference (decode_compare.py)
+GREEDY = DecodeParams(method="cot", greedy=True, max_tokens=12, logprobs=2)
 
 
 def test_a_new_prompt_is_prefilled_in_chunks_while_a_stream_goes_on(model_files):
@@ -19,7 +21,7 @@ def test_a_new_prompt_is_prefilled_in_chunks_while_a_stream_goes_on(model_files)
     short, long = rt.encode(messages=CHAT), rt.encode(messages=LONG)
     assert len(long) > 8 * 64
     a_params = GREEDY.replace(max_tokens=24, ignore_eos=True)
-    alone = [rt.generate_batch([p], q)[0].tokens for p, q in ((short, a_params), (long, GREEDY))]
+    alone = [rt.generate_batch([p], q)[0] for p, q in ((short, a_params), (long, GREEDY))]
     gen = BatchGenerator(rt)
     a, _ = gen.submit(short, a_params)
     while not gen.step():
@@ -38,8 +40,8 @@ def test_a_new_prompt_is_prefilled_in_chunks_while_a_stream_goes_on(model_files)
         for e in gen.step():
             if not e.finish_reason or e.request_id == a:
                 tokens[e.request_id].append(e.token)
-    assert gen.pop_result(b).tokens == alone[1]
-    assert gen.pop_result(a).tokens == alone[0]
+    assert_same_greedy_decode(gen.pop_result(b), alone[1])
+    assert_same_greedy_decode(gen.pop_result(a), alone[0])
 
 
 def test_the_next_turn_reuses_the_cached_history(model_files):
@@ -49,11 +51,13 @@ def test_the_next_turn_reuses_the_cached_history(model_files):
     turn2 = CHAT + [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And a fourth?"}]
     warm = rt.generate(messages=turn2, params=GREEDY)
     reference = cold.generate(messages=turn2, params=GREEDY)
-    assert warm.tokens == reference.tokens and reference.cached_tokens == 0
+    assert_same_greedy_decode(warm, reference)
+    assert reference.cached_tokens == 0
     turn1_prompt = rt.encode(messages=CHAT)
     assert warm.cached_tokens >= len(turn1_prompt)  # the whole first prompt and part of the answer
     again = rt.generate(messages=turn2, params=GREEDY)  # the same prompt again: no prefill at all
-    assert again.cached_tokens == again.prompt_tokens and again.tokens == warm.tokens
+    assert again.cached_tokens == again.prompt_tokens
+    assert_same_greedy_decode(again, warm)
 
 
 def test_the_cache_ends_before_the_first_soft_input(model_files):
@@ -91,7 +95,7 @@ def test_unified_kv_cache_lets_one_long_request_use_more_cells(model_files):
     assert unified.context.n_ctx == 768
     prompt = single.encode(messages=LONG)
     assert 256 < len(prompt) + 12 < 768
-    assert unified.generate_batch([prompt], GREEDY)[0].tokens == single.generate_batch([prompt], GREEDY)[0].tokens
+    assert_same_greedy_decode(unified.generate_batch([prompt], GREEDY)[0], single.generate_batch([prompt], GREEDY)[0])
 
 
 def test_live_inputs_reach_llama_cpp_in_seq_id_order(model_files):
