@@ -22,11 +22,15 @@ RUNS=docs/benchmarks/runs
 # The format-1 folders (gsm8k-qwen05, -greedy-cot, -swir) are kept for their own comparisons.
 declare -A MODEL=([qwen05-f2]=qwen2.5-coder-0.5b-instruct [qwen15-f2]=qwen2.5-coder-1.5b-instruct)
 
+FAILED=()
 bench() {  # bench TAG NAME ARGS...: one resumable run folder
   local tag=$1 name=$2; shift 2
   echo "== $(date -u +%FT%TZ) $tag $name"
+  # A run that fails is reported and the queue goes on (one refused resume once idled a core
+  # for the rest of a session); the script exits 1 at the end if any did.
   PYTHONPATH=$PWD "$PY" -m selar_local.cli bench --dataset gsm8k --model "${MODEL[$tag]}" \
-    --threads "${THREADS:-1}" --no-progress --resume --out "$RUNS/gsm8k-$tag-$name" "$@"
+    --threads "${THREADS:-1}" --no-progress --resume --out "$RUNS/gsm8k-$tag-$name" "$@" \
+    || { echo "== $(date -u +%FT%TZ) FAILED (exit $?): $tag $name"; FAILED+=("$tag-$name"); }
 }
 
 baselines() {  # sampled cot, selar and soft, and greedy cot
@@ -74,4 +78,8 @@ case "${1:-all}" in
   all) qwen05; qwen15 ;;
   *) echo "usage: $0 [qwen05|qwen15|all]" >&2; exit 2 ;;
 esac
+if ((${#FAILED[@]})); then
+  echo "== $(date -u +%FT%TZ) ${1:-all}: ${#FAILED[@]} run(s) failed: ${FAILED[*]}"
+  exit 1
+fi
 echo "== $(date -u +%FT%TZ) ${1:-all} runs done"

@@ -199,6 +199,13 @@ def test_bench_new_methods_and_tau_auto(tmp_path, monkeypatch):
     assert any(r["soft_steps"] for r in records if r["method"] == "swir")
     md = bench_report.write_report([out], out, plots=False)
     assert f"SeLaR tau {calibration['tau']} (auto: calibrated)" in md
+    # A later calibration (another rule, another cache) does not change the run on --resume:
+    # it goes on with the tau it started with instead of refusing a "different" config.
+    cal_file = next(tmp_path.glob("cal-*.json"))
+    cal_file.write_text(json.dumps({**calibration, "tau": round(calibration["tau"] / 2 + 0.01, 2)}))
+    assert cli_main([*BENCH, "--methods", "selar,swir,soft", "--tau", "auto", "--soft-noise", "gumbel",
+                     "--parallel", "4", "--out", str(out), "--resume"]) == 0
+    assert read_config(out).params["tau"] == calibration["tau"]
 
 
 def test_http_server_runs_the_new_methods_and_tau_auto(smollm4, tmp_path, monkeypatch):

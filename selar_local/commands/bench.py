@@ -131,7 +131,8 @@ def _config_from_args(args):
     model_path = resolve_model(args.model)
     base = model_sampler(model_path).apply(base, explicit_sampler(args))  # recorded in the config
     if auto:
-        base = base.replace(tau=_auto_tau(args, model_path, base))
+        saved = _saved_auto_tau(args)
+        base = base.replace(tau=saved if saved is not None else _auto_tau(args, model_path, base))
     params = {k: v for k, v in base.to_dict().items() if k not in PER_ITEM_PARAMS}
     config = BenchConfig(
         dataset=args.dataset, methods=methods, seeds=parse_seeds(args.seeds, args.seed), params=params,
@@ -142,6 +143,24 @@ def _config_from_args(args):
         samples=args.samples,
     )
     return config, problems, model_path
+
+
+def _saved_auto_tau(args) -> float | None:
+    """On --resume of a --tau auto run: the tau it started with. A calibration made since (or
+    under a newer rule) must not change a run half-way, nor stop it."""
+    from selar_local.bench.runner import BenchConfigError, read_config
+
+    if not args.resume:
+        return None
+    try:
+        saved = read_config(args.out)
+    except BenchConfigError:
+        return None  # no run there yet: calibrate as for a new one
+    tau = saved.params.get("tau")
+    if not saved.tau_auto or not isinstance(tau, (int, float)):
+        return None
+    print(f"--tau auto: tau {tau:.2f}, the calibrated value this run started with", file=sys.stderr)
+    return float(tau)
 
 
 def _auto_tau(args, model_path: Path, params) -> float:
