@@ -108,6 +108,11 @@ def test_a_resumed_run_keeps_the_cpu_kernels_it_decoded_with(reference_run, tmp_
         assert f"CPU weights {'repacked' if expected else 'not repacked'}" in capsys.readouterr().err
         resumed = read_results(out / RESULTS_NAME)
         assert [r.get("cpu_repack") for r in resumed] == [None] * (len(rows) - 2) + [expected] * 2
+        # the report says how the items were decoded
+        md = bench_report.write_report([out], out, plots=False)
+        assert ("repacked CPU weights (an item's tokens depend on its batch neighbours)" if expected
+                else f"repacked CPU weights for {len(rows) - 2} of {len(rows)} items") in md
+    assert "plain CPU kernels" in bench_report.write_report([reference_run], tmp_path, plots=False)
 
 
 def test_sigint_mid_run_then_resume_gives_the_uninterrupted_table(reference_run, tmp_path, capsys):

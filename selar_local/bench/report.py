@@ -315,7 +315,7 @@ def render_markdown(sections: Sequence[Section]) -> str:
                       f"({', '.join(str(s) for s in c.seeds)}); {len(run.records)}/{expected} items done; "
                       f"{decoding}; max_tokens {p.get('max_tokens')}; SeLaR tau {p.get('tau')}"
                       f"{' (auto: calibrated)' if c.tau_auto else ''}, "
-                      f"lambda {p.get('lam')}, k_s {p.get('ks')}; n_ctx {c.n_ctx}.\n\n")
+                      f"lambda {p.get('lam')}, k_s {p.get('ks')}; n_ctx {c.n_ctx}; {cpu_kernels(run.records)}.\n\n")
         multi_seed = any(len(r.seeds) > 1 for r in section.rows)
         voting = any(r.samples > 1 for r in section.rows)
         header = ["method", "n", "accuracy % [95% CI]"]
@@ -387,6 +387,17 @@ def choose_trace(runs: Sequence[Run], problem: str | None = None, method: str | 
     if problem is not None or method is not None:
         raise ReportError(f"no record with a trace for problem {problem!r}, method {method!r}")
     return None
+
+
+def cpu_kernels(records: Sequence[dict]) -> str:
+    """How the items were decoded on CPU: with repacked weights an item's tokens depend on the
+    sequences beside it in the batch (rows from before `cpu_repack` was recorded were repacked)."""
+    repacked = sum(1 for r in records if r.get("cpu_repack", True))
+    if repacked == 0:
+        return "plain CPU kernels"
+    if repacked == len(records):
+        return "repacked CPU weights (an item's tokens depend on its batch neighbours)"
+    return f"repacked CPU weights for {repacked} of {len(records)} items"
 
 
 def write_report(run_dirs: Sequence[Path], out_dir: Path, *, baseline: str = "cot", plots: bool = True,
