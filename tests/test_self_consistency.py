@@ -175,6 +175,7 @@ def test_bench_samples_writes_k_records_and_resumes(tmp_path):
     assert len(read_results(out / RESULTS_NAME)) == 12
     md = bench_report.write_report([out], out, plots=False)
     assert "cot maj@3" in md and "swir maj@3" in md
+    assert "2 problems x 2 methods x 1 seed(s) (41) x 3 samples; 12/12 items done" in md
     assert cli_main([*BENCH, "--methods", "cot", "--samples", "3", "--parallel", "2", "--out",
                      str(tmp_path / "x")]) == 2
 

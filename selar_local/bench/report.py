@@ -309,10 +309,11 @@ def render_markdown(sections: Sequence[Section]) -> str:
             decoding = ("greedy" if p.get("greedy") else
                         f"T {p.get('temperature')}, top-k {p.get('top_k')}, top-p {p.get('top_p')}, "
                         f"min-p {p.get('min_p')}")
-            expected = c.problems * len(c.methods) * len(c.seeds)
+            expected = c.problems * len(c.methods) * len(c.seeds) * c.samples
             where = f"`{run.label}`: " if len(section.runs) > 1 else ""
+            samples = f" x {c.samples} samples" if c.samples > 1 else ""
             out.write(f"{where}{c.problems} problems x {len(c.methods)} methods x {len(c.seeds)} seed(s) "
-                      f"({', '.join(str(s) for s in c.seeds)}); {len(run.records)}/{expected} items done; "
+                      f"({', '.join(str(s) for s in c.seeds)}){samples}; {len(run.records)}/{expected} items done; "
                       f"{decoding}; max_tokens {p.get('max_tokens')}; SeLaR tau {p.get('tau')}"
                       f"{' (auto: calibrated)' if c.tau_auto else ''}, "
                       f"lambda {p.get('lam')}, k_s {p.get('ks')}; n_ctx {c.n_ctx}; {cpu_kernels(run.records)}.\n\n")
