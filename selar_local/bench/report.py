@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from selar_local.bench.runner import RESULTS_NAME, BenchConfig, read_config, read_results
+from selar_local.bench.runner import RESULTS_NAME, BenchConfig, decoded_with, read_config, read_results
 from selar_local.bench.stats import mcnemar_exact, mean_over_seeds, paired_difference, wilson_interval
 from selar_local.errors import SelarError
 
@@ -392,8 +392,8 @@ def choose_trace(runs: Sequence[Run], problem: str | None = None, method: str | 
 
 def cpu_kernels(records: Sequence[dict]) -> str:
     """How the items were decoded on CPU: with repacked weights an item's tokens depend on the
-    sequences beside it in the batch (rows from before `cpu_repack` was recorded were repacked)."""
-    repacked = sum(1 for r in records if r.get("cpu_repack", True))
+    sequences beside it in the batch."""
+    repacked = sum(1 for r in records if decoded_with(r, "cpu_repack"))
     if repacked == 0:
         return "plain CPU kernels"
     if repacked == len(records):

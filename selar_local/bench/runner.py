@@ -329,13 +329,22 @@ def compact_trace(entropies: Sequence[float], soft_flags: Sequence[bool]) -> dic
     }
 
 
+def decoded_with(record: dict, setting: str) -> Any:
+    """How a finished item was decoded (`parallel`, `cpu_repack`): what its row records, or what
+    rows written before the setting was recorded were decoded with (1 sequence, repacked
+    weights). A resumed run goes on with its last row's settings unless told otherwise."""
+    before_recorded = {"parallel": 1, "cpu_repack": True}
+    value = record.get(setting)
+    return before_recorded[setting] if value is None else value
+
+
 def record_for(problem: Problem, method: str, seed: int, params: DecodeParams, result=None, *,
                error: str | None = None, parallel: int = 1, cpu_repack: bool | None = None,
                wall_seconds: float | None = None, sample: int | None = None) -> dict[str, Any]:
     """One line of results.jsonl. ``result`` is a GenerationResult (None for an error). In a
     self-consistency run, ``sample`` is the sample's index (its seed is params.seed).
     ``parallel`` and ``cpu_repack`` are how the item was decoded, not what was asked for: a
-    resumed run may change them (rows written before cpu_repack was recorded were repacked)."""
+    resumed run may change them (`decoded_with` reads them back)."""
     record: dict[str, Any] = {
         "id": problem.id, "dataset": problem.dataset, "method": method, "seed": seed,
         "gold": problem.answer,

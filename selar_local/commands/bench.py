@@ -221,10 +221,10 @@ def bench(args: argparse.Namespace) -> int:
 
 
 def _run_locked(args, out: Path, config, problems, model_path: Path) -> int:
-    from selar_local.bench.runner import prepare_run, run_bench
+    from selar_local.bench.runner import decoded_with, prepare_run, run_bench
 
     done = prepare_run(out, config, resume=args.resume, overwrite=args.overwrite)
-    parallel = args.parallel or (int(done[-1].get("parallel") or 1) if done else max(1, config.samples))
+    parallel = args.parallel or (int(decoded_with(done[-1], "parallel")) if done else max(1, config.samples))
     if parallel < config.samples:
         from selar_local.errors import InvalidParameterError
 
@@ -236,9 +236,8 @@ def _run_locked(args, out: Path, config, problems, model_path: Path) -> int:
     options = runtime_options(args)
     options["n_ctx"] = config.n_ctx
     # Plain CPU kernels unless asked: with repacked weights an item's logits depend on its batch
-    # neighbours (docs/BENCHMARKS.md, "Batching"). A resumed run keeps what it decoded with
-    # (rows from before the setting was recorded were repacked).
-    options.setdefault("cpu_repack", bool(done[-1].get("cpu_repack", True)) if done else False)
+    # neighbours (docs/BENCHMARKS.md, "Batching"). A resumed run keeps what it decoded with.
+    options.setdefault("cpu_repack", bool(decoded_with(done[-1], "cpu_repack")) if done else False)
     runtime = load(str(model_path), n_parallel=parallel, **options)
     n_items = len(problems) * len(config.methods) * len(config.seeds) * config.samples
     print(f"selar bench: {config.dataset} ({len(problems)} problems) x {','.join(config.methods)} x "

@@ -32,12 +32,11 @@ def register(subparsers) -> None:
 
 
 def calibrate_command(args: argparse.Namespace) -> int:
-    from selar_local.calibrate import auto_tau, out_of_band_reason, plot_histogram, render_histogram
+    from selar_local.calibrate import auto_tau, cached_tau, out_of_band_reason, plot_histogram, render_histogram
     from selar_local.errors import InvalidParameterError
 
     if args.max_tokens < 1 or args.parallel < 1:
         raise InvalidParameterError("--max-tokens and --parallel must be >= 1")
-    from selar_local.calibrate import cached_tau
     from selar_local.model_sampler import model_sampler
     from selar_local.registry import resolve_model
 
