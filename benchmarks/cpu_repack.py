@@ -34,14 +34,8 @@ def batch_dependence(rt: Runtime) -> float:
     nxt = rt.encode("The")[-1]
 
     def first_rows(n: int) -> list[np.ndarray]:
-        tokens, positions, seq_ids, wants = [], [], [], []
-        for s, p in enumerate(prompts[:n]):
-            tokens += p
-            positions += range(len(p))
-            seq_ids += [s] * len(p)
-            wants += [False] * (len(p) - 1) + [True]
         try:
-            ctx.decode_tokens(tokens, positions, seq_ids, wants)
+            ctx.decode_prompts(prompts[:n])
             rows = [ctx.logits_rows(n)[0].copy()]
             ctx.decode_tokens([nxt] * n, [len(p) for p in prompts[:n]], range(n), [True] * n)
             return rows + [ctx.logits_rows(n)[0].copy()]

@@ -648,6 +648,17 @@ class LlamaContext:
             self._tokens[:n] = tokens
         self._decode(self._token_batch, n)
 
+    def decode_prompts(self, prompts: Sequence[Sequence[int]]) -> None:
+        """Prefill prompt i as sequence i from position 0, all in one batch; the logits of each
+        prompt's last token are the outputs 0..n-1 (`logits_rows(len(prompts))`)."""
+        tokens, positions, seq_ids, want = [], [], [], []
+        for seq_id, prompt in enumerate(prompts):
+            tokens += prompt
+            positions += range(len(prompt))
+            seq_ids += [seq_id] * len(prompt)
+            want += [False] * (len(prompt) - 1) + [True]
+        self.decode_tokens(tokens, positions, seq_ids, want)
+
     def decode_embeddings(self, rows: np.ndarray, positions: Sequence[int], seq_ids: Sequence[int],
                           want_logits: Sequence[bool]) -> None:
         n = self._fill_common(rows.shape[0], positions, seq_ids, want_logits)

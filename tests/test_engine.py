@@ -154,14 +154,8 @@ class TestGeneration:
 def _logits_of_first(ctx, prompts: list[list[int]], next_tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """Prefill the prompts as sequences 0..n-1 in one batch, then feed one more token to each
     in one batch: sequence 0's logits after each (copies), the KV cells removed afterwards."""
-    tokens, positions, seq_ids, wants = [], [], [], []
-    for s, prompt in enumerate(prompts):
-        tokens += prompt
-        positions += range(len(prompt))
-        seq_ids += [s] * len(prompt)
-        wants += [False] * (len(prompt) - 1) + [True]
     try:
-        ctx.decode_tokens(tokens, positions, seq_ids, wants)
+        ctx.decode_prompts(prompts)
         after_prompt = ctx.logits_rows(len(prompts))[0].copy()
         ctx.decode_tokens(next_tokens, [len(p) for p in prompts], range(len(prompts)), [True] * len(prompts))
         return after_prompt, ctx.logits_rows(len(prompts))[0].copy()
