@@ -9,6 +9,11 @@ choice between two tokens closer than that, or an entropy that close to SeLaR's 
 go the other way, and the two paths part there. `assert_same_greedy_decode` accepts exactly
 that: equal paths, or paths equal up to a step where the reference was such a near-tie.
 The reference must be decoded with `logprobs >= 2` (the top two candidates of every step).
+
+A benchmark row keeps only the text and the soft flags of its decode, not the tokens:
+`assert_same_greedy_row` compares two rows, and where they differ, finds the first step of
+the reference decode (redone alone with logprobs) that the other row's text does not share,
+and accepts the difference only if the reference had a near-tie at or before it.
 """
 from __future__ import annotations
 
@@ -29,18 +34,29 @@ def divergence(got, want) -> int | None:
     return None if len(got.tokens) == len(want.tokens) else min(len(got.tokens), len(want.tokens))
 
 
+def token_tie(want, k: int) -> tuple[int, int] | None:
+    """The two candidates of step k of `want` if they were tied within TIE_LOGPROB."""
+    if k >= len(want.logprobs):
+        return None
+    top = want.logprobs[k][1]
+    if len(top) >= 2 and top[0][1] - top[1][1] < TIE_LOGPROB:
+        return top[0][0], top[1][0]
+    return None
+
+
+def gate_tie(want, k: int, tau: float | None) -> bool:
+    return tau is not None and k < len(want.entropies) and abs(want.entropies[k] - tau) < GATE_TIE
+
+
 def near_tie(got, want, k: int, tau: float | None) -> str | None:
     """Why step k of `want` could go either way, or None if it could not."""
     ended = k >= len(got.tokens)  # `got` stopped where `want` went on (an end token's near-tie)
     if k < len(want.tokens) and (ended or got.tokens[k] != want.tokens[k]):
-        if k >= len(want.logprobs):
-            return None
-        top = want.logprobs[k][1]
-        if len(top) >= 2 and top[0][1] - top[1][1] < TIE_LOGPROB and (
-                ended or got.tokens[k] in (top[0][0], top[1][0])):
-            return f"tokens {top[0][0]} and {top[1][0]} tied within {TIE_LOGPROB} at step {k}"
+        tied = token_tie(want, k)
+        if tied is not None and (ended or got.tokens[k] in tied):
+            return f"tokens {tied[0]} and {tied[1]} tied within {TIE_LOGPROB} at step {k}"
         return None
-    if tau is not None and k < len(want.entropies) and abs(want.entropies[k] - tau) < GATE_TIE:
+    if gate_tie(want, k, tau):
         return f"entropy {want.entropies[k]:.6f} at the gate's tau {tau} at step {k}"
     return None
 
@@ -56,3 +72,34 @@ def assert_same_greedy_decode(got, want, *, tau: float | None = None) -> None:
     reason = near_tie(got, want, k, tau)
     assert reason is not None, (f"the decodes part at step {k} without a near-tie: "
                                 f"{got.tokens[max(0, k - 3):k + 3]} vs {want.tokens[max(0, k - 3):k + 3]}")
+
+
+def first_unshared_step(want, detokenize, got_text: str, got_soft: str) -> int:
+    """The first step of the decode `want` (tokens, soft_flags) that a decode known only by its
+    text and soft-flag string does not share: the first token whose text `got_text` does not
+    continue, or the first soft flag that differs, whichever comes first. A decode that is a
+    prefix of the other parts at its last step (where it chose to end, or the other did)."""
+    soft = "".join("1" if f else "0" for f in want.soft_flags)
+    for k in range(len(want.tokens)):
+        # An unfinished UTF-8 character shows as U+FFFD until its last byte's token comes.
+        text = detokenize(want.tokens[:k + 1]).rstrip("\ufffd")
+        if not got_text.startswith(text) or soft[k:k + 1] != got_soft[k:k + 1]:
+            return k
+    return max(len(want.tokens) - 1, 0)
+
+
+def assert_same_greedy_row(got: dict, want: dict, decode_alone, detokenize, *, fields,
+                           tau: float | None = None) -> bool:
+    """Two benchmark rows of one greedy item agree in `fields` and their soft flags (True), or
+    differ only after a near-tie of the item decoded alone with logprobs >= 2 (False);
+    `decode_alone()` gives that decode, which must reproduce `want`'s text."""
+    if {f: got[f] for f in fields} == {f: want[f] for f in fields} and got["trace"]["soft"] == want["trace"]["soft"]:
+        return True
+    reference = decode_alone()
+    assert reference.text == want["text"], "the reference decode does not reproduce the row it stands for"
+    assert reference.logprobs, "decode the reference with logprobs=2 to tell a near-tie from a difference"
+    k = first_unshared_step(reference, detokenize, got["text"], got["trace"]["soft"])
+    ties = [j for j in range(k + 1) if token_tie(reference, j) is not None or gate_tie(reference, j, tau)]
+    assert ties, (f"the rows differ from step {k} without a near-tie before it: "
+                  f"{got['text']!r} vs {want['text']!r}")
+    return False

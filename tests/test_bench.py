@@ -19,9 +19,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import runtime_for
+from decode_compare import assert_same_greedy_row
 from selar_local.bench import report as bench_report
 from selar_local.bench.runner import (
-    CONFIG_NAME, RESULTS_NAME, BenchConfig, BenchConfigError, ResultsFileError, read_config, read_results,
+    CONFIG_NAME, RESULTS_NAME, BenchConfig, BenchConfigError, ResultsFileError, load_config_problems, read_config,
+    read_results,
 )
 from selar_local.cli import main as cli_main
 
@@ -82,16 +85,31 @@ def test_run_writes_one_record_per_item_with_params_and_trace(reference_run):
     assert all(r["soft_steps"] >= r["completion_tokens"] - 1 for k, r in rows.items() if k[1] == "soft")
 
 
-def test_parallel_4_gives_the_same_greedy_results_as_parallel_1(reference_run, tmp_path):
+def test_parallel_4_gives_the_same_greedy_results_as_parallel_1(reference_run, tmp_path, model_files):
+    """Bit for bit on x86; on ARM CPUs with int8 matmul an item may part from its --parallel 1
+    row at a near-tie, which its decode alone (with the top two log-probabilities) must show."""
     out = tmp_path / "p4"
     assert bench(*SMALL_RUN, "--parallel", "4", "--out", str(out)) == 0
     ref, par = records_by_key(reference_run), records_by_key(out)
     assert set(ref) == set(par)
-    for key in ref:
-        assert {f: par[key][f] for f in COMPARED} == {f: ref[key][f] for f in COMPARED}, key
-        assert par[key]["trace"]["soft"] == ref[key]["trace"]["soft"], key
-        assert par[key]["parallel"] == 4 and par[key]["cpu_repack"] is False  # plain kernels by default
-    assert table_without_times(out) == table_without_times(reference_run)
+    config = read_config(reference_run)
+    problems = {p.id: p for p in load_config_problems(config)}
+    runtime = runtime_for("llama", model_files, n_ctx=512, cpu_repack=False, prompt_cache=False)
+
+    def decode_alone(pid: str, params):
+        prompt = runtime.encode(messages=[{"role": "user", "content": problems[pid].prompt}])
+        return lambda: runtime.generate_batch([prompt], [params.replace(logprobs=2)])[0]
+
+    identical = []
+    for (pid, method, seed), row in ref.items():
+        got = par[(pid, method, seed)]
+        assert got["parallel"] == 4 and got["cpu_repack"] is False  # plain kernels by default
+        params = config.decode_params(method, seed)
+        identical.append(assert_same_greedy_row(
+            got, row, decode_alone(pid, params), runtime.model.detokenize, fields=COMPARED,
+            tau=params.tau if method == "selar" else None))
+    if all(identical):
+        assert table_without_times(out) == table_without_times(reference_run)
 
 
 def test_a_resumed_run_keeps_the_cpu_kernels_it_decoded_with(reference_run, tmp_path, capsys):
