@@ -17,6 +17,8 @@ and accepts the difference only if the reference had a near-tie at or before it.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 # Log-probability gap (filtered distribution, temperature 0.6) under which two candidates
 # count as tied: 1e-5 of a logit of size ~20, over T, is ~3e-4; 1e-3 gives room.
 TIE_LOGPROB = 1e-3
@@ -74,32 +76,76 @@ def assert_same_greedy_decode(got, want, *, tau: float | None = None) -> None:
                                 f"{got.tokens[max(0, k - 3):k + 3]} vs {want.tokens[max(0, k - 3):k + 3]}")
 
 
-def first_unshared_step(want, detokenize, got_text: str, got_soft: str) -> int:
-    """The first step of the decode `want` (tokens, soft_flags) that a decode known only by its
-    text and soft-flag string does not share: the first token whose text `got_text` does not
-    continue, or the first soft flag that differs, whichever comes first. A decode that is a
-    prefix of the other parts at its last step (where it chose to end, or the other did)."""
-    soft = "".join("1" if f else "0" for f in want.soft_flags)
-    for k in range(len(want.tokens)):
-        # An unfinished UTF-8 character shows as U+FFFD until its last byte's token comes.
-        text = detokenize(want.tokens[:k + 1]).rstrip("\ufffd")
-        if not got_text.startswith(text) or soft[k:k + 1] != got_soft[k:k + 1]:
+# -- decodes known by their text: benchmark rows, OpenAI responses --------------------------------
+
+@dataclass(frozen=True)
+class TextStep:
+    """One step of a reference decode as its text shows it."""
+    piece: bytes                 # the token's bytes
+    gap: float | None            # log p of the top candidate minus the runner-up's (None: one candidate)
+    entropy: float | None = None  # the gate statistic, where known
+    soft: bool | None = None     # whether the step's input was soft, where known
+
+
+def steps_of_result(result, token_bytes) -> list[TextStep]:
+    """A GenerationResult decoded with logprobs >= 2."""
+    assert result.logprobs, "decode the reference with logprobs=2 to tell a near-tie from a difference"
+    return [TextStep(token_bytes(t), _gap([lp for _, lp in top]), h, soft)
+            for t, (_, top), h, soft in zip(result.tokens, result.logprobs, result.entropies, result.soft_flags)]
+
+
+def steps_of_choice(choice: dict) -> list[TextStep]:
+    """An OpenAI chat choice requested with logprobs and top_logprobs >= 2."""
+    content = (choice.get("logprobs") or {}).get("content")
+    assert content, "request the reference with logprobs and top_logprobs=2"
+    return [TextStep(bytes(e["bytes"]), _gap([a["logprob"] for a in e["top_logprobs"]])) for e in content]
+
+
+def _gap(top: list[float]) -> float | None:
+    return top[0] - top[1] if len(top) >= 2 else None
+
+
+def first_unshared_step(steps: list[TextStep], got_text: str, got_soft: str | None = None) -> int:
+    """The first step of the reference that a decode known only by its text (and soft flags)
+    does not share: the first token whose bytes `got_text` does not continue, or the first soft
+    flag that differs. A decode that is a prefix of the other parts at its last step (where
+    one of the two chose to end)."""
+    got = got_text.encode("utf-8")
+    at = 0
+    for k, step in enumerate(steps):
+        soft_differs = got_soft is not None and step.soft is not None and got_soft[k:k + 1] != "01"[step.soft]
+        if got[at:at + len(step.piece)] != step.piece or soft_differs:
             return k
-    return max(len(want.tokens) - 1, 0)
+        at += len(step.piece)
+    return max(len(steps) - 1, 0)
 
 
-def assert_same_greedy_row(got: dict, want: dict, decode_alone, detokenize, *, fields,
+def assert_same_greedy_text(got_text: str, want_text: str, steps: list[TextStep], *, got_soft: str | None = None,
+                            tau: float | None = None) -> bool:
+    """A greedy decode known by its text (and soft flags) is the reference (True), or parts from
+    it only after a near-tie of the reference (False): `steps` is the reference decode."""
+    want_soft = "".join("01"[bool(s.soft)] for s in steps) if got_soft is not None else None
+    if got_text == want_text and got_soft == want_soft:
+        return True
+    assert b"".join(s.piece for s in steps).decode("utf-8", errors="replace") == want_text, \
+        "the reference steps do not spell the reference text"
+    k = first_unshared_step(steps, got_text, got_soft)
+    ties = [j for j, s in enumerate(steps[:k + 1]) if (s.gap is not None and s.gap < TIE_LOGPROB)
+            or (tau is not None and s.entropy is not None and abs(s.entropy - tau) < GATE_TIE)]
+    assert ties, f"the decodes part at step {k} without a near-tie before it: {got_text!r} vs {want_text!r}"
+    return False
+
+
+def assert_same_greedy_row(got: dict, want: dict, decode_alone, token_bytes, *, fields,
                            tau: float | None = None) -> bool:
     """Two benchmark rows of one greedy item agree in `fields` and their soft flags (True), or
     differ only after a near-tie of the item decoded alone with logprobs >= 2 (False);
-    `decode_alone()` gives that decode, which must reproduce `want`'s text."""
+    `decode_alone()` gives that decode, which must reproduce `want`."""
     if {f: got[f] for f in fields} == {f: want[f] for f in fields} and got["trace"]["soft"] == want["trace"]["soft"]:
         return True
     reference = decode_alone()
     assert reference.text == want["text"], "the reference decode does not reproduce the row it stands for"
-    assert reference.logprobs, "decode the reference with logprobs=2 to tell a near-tie from a difference"
-    k = first_unshared_step(reference, detokenize, got["text"], got["trace"]["soft"])
-    ties = [j for j in range(k + 1) if token_tie(reference, j) is not None or gate_tie(reference, j, tau)]
-    assert ties, (f"the rows differ from step {k} without a near-tie before it: "
-                  f"{got['text']!r} vs {want['text']!r}")
+    same = assert_same_greedy_text(got["text"], want["text"], steps_of_result(reference, token_bytes),
+                                   got_soft=got["trace"]["soft"], tau=tau)
+    assert not same, f"rows with the same text and soft flags differ: {[f for f in fields if got[f] != want[f]]}"
     return False

@@ -106,7 +106,7 @@ def test_parallel_4_gives_the_same_greedy_results_as_parallel_1(reference_run, t
         assert got["parallel"] == 4 and got["cpu_repack"] is False  # plain kernels by default
         params = config.decode_params(method, seed)
         identical.append(assert_same_greedy_row(
-            got, row, decode_alone(pid, params), runtime.model.detokenize, fields=COMPARED,
+            got, row, decode_alone(pid, params), runtime.model.token_bytes, fields=COMPARED,
             tau=params.tau if method == "selar" else None))
     if all(identical):
         assert table_without_times(out) == table_without_times(reference_run)

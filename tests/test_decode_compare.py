@@ -4,7 +4,8 @@ from types import SimpleNamespace
 import pytest
 
 from decode_compare import (
-    GATE_TIE, TIE_LOGPROB, assert_same_greedy_decode, assert_same_greedy_row, divergence, first_unshared_step,
+    GATE_TIE, TIE_LOGPROB, TextStep, assert_same_greedy_decode, assert_same_greedy_row, assert_same_greedy_text,
+    divergence, first_unshared_step, steps_of_choice, steps_of_result,
 )
 
 
@@ -45,49 +46,72 @@ def test_a_gate_decision_may_differ_only_at_tau():
         assert_same_greedy_decode(got, want, tau=0.4)
 
 
-# -- benchmark rows: text and soft flags only ---------------------------------------------------
-PIECES = {1: "The", 2: " sum", 3: " is", 4: " 7", 7: " total", 8: ".", 0: "", 9: "\xe2", 10: "\x82\xac"}
+# -- decodes known by their text: benchmark rows, OpenAI responses -------------------------------
+PIECES = {1: b"The", 2: b" sum", 3: b" is", 4: b" 7", 7: b" total", 8: b".", 9: b"\xe2", 10: b"\x82\xac"}
 
 
-def detokenize(tokens):
-    """Pieces as latin-1 stand-ins for bytes; 9 + 10 spell the euro sign in UTF-8."""
-    return "".join(PIECES[t] for t in tokens).encode("latin-1").decode("utf-8", errors="replace")
-
-
-def row(text, soft="000"):
-    return {"text": text, "correct": False, "trace": {"soft": soft}}
+def steps(tokens, gaps=None, soft=None, entropies=None):
+    gaps = gaps or [5.0] * len(tokens)
+    soft = soft or [False] * len(tokens)
+    entropies = entropies or [0.1] * len(tokens)
+    return [TextStep(PIECES[t], g, h, f) for t, g, h, f in zip(tokens, gaps, entropies, soft)]
 
 
 def test_first_unshared_step_reads_the_other_decode_from_its_text():
-    want = decode([1, 2, 3, 4])
-    assert first_unshared_step(want, detokenize, "The sum is 7", "0000") == 3  # all shared: the end
-    assert first_unshared_step(want, detokenize, "The total is 7", "0000") == 1
-    assert first_unshared_step(want, detokenize, "The sum", "00") == 2          # the other one ended
-    assert first_unshared_step(want, detokenize, "The sum is 7", "0010") == 2  # a gate decision
-    # A character split over two tokens is not a difference while its first byte is pending.
-    assert first_unshared_step(decode([1, 9, 10, 8]), detokenize, "The\u20ac.", "0000") == 3
+    want = steps([1, 2, 3, 4])
+    assert first_unshared_step(want, "The sum is 7", "0000") == 3  # all shared: the end
+    assert first_unshared_step(want, "The total is 7", "0000") == 1
+    assert first_unshared_step(want, "The sum") == 2                 # the other one ended
+    assert first_unshared_step(want, "The sum is 7", "0010") == 2  # a gate decision
+    # A character split over two tokens is compared byte by byte.
+    assert first_unshared_step(steps([1, 9, 10, 8]), "The\u20ac.", "0000") == 3
+    assert first_unshared_step(steps([1, 9, 10, 8]), "The\u00e2", "0000") == 1
 
 
-def test_rows_may_differ_only_after_a_near_tie_of_the_decode_alone():
-    want_row = row("The sum is 7", "0000")
-    tied = decode([1, 2, 3, 4], logprobs=[top2(1, 9, 5.0), top2(2, 7, TIE_LOGPROB / 2), top2(3, 4, 5.0),
-                                          top2(4, 8, 5.0)])
-    tied.text = "The sum is 7"
-    fields = ("text", "correct")
-    assert assert_same_greedy_row(row("The sum is 7", "0000"), want_row, pytest.fail, detokenize, fields=fields)
-    assert not assert_same_greedy_row(row("The total.", "000"), want_row, lambda: tied, detokenize, fields=fields)
-    clear = decode([1, 2, 3, 4], logprobs=[top2(1, 9, 5.0)] * 4)
-    clear.text = "The sum is 7"
-    with pytest.raises(AssertionError, match="differ from step 1 without a near-tie"):
-        assert_same_greedy_row(row("The total.", "000"), want_row, lambda: clear, detokenize, fields=fields)
-    # a gate decision within GATE_TIE of tau
-    gate = decode([1, 2, 3, 4], soft=[False, False, True, False], entropies=[0.1, 0.1, 0.5 + GATE_TIE / 2, 0.1],
-                  logprobs=[top2(1, 9, 5.0)] * 4)
-    gate.text = "The sum is 7"
-    assert not assert_same_greedy_row(row("The sum is 7", "0000"), row("The sum is 7", "0010"), lambda: gate,
-                                      detokenize, fields=fields, tau=0.5)
-    with pytest.raises(AssertionError):
-        assert_same_greedy_row(row("The sum is 7", "0000"), row("The sum is 7", "0010"), lambda: gate,
-                               detokenize, fields=fields, tau=0.4)
+def test_texts_may_differ_only_after_a_near_tie_of_the_reference():
+    tied = steps([1, 2, 3, 4], gaps=[5.0, TIE_LOGPROB / 2, 5.0, 5.0])
+    assert assert_same_greedy_text("The sum is 7", "The sum is 7", tied)
+    assert not assert_same_greedy_text("The total.", "The sum is 7", tied)
+    assert not assert_same_greedy_text("The sum is 7 and", "The sum is 7", tied)
+    with pytest.raises(AssertionError, match="part at step 1 without a near-tie"):
+        assert_same_greedy_text("The total.", "The sum is 7", steps([1, 2, 3, 4]))
+    late = steps([1, 2, 3, 4], gaps=[5.0, 5.0, TIE_LOGPROB / 2, 5.0])
+    with pytest.raises(AssertionError, match="without a near-tie"):  # the tie comes after the parting
+        assert_same_greedy_text("The total.", "The sum is 7", late)
+    with pytest.raises(AssertionError, match="do not spell"):
+        assert_same_greedy_text("The total.", "Another text", tied)
+    # a gate decision within GATE_TIE of tau (soft flags known)
+    gate = steps([1, 2, 3, 4], soft=[False, False, True, False], entropies=[0.1, 0.1, 0.5 + GATE_TIE / 2, 0.1])
+    assert assert_same_greedy_text("The sum is 7", "The sum is 7", gate, got_soft="0010", tau=0.5)
+    assert not assert_same_greedy_text("The sum is 7", "The sum is 7", gate, got_soft="0000", tau=0.5)
+    with pytest.raises(AssertionError, match="part at step 2"):
+        assert_same_greedy_text("The sum is 7", "The sum is 7", gate, got_soft="0000", tau=0.4)
+
+
+def test_the_reference_steps_come_from_a_result_or_an_openai_choice():
+    result = SimpleNamespace(tokens=[1, 2], logprobs=[top2(1, 9, 2.0), (-0.1, ((2, -0.1),))],
+                             entropies=[0.3, 0.0], soft_flags=[True, False])
+    assert steps_of_result(result, PIECES.get) == [TextStep(b"The", 2.0, 0.3, True), TextStep(b" sum", None, 0.0, False)]
+    choice = {"logprobs": {"content": [
+        {"token": "The", "bytes": list(b"The"), "logprob": -0.5,
+         "top_logprobs": [{"token": "The", "logprob": -0.5}, {"token": "A", "logprob": -0.75}]}]}}
+    assert steps_of_choice(choice) == [TextStep(b"The", 0.25)]
+    with pytest.raises(AssertionError, match="top_logprobs=2"):
+        steps_of_choice({"logprobs": None})
+
+
+def test_bench_rows_are_compared_by_text_soft_flags_and_fields():
+    def row(text, soft, **extra):
+        return {"text": text, "trace": {"soft": soft}, "correct": False, **extra}
+
+    reference = SimpleNamespace(tokens=[1, 2, 3, 4], text="The sum is 7", entropies=[0.1] * 4, soft_flags=[False] * 4,
+                                logprobs=[top2(1, 9, 5.0), top2(2, 7, TIE_LOGPROB / 2), top2(3, 4, 5.0), top2(4, 8, 5.0)])
+    want = row("The sum is 7", "0000")
+    assert assert_same_greedy_row(row("The sum is 7", "0000"), want, pytest.fail, PIECES.get, fields=("text",))
+    assert not assert_same_greedy_row(row("The total.", "000"), want, lambda: reference, PIECES.get, fields=("text",))
     with pytest.raises(AssertionError, match="does not reproduce"):
-        assert_same_greedy_row(row("The total.", "000"), row("Another text"), lambda: tied, detokenize, fields=fields)
+        assert_same_greedy_row(row("The total.", "000"), row("Other", "0"), lambda: reference, PIECES.get,
+                               fields=("text",))
+    with pytest.raises(AssertionError, match=r"differ: \['correct'\]"):
+        assert_same_greedy_row(row("The sum is 7", "0000", correct=True), want, lambda: reference, PIECES.get,
+                               fields=("text", "correct"))

@@ -14,6 +14,7 @@ import httpx
 import openai
 import pytest
 
+from decode_compare import assert_same_greedy_text, steps_of_choice
 from selar_local.api import Selar
 from selar_local.server import create_app
 from serve_helpers import free_port, running_server, wait_until_up
@@ -89,17 +90,19 @@ def test_openai_client_streams_selar_chat(client):
 
 
 def test_eight_concurrent_clients_get_the_answers_they_get_alone(server, client):
-    """Correct = greedy answers identical to the same request served alone."""
-    def ask(i: int) -> str:
+    """Correct = greedy answers identical to the same request served alone (or, on ARM
+    int8-matmul CPUs, parting from it only at a near-tie: decode_compare.py)."""
+    def ask(i: int) -> dict:
         out = client.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": PROMPTS[i % 4]}], max_tokens=12, temperature=0,
-            extra_body={"method": "selar" if i < 4 else "cot", "tau": 0.5})
-        return out.choices[0].message.content
+            logprobs=True, top_logprobs=2, extra_body={"method": "selar" if i < 4 else "cot", "tau": 0.5})
+        return out.choices[0].model_dump()
 
     alone = [ask(i) for i in range(8)]
     with ThreadPoolExecutor(8) as pool:
         together = list(pool.map(ask, range(8)))
-    assert together == alone
+    for got, want in zip(together, alone):
+        assert_same_greedy_text(got["message"]["content"], want["message"]["content"], steps_of_choice(want))
     assert _health(server)["slots_busy_peak"] <= 4  # never more than --parallel at once
     _wait_idle(server)
 
