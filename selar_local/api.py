@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import os
 import queue
+import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
-
 
 from selar_local.openai_schema import (  # noqa: F401  (re-exported: the API's public names)
     CHAT_FIELDS,
@@ -119,9 +120,11 @@ class Selar:
     def __init__(self, model: str | os.PathLike | None = None, *, n_ctx: int = 4096, n_parallel: int = 1,
                  n_threads: int | None = None, n_gpu_layers: int = -1, n_batch: int = 512,
                  queue_size: int = 32, verbose: bool = False, runtime=None, model_id: str | None = None,
-                 rpc=None, tensor_split=None, **runtime_options: Any):
+                 rpc=None, tensor_split=None, calibration_max_tokens: int = 256, **runtime_options: Any):
         """runtime_options: more Runtime settings (n_threads_batch, prefill_chunk,
-        prompt_cache, kv_unified)."""
+        prompt_cache, kv_unified). calibration_max_tokens: the length of each calibration
+        decode when a request asks for tau "auto" on a sampler not calibrated yet (as
+        `selar calibrate --max-tokens`)."""
         if runtime is None:
             from selar_local.runtime import load
 
@@ -135,8 +138,10 @@ class Selar:
         name, aliases, stops = model_identity(runtime.model_path)
         self.model_id = model_id or name
         self.builder = RequestBuilder(runtime, model_id=self.model_id, default_stop=stops,
-                                      aliases=aliases + ((name,) if model_id else ()))
+                                      aliases=aliases + ((name,) if model_id else ()), auto_tau=self._auto_tau)
         self.scheduler = Scheduler(runtime, queue_size=queue_size)
+        self.calibration_max_tokens = calibration_max_tokens
+        self._calibrating = threading.Lock()  # one calibration at a time; the next request finds it cached
         self.created = int(time.time())
 
     # -- OpenAI-style calls ---------------------------------------------------------------
@@ -170,6 +175,36 @@ class Selar:
             for handle in handles:
                 handle.cancel()  # no-op once ended; frees the slots if one choice failed
         return completion_response(req, results, self.runtime.model)
+
+    # -- tau "auto" -----------------------------------------------------------------------
+    def _auto_tau(self, params) -> float:
+        """The model's calibrated tau for the request's sampler: cached, or calibrated now by
+        decoding the calibration prompts as ordinary requests beside the others (the
+        scheduler owns the context). Requests asking meanwhile wait and then read the cache."""
+        from selar_local.calibrate import auto_tau
+
+        with self._calibrating:
+            return auto_tau(self.runtime, params, decode=self._decode_as_requests,
+                            max_tokens=self.calibration_max_tokens).tau
+
+    def _decode_as_requests(self, prompts: Sequence[Sequence[int]], params_list: Sequence) -> list:
+        """Decode through the scheduler, at most n_parallel sequences queued at a time (the
+        queue stays for the clients)."""
+        results: list = [None] * len(prompts)
+        in_flight: deque = deque()
+        try:
+            for i, (tokens, params) in enumerate(zip(prompts, params_list)):
+                if len(in_flight) >= self.runtime.n_parallel:
+                    j, handle = in_flight.popleft()
+                    results[j] = handle.wait()
+                in_flight.append((i, self.scheduler.submit(tokens, params)))
+            while in_flight:
+                j, handle = in_flight.popleft()
+                results[j] = handle.wait()
+        finally:
+            for _, handle in in_flight:
+                handle.cancel()  # a failed decode: the rest are not needed
+        return results
 
     # -- information ----------------------------------------------------------------------
     def models(self) -> dict[str, Any]:

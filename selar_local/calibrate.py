@@ -218,13 +218,16 @@ def store(calibration: Calibration) -> Path:
 
 
 def calibrate(runtime: "Runtime", params: DecodeParams | None = None, *,
-              prompts: Sequence[str] = CALIBRATION_PROMPTS, max_tokens: int = 256) -> Calibration:
-    """Decode `prompts` with cot under `params`' sampler and choose tau (nothing cached)."""
+              prompts: Sequence[str] = CALIBRATION_PROMPTS, max_tokens: int = 256, decode=None) -> Calibration:
+    """Decode `prompts` with cot under `params`' sampler and choose tau (nothing cached).
+    `decode(prompts, params_list)` -> results: how to decode them (default: the runtime's
+    generate_batch; a server passes its scheduler, which owns the context)."""
     from selar_local.registry import file_sha256
 
     base = (params or runtime.default_params()).replace(method="cot", max_tokens=max_tokens, soft_noise="none")
     tokens = [runtime.encode(messages=[{"role": "user", "content": p}]) for p in prompts]
-    results = runtime.generate_batch(tokens, [base.replace(seed=base.seed + i) for i in range(len(tokens))])
+    decode = decode or runtime.generate_batch
+    results = decode(tokens, [base.replace(seed=base.seed + i) for i in range(len(tokens))])
     mask = runtime.token_info.math_symbol_mask
     per_prompt = [(np.asarray(r.entropies, dtype=np.float64), ~mask[np.asarray(r.tokens, dtype=np.int64)])
                   for r in results]

@@ -148,8 +148,12 @@ def normalise_messages(messages: Any) -> list[dict[str, str]]:
 class RequestBuilder:
     """Turns OpenAI request bodies (or API keyword arguments) into PreparedRequests."""
 
-    def __init__(self, runtime, *, model_id: str, default_stop: Sequence[str] = (), aliases: Sequence[str] = ()):
+    def __init__(self, runtime, *, model_id: str, default_stop: Sequence[str] = (), aliases: Sequence[str] = (),
+                 auto_tau: Callable[[DecodeParams], float] | None = None):
+        """auto_tau(params): the calibrated tau for a request's sampler (tau "auto"; default:
+        the cached calibration only, a request for another sampler is refused)."""
         self.runtime = runtime
+        self.auto_tau = auto_tau or self._cached_tau
         self.max_choices = runtime.n_parallel  # the choices of one request decode together
         self.model_id = model_id
         self.default_stop = tuple(default_stop)
@@ -324,11 +328,10 @@ class RequestBuilder:
             params = DecodeParams(**{**values, "tau": 0.5} if auto else values)
         except (InvalidParameterError, TypeError) as exc:
             raise as_request_error(exc) from exc
-        return params.replace(tau=self._calibrated_tau(params)) if auto else params
+        return params.replace(tau=self.auto_tau(params)) if auto else params
 
-    def _calibrated_tau(self, params: DecodeParams) -> float:
-        """tau "auto": the model's cached calibration for this sampler. Calibrating would decode
-        on the context the scheduler is using, so it is done beforehand (`selar calibrate`)."""
+    def _cached_tau(self, params: DecodeParams) -> float:
+        """tau "auto" from the model's cached calibration for this sampler only."""
         from selar_local.calibrate import cached_tau
 
         calibration = cached_tau(self.runtime.model_path, params)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -211,7 +212,7 @@ def test_bench_new_methods_and_tau_auto(tmp_path, monkeypatch):
 
 def test_http_server_runs_the_new_methods_and_tau_auto(smollm4, tmp_path, monkeypatch):
     """POST /v1/chat/completions with swir, Stochastic Soft Thinking, n > 1 (the vote) and
-    tau "auto" (refused until the model is calibrated, then the calibrated value)."""
+    tau "auto" (calibrated through the scheduler on first use, once, then read from the cache)."""
     from fastapi.testclient import TestClient
 
     from selar_local import calibrate as cal
@@ -219,8 +220,11 @@ def test_http_server_runs_the_new_methods_and_tau_auto(smollm4, tmp_path, monkey
     from selar_local.registry import file_sha256
     from selar_local.server import create_app
 
-    monkeypatch.setattr(cal, "cache_file", lambda sha, settings: tmp_path / f"{sha}.json")
-    llm = Selar(runtime=smollm4)
+    monkeypatch.setattr(cal, "cache_file", lambda sha, settings: tmp_path / f"{sha}-{settings['temperature']}.json")
+    calibrations = []
+    real_calibrate = cal.calibrate
+    monkeypatch.setattr(cal, "calibrate", lambda *a, **k: calibrations.append(k) or real_calibrate(*a, **k))
+    llm = Selar(runtime=smollm4, calibration_max_tokens=32)
     body = {"model": MODEL, "messages": QUESTION, "max_tokens": 20, "seed": 3}
     try:
         with TestClient(create_app(llm)) as client:
@@ -236,13 +240,24 @@ def test_http_server_runs_the_new_methods_and_tau_auto(smollm4, tmp_path, monkey
             assert len(votes) == 1 and len(votes[0]["answers"]) == 2 and events[-1]["selar"]["vote"] == votes[0]
             bad = client.post("/v1/chat/completions", json={**body, "soft_noise": "uniform"})
             assert bad.status_code == 400 and bad.json()["error"]["param"] == "soft_noise"
-            refused = client.post("/v1/chat/completions", json={**body, "tau": "auto"})
-            assert refused.status_code == 400 and refused.json()["error"]["code"] == "not_calibrated"
+            # Not calibrated yet: the first request calibrates (as requests of the scheduler) while a
+            # second one waits for it; both get the calibrated tau, and the next reads the cache.
+            with ThreadPoolExecutor(2) as pool:
+                first = list(pool.map(lambda _: llm.create_chat_completion(QUESTION, max_tokens=8, seed=3, tau="auto"),
+                                      range(2)))
+            cached = list(tmp_path.glob("*.json"))
+            assert len(cached) == 1
+            stored = json.loads(cached[0].read_text())
+            assert len(calibrations) == 1 and calibrations[0]["max_tokens"] == 32 and stored["steps"] > 0
+            assert [r["selar"]["tau"] for r in first] == [stored["tau"]] * 2
+            auto = client.post("/v1/chat/completions", json={**body, "tau": "auto"}).json()
+            assert auto["selar"]["tau"] == stored["tau"] and len(calibrations) == 1
+            # A calibration of another sampler is its own (here one stored by hand).
             cal.store(cal.Calibration(tau=0.37, soft_share=0.1, in_band=True, steps=1, histogram=[1] * cal.BINS,
                                       model_sha256=file_sha256(smollm4.model_path),
-                                      settings=cal.sampler_settings(DecodeParams())))
-            auto = client.post("/v1/chat/completions", json={**body, "tau": "auto"}).json()
-            assert auto["selar"]["tau"] == 0.37
+                                      settings=cal.sampler_settings(DecodeParams(temperature=0.9))))
+            hot = client.post("/v1/chat/completions", json={**body, "tau": "auto", "temperature": 0.9}).json()
+            assert hot["selar"]["tau"] == 0.37 and len(calibrations) == 1
     finally:
         llm.close()
 
