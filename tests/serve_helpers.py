@@ -3,6 +3,7 @@ server: started, waited for (its /health answers, with a generous bound), stoppe
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import subprocess
 import sys
@@ -38,14 +39,16 @@ def wait_until_up(url: str, *, proc: subprocess.Popen | None = None, headers: di
 
 
 @contextlib.contextmanager
-def running_server(model_path, *args: str, api_key: str | None = None) -> Iterator[str]:
-    """`selar serve --model MODEL_PATH ARGS...` on 127.0.0.1: yields its base URL."""
+def running_server(model_path, *args: str, api_key: str | None = None, env: dict | None = None) -> Iterator[str]:
+    """`selar serve --model MODEL_PATH ARGS...` on 127.0.0.1 (with `env` added to the
+    environment): yields its base URL."""
     port = free_port()
     cmd = [sys.executable, "-m", "selar_local.cli", "serve", "--model", str(model_path), "--port", str(port),
            "--log-level", "warning", *args]
     if api_key:
         cmd += ["--api-key", api_key]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_up(url, proc=proc, headers={"Authorization": f"Bearer {api_key}"} if api_key else None)

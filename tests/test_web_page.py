@@ -19,6 +19,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from selar_local import calibrate as cal
+from selar_local.download import file_sha256
+from selar_local.model_sampler import model_sampler
 from selar_local.params import DecodeParams
 from serve_helpers import running_server
 
@@ -47,10 +50,20 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
+CALIBRATED_TAU = 0.77  # stored for the server's cache below: the page's "auto" must show it
+
+
 @pytest.fixture(scope="module")
-def server(smollm_path):
-    """`selar serve` with an API key and one slot (so a replayed request decodes alike)."""
-    with running_server(smollm_path, "--n-ctx", "1024", api_key=KEY) as url:
+def server(smollm_path, tmp_path_factory):
+    """`selar serve` with an API key and one slot (so a replayed request decodes alike), and a
+    cache holding a calibration of the model (the on-demand calibration is tested elsewhere)."""
+    cache = tmp_path_factory.mktemp("serve-cache")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("SELAR_CACHE_DIR", str(cache))
+        settings = cal.sampler_settings(model_sampler(smollm_path).apply(DecodeParams()))
+        cal.store(cal.Calibration(tau=CALIBRATED_TAU, soft_share=0.1, in_band=True, steps=1,
+                                  histogram=[1] * cal.BINS, model_sha256=file_sha256(smollm_path), settings=settings))
+    with running_server(smollm_path, "--n-ctx", "1024", api_key=KEY, env={"SELAR_CACHE_DIR": str(cache)}) as url:
         yield url
 
 
@@ -223,6 +236,32 @@ def test_streamed_answer_shows_the_traces_tokens_soft_steps_and_candidates(serve
     assert float(page.inner_text("#stat-speed")) > 0
     meta = page.inner_text("article.assistant .meta")
     assert f"{tokens} tokens" in meta and f"{summary['soft_steps']} soft" in meta
+    assert page.errors == []
+
+
+def test_tau_auto_sends_auto_and_shows_the_calibrated_tau(server, page):
+    _open_with_key(page, server)
+    assert not page.is_checked("#tau-auto") and page.is_enabled("#tau")
+    page.check("#tau-auto")
+    assert page.is_disabled("#tau") and page.is_disabled("#tau-range")
+    page.fill("#max_tokens", "8")
+    requests = []
+    page.on("request", lambda r: requests.append(r) if r.url.endswith("/v1/chat/completions") else None)
+    page.fill("#input", QUESTION)
+    page.press("#input", "Enter")
+    page.wait_for_selector("article.assistant[data-state=done]", timeout=GENERATION_TIMEOUT_MS)
+    (request,) = requests
+    assert request.post_data_json["tau"] == "auto"
+    assert f"tau {CALIBRATED_TAU} (auto)" in page.inner_text("article.assistant .meta")
+    # A fixed tau is shown as sent; "Reset" turns auto off again.
+    page.click("#reset")
+    assert not page.is_checked("#tau-auto") and page.is_enabled("#tau")
+    page.click("#new-chat")
+    page.fill("#input", QUESTION)
+    page.press("#input", "Enter")
+    page.wait_for_selector("article.assistant[data-state=done]", timeout=GENERATION_TIMEOUT_MS)
+    meta = page.inner_text("article.assistant .meta")
+    assert f"tau {DecodeParams().tau}" in meta and "(auto)" not in meta
     assert page.errors == []
 
 

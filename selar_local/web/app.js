@@ -133,6 +133,7 @@ function initPanel() {
       number.addEventListener("input", () => { range.value = number.value; });
     }
   }
+  $("tau-auto").addEventListener("change", updateTauAuto);
   select.addEventListener("change", updateMethod);
   $("seed-random").addEventListener("click", () => setKnob("seed", Math.floor(Math.random() * 2 ** 31)));
   $("reset").addEventListener("click", resetPanel);
@@ -141,12 +142,24 @@ function initPanel() {
 
 function resetPanel() {
   for (const [name, value] of Object.entries(DEFAULTS.params)) setKnob(name, value);
+  $("tau-auto").checked = false;
+  updateTauAuto();
+}
+
+// tau "auto": the server uses (first calibrating) the model's own threshold.
+function updateTauAuto() {
+  const auto = $("tau-auto").checked;
+  $("tau").disabled = $("tau-range").disabled = auto;
 }
 
 function decodeFields() {
   const fields = { method: $("method").value };
   for (const name of KNOBS) {
     const input = $(name);
+    if (name === "tau" && $("tau-auto").checked) {
+      fields.tau = "auto";
+      continue;
+    }
     if (input.value === "") continue;  // left empty: the server's default
     const value = Number(input.value);
     if (!Number.isFinite(value)) throw new Error(`${name} must be a number`);
@@ -197,6 +210,7 @@ class AnswerView {
     this.content = "";       // the answer's text outside the thinking span (sent back as history)
     this.firstTokenAt = null;
     this.summary = null;
+    this.tauAuto = false;     // the request asked for tau "auto"
     this.usage = null;
   }
 
@@ -303,6 +317,10 @@ class AnswerView {
       el("span", "", `${s.soft} soft (${percent(s.share)})`),
       el("span", "", `${s.speed.toFixed(1)} tokens/s`),
     );
+    // The gate's threshold as the server used it (with tau "auto": the calibrated value).
+    if (this.summary && typeof this.summary.tau === "number") {
+      this.meta.append(el("span", "tau", `tau ${this.summary.tau}${this.tauAuto ? " (auto)" : ""}`));
+    }
     if (this.finishReason === "length") this.meta.append(el("span", "flag", "stopped at max tokens"));
     if (this.root.dataset.state === "stopped") this.meta.append(el("span", "flag", "stopped"));
     showStats(s);
@@ -436,6 +454,7 @@ async function send(text) {
   const history = state.history;  // "New chat" replaces it: an answer it stopped stays out of the next
   history.push({ role: "user", content: text });
   const view = new AnswerView(fields.method);
+  view.tauAuto = fields.method === "selar" && fields.tau === "auto";
   const box = $("messages");
   box.append(view.root);
   box.scrollTop = box.scrollHeight;
@@ -444,7 +463,8 @@ async function send(text) {
   const controller = new AbortController();
   state.controller = controller;
   setBusy(true);
-  setState("generating\u2026");
+  // A first tau "auto" request for this model waits while the server calibrates it.
+  setState(view.tauAuto ? "generating (tau auto: calibrated on first use)\u2026" : "generating\u2026");
   let ended = "done";
   try {
     const response = await api("/v1/chat/completions", {
