@@ -148,12 +148,11 @@ def normalise_messages(messages: Any) -> list[dict[str, str]]:
 class RequestBuilder:
     """Turns OpenAI request bodies (or API keyword arguments) into PreparedRequests."""
 
-    def __init__(self, runtime, *, model_id: str, default_stop: Sequence[str] = (), aliases: Sequence[str] = (),
-                 auto_tau: Callable[[DecodeParams], float] | None = None):
-        """auto_tau(params): the calibrated tau for a request's sampler (tau "auto"; default:
-        the cached calibration only, a request for another sampler is refused)."""
+    def __init__(self, runtime, *, model_id: str, auto_tau: Callable[[DecodeParams], float],
+                 default_stop: Sequence[str] = (), aliases: Sequence[str] = ()):
+        """auto_tau(params): the calibrated tau for a request's sampler (tau "auto")."""
         self.runtime = runtime
-        self.auto_tau = auto_tau or self._cached_tau
+        self.auto_tau = auto_tau
         self.max_choices = runtime.n_parallel  # the choices of one request decode together
         self.model_id = model_id
         self.default_stop = tuple(default_stop)
@@ -329,18 +328,6 @@ class RequestBuilder:
         except (InvalidParameterError, TypeError) as exc:
             raise as_request_error(exc) from exc
         return params.replace(tau=self.auto_tau(params)) if auto else params
-
-    def _cached_tau(self, params: DecodeParams) -> float:
-        """tau "auto" from the model's cached calibration for this sampler only."""
-        from selar_local.calibrate import cached_tau
-
-        calibration = cached_tau(self.runtime.model_path, params)
-        if calibration is None:
-            raise RequestError(f"tau='auto': {self.runtime.model_path.name} has no calibration for this sampler "
-                               f"(temperature, top_k, top_p, min_p, ks); run `selar calibrate --model "
-                               f"{self.runtime.model_path}` with the same settings first",
-                               param="tau", code="not_calibrated")
-        return calibration.tau
 
 
 def _is_int(value: Any) -> bool:
