@@ -23,8 +23,8 @@ from conftest import runtime_for
 from decode_compare import assert_same_greedy_row
 from selar_local.bench import report as bench_report
 from selar_local.bench.runner import (
-    CONFIG_NAME, RESULTS_NAME, BenchConfig, BenchConfigError, ResultsFileError, load_config_problems, read_config,
-    read_results,
+    CONFIG_NAME, RESULTS_NAME, BenchConfig, BenchConfigError, ResultsFileError, load_config_problems, problem_prompt,
+    read_config, read_results,
 )
 from selar_local.cli import main as cli_main
 
@@ -97,7 +97,7 @@ def test_parallel_4_gives_the_same_greedy_results_as_parallel_1(reference_run, t
     runtime = runtime_for("llama", model_files, n_ctx=512, cpu_repack=False, prompt_cache=False)
 
     def decode_alone(pid: str, params):
-        prompt = runtime.encode(messages=[{"role": "user", "content": problems[pid].prompt}])
+        prompt = problem_prompt(runtime, problems[pid])
         return lambda: runtime.generate_batch([prompt], [params.replace(logprobs=2)])[0]
 
     identical = []

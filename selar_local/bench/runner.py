@@ -329,6 +329,12 @@ def compact_trace(entropies: Sequence[float], soft_flags: Sequence[bool]) -> dic
     }
 
 
+def problem_prompt(runtime, problem: Problem) -> list[int]:
+    """The tokens a problem is decoded from: its prompt as the user's message, through the
+    model's chat template."""
+    return runtime.encode(messages=[{"role": "user", "content": problem.prompt}])
+
+
 def decoded_with(record: dict, setting: str) -> Any:
     """How a finished item was decoded (`parallel`, `cpu_repack`): what its row records, or what
     rows written before the setting was recorded were decoded with (1 sequence, repacked
@@ -518,7 +524,7 @@ def run_bench(
                 params = config.decode_params(it.method, it.seed)
                 tokens = prompt_cache.get(it.problem.id)
                 if tokens is None:
-                    tokens = runtime.encode(messages=[{"role": "user", "content": it.problem.prompt}])
+                    tokens = problem_prompt(runtime, it.problem)
                     prompt_cache[it.problem.id] = tokens
                 try:
                     runtime.check_prompt_fits(len(tokens))
