@@ -36,27 +36,40 @@ def divergence(got, want) -> int | None:
     return None if len(got.tokens) == len(want.tokens) else min(len(got.tokens), len(want.tokens))
 
 
+def tied(gap: float | None) -> bool:
+    """A top-two log-probability gap that float rounding could reverse."""
+    return gap is not None and gap < TIE_LOGPROB
+
+
+def at_gate(entropy: float | None, tau: float | None) -> bool:
+    """An entropy that float rounding could move to the other side of the gate's tau."""
+    return tau is not None and entropy is not None and abs(entropy - tau) < GATE_TIE
+
+
+def top_gap(top_logprobs) -> float | None:
+    """log p of the top candidate minus the runner-up's (None: one candidate)."""
+    return top_logprobs[0] - top_logprobs[1] if len(top_logprobs) >= 2 else None
+
+
 def token_tie(want, k: int) -> tuple[int, int] | None:
     """The two candidates of step k of `want` if they were tied within TIE_LOGPROB."""
     if k >= len(want.logprobs):
         return None
     top = want.logprobs[k][1]
-    if len(top) >= 2 and top[0][1] - top[1][1] < TIE_LOGPROB:
-        return top[0][0], top[1][0]
-    return None
+    return (top[0][0], top[1][0]) if tied(top_gap([lp for _, lp in top])) else None
 
 
 def gate_tie(want, k: int, tau: float | None) -> bool:
-    return tau is not None and k < len(want.entropies) and abs(want.entropies[k] - tau) < GATE_TIE
+    return k < len(want.entropies) and at_gate(want.entropies[k], tau)
 
 
 def near_tie(got, want, k: int, tau: float | None) -> str | None:
     """Why step k of `want` could go either way, or None if it could not."""
     ended = k >= len(got.tokens)  # `got` stopped where `want` went on (an end token's near-tie)
     if k < len(want.tokens) and (ended or got.tokens[k] != want.tokens[k]):
-        tied = token_tie(want, k)
-        if tied is not None and (ended or got.tokens[k] in tied):
-            return f"tokens {tied[0]} and {tied[1]} tied within {TIE_LOGPROB} at step {k}"
+        pair = token_tie(want, k)
+        if pair is not None and (ended or got.tokens[k] in pair):
+            return f"tokens {pair[0]} and {pair[1]} tied within {TIE_LOGPROB} at step {k}"
         return None
     if gate_tie(want, k, tau):
         return f"entropy {want.entropies[k]:.6f} at the gate's tau {tau} at step {k}"
@@ -90,7 +103,7 @@ class TextStep:
 def steps_of_result(result, token_bytes) -> list[TextStep]:
     """A GenerationResult decoded with logprobs >= 2."""
     assert result.logprobs, "decode the reference with logprobs=2 to tell a near-tie from a difference"
-    return [TextStep(token_bytes(t), _gap([lp for _, lp in top]), h, soft)
+    return [TextStep(token_bytes(t), top_gap([lp for _, lp in top]), h, soft)
             for t, (_, top), h, soft in zip(result.tokens, result.logprobs, result.entropies, result.soft_flags)]
 
 
@@ -98,11 +111,7 @@ def steps_of_choice(choice: dict) -> list[TextStep]:
     """An OpenAI chat choice requested with logprobs and top_logprobs >= 2."""
     content = (choice.get("logprobs") or {}).get("content")
     assert content, "request the reference with logprobs and top_logprobs=2"
-    return [TextStep(bytes(e["bytes"]), _gap([a["logprob"] for a in e["top_logprobs"]])) for e in content]
-
-
-def _gap(top: list[float]) -> float | None:
-    return top[0] - top[1] if len(top) >= 2 else None
+    return [TextStep(bytes(e["bytes"]), top_gap([a["logprob"] for a in e["top_logprobs"]])) for e in content]
 
 
 def first_unshared_step(steps: list[TextStep], got_text: str, got_soft: str | None = None) -> int:
@@ -130,8 +139,7 @@ def assert_same_greedy_text(got_text: str, want_text: str, steps: list[TextStep]
     assert b"".join(s.piece for s in steps).decode("utf-8", errors="replace") == want_text, \
         "the reference steps do not spell the reference text"
     k = first_unshared_step(steps, got_text, got_soft)
-    ties = [j for j, s in enumerate(steps[:k + 1]) if (s.gap is not None and s.gap < TIE_LOGPROB)
-            or (tau is not None and s.entropy is not None and abs(s.entropy - tau) < GATE_TIE)]
+    ties = [j for j, s in enumerate(steps[:k + 1]) if tied(s.gap) or at_gate(s.entropy, tau)]
     assert ties, f"the decodes part at step {k} without a near-tie before it: {got_text!r} vs {want_text!r}"
     return False
 
