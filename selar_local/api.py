@@ -141,7 +141,7 @@ class Selar:
                                       aliases=aliases + ((name,) if model_id else ()), auto_tau=self._auto_tau)
         self.scheduler = Scheduler(runtime, queue_size=queue_size)
         self.calibration_max_tokens = calibration_max_tokens
-        self._calibrating = threading.Lock()  # one calibration at a time; the next request finds it cached
+        self._calibrating = threading.Lock()  # one calibration at a time
         self.created = int(time.time())
 
     # -- OpenAI-style calls ---------------------------------------------------------------
@@ -180,10 +180,14 @@ class Selar:
     def _auto_tau(self, params) -> float:
         """The model's calibrated tau for the request's sampler: cached, or calibrated now by
         decoding the calibration prompts as ordinary requests beside the others (the
-        scheduler owns the context). Requests asking meanwhile wait and then read the cache."""
-        from selar_local.calibrate import auto_tau
+        scheduler owns the context). Requests asking meanwhile wait and then read the cache;
+        a calibrated sampler never waits for another one's calibration."""
+        from selar_local.calibrate import auto_tau, cached_tau
 
-        with self._calibrating:
+        cached = cached_tau(self.runtime.model_path, params)
+        if cached is not None:
+            return cached.tau
+        with self._calibrating:  # auto_tau looks again: the request ahead may have just stored it
             return auto_tau(self.runtime, params, decode=self._decode_as_requests,
                             max_tokens=self.calibration_max_tokens).tau
 
