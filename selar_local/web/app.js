@@ -156,15 +156,12 @@ function decodeFields() {
   const fields = { method: $("method").value };
   for (const name of KNOBS) {
     const input = $(name);
-    if (name === "tau" && $("tau-auto").checked) {
-      fields.tau = "auto";
-      continue;
-    }
-    if (input.value === "") continue;  // left empty: the server's default
+    if (input.disabled || input.value === "") continue;  // empty: the server's default; disabled: see below
     const value = Number(input.value);
     if (!Number.isFinite(value)) throw new Error(`${name} must be a number`);
     fields[name] = value;
   }
+  if ($("tau-auto").checked) fields.tau = "auto";  // the number box is disabled meanwhile
   return fields;
 }
 
@@ -190,7 +187,7 @@ function tokenSpan(text, step) {
 
 // One assistant message: where its tokens go and what it counted.
 class AnswerView {
-  constructor(method) {
+  constructor(method, tauAuto = false) {
     this.root = el("article", "msg assistant");
     this.root.dataset.state = "streaming";
     this.root.append(el("div", "role", `assistant \u00b7 ${method}`));
@@ -210,7 +207,7 @@ class AnswerView {
     this.content = "";       // the answer's text outside the thinking span (sent back as history)
     this.firstTokenAt = null;
     this.summary = null;
-    this.tauAuto = false;     // the request asked for tau "auto"
+    this.tauAuto = tauAuto;   // the request asked for tau "auto"
     this.usage = null;
   }
 
@@ -453,8 +450,7 @@ async function send(text) {
   addUserMessage(text);
   const history = state.history;  // "New chat" replaces it: an answer it stopped stays out of the next
   history.push({ role: "user", content: text });
-  const view = new AnswerView(fields.method);
-  view.tauAuto = fields.method === "selar" && fields.tau === "auto";
+  const view = new AnswerView(fields.method, fields.method === "selar" && fields.tau === "auto");
   const box = $("messages");
   box.append(view.root);
   box.scrollTop = box.scrollHeight;
