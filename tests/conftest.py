@@ -117,3 +117,13 @@ def external_data_dir(containing: str) -> Path | None:
     $SELAR_DATA_DIR names one: the suite reads nothing beside the repository unless told to."""
     root = os.environ.get(DATA_DIR_ENV)
     return Path(root) if root and (Path(root) / containing).is_file() else None
+
+
+def store_calibration(model_path, tau: float, params) -> None:
+    """A calibration of `model_path` for `params`' sampler in the cache, as if `selar
+    calibrate` had chosen `tau` (for tests that need a known calibrated value)."""
+    from selar_local import calibrate as cal
+    from selar_local.download import file_sha256
+
+    cal.store(cal.Calibration(tau=tau, soft_share=0.1, in_band=True, steps=1, histogram=[1] * cal.BINS,
+                              model_sha256=file_sha256(Path(model_path)), settings=cal.sampler_settings(params)))

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import runtime_for
+from conftest import runtime_for, store_calibration
 
 from selar_local.bench import report as bench_report
 from selar_local.bench.grading import answer_key
@@ -217,7 +217,6 @@ def test_http_server_runs_the_new_methods_and_tau_auto(smollm4, tmp_path, monkey
 
     from selar_local import calibrate as cal
     from selar_local.api import Selar
-    from selar_local.registry import file_sha256
     from selar_local.server import create_app
 
     monkeypatch.setattr(cal, "cache_file", lambda sha, settings: tmp_path / f"{sha}-{settings['temperature']}.json")
@@ -253,9 +252,7 @@ def test_http_server_runs_the_new_methods_and_tau_auto(smollm4, tmp_path, monkey
             auto = client.post("/v1/chat/completions", json={**body, "tau": "auto"}).json()
             assert auto["selar"]["tau"] == stored["tau"] and len(calibrations) == 1
             # A calibration of another sampler is its own (here one stored by hand).
-            cal.store(cal.Calibration(tau=0.37, soft_share=0.1, in_band=True, steps=1, histogram=[1] * cal.BINS,
-                                      model_sha256=file_sha256(smollm4.model_path),
-                                      settings=cal.sampler_settings(DecodeParams(temperature=0.9))))
+            store_calibration(smollm4.model_path, 0.37, DecodeParams(temperature=0.9))
             hot = client.post("/v1/chat/completions", json={**body, "tau": "auto", "temperature": 0.9}).json()
             assert hot["selar"]["tau"] == 0.37 and len(calibrations) == 1
     finally:

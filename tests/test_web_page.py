@@ -19,8 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from selar_local import calibrate as cal
-from selar_local.download import file_sha256
+from conftest import store_calibration
 from selar_local.model_sampler import model_sampler
 from selar_local.params import DecodeParams
 from serve_helpers import running_server
@@ -60,9 +59,7 @@ def server(smollm_path, tmp_path_factory):
     cache = tmp_path_factory.mktemp("serve-cache")
     with pytest.MonkeyPatch.context() as env:
         env.setenv("SELAR_CACHE_DIR", str(cache))
-        settings = cal.sampler_settings(model_sampler(smollm_path).apply(DecodeParams()))
-        cal.store(cal.Calibration(tau=CALIBRATED_TAU, soft_share=0.1, in_band=True, steps=1,
-                                  histogram=[1] * cal.BINS, model_sha256=file_sha256(smollm_path), settings=settings))
+        store_calibration(smollm_path, CALIBRATED_TAU, model_sampler(smollm_path).apply(DecodeParams()))
     with running_server(smollm_path, "--n-ctx", "1024", api_key=KEY, env={"SELAR_CACHE_DIR": str(cache)}) as url:
         yield url
 
