@@ -46,8 +46,16 @@ def test_chat_completion_is_openai_shaped_with_selar_field(llm):
     assert out["object"] == "chat.completion" and out["id"].startswith("chatcmpl-")
     assert out["model"] == "smollm2-135m-instruct"
     (choice,) = out["choices"]
-    assert choice["message"]["role"] == "assistant" and "Paris" in choice["message"]["content"]
-    assert choice["finish_reason"] in ("stop", "length")
+    assert choice["message"]["role"] == "assistant"
+    # What a 135M model says under soft steps depends on the CPU's rounding (AVX2 and AVX-512
+    # kernels differ in the last bits, and a soft step amplifies that): the API must give
+    # exactly the runtime's own decode of the same request, on any CPU.
+    params = llm.runtime.default_params(method="selar", tau=0.5, greedy=True, max_tokens=12)
+    alone = llm.runtime.generate(messages=QUESTION, params=params)
+    assert choice["message"]["content"] == alone.text
+    assert choice["finish_reason"] == alone.finish_reason
+    assert out["usage"]["completion_tokens"] == len(alone.tokens)
+    assert out["selar"]["soft_steps"] == alone.soft_steps
     usage = out["usage"]
     assert usage["prompt_tokens"] > 0 and 0 < usage["completion_tokens"] <= 12
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
