@@ -2,10 +2,11 @@
 matrix, identical to each policy's own `step` on its row.
 
 The vocabulary-sized work of a step (the top-k cut, then temperature, softmax, top-p,
-min-p) runs as a few NumPy calls over all rows that share a top-k; what follows works on
-k numbers per sequence and stays each policy's own `decide` (its parameters, random
-stream, gate and thinking state), so the per-sequence policies remain the readable
-definition of every method. A row is handed to the per-sequence path unchanged when
+min-p) runs as a few NumPy calls over all rows that share a top-k; for cot and selar the
+draw, the top-k_s renormalisation and the entropy run batched too, and every row then
+ends in its policy's own `conclude` (parameters, noise stream, gate, thinking state), the
+very function its per-sequence `decide` ends in: one decision per method, so the
+per-sequence policies remain the readable definition of every method. A row is handed to the per-sequence path unchanged when
 its answer could depend on a tie (the k-th largest logit equal to one outside the top k:
 NumPy's argpartition decides those) or its filter is not a plain top-k (top_k = 0).
 """
@@ -16,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from selar_local.policies import CotPolicy, Policy, SelarPolicy, StepDecision, contrastive_weights
+from selar_local.policies import CotPolicy, Policy, SelarPolicy, StepDecision
 from selar_local.sampling import _MIN_BLOCKED_VOCAB, Distribution, _top_k_ids, filter_logits
 
 WIDE_VOCAB = 100_000  # the vocabulary size from which rows are cut one by one (see _top_k_rows)
@@ -188,8 +189,9 @@ def _decision_groups(policies: Sequence[Policy], table: _Table) -> dict[int, lis
 
 
 def _cot_selar_rows(policies: Sequence[Policy], table: _Table, members: list[int], ks: int) -> list[StepDecision]:
-    """CotPolicy.decide and SelarPolicy.decide for rows that share k_s, the NumPy part in
-    one pass: normalized_topk, the inverse-CDF draw, the contrastive weights."""
+    """CotPolicy.decide and SelarPolicy.decide for rows that share k_s: the NumPy part in
+    one pass (normalized_topk, the inverse-CDF draw, the chosen token's probability), then
+    each row's own `conclude`."""
     at = [table.index[i] for i in members]
     ids, probs, keep = table.ids[at], table.probs[at], table.keep[at]
     top = probs[:, :ks]
@@ -206,21 +208,13 @@ def _cot_selar_rows(policies: Sequence[Policy], table: _Table, members: list[int
     index = np.where([policies[i].params.greedy for i in members], 0, drawn)
     tokens = np.take_along_axis(ids, index[:, None], axis=1)[:, 0].tolist()
     lengths = np.minimum(keep, ks).tolist()  # a distribution cut below k_s keeps fewer
+    chosen = np.take_along_axis(probs, index[:, None], axis=1)[:, 0].tolist()
     top_ids = ids[:, :ks]
     out = []
     for j, i in enumerate(members):
-        policy, token, hj, n = policies[i], tokens[j], float(h[j]), lengths[j]
+        n = lengths[j]
         top, weights = (top_ids[j], q[j]) if n == ks else (top_ids[j, :n], q[j, :n])
-        if type(policy) is CotPolicy:
-            policy._track_thinking(token)
-            out.append(StepDecision(token, False, None, None, hj, top, weights))
-            continue
-        p = policy.params
-        gate_open = hj >= p.tau and (policy.in_thinking or not p.thinking_only)
-        forced_discrete = bool(policy.info.math_symbol_mask[token])
-        policy._track_thinking(token)
-        if not gate_open or forced_discrete:
-            out.append(StepDecision(token, False, None, None, hj, top, weights))
-        else:
-            out.append(StepDecision(token, True, top, contrastive_weights(weights, p.lam * hj), hj, top, weights))
+        # math.log of the kept probability: token_logprob's own value (the row's
+        # distribution holds exactly these probabilities, and the ids are distinct).
+        out.append(policies[i].conclude(tokens[j], math.log(chosen[j]), float(h[j]), top, weights))
     return out

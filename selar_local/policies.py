@@ -121,21 +121,31 @@ class CotPolicy(Policy):
     def decide(self, dist: Distribution, logits: np.ndarray) -> StepDecision:
         token = self._choose(dist)
         ids, weights, h = normalized_topk(dist, self.params.ks)
+        return self.conclude(token, token_logprob(dist, token), h, ids, weights)
+
+    def conclude(self, token: int, logprob: float, entropy: float, ids: np.ndarray,
+                 weights: np.ndarray) -> StepDecision:
+        """The decision once the step's numbers are known: the chosen token, its
+        log-probability and the normalised top-k_s (the batch-wide step computes these for
+        many rows at once and ends here too, so both paths decide alike)."""
         self._track_thinking(token)
-        return _discrete(token, h, ids, weights, token_logprob(dist, token))
+        return _discrete(token, entropy, ids, weights, logprob)
 
 
 class SelarPolicy(Policy):
     """SeLaR: entropy-gated soft steps with a contrastive push off the dominant token."""
 
     def decide(self, dist: Distribution, logits: np.ndarray) -> StepDecision:
-        p = self.params
-        ids, q, h = normalized_topk(dist, p.ks)
+        ids, q, h = normalized_topk(dist, self.params.ks)
         token = self._choose(dist)  # drawn from the full filtered p, always shown
+        return self.conclude(token, token_logprob(dist, token), h, ids, q)
+
+    def conclude(self, token: int, logprob: float, h: float, ids: np.ndarray, q: np.ndarray) -> StepDecision:
+        """The gate and the mixture once the step's numbers are known (see CotPolicy.conclude)."""
+        p = self.params
         gate_open = h >= p.tau and (self.in_thinking or not p.thinking_only)
         forced_discrete = bool(self.info.math_symbol_mask[token])
         self._track_thinking(token)
-        logprob = token_logprob(dist, token)
         if not gate_open or forced_discrete:
             return _discrete(token, h, ids, q, logprob)
         # Stochastic variant: noise on the candidates' weights; the gate, h and the pushed-off

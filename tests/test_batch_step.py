@@ -1,6 +1,8 @@
 """The batch-wide step decides exactly as each policy alone (pure NumPy, no model)."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -86,3 +88,44 @@ def test_decisions_and_states_equal_the_per_sequence_path(vocab):
                 assert getattr(a, "low_entropy_run", None) == getattr(b, "low_entropy_run", None)
                 assert a.rng.random() == b.rng.random()  # the random streams are at the same point
                 assert np.array_equal(a.last_dist.ids, b.last_dist.ids)
+
+
+def _every_field_equal(a, b) -> bool:
+    """Every StepDecision field, the log-probability and `final` included (arrays exactly)."""
+    for f in dataclasses.fields(a):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if isinstance(x, np.ndarray) or isinstance(y, np.ndarray):
+            if x is None or y is None or not np.array_equal(x, y):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+@pytest.mark.parametrize("vocab", VOCABS)
+def test_cot_and_selar_decisions_equal_alone_in_every_field(vocab):
+    """The rows decide_all takes batch-wide (plain cot / selar, top_k > 0, k_s < 8) give
+    the per-sequence decision field for field: the log-probability of the shown token was
+    0 on that path, and selar's mixture noise was skipped."""
+    rng = np.random.default_rng(11 + vocab)
+    info = _info(vocab, rng)
+    seen_logprob = 0
+    for n in range(2, 17):
+        params = [DecodeParams(method=("cot", "selar")[i % 2], seed=int(rng.integers(0, 1000)),
+                               greedy=bool(rng.random() < 0.3), temperature=float(rng.choice([0.6, 1.0])),
+                               top_k=int(rng.choice([5, 20, 40])), ks=int(rng.integers(2, 5)),
+                               top_p=float(rng.choice([0.95, 1.0, 0.8])), min_p=float(rng.choice([0.0, 0.05])),
+                               tau=float(rng.choice([0.0, 0.5])), soft_noise=str(rng.choice(["none", "gumbel", "dirichlet"])))
+                  for i in range(n)]
+        alone = [make_policy(p, info) for p in params]
+        batch = [make_policy(p, info) for p in params]
+        for _ in range(3):
+            logits = _logits(rng, n, vocab)
+            expected = [policy.step(row) for policy, row in zip(alone, logits)]
+            got = decide_all(batch, logits)
+            for a, b in zip(expected, got):
+                assert _every_field_equal(a, b), (a, b)
+            seen_logprob += sum(d.logprob < 0 for d in got)
+            for a, b in zip(alone, batch):
+                assert a.noise_rng.random() == b.noise_rng.random()
+    assert seen_logprob > 100  # the comparison covered real log-probabilities, not zeros

@@ -134,6 +134,19 @@ def test_generate_samples_decodes_k_seeds_and_votes(smollm4):
         smollm4.generate_samples(messages=QUESTION, params=params, samples=5)
 
 
+def test_generate_samples_sums_the_log_probabilities_of_every_token(smollm4):
+    """Sequences decoded together (SmolLM2's 49k vocabulary: the batch-wide step) carry the
+    log-probability of each shown token: logprob_sum is the sum of the per-token figures,
+    which were 0 on that path (every mean_logprob 0.0, the tie-break comparing zeros)."""
+    for method, greedy in (("selar", False), ("cot", True)):
+        params = DecodeParams(method=method, greedy=greedy, max_tokens=24, seed=3, logprobs=0)
+        vote = smollm4.generate_samples(messages=QUESTION, params=params, samples=3)
+        for r in vote.results:
+            per_token = [lp for lp, _ in r.logprobs]
+            assert len(per_token) == len(r.tokens) and all(lp <= 0 for lp in per_token)
+            assert r.logprob_sum == sum(per_token) and r.mean_logprob < 0
+
+
 def test_run_samples_cli(capsys, smollm_path):
     code = cli_main(["run", "--model", MODEL, "--samples", "3", "--max-tokens", "30", "--threads", "2",
                      "--method", "swir", "--swir-window", "4", "What is 17 + 5?"])
