@@ -916,22 +916,27 @@ def generate_groups(
 
     def collect(event: StepEvent | None) -> None:
         if event is not None and event.finish_reason:
+            if event.finish_reason == "error":  # as generate_many: the failure, not a result
+                raise generator.pop_error(event.request_id)
             index, member = owner.pop(event.request_id)
             results[index][member] = generator.pop_result(event.request_id)
             left[index] -= 1
             if left[index] == 0 and on_finish is not None:
                 on_finish(index, results[index])
 
-    while queue or owner:
-        while queue and generator.free_slots >= len(params_lists[queue[0]]):
-            index = queue.pop(0)
-            started = generator.submit_group(prompts[index], params_lists[index])
-            for member, (request_id, _) in enumerate(started):
-                owner[request_id] = (index, member)
-            for _, first in started:
-                collect(first)
-        for event in generator.step():
-            collect(event)
+    try:
+        while queue or owner:
+            while queue and generator.free_slots >= len(params_lists[queue[0]]):
+                index = queue.pop(0)
+                started = generator.submit_group(prompts[index], params_lists[index])
+                for member, (request_id, _) in enumerate(started):
+                    owner[request_id] = (index, member)
+                for _, first in started:
+                    collect(first)
+            for event in generator.step():
+                collect(event)
+    finally:
+        generator.close()  # the other sequences' slots go back to the runtime
     return results  # type: ignore[return-value]
 
 

@@ -8,7 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from selar_local.generate import BatchGenerator
+from selar_local.errors import DecodeError
+from selar_local.generate import BatchGenerator, generate_groups
 from selar_local.params import DecodeParams
 from selar_local.sampling import LOGPROB_FLOOR, Distribution, token_logprobs
 
@@ -84,6 +85,23 @@ def test_a_sequence_that_cannot_decode_fails_alone(model_files):
         if rid != victim:
             assert_same_greedy_decode(generator.pop_result(rid), expected, tau=params.tau)
     assert generator.free_slots == 3
+
+
+def test_generate_groups_raises_a_failed_sequence_and_gives_back_every_slot(model_files):
+    """A group whose prompt llama.cpp rejects (a token id past the vocabulary): generate_groups
+    raises the decode error, as generate_many does, rather than return it as a result, and
+    closes its generator: every slot is free again and the next call decodes as before."""
+    rt = runtime_for("llama", model_files, n_parallel=3)
+    good = rt.encode(messages=QUESTION)
+    bad = good[:-1] + [rt.model.n_vocab + 7]
+    params = DecodeParams(method="selar", greedy=True, max_tokens=8)
+    group = [params, params.replace(seed=2)]
+    expected = generate_groups(rt, [good], [group])[0]
+    with pytest.raises(DecodeError, match="llama_decode failed"):
+        generate_groups(rt, [good, bad], [[params], group])
+    assert BatchGenerator(rt).free_slots == 3
+    for got, want in zip(generate_groups(rt, [good], [group])[0], expected):
+        assert_same_greedy_decode(got, want, tau=params.tau)
 
 
 def test_logprobs_of_shown_tokens_follow_the_filtered_distribution(model_files):
