@@ -8,9 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from selar_local.errors import InvalidParameterError
-
-METHODS = ("cot", "selar", "soft", "moi", "swir")
-SOFT_NOISES = ("none", "gumbel", "dirichlet")
+from selar_local.methods import METHODS, SOFT_NOISES  # the method registry (selar_local/methods.py)
 # Per-step work grows with these; one request must not be able to make every other
 # request's steps expensive (a 49k-token mixture costs ~2 ms per step on the host).
 MAX_MIXTURE_SIZE = 64        # ks, soft_topk, moi_topn and any other mixture size

@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from selar_local.methods import REGISTRY
 from selar_local.params import DecodeParams
 from selar_local.sampling import (
     Distribution,
@@ -357,14 +358,16 @@ class SwiReasoningPolicy(Policy):
         return st.answer_budget == 0
 
 
-POLICIES: dict[str, type[Policy]] = {
-    "cot": CotPolicy,
-    "selar": SelarPolicy,
-    "soft": SoftThinkingPolicy,
-    "moi": MixtureOfInputsPolicy,
-    "swir": SwiReasoningPolicy,
-}
-
-
 def make_policy(params: DecodeParams, info: TokenInfo, *, in_thinking: bool | None = None) -> Policy:
-    return POLICIES[params.method](params, info, in_thinking=in_thinking)
+    """The registered policy of params.method (selar_local/methods.py) for one sequence."""
+    return _policy_class(params.method)(params, info, in_thinking=in_thinking)
+
+
+_CLASSES: dict[str, type[Policy]] = {}
+
+
+def _policy_class(method: str) -> type[Policy]:
+    cls = _CLASSES.get(method)
+    if cls is None:
+        cls = _CLASSES[method] = REGISTRY[method].policy_class()
+    return cls

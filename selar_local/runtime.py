@@ -18,6 +18,7 @@ from selar_local.errors import ContextOverflowError, InvalidParameterError, Unsu
 from selar_local.generate import GenerationResult, StepEvent, generate_groups, generate_many, stream_tokens
 from selar_local.kv_slots import SlotTable
 from selar_local.mathsym import math_symbol_mask
+from selar_local.methods import feeds_soft_inputs
 from selar_local.model_sampler import ModelSampler, model_sampler
 from selar_local.params import DecodeParams
 from selar_local.policies import TokenInfo
@@ -195,7 +196,7 @@ class Runtime:
         return self.self_check.passed
 
     def require_method(self, method: str) -> None:
-        if method != "cot" and not self.self_check.passed:
+        if feeds_soft_inputs(method) and not self.self_check.passed:
             raise UnsupportedModelError(
                 f"method '{method}' feeds soft embeddings, which this model cannot take "
                 f"({self.model.architecture}: {self.self_check.detail}); use --method cot"

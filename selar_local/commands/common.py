@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 
 from selar_local.errors import InvalidParameterError
-from selar_local.params import METHODS, SAMPLER_FIELDS, SOFT_NOISES, DecodeParams
+from selar_local.methods import METHODS, Option, method_options
+from selar_local.params import SAMPLER_FIELDS, DecodeParams
 
 _DEFAULTS = DecodeParams()
 
@@ -55,28 +56,8 @@ def add_decode_arguments(parser: argparse.ArgumentParser, *, method_default: str
     if method_default is not None:
         group.add_argument("--method", choices=METHODS, default=method_default,
                            help=f"decoding method (default {method_default})")
-    group.add_argument("--tau", type=tau_value, default=_DEFAULTS.tau,
-                       help="SeLaR entropy gate threshold, or 'auto': the model's calibrated threshold "
-                            "(`selar calibrate`; calibrates first if needed)")
-    group.add_argument("--lam", type=float, default=_DEFAULTS.lam, help="SeLaR contrastive push strength")
-    group.add_argument("--ks", type=int, default=_DEFAULTS.ks, help="SeLaR candidates in gate and mixture")
-    group.add_argument("--thinking-only", action="store_true", help="SeLaR: gate only inside <think>...</think>")
-    group.add_argument("--soft-noise", choices=SOFT_NOISES, default=_DEFAULTS.soft_noise,
-                       help="Stochastic Soft Thinking: noise on the soft inputs' mixture weights (soft, selar)")
-    group.add_argument("--gumbel-tau", type=float, default=_DEFAULTS.gumbel_tau,
-                       help="temperature of the Gumbel-softmax weights (default %(default)s)")
-    group.add_argument("--dirichlet-alpha", type=float, default=_DEFAULTS.dirichlet_alpha,
-                       help="concentration scale of the Dirichlet weights Dir(alpha p) (default %(default)s)")
-    group.add_argument("--swir-window", type=int, default=_DEFAULTS.swir_window,
-                       help="SwiReasoning: explicit steps before a switch back to latent (default %(default)s)")
-    group.add_argument("--swir-max-switches", type=int, default=_DEFAULTS.swir_max_switches,
-                       help="SwiReasoning: switch budget C_max (0: no limit)")
-    group.add_argument("--swir-alpha", type=float, default=_DEFAULTS.swir_alpha,
-                       help="SwiReasoning: <think> blend weight alpha_0 at a switch to latent")
-    group.add_argument("--swir-beta", type=float, default=_DEFAULTS.swir_beta,
-                       help="SwiReasoning: </think> blend weight beta_0 at a switch to explicit")
-    group.add_argument("--swir-topk", type=int, default=_DEFAULTS.swir_topk,
-                       help="SwiReasoning: tokens in the latent mixture softmax(l) @ E (default %(default)s)")
+    for name, (option, users) in method_options().items():  # the registry's (selar_local/methods.py)
+        _add_method_option(group, option, users)
     add_sampler_arguments(group)
     group.add_argument("--greedy", action="store_true", help="show the argmax token instead of a sample")
     group.add_argument("--max-tokens", type=int, default=_DEFAULTS.max_tokens)
@@ -84,6 +65,21 @@ def add_decode_arguments(parser: argparse.ArgumentParser, *, method_default: str
                        help="thinking budget: after N tokens inside the thinking span the close marker "
                             "is emitted and the answer follows (models with thinking markers)")
     group.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def _add_method_option(group, option: Option, users: tuple[str, ...]) -> None:
+    """--field-name for a method's DecodeParams field, typed by its default."""
+    flag = "--" + option.field.replace("_", "-")
+    default = getattr(_DEFAULTS, option.field)
+    helptext = option.help if len(users) == 1 else f"{option.help} ({', '.join(users)})"
+    if option.field == "tau":  # a number or "auto" (resolved against the model)
+        group.add_argument(flag, type=tau_value, default=default, help=helptext)
+    elif isinstance(default, bool):
+        group.add_argument(flag, action="store_true", help=helptext)
+    elif option.choices is not None:
+        group.add_argument(flag, choices=option.choices, default=default, help=helptext)
+    else:
+        group.add_argument(flag, type=type(default), default=default, help=f"{helptext} (default %(default)s)")
 
 
 def add_sampler_arguments(group) -> None:
@@ -128,13 +124,10 @@ def params_from_args(args: argparse.Namespace, **overrides) -> DecodeParams:
     if wants_auto_tau(args) and "tau" not in overrides:
         raise InvalidParameterError("--tau auto is resolved against the model: calibrate first")
     values = dict(
-        method=getattr(args, "method", "selar"), tau=args.tau, lam=args.lam, ks=args.ks,
-        thinking_only=args.thinking_only, **sampler_from_args(args),
+        method=getattr(args, "method", "selar"), **sampler_from_args(args),
         seed=args.seed, greedy=args.greedy, max_tokens=args.max_tokens, stop=tuple(args.stop),
         max_think_tokens=getattr(args, "max_think_tokens", None),
-        soft_noise=args.soft_noise, gumbel_tau=args.gumbel_tau, dirichlet_alpha=args.dirichlet_alpha,
-        swir_window=args.swir_window, swir_max_switches=args.swir_max_switches, swir_alpha=args.swir_alpha,
-        swir_beta=args.swir_beta, swir_topk=args.swir_topk,
+        **{name: getattr(args, name) for name in method_options()},
     )
     values.update(overrides)
     return DecodeParams(**values)

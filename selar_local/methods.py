@@ -1,0 +1,97 @@
+"""The method registry: every decoding method once, with its policy class, whether it feeds
+soft inputs, and the DecodeParams fields it reads (each with its command-line help).
+
+Validation (`params.METHODS`), the policy made for a sequence (`policies.make_policy`), the
+command-line flags (`commands.common`), the HTTP API's fields (openai_schema.DECODE_FIELDS,
+the DecodeParams fields) and `Runtime.require_method` all follow from here, so a new method
+is its policy module plus one `Method` entry below (and its fields on DecodeParams).
+
+No import of the policies here: params.py validates against this registry and the policies
+import params, so a method names its policy class as "module:Class", loaded on first use.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Option:
+    """A DecodeParams field a method reads; the flag is --field-name."""
+
+    field: str
+    help: str
+    choices: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    policy: str                  # "module:Class" of its Policy
+    summary: str
+    soft_inputs: bool            # feeds embedding mixtures: needs a model that passed the self-check
+    options: tuple[Option, ...] = ()
+
+    def policy_class(self) -> type:
+        module, _, cls = self.policy.partition(":")
+        return getattr(importlib.import_module(module), cls)
+
+
+SOFT_NOISES = ("none", "gumbel", "dirichlet")
+
+_NOISE = (
+    Option("soft_noise", "Stochastic Soft Thinking: noise on the soft inputs' mixture weights",
+           choices=SOFT_NOISES),
+    Option("gumbel_tau", "temperature of the Gumbel-softmax weights"),
+    Option("dirichlet_alpha", "concentration scale of the Dirichlet weights Dir(alpha p)"),
+)
+
+REGISTRY: dict[str, Method] = {m.name: m for m in (
+    Method("cot", "selar_local.policies:CotPolicy", "chain of thought: the sampled token is fed back", False),
+    Method("selar", "selar_local.policies:SelarPolicy", "SeLaR: entropy-gated soft steps with a contrastive push",
+           True, (
+               Option("tau", "SeLaR entropy gate threshold, or 'auto': the model's calibrated threshold "
+                             "(`selar calibrate`; calibrates first if needed)"),
+               Option("lam", "SeLaR contrastive push strength"),
+               Option("ks", "SeLaR candidates in gate and mixture"),
+               Option("thinking_only", "SeLaR: gate only inside <think>...</think>"),
+               *_NOISE,
+           )),
+    Method("soft", "selar_local.policies:SoftThinkingPolicy",
+           "Soft Thinking: soft mixtures through the thinking span, Cold Stop", True, (
+               Option("soft_topk", "Soft Thinking: tokens in each soft mixture (max_topk)"),
+               Option("cold_stop_entropy", "Soft Thinking: Cold Stop threshold on the full-vocabulary entropy (nats)"),
+               Option("cold_stop_steps", "Soft Thinking: consecutive low-entropy steps before Cold Stop closes thinking"),
+               *_NOISE,
+           )),
+    Method("moi", "selar_local.policies:MixtureOfInputsPolicy",
+           "Mixture of Inputs: the sampled token blended with its posterior mixture", True, (
+               Option("moi_topn", "Mixture of Inputs: tokens in the posterior mixture"),
+               Option("moi_beta", "Mixture of Inputs: weight of the sampled token in the posterior"),
+           )),
+    Method("swir", "selar_local.policies:SwiReasoningPolicy",
+           "SwiReasoning: latent and explicit blocks switched on the entropy", True, (
+               Option("swir_window", "SwiReasoning: explicit steps before a switch back to latent"),
+               Option("swir_max_switches", "SwiReasoning: switch budget C_max (0: no limit)"),
+               Option("swir_alpha", "SwiReasoning: <think> blend weight alpha_0 at a switch to latent"),
+               Option("swir_beta", "SwiReasoning: </think> blend weight beta_0 at a switch to explicit"),
+               Option("swir_topk", "SwiReasoning: tokens in the latent mixture softmax(l) @ E"),
+           )),
+)}
+
+METHODS: tuple[str, ...] = tuple(REGISTRY)
+
+
+def method_options() -> dict[str, tuple[Option, tuple[str, ...]]]:
+    """Every method's option once (shared ones, such as the noise, under all their methods):
+    field -> (option, the methods that read it), in registry order."""
+    out: dict[str, tuple[Option, tuple[str, ...]]] = {}
+    for method in REGISTRY.values():
+        for option in method.options:
+            known, users = out.get(option.field, (option, ()))
+            out[option.field] = (known, users + (method.name,))
+    return out
+
+
+def feeds_soft_inputs(method: str) -> bool:
+    return REGISTRY[method].soft_inputs
