@@ -39,6 +39,7 @@ from selar_local.api import (
     as_request_error,
     completion_response,
 )
+from selar_local.model_pool import Lease, ModelPool
 from selar_local.errors import ContextOverflowError, InvalidParameterError, RpcError, UnsupportedModelError
 from selar_local.webpage import add_chat_page, is_public
 
@@ -98,11 +99,13 @@ class _EventSource(StreamingResponse):
     """Server-sent events for one request; cancels the request when the client goes away
     (noticed by a watcher on `receive`, whatever the ASGI spec version)."""
 
-    def __init__(self, chunks: AsyncIterator[dict], handles: list[RequestHandle]):
+    def __init__(self, chunks: AsyncIterator[dict], handles: list[RequestHandle],
+                 on_close: Callable[[], None] | None = None):
         super().__init__(chunks, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self.chunks = chunks
         self.handles = handles
+        self.on_close = on_close  # e.g. release the model's lease (the stream may never have started)
 
     async def __call__(self, scope, receive, send) -> None:
         watcher = asyncio.ensure_future(_until_disconnect(receive, self.handles))
@@ -118,6 +121,8 @@ class _EventSource(StreamingResponse):
             watcher.cancel()
             _cancel_all(self.handles)  # no-op once the request has ended
             await self.chunks.aclose()
+            if self.on_close is not None:
+                self.on_close()
 
 
 def _cancel_all(handles: list[RequestHandle]) -> None:
@@ -137,19 +142,23 @@ async def _until_disconnect(receive, handles: list[RequestHandle]) -> None:
         return
 
 
-def create_app(llm: Selar, *, api_key: str | None = None, close_on_shutdown: bool = False) -> FastAPI:
-    """The ASGI app serving `llm`. With `api_key`, every request must carry it."""
+def create_app(llm: Selar | ModelPool, *, api_key: str | None = None, close_on_shutdown: bool = False) -> FastAPI:
+    """The ASGI app serving `llm` (one Selar, or a ModelPool loading models on demand).
+    With `api_key`, every request must carry it."""
     from contextlib import asynccontextmanager
+
+    pool = llm if isinstance(llm, ModelPool) else ModelPool.single(llm)
 
     @asynccontextmanager
     async def lifespan(_app):
         yield
         if close_on_shutdown:
-            await run_in_threadpool(llm.close)
+            await run_in_threadpool(pool.close)
 
     app = FastAPI(title="selar-local", version=_version(), lifespan=lifespan,
                   docs_url=None, redoc_url=None, openapi_url=None)
     app.state.llm = llm
+    app.state.pool = pool
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException):
@@ -161,31 +170,30 @@ def create_app(llm: Selar, *, api_key: str | None = None, close_on_shutdown: boo
 
     @app.get("/health")
     async def health():
-        stats = llm.scheduler.stats().to_dict()
-        stats["slots_idle"] = stats["slots_total"] - stats["slots_busy"]
-        return {"status": "ok", "model": llm.model_id, **stats}
+        return pool.health()
 
     @app.get("/v1/models")
     async def models():
-        return llm.models()
+        return pool.listing()
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str):
-        for entry in llm.models()["data"]:
-            if model_id == entry["id"] or model_id in llm.builder.aliases:
-                return entry
-        return error_response(404, f"model {model_id!r} is not served here; this server serves {llm.model_id!r}",
-                              param="model", code="model_not_found")
+        try:
+            wanted = pool.resolve(model_id).id
+        except RequestError as exc:
+            return _response_for(exc)
+        return next(entry for entry in pool.listing()["data"] if entry["id"] == wanted)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await _complete(request, llm, llm.builder.chat)
+        return await _complete(request, pool, "chat")
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await _complete(request, llm, llm.builder.completion)
+        return await _complete(request, pool, "completion")
 
-    add_chat_page(app, llm.runtime.default_params())  # GET /: the chat page (selar_local/web/)
+    pinned = [m.selar for m in pool.models.values() if m.pinned]
+    add_chat_page(app, pinned[0].runtime.default_params() if pinned else None)  # GET /: the chat page (selar_local/web/)
     if api_key:
         app.add_middleware(_ApiKeyMiddleware, api_key=api_key)
     return app
@@ -216,10 +224,18 @@ async def _read_json(request: Request) -> dict[str, Any]:
     return body
 
 
-async def _complete(request: Request, llm: Selar, build: Callable[[dict], PreparedRequest]) -> Response:
+async def acquire_model(pool: ModelPool, body: dict[str, Any], **kwargs: Any) -> Lease:
+    """The request's model, loaded (in a worker thread: a load takes seconds)."""
+    return await run_in_threadpool(lambda: pool.acquire(body.get("model"), **kwargs))
+
+
+async def _complete(request: Request, pool: ModelPool, kind: str) -> Response:
+    lease = None
     try:
         body = await _read_json(request)
-        req = await run_in_threadpool(build, body)  # tokenising a long prompt must not block the loop
+        lease = await acquire_model(pool, body)
+        llm = lease.selar
+        req = await run_in_threadpool(getattr(llm.builder, kind), body)  # tokenising a long prompt must not block the loop
         loop = asyncio.get_running_loop()
         inbox: asyncio.Queue = asyncio.Queue()
 
@@ -231,23 +247,31 @@ async def _complete(request: Request, llm: Selar, build: Callable[[dict], Prepar
         handles = llm.scheduler.submit_group(req.prompt_tokens, req.choices,
                                              sinks=[sink_for(i) for i in range(len(req.choices))])
     except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI-shaped error
+        if lease is not None:
+            lease.release()
         return _response_for(exc)
     if req.stream:
-        return _EventSource(_sse_chunks(req, inbox, llm.runtime.model), handles)
-    return await _wait_result(request, req, handles, inbox, llm.runtime.model)
+        return _EventSource(_sse_chunks(req, inbox, llm.runtime.model, lease), handles, lease.release)
+    try:
+        return await _wait_result(request, req, handles, inbox, llm.runtime.model)
+    finally:
+        lease.release()  # the model may be unloaded once no request holds it
 
 
-async def _sse_chunks(req: PreparedRequest, inbox: asyncio.Queue, model) -> AsyncIterator[dict]:
-    writer = ChunkWriter(req, model)
-    for chunk in writer.opening():
-        yield chunk
-    while not writer.finished:
-        index, kind, payload = await inbox.get()
-        if kind == "error":  # the headers are sent: report the failure in the stream, as OpenAI does
-            yield json.loads(_response_for(payload).body)
-            return
-        for chunk in writer.feed(index, kind, payload):
+async def _sse_chunks(req: PreparedRequest, inbox: asyncio.Queue, model, lease: Lease) -> AsyncIterator[dict]:
+    try:
+        writer = ChunkWriter(req, model)
+        for chunk in writer.opening():
             yield chunk
+        while not writer.finished:
+            index, kind, payload = await inbox.get()
+            if kind == "error":  # the headers are sent: report the failure in the stream, as OpenAI does
+                yield json.loads(_response_for(payload).body)
+                return
+            for chunk in writer.feed(index, kind, payload):
+                yield chunk
+    finally:
+        lease.release()
 
 
 async def _wait_result(request: Request, req: PreparedRequest, handles: list[RequestHandle],
@@ -276,7 +300,7 @@ def _version() -> str:
         return "0+unknown"
 
 
-def serve(llm: Selar, *, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,
+def serve(llm: "Selar | ModelPool", *, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,
           log_level: str = "info") -> None:
     """Run the server until interrupted (uvicorn, one process, one event loop)."""
     import uvicorn

@@ -30,6 +30,17 @@ def register(subparsers) -> None:
                        help="require 'Authorization: Bearer KEY' on every request (default: $SELAR_API_KEY, if set)")
     group.add_argument("--model-alias", default=None,
                        help="the model id clients see and send (default: the registry name or file name)")
+    pool = parser.add_argument_group("models on demand (without --model)")
+    pool.add_argument("--models", default=None, metavar="NAME[,NAME...]",
+                      help="serve these registry names or .gguf paths, each loaded when a request names it "
+                           "(default without --model: every registry model on this machine)")
+    pool.add_argument("--models-dir", default=None,
+                      help="also serve every .gguf file of this folder (by file name)")
+    pool.add_argument("--max-loaded", type=int, default=1,
+                      help="models kept in memory at once; a request for another one unloads the least recently "
+                           "used idle model (default 1)")
+    pool.add_argument("--keep-alive", type=_duration, default=300.0, metavar="SECONDS",
+                      help="unload a model idle this long (default 300; -1: never); a request's keep_alive overrides it")
     group.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     parser.set_defaults(func=run)
 
@@ -53,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
     if not _is_loopback(args.host) and not args.api_key:
         print(f"selar: warning: listening on {args.host} without --api-key: anyone who can reach this "
               "port can use the model", file=sys.stderr)
+    if args.model is None:
+        return _serve_pool(args)
     llm = Selar(args.model, n_parallel=args.parallel, queue_size=args.queue_size, model_id=args.model_alias,
                 **runtime_options(args))
     check = llm.runtime.self_check
@@ -67,6 +80,63 @@ def run(args: argparse.Namespace) -> int:
     finally:
         llm.close()
     return 0
+
+
+def _serve_pool(args: argparse.Namespace) -> int:
+    """`selar serve` without --model: the models named, found or in --models-dir, on demand."""
+    from selar_local.api import Selar
+    from selar_local.errors import InvalidParameterError
+    from selar_local.model_pool import ModelPool, discover_models
+    from selar_local.server import serve
+
+    if args.max_loaded < 1:
+        raise InvalidParameterError(f"invalid --max-loaded {args.max_loaded}: expected an integer >= 1")
+    if args.model_alias:
+        raise InvalidParameterError("--model-alias names the one model of --model; without --model each model "
+                                    "is served by its own name")
+    names = [n.strip() for n in args.models.split(",") if n.strip()] if args.models else None
+    models = discover_models(names, args.models_dir)
+    if not models:
+        raise InvalidParameterError("no model to serve: pull one (`selar pull NAME`), or pass --model, --models "
+                                    "or --models-dir")
+    options = runtime_options(args)
+
+    def load(model):
+        llm = Selar(model.path, n_parallel=args.parallel, queue_size=args.queue_size, model_id=model.id, **options)
+        check = llm.runtime.self_check
+        print(f"selar: loaded {model.id} ({llm.runtime.model.architecture}); soft decoding "
+              f"{'available' if check.passed else 'UNAVAILABLE (' + check.detail + ')'}; sampler defaults: "
+              f"{llm.runtime.sampler.describe()}", file=sys.stderr, flush=True)
+        return llm
+
+    pool = ModelPool(models, load=load, max_loaded=args.max_loaded, keep_alive=args.keep_alive,
+                     queue_size=args.queue_size)
+    print(f"selar: serving {len(models)} model(s) on demand on http://{args.host}:{args.port}/v1 "
+          f"(at most {args.max_loaded} loaded, idle ones unloaded after "
+          f"{'never' if args.keep_alive is None else f'{args.keep_alive:g} s'}): "
+          f"{', '.join(m.id for m in models)}", file=sys.stderr, flush=True)
+    print(f"selar: chat page at {_page_url(args.host, args.port)}", file=sys.stderr, flush=True)
+    try:
+        serve(pool, host=args.host, port=args.port, api_key=args.api_key, log_level=args.log_level)
+    finally:
+        pool.close()
+    return 0
+
+
+def _duration(text: str) -> float | None:
+    """Seconds, or Ollama's forms ("5m", "1h", "30s"); negative: forever (None)."""
+    units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+    for suffix in ("ms", "s", "m", "h"):
+        if text.endswith(suffix) and suffix != text:
+            number, scale = text[:-len(suffix)], units[suffix]
+            break
+    else:
+        number, scale = text, 1.0
+    try:
+        value = float(number) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: seconds, or e.g. 30s, 5m, 1h") from None
+    return None if value < 0 else value
 
 
 def _is_loopback(host: str) -> bool:
