@@ -309,6 +309,41 @@ class ModelPool:
             model.selar = None
 
 
+# ------------------------------------------------------------------------ durations
+
+
+def parse_duration(value: Any) -> float | None:
+    """Seconds from a number or Ollama's forms ("30s", "5m", "1h", "500ms", "-1");
+    negative: forever (None). Raises ValueError."""
+    if isinstance(value, bool):
+        raise ValueError(f"invalid duration {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text, scale = value.strip(), 1.0
+        for suffix, factor in (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0)):
+            if text.endswith(suffix) and text != suffix:
+                text, scale = text[:-len(suffix)], factor
+                break
+        seconds = float(text) * scale
+    else:
+        raise ValueError(f"invalid duration {value!r}")
+    if seconds != seconds:  # NaN
+        raise ValueError(f"invalid duration {value!r}")
+    return None if seconds < 0 else seconds
+
+
+def parse_keep_alive(value: Any) -> float | None | str:
+    """A request's keep_alive (Ollama's): "default" or None -> the server's; else seconds."""
+    if value is None or value == "default":
+        return "default"
+    try:
+        return parse_duration(value)
+    except ValueError:
+        raise RequestError(f"invalid keep_alive={value!r}: seconds, or a duration such as \"5m\" or \"30s\" "
+                           "(negative: keep loaded)", param="keep_alive") from None
+
+
 # ------------------------------------------------------------------------ what to serve
 
 

@@ -192,6 +192,9 @@ def create_app(llm: Selar | ModelPool, *, api_key: str | None = None, close_on_s
     async def completions(request: Request):
         return await _complete(request, pool, "completion")
 
+    from selar_local.ollama_api import add_ollama_routes
+
+    add_ollama_routes(app, pool, version=_version())
     pinned = [m.selar for m in pool.models.values() if m.pinned]
     add_chat_page(app, pinned[0].runtime.default_params() if pinned else None)  # GET /: the chat page (selar_local/web/)
     if api_key:

@@ -125,18 +125,12 @@ def _serve_pool(args: argparse.Namespace) -> int:
 
 def _duration(text: str) -> float | None:
     """Seconds, or Ollama's forms ("5m", "1h", "30s"); negative: forever (None)."""
-    units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-    for suffix in ("ms", "s", "m", "h"):
-        if text.endswith(suffix) and suffix != text:
-            number, scale = text[:-len(suffix)], units[suffix]
-            break
-    else:
-        number, scale = text, 1.0
+    from selar_local.model_pool import parse_duration
+
     try:
-        value = float(number) * scale
+        return parse_duration(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid duration {text!r}: seconds, or e.g. 30s, 5m, 1h") from None
-    return None if value < 0 else value
 
 
 def _is_loopback(host: str) -> bool:
