@@ -53,6 +53,7 @@ class ServedModel:
     expires_at: float | None = None  # when an idle model is unloaded (None: never)
     loads: int = 0
     load_seconds: float = 0.0  # the last load's duration
+    load_seconds_total: float = 0.0
     error: str | None = None  # the last load's failure
 
     @property
@@ -97,6 +98,7 @@ class ModelPool:
         if max_loaded < 1:
             raise ValueError("max_loaded must be >= 1")
         self._load = load
+        self.on_load: list[Callable[[ServedModel], None]] = []  # called after each load (metrics)
         self.max_loaded = max(max_loaded, sum(m.pinned for m in self.models.values()))
         self.keep_alive = keep_alive
         self.queue_size = queue_size
@@ -206,10 +208,13 @@ class ModelPool:
         with self._cond:
             model.selar, model.loading, model.error = selar, False, None
             model.loads += 1
+            model.load_seconds_total += time.monotonic() - started
             model.load_seconds = time.monotonic() - started
             model.last_used = time.monotonic()
             model.expires_at = None
             self._cond.notify_all()
+        for callback in self.on_load:
+            callback(model)
 
     def _release(self, lease: Lease) -> None:
         with self._cond:
@@ -260,6 +265,11 @@ class ModelPool:
                     model.unloading = True
             for model in due:
                 self._unload(model)
+
+    def add(self, model: ServedModel) -> ServedModel:
+        """Serve one more model (a pulled one); the one already served under its id if any."""
+        with self._cond:
+            return self.models.setdefault(model.id, model)
 
     # -- information ----------------------------------------------------------------------
     def health(self) -> dict[str, Any]:

@@ -5,6 +5,7 @@
                          prompt loads the model (with keep_alive 0: unloads it)
     GET  /api/tags       the models served;  GET /api/ps: the ones loaded
     POST /api/show       one model's details; GET /api/version
+    POST /api/pull       fetch a registry model and serve it (only with `selar serve --allow-pull`)
 
 Ollama's `options` map onto DecodeParams (num_predict -> max_tokens; temperature, top_k,
 top_p, min_p, seed, stop as they are; num_ctx is checked against the loaded context),
@@ -303,7 +304,56 @@ def _tag(model, pool: ModelPool) -> dict[str, Any]:
             "digest": "", "details": _details(model)}
 
 
-def add_ollama_routes(app: FastAPI, pool: ModelPool, *, version: str) -> None:
+async def _pull(request: Request, pool: ModelPool) -> Response:
+    """Fetch a registry model (`selar pull`), then serve it; NDJSON status lines, or one body."""
+    from selar_local.api import model_identity
+    from selar_local.model_pool import ServedModel
+    from selar_local.registry import get_entry, pull
+    from selar_local.server import _read_json
+
+    try:
+        body = await _read_json(request)
+        name = body.get("model") or body.get("name")
+        if not isinstance(name, str) or not name:
+            raise RequestError("'model' is required", param="model")
+        try:
+            entry = get_entry(name)
+        except Exception as exc:  # noqa: BLE001 - the registry's own message names the models it knows
+            raise RequestError(str(exc), param="model", code="model_not_found", status=404) from exc
+    except Exception as exc:  # noqa: BLE001
+        return ollama_error(exc)
+
+    async def fetch() -> dict[str, Any]:
+        path = await run_in_threadpool(lambda: pull(entry, progress=False))
+        model_id, aliases, _ = model_identity(path)
+        served = pool.add(ServedModel(model_id, path, frozenset(aliases) | {name}))
+        return {"status": "success", "model": served.id, "total": path.stat().st_size}
+
+    if body.get("stream", True) is False:
+        try:
+            return JSONResponse(await fetch())
+        except Exception as exc:  # noqa: BLE001
+            return ollama_error(exc)
+
+    async def lines() -> AsyncIterator[bytes]:
+        yield json.dumps({"status": f"pulling {entry.name}"}).encode() + b"\n"
+        try:
+            yield json.dumps(await fetch()).encode() + b"\n"
+        except Exception as exc:  # noqa: BLE001 - the headers are sent: the error is the last line
+            yield json.dumps({"error": json.loads(ollama_error(exc).body)["error"]}).encode() + b"\n"
+
+    return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+
+def add_ollama_routes(app: FastAPI, pool: ModelPool, *, version: str, allow_pull: bool = False) -> None:
+    @app.post("/api/pull")
+    async def api_pull(request: Request):
+        if not allow_pull:
+            return JSONResponse({"error": "pulling models through the server is disabled: start it with "
+                                          "`selar serve --allow-pull`, or run `selar pull NAME` on the machine"},
+                                status_code=403)
+        return await _pull(request, pool)
+
     @app.post("/api/chat")
     async def chat(request: Request):
         return await _run(request, pool, "chat")

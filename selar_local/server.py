@@ -142,9 +142,11 @@ async def _until_disconnect(receive, handles: list[RequestHandle]) -> None:
         return
 
 
-def create_app(llm: Selar | ModelPool, *, api_key: str | None = None, close_on_shutdown: bool = False) -> FastAPI:
+def create_app(llm: Selar | ModelPool, *, api_key: str | None = None, close_on_shutdown: bool = False,
+               metrics: bool = False, allow_pull: bool = False) -> FastAPI:
     """The ASGI app serving `llm` (one Selar, or a ModelPool loading models on demand).
-    With `api_key`, every request must carry it."""
+    With `api_key`, every request must carry it; `metrics`: GET /metrics; `allow_pull`:
+    POST /api/pull may download registry models."""
     from contextlib import asynccontextmanager
 
     pool = llm if isinstance(llm, ModelPool) else ModelPool.single(llm)
@@ -193,12 +195,18 @@ def create_app(llm: Selar | ModelPool, *, api_key: str | None = None, close_on_s
         return await _complete(request, pool, "completion")
 
     from selar_local.ollama_api import add_ollama_routes
+    from selar_local.tokenize_api import add_tokenize_routes
 
-    add_ollama_routes(app, pool, version=_version())
+    add_ollama_routes(app, pool, version=_version(), allow_pull=allow_pull)
+    add_tokenize_routes(app, pool)
     pinned = [m.selar for m in pool.models.values() if m.pinned]
     add_chat_page(app, pinned[0].runtime.default_params() if pinned else None)  # GET /: the chat page (selar_local/web/)
     if api_key:
         app.add_middleware(_ApiKeyMiddleware, api_key=api_key)
+    if metrics:
+        from selar_local.metrics import add_metrics
+
+        app.state.metrics = add_metrics(app, pool)
     return app
 
 
@@ -304,11 +312,11 @@ def _version() -> str:
 
 
 def serve(llm: "Selar | ModelPool", *, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,
-          log_level: str = "info") -> None:
+          log_level: str = "info", metrics: bool = False, allow_pull: bool = False) -> None:
     """Run the server until interrupted (uvicorn, one process, one event loop)."""
     import uvicorn
 
-    app = create_app(llm, api_key=api_key)
+    app = create_app(llm, api_key=api_key, metrics=metrics, allow_pull=allow_pull)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=log_level == "debug",
                             timeout_graceful_shutdown=5)
     uvicorn.Server(config).run()

@@ -134,3 +134,8 @@ def test_errors_have_ollama_shape(server, client):
         response = httpx.post(server + "/api/chat", content=body, timeout=60)
         assert response.status_code == 400, response.text
         assert set(response.json()) == {"error"} and needle in response.json()["error"]
+
+
+def test_pull_is_refused_without_allow_pull(server):
+    response = httpx.post(server + "/api/pull", json={"model": GEMMA}, timeout=30)
+    assert response.status_code == 403 and "--allow-pull" in response.json()["error"]

@@ -41,6 +41,11 @@ def register(subparsers) -> None:
                            "used idle model (default 1)")
     pool.add_argument("--keep-alive", type=_duration, default=300.0, metavar="SECONDS",
                       help="unload a model idle this long (default 300; -1: never); a request's keep_alive overrides it")
+    group.add_argument("--metrics", action="store_true",
+                       help="GET /metrics: Prometheus metrics (requests, tokens, soft steps, slots, KV, latencies)")
+    group.add_argument("--allow-pull", action="store_true",
+                       help="let POST /api/pull download registry models (default: a client cannot make the "
+                            "server fetch anything)")
     group.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     parser.set_defaults(func=run)
 
@@ -76,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"selar: sampler defaults: {llm.runtime.sampler.describe()}", file=sys.stderr, flush=True)
     print(f"selar: chat page at {_page_url(args.host, args.port)}", file=sys.stderr, flush=True)
     try:
-        serve(llm, host=args.host, port=args.port, api_key=args.api_key, log_level=args.log_level)
+        serve(llm, host=args.host, port=args.port, api_key=args.api_key, log_level=args.log_level,
+              metrics=args.metrics, allow_pull=args.allow_pull)
     finally:
         llm.close()
     return 0
@@ -117,7 +123,8 @@ def _serve_pool(args: argparse.Namespace) -> int:
           f"{', '.join(m.id for m in models)}", file=sys.stderr, flush=True)
     print(f"selar: chat page at {_page_url(args.host, args.port)}", file=sys.stderr, flush=True)
     try:
-        serve(pool, host=args.host, port=args.port, api_key=args.api_key, log_level=args.log_level)
+        serve(pool, host=args.host, port=args.port, api_key=args.api_key, log_level=args.log_level,
+              metrics=args.metrics, allow_pull=args.allow_pull)
     finally:
         pool.close()
     return 0
