@@ -199,6 +199,12 @@ def create_app(llm: Selar | ModelPool, *, api_key: str | None = None, close_on_s
 
     add_ollama_routes(app, pool, version=_version(), allow_pull=allow_pull)
     add_tokenize_routes(app, pool)
+
+    @app.post("/v1/responses")
+    async def responses(request: Request):
+        from selar_local.responses_api import create_response
+
+        return await create_response(request, pool)
     pinned = [m.selar for m in pool.models.values() if m.pinned]
     add_chat_page(app, pinned[0].runtime.default_params() if pinned else None)  # GET /: the chat page (selar_local/web/)
     if api_key:
