@@ -48,6 +48,7 @@ class ServedModel:
     selar: Any = None  # the loaded Selar, or None
     loading: bool = False
     unloading: bool = False
+    draining: bool = False  # another model waits for its place: new requests wait, live ones finish
     leases: int = 0
     last_used: float = 0.0
     expires_at: float | None = None  # when an idle model is unloaded (None: never)
@@ -146,24 +147,20 @@ class ModelPool:
                 with self._cond:
                     if self._closed:
                         raise SchedulerClosedError("the server is shutting down")
-                    if model.selar is not None and not model.unloading:
+                    if model.selar is not None and not model.unloading and not model.draining:
                         model.leases += 1
                         model.last_used = time.monotonic()
                         waited = 0.0 if ready_at_once else time.monotonic() - started
                         return Lease(self, model, model.selar, waited, keep_alive)
                     ready_at_once = False
-                    load_here = False
-                    if not model.loading and not model.unloading:
+                    load_here, present = False, []
+                    if model.selar is None and not model.loading and not model.unloading:
                         if self._load is None:
                             raise ModelUnavailableError(model.id, "this server loads no models on demand")
                         present = [m for m in self.models.values() if m.busy_or_present]
                         if len(present) >= self.max_loaded:
                             victim = self._idle_victim(present)
                         load_here = len(present) < self.max_loaded or victim is not None
-                        if load_here:
-                            model.loading = True
-                            if victim is not None:
-                                victim.unloading = True
                     if not load_here:  # another request loads it, or its place is held: wait
                         if not counted:
                             if self._waiters >= self.queue_size:
@@ -172,8 +169,13 @@ class ModelPool:
                                     f"(queue size {self.queue_size}); retry later")
                             self._waiters += 1
                             counted = True
+                        if present:  # this request needs a place that a busy model holds
+                            self._drain_one(present)
                         self._cond.wait(1.0)
                         continue
+                    model.loading = True
+                    if victim is not None:
+                        victim.unloading = True
                 try:
                     if victim is not None:
                         self._unload(victim)
@@ -187,6 +189,15 @@ class ModelPool:
             if counted:
                 with self._cond:
                     self._waiters -= 1
+
+    def _drain_one(self, present: list[ServedModel]) -> None:
+        """Make room without starving: the least recently used loaded model takes no new
+        requests (they wait, as this one does) until its live ones end and it is unloaded."""
+        if any(m.draining for m in present):
+            return
+        candidates = [m for m in present if m.selar is not None and not m.pinned and not m.unloading]
+        if candidates:
+            min(candidates, key=lambda m: m.last_used).draining = True
 
     def _idle_victim(self, present: list[ServedModel]) -> ServedModel | None:
         idle = [m for m in present if m.selar is not None and not m.pinned and m.leases == 0 and not m.unloading]
@@ -234,7 +245,7 @@ class ModelPool:
             return_freed_memory()
         finally:
             with self._cond:
-                model.selar, model.unloading, model.expires_at = None, False, None
+                model.selar, model.unloading, model.draining, model.expires_at = None, False, False, None
                 self._cond.notify_all()
 
     def unload(self, name: Any) -> bool:

@@ -2,9 +2,13 @@
 
     POST /v1/chat/completions   chat, streamed as server-sent events or as one JSON body
     POST /v1/completions        raw-prompt completion, same
-    GET  /v1/models             the one model served
+    POST /v1/responses          OpenAI's Responses API (selar_local/responses_api.py)
+    GET  /v1/models             the models served (one, or many loaded on demand: model_pool.py)
     GET  /health                status and slot/queue counters
     GET  /                      the chat page (selar_local/web/; no API key needed to load it)
+    /api/...                    Ollama's API (selar_local/ollama_api.py)
+    GET  /metrics               Prometheus metrics, with `metrics=True` (selar_local/metrics.py)
+    POST /tokenize, /detokenize as llama-server (selar_local/tokenize_api.py)
 
 SeLaR parameters (method, tau, lam, ks, thinking_only, top_k, min_p, greedy, ...) are
 extra fields of the request body, so the `openai` client passes them with `extra_body`.
@@ -205,8 +209,9 @@ def create_app(llm: Selar | ModelPool, *, api_key: str | None = None, close_on_s
         from selar_local.responses_api import create_response
 
         return await create_response(request, pool)
-    pinned = [m.selar for m in pool.models.values() if m.pinned]
-    add_chat_page(app, pinned[0].runtime.default_params() if pinned else None)  # GET /: the chat page (selar_local/web/)
+
+    pinned = [m.selar for m in pool.models.values() if m.pinned]  # GET /: the chat page (selar_local/web/)
+    add_chat_page(app, pinned[0].runtime.default_params() if pinned else None)
     if api_key:
         app.add_middleware(_ApiKeyMiddleware, api_key=api_key)
     if metrics:
@@ -252,7 +257,8 @@ async def _complete(request: Request, pool: ModelPool, kind: str) -> Response:
         body = await _read_json(request)
         lease = await acquire_model(pool, body)
         llm = lease.selar
-        req = await run_in_threadpool(getattr(llm.builder, kind), body)  # tokenising a long prompt must not block the loop
+        # tokenising a long prompt must not block the loop
+        req = await run_in_threadpool(getattr(llm.builder, kind), body)
         loop = asyncio.get_running_loop()
         inbox: asyncio.Queue = asyncio.Queue()
 

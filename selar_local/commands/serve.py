@@ -12,10 +12,12 @@ from selar_local.commands.common import add_model_arguments, runtime_options
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "serve", help="serve a model over an OpenAI-compatible HTTP API, with a chat page",
-        description="Serve one model over an OpenAI-compatible HTTP API: POST /v1/chat/completions, "
-                    "POST /v1/completions (streaming or not), GET /v1/models, GET /health; and a chat "
-                    "page at / that shows each token's entropy, soft steps and candidates. SeLaR "
-                    "parameters (method, tau, lam, ks, ...) are extra fields of the request body.",
+        description="Serve a model (--model), or every local model loaded on demand (without --model), over "
+                    "an OpenAI-compatible HTTP API: POST /v1/chat/completions, POST /v1/completions, POST "
+                    "/v1/responses (streaming or not), GET /v1/models, GET /health; Ollama's API (/api/chat, "
+                    "/api/generate, /api/tags, /api/ps, /api/show); /tokenize, /detokenize, /metrics "
+                    "(--metrics); and a chat page at / that shows each token's entropy, soft steps and "
+                    "candidates. SeLaR parameters (method, tau, lam, ks, ...) are extra fields of the request body.",
     )
     add_model_arguments(parser)
     group = parser.add_argument_group("server")
