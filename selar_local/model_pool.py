@@ -16,6 +16,7 @@ waits until that model's requests end.
 """
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from dataclasses import dataclass, field
@@ -242,11 +243,15 @@ class ModelPool:
         selar = model.selar
         try:
             selar.close()
-            return_freed_memory()
         finally:
             with self._cond:
                 model.selar, model.unloading, model.draining, model.expires_at = None, False, False, None
                 self._cond.notify_all()
+        del selar
+        # The closed model's Python side (its arrays) sits in reference cycles until a full
+        # collection: collect now, then hand the freed heap back to the system.
+        gc.collect()
+        return_freed_memory()
 
     def unload(self, name: Any) -> bool:
         """Unload a model now if it is loaded and idle (Ollama's keep_alive 0); True if done."""
