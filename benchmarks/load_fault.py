@@ -9,6 +9,11 @@ every 200 ends with `data: [DONE]`); 8 clients that disconnect mid-stream (slots
 cells free afterwards); malformed bodies and bad values (each a 400 in OpenAI's error shape);
 an expensive-parameter request beside a normal one (the normal one's latency against alone
 and against a normal neighbour); `kill -9` of the server mid-request, then a restart.
+Models on demand (`selar serve --models A,B`): 8 clients alternating between two models
+under --max-loaded 1 (every request answered 200 or 503, none lost, RSS bounded, no KV
+cells left); a loaded model's latency while another one loads (--max-loaded 2); a model
+file deleted, then one corrupted, while the server runs (a clear error for that model,
+the other keeps serving). `--only-models` runs just those rows.
 Every request loop is bounded in count and time, and only 127.0.0.1 is contacted.
 """
 from __future__ import annotations
@@ -50,10 +55,12 @@ def free_port() -> int:
 class Server:
     """`selar serve` in a subprocess on 127.0.0.1."""
 
-    def __init__(self, model: str, port: int, parallel: int, queue_size: int, n_ctx: int, threads: int | None):
-        self.cmd = [sys.executable, "-m", "selar_local.cli", "serve", "--model", model, "--port", str(port),
-                    "--parallel", str(parallel), "--queue-size", str(queue_size), "--n-ctx", str(n_ctx),
-                    "--log-level", "warning"]
+    def __init__(self, model: str | None, port: int, parallel: int, queue_size: int, n_ctx: int,
+                 threads: int | None, extra: tuple[str, ...] = ()):
+        """model None: models on demand (`extra` names them: --models, --models-dir)."""
+        self.cmd = [sys.executable, "-m", "selar_local.cli", "serve", *(["--model", model] if model else []),
+                    "--port", str(port), "--parallel", str(parallel), "--queue-size", str(queue_size),
+                    "--n-ctx", str(n_ctx), "--log-level", "warning", *extra]
         if threads:
             self.cmd += ["--threads", str(threads)]
         self.url = f"http://127.0.0.1:{port}"
@@ -267,6 +274,169 @@ def kill_and_restart(server: Server) -> Row:
                f"(no [DONE]); restart healthy in {restart_seconds:.1f} s; next request {after.status_code}", ok)
 
 
+# ------------------------------------------------------------------------- models on demand
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def chat(url: str, model: str, max_tokens: int = 8, timeout: float = 600) -> int | str:
+    try:
+        return httpx.post(url + "/v1/chat/completions", json={"model": model, "messages": QUESTION,
+                                                               "max_tokens": max_tokens}, timeout=timeout).status_code
+    except httpx.HTTPError as exc:
+        return type(exc).__name__
+
+
+def alternating_models(models: tuple[str, str], clients: int, per_client: int, n_ctx: int,
+                       threads: int | None) -> tuple[Row, dict]:
+    """`clients` threads, each sending `per_client` requests alternating between two models,
+    on a server that keeps one loaded (--parallel 2 --queue-size 8)."""
+    server = Server(None, free_port(), 2, 8, n_ctx, threads, ("--models", ",".join(models), "--max-loaded", "1"))
+    server.start()
+    samples: list[tuple[float, int]] = []  # (RSS MiB, models loaded)
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            health = server.health()
+            samples.append((rss_mib(server.proc.pid), len(health["models_loaded"])))
+            time.sleep(0.1)
+
+    try:
+        one_loaded = {}
+        for model in models:  # the RSS of each model alone, loaded by a first request
+            chat(server.url, model)
+            one_loaded[model] = rss_mib(server.proc.pid)
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        started = time.monotonic()
+        with ThreadPoolExecutor(clients) as pool:
+            statuses = list(pool.map(lambda i: [chat(server.url, models[(i + k) % 2]) for k in range(per_client)],
+                                     range(clients)))
+        seconds = time.monotonic() - started
+        stop.set()
+        sampler.join()
+        health = server.wait_for(lambda h: h["slots_busy"] == 0 and h["queued"] == 0)
+        loads = {m["id"]: m["meta"]["loads"] for m in httpx.get(server.url + "/v1/models", timeout=10).json()["data"]}
+        (last_model,) = health["models_loaded"]
+        rss_end = rss_mib(server.proc.pid)
+    finally:
+        stop.set()
+        server.stop()
+    flat = [s for per in statuses for s in per]
+    counts = {code: flat.count(code) for code in sorted(set(flat), key=str)}
+    lost = sum(n for code, n in counts.items() if code not in (200, 503))
+    peak_rss = max(r for r, _ in samples)
+    most_loaded = max(n for _, n in samples)
+    # Bounded: a load's transient (file pages and repacked copies) at most 1.5x the larger
+    # model alone, and no growth with the switches (idle afterwards: within 1.15x of that model alone).
+    growth = rss_end / one_loaded[last_model]
+    ok = lost == 0 and counts.get(200, 0) > 0 and health["kv_cells_in_use"] == 0 and most_loaded <= 1 \
+        and peak_rss <= 1.5 * max(one_loaded.values()) and growth <= 1.15
+    row = Row(f"{clients} clients alternating {models[0]} / {models[1]}, --max-loaded 1, {per_client} requests each",
+              "every request 200 or 503, none lost; never 2 models loaded; RSS peak within 1.5x of the larger "
+              "model alone and no growth after the switches; no KV cells left",
+              f"{len(flat)} requests in {seconds:.0f} s: {', '.join(f'{n} x {c}' for c, n in counts.items())}; "
+              f"lost {lost}; most loaded at once {most_loaded}; loads {loads}; RSS peak {peak_rss:.0f} MiB "
+              f"(alone: {', '.join(f'{m} {r:.0f} MiB' for m, r in one_loaded.items())}); after: {last_model} "
+              f"loaded, {rss_end:.0f} MiB ({growth:.2f}x alone); KV cells after {health['kv_cells_in_use']}", ok)
+    return row, {"statuses": counts, "rss_peak_mib": peak_rss, "rss_alone_mib": one_loaded, "loads": loads,
+                 "rss_end_mib": rss_end,
+                 "seconds": seconds}
+
+
+def load_beside_serving(models: tuple[str, str], n_ctx: int, threads: int | None, reps: int) -> tuple[Row, dict]:
+    """--max-loaded 2: the latency of requests for a loaded model while the other one loads,
+    against the same requests with nothing loading."""
+    server = Server(None, free_port(), 1, 8, n_ctx, threads, ("--models", ",".join(models), "--max-loaded", "2",
+                                                              "--keep-alive", "-1"))
+    server.start()
+    try:
+        chat(server.url, models[0])
+        idle = []
+        for _ in range(reps):
+            started = time.perf_counter()
+            assert chat(server.url, models[0]) == 200
+            idle.append(time.perf_counter() - started)
+        loader = threading.Thread(target=lambda: chat(server.url, models[1], max_tokens=1))
+        load_started = time.perf_counter()
+        loader.start()
+        during = []
+        while loader.is_alive() and len(during) < 100:
+            started = time.perf_counter()
+            assert chat(server.url, models[0]) == 200
+            if loader.is_alive():
+                during.append(time.perf_counter() - started)
+        loader.join()
+        load_seconds = time.perf_counter() - load_started
+    finally:
+        server.stop()
+    idle_median = statistics.median(idle)
+    during_median = statistics.median(during) if during else float("nan")
+    ok = bool(during)  # requests completed while the other model loaded: not blocked by it
+    row = Row(f"requests for {models[0]} while {models[1]} loads (--max-loaded 2)",
+              "served during the load (not queued behind it); latency measured against idle",
+              f"{len(during)} requests completed during the {load_seconds:.1f} s load: median {during_median:.2f} s "
+              f"against {idle_median:.2f} s with nothing loading ({during_median / idle_median:.2f}x; the load's "
+              f"self-check and weight repacking share the CPUs)", ok)
+    return row, {"idle_seconds": idle, "during_load_seconds": during, "load_seconds": load_seconds}
+
+
+def model_file_damage(models: tuple[str, str], n_ctx: int, threads: int | None) -> Row:
+    """A served model file deleted, then another corrupted, while the server runs."""
+    import shutil
+    import tempfile
+
+    from selar_local.registry import get_entry, local_path
+
+    paths = [local_path(get_entry(m)) for m in models]
+    with tempfile.TemporaryDirectory() as folder:
+        folder_path = Path(folder)
+        shutil.copy(paths[0], folder_path / "deleted.gguf")
+        shutil.copy(paths[0], folder_path / "corrupted.gguf")
+        (folder_path / "healthy.gguf").symlink_to(paths[1])
+        server = Server(None, free_port(), 1, 8, n_ctx, threads, ("--models-dir", folder, "--max-loaded", "2"))
+        server.start()
+        try:
+            ids = {Path(m["meta"]["path"]).stem: m["id"]
+                   for m in httpx.get(server.url + "/v1/models", timeout=10).json()["data"]}
+            (folder_path / "deleted.gguf").unlink()
+            (folder_path / "corrupted.gguf").write_bytes(b"GGUF" + os.urandom(4096))
+            answers = {}
+            for name in ("deleted", "corrupted", "healthy"):
+                response = httpx.post(server.url + "/v1/chat/completions", timeout=600, json={
+                    "model": ids[name], "messages": QUESTION, "max_tokens": 8})
+                answers[name] = (response.status_code, response.json().get("error", {}).get("message", ""))
+            again = chat(server.url, ids["healthy"])
+        finally:
+            server.stop()
+    ok = (answers["deleted"][0] == answers["corrupted"][0] == 500 and "does not exist" in answers["deleted"][1]
+          and answers["healthy"][0] == 200 and again == 200)
+    return Row("a model file deleted, another corrupted, while the server runs",
+               "a clear error naming each broken model (500 model_load_failed); the other model keeps serving",
+               f"deleted: {answers['deleted'][0]} \"{answers['deleted'][1][:150]}\"; corrupted: {answers['corrupted'][0]} "
+               f"\"{answers['corrupted'][1][:150]}\"; healthy model: {answers['healthy'][0]}, then {again}", ok)
+
+
+def model_rows(args) -> tuple[list[Row], dict]:
+    models = (args.model, args.second_model)
+    rows, raw = [], {}
+    row, raw["alternating"] = alternating_models(models, 8, args.switch_requests, args.n_ctx, args.threads)
+    rows.append(row)
+    print(f"[{'ok' if row.ok else 'FAIL'}] {row.scenario}: {row.observed}", flush=True)
+    row, raw["load_beside_serving"] = load_beside_serving(models, args.n_ctx, args.threads, args.reps)
+    rows.append(row)
+    print(f"[{'ok' if row.ok else 'FAIL'}] {row.scenario}: {row.observed}", flush=True)
+    rows.append(model_file_damage(models, args.n_ctx, args.threads))
+    print(f"[{'ok' if rows[-1].ok else 'FAIL'}] {rows[-1].scenario}: {rows[-1].observed}", flush=True)
+    return rows, raw
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
@@ -277,6 +447,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--disconnects", type=int, default=8)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--second-model", default="gemma3-270m", help="the other model of the model rows")
+    parser.add_argument("--switch-requests", type=int, default=4, help="requests per client alternating models")
+    parser.add_argument("--only-models", action="store_true", help="only the models-on-demand rows")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the table here")
     parser.add_argument("--json", type=Path, default=None, help="raw figures")
     args = parser.parse_args(argv)
@@ -285,6 +458,9 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     raw: dict = {}
     try:
+        if args.only_models:
+            rows, raw = model_rows(args)
+            return _report(args, rows, raw)
         print(f"starting selar serve on {server.url} ...", flush=True)
         server.start()
         for scenario in (lambda: burst(server, args.clients, args.parallel, args.queue_size),
@@ -299,6 +475,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{'ok' if rows[-1].ok else 'FAIL'}] {rows[-1].scenario}: {rows[-1].observed}", flush=True)
     finally:
         server.stop()
+    more, raw["models"] = model_rows(args)
+    return _report(args, rows + more, raw)
+
+
+def _report(args, rows: list[Row], raw: dict) -> int:
     table = ["| scenario | expected | observed | ok |", "|---|---|---|---|"]
     table += [f"| {r.scenario} | {r.expectation} | {r.observed} | {'yes' if r.ok else '**no**'} |" for r in rows]
     settings = (f"model {args.model}, --parallel {args.parallel}, --queue-size {args.queue_size}, "

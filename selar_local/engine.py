@@ -818,3 +818,15 @@ class LlamaContext:
             self.close()
         except Exception:
             pass
+
+
+def return_freed_memory() -> None:
+    """Give the heap's free pages back to the system (glibc's malloc_trim; elsewhere a
+    no-op): the repacked weights and KV buffers of a closed model are freed to malloc,
+    which otherwise keeps them for the process."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        pass

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
@@ -71,6 +72,7 @@ class RequestHandle:
         self.error: BaseException | None = None
         self.finished = threading.Event()
         self.cancelled = False
+        self.submitted_at = time.monotonic()  # for time-to-first-token (selar_local/metrics.py)
 
     def _deliver(self, kind: str, payload: Any) -> None:
         # Sinks must not block: the scheduler calls them, final ones under its lock.
@@ -87,6 +89,11 @@ class RequestHandle:
             self._sink(kind, payload)
         except Exception:  # a sink that fails (closed event loop) must not stop the worker
             pass
+        for listener in self.scheduler.listeners:
+            try:
+                listener(self, kind, payload)
+            except Exception:  # observers (metrics) must not stop the worker either
+                logger.exception("scheduler listener failed")
 
     def cancel(self) -> None:
         """Stop generating: frees the slot before the next decode step (its cells stay
@@ -142,6 +149,9 @@ class Scheduler:
         self._counts = dict(submitted=0, completed=0, cancelled=0, failed=0, rejected=0, slots_busy_peak=0,
                             kv_cells_in_use=0, kv_cells_cached=0)
         self._idle_wait = idle_wait
+        # listener(handle, kind, payload): called with every item any request receives,
+        # in the delivering thread (selar_local/metrics.py counts tokens and latencies)
+        self.listeners: list[Callable[[RequestHandle, str, Any], None]] = []
         self._thread = threading.Thread(target=self._run, name="selar-scheduler", daemon=True)
         self._thread.start()
 

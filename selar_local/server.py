@@ -2,9 +2,13 @@
 
     POST /v1/chat/completions   chat, streamed as server-sent events or as one JSON body
     POST /v1/completions        raw-prompt completion, same
-    GET  /v1/models             the one model served
+    POST /v1/responses          OpenAI's Responses API (selar_local/responses_api.py)
+    GET  /v1/models             the models served (one, or many loaded on demand: model_pool.py)
     GET  /health                status and slot/queue counters
     GET  /                      the chat page (selar_local/web/; no API key needed to load it)
+    /api/...                    Ollama's API (selar_local/ollama_api.py)
+    GET  /metrics               Prometheus metrics, with `metrics=True` (selar_local/metrics.py)
+    POST /tokenize, /detokenize as llama-server (selar_local/tokenize_api.py)
 
 SeLaR parameters (method, tau, lam, ks, thinking_only, top_k, min_p, greedy, ...) are
 extra fields of the request body, so the `openai` client passes them with `extra_body`.
@@ -39,6 +43,7 @@ from selar_local.api import (
     as_request_error,
     completion_response,
 )
+from selar_local.model_pool import Lease, ModelPool
 from selar_local.errors import ContextOverflowError, InvalidParameterError, RpcError, UnsupportedModelError
 from selar_local.webpage import add_chat_page, is_public
 
@@ -98,11 +103,13 @@ class _EventSource(StreamingResponse):
     """Server-sent events for one request; cancels the request when the client goes away
     (noticed by a watcher on `receive`, whatever the ASGI spec version)."""
 
-    def __init__(self, chunks: AsyncIterator[dict], handles: list[RequestHandle]):
+    def __init__(self, chunks: AsyncIterator[dict], handles: list[RequestHandle],
+                 on_close: Callable[[], None] | None = None):
         super().__init__(chunks, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self.chunks = chunks
         self.handles = handles
+        self.on_close = on_close  # e.g. release the model's lease (the stream may never have started)
 
     async def __call__(self, scope, receive, send) -> None:
         watcher = asyncio.ensure_future(_until_disconnect(receive, self.handles))
@@ -118,6 +125,8 @@ class _EventSource(StreamingResponse):
             watcher.cancel()
             _cancel_all(self.handles)  # no-op once the request has ended
             await self.chunks.aclose()
+            if self.on_close is not None:
+                self.on_close()
 
 
 def _cancel_all(handles: list[RequestHandle]) -> None:
@@ -137,19 +146,25 @@ async def _until_disconnect(receive, handles: list[RequestHandle]) -> None:
         return
 
 
-def create_app(llm: Selar, *, api_key: str | None = None, close_on_shutdown: bool = False) -> FastAPI:
-    """The ASGI app serving `llm`. With `api_key`, every request must carry it."""
+def create_app(llm: Selar | ModelPool, *, api_key: str | None = None, close_on_shutdown: bool = False,
+               metrics: bool = False, allow_pull: bool = False) -> FastAPI:
+    """The ASGI app serving `llm` (one Selar, or a ModelPool loading models on demand).
+    With `api_key`, every request must carry it; `metrics`: GET /metrics; `allow_pull`:
+    POST /api/pull may download registry models."""
     from contextlib import asynccontextmanager
+
+    pool = llm if isinstance(llm, ModelPool) else ModelPool.single(llm)
 
     @asynccontextmanager
     async def lifespan(_app):
         yield
         if close_on_shutdown:
-            await run_in_threadpool(llm.close)
+            await run_in_threadpool(pool.close)
 
     app = FastAPI(title="selar-local", version=_version(), lifespan=lifespan,
                   docs_url=None, redoc_url=None, openapi_url=None)
     app.state.llm = llm
+    app.state.pool = pool
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request: Request, exc: StarletteHTTPException):
@@ -161,33 +176,48 @@ def create_app(llm: Selar, *, api_key: str | None = None, close_on_shutdown: boo
 
     @app.get("/health")
     async def health():
-        stats = llm.scheduler.stats().to_dict()
-        stats["slots_idle"] = stats["slots_total"] - stats["slots_busy"]
-        return {"status": "ok", "model": llm.model_id, **stats}
+        return pool.health()
 
     @app.get("/v1/models")
     async def models():
-        return llm.models()
+        return pool.listing()
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str):
-        for entry in llm.models()["data"]:
-            if model_id == entry["id"] or model_id in llm.builder.aliases:
-                return entry
-        return error_response(404, f"model {model_id!r} is not served here; this server serves {llm.model_id!r}",
-                              param="model", code="model_not_found")
+        try:
+            wanted = pool.resolve(model_id).id
+        except RequestError as exc:
+            return _response_for(exc)
+        return next(entry for entry in pool.listing()["data"] if entry["id"] == wanted)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await _complete(request, llm, llm.builder.chat)
+        return await _complete(request, pool, "chat")
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await _complete(request, llm, llm.builder.completion)
+        return await _complete(request, pool, "completion")
 
-    add_chat_page(app, llm.runtime.default_params())  # GET /: the chat page (selar_local/web/)
+    from selar_local.ollama_api import add_ollama_routes
+    from selar_local.tokenize_api import add_tokenize_routes
+
+    add_ollama_routes(app, pool, version=_version(), allow_pull=allow_pull)
+    add_tokenize_routes(app, pool)
+
+    @app.post("/v1/responses")
+    async def responses(request: Request):
+        from selar_local.responses_api import create_response
+
+        return await create_response(request, pool)
+
+    pinned = [m.selar for m in pool.models.values() if m.pinned]  # GET /: the chat page (selar_local/web/)
+    add_chat_page(app, pinned[0].runtime.default_params() if pinned else None)
     if api_key:
         app.add_middleware(_ApiKeyMiddleware, api_key=api_key)
+    if metrics:
+        from selar_local.metrics import add_metrics
+
+        app.state.metrics = add_metrics(app, pool)
     return app
 
 
@@ -216,10 +246,19 @@ async def _read_json(request: Request) -> dict[str, Any]:
     return body
 
 
-async def _complete(request: Request, llm: Selar, build: Callable[[dict], PreparedRequest]) -> Response:
+async def acquire_model(pool: ModelPool, body: dict[str, Any], **kwargs: Any) -> Lease:
+    """The request's model, loaded (in a worker thread: a load takes seconds)."""
+    return await run_in_threadpool(lambda: pool.acquire(body.get("model"), **kwargs))
+
+
+async def _complete(request: Request, pool: ModelPool, kind: str) -> Response:
+    lease = None
     try:
         body = await _read_json(request)
-        req = await run_in_threadpool(build, body)  # tokenising a long prompt must not block the loop
+        lease = await acquire_model(pool, body)
+        llm = lease.selar
+        # tokenising a long prompt must not block the loop
+        req = await run_in_threadpool(getattr(llm.builder, kind), body)
         loop = asyncio.get_running_loop()
         inbox: asyncio.Queue = asyncio.Queue()
 
@@ -231,23 +270,31 @@ async def _complete(request: Request, llm: Selar, build: Callable[[dict], Prepar
         handles = llm.scheduler.submit_group(req.prompt_tokens, req.choices,
                                              sinks=[sink_for(i) for i in range(len(req.choices))])
     except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI-shaped error
+        if lease is not None:
+            lease.release()
         return _response_for(exc)
     if req.stream:
-        return _EventSource(_sse_chunks(req, inbox, llm.runtime.model), handles)
-    return await _wait_result(request, req, handles, inbox, llm.runtime.model)
+        return _EventSource(_sse_chunks(req, inbox, llm.runtime.model, lease), handles, lease.release)
+    try:
+        return await _wait_result(request, req, handles, inbox, llm.runtime.model)
+    finally:
+        lease.release()  # the model may be unloaded once no request holds it
 
 
-async def _sse_chunks(req: PreparedRequest, inbox: asyncio.Queue, model) -> AsyncIterator[dict]:
-    writer = ChunkWriter(req, model)
-    for chunk in writer.opening():
-        yield chunk
-    while not writer.finished:
-        index, kind, payload = await inbox.get()
-        if kind == "error":  # the headers are sent: report the failure in the stream, as OpenAI does
-            yield json.loads(_response_for(payload).body)
-            return
-        for chunk in writer.feed(index, kind, payload):
+async def _sse_chunks(req: PreparedRequest, inbox: asyncio.Queue, model, lease: Lease) -> AsyncIterator[dict]:
+    try:
+        writer = ChunkWriter(req, model)
+        for chunk in writer.opening():
             yield chunk
+        while not writer.finished:
+            index, kind, payload = await inbox.get()
+            if kind == "error":  # the headers are sent: report the failure in the stream, as OpenAI does
+                yield json.loads(_response_for(payload).body)
+                return
+            for chunk in writer.feed(index, kind, payload):
+                yield chunk
+    finally:
+        lease.release()
 
 
 async def _wait_result(request: Request, req: PreparedRequest, handles: list[RequestHandle],
@@ -276,12 +323,12 @@ def _version() -> str:
         return "0+unknown"
 
 
-def serve(llm: Selar, *, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,
-          log_level: str = "info") -> None:
+def serve(llm: "Selar | ModelPool", *, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,
+          log_level: str = "info", metrics: bool = False, allow_pull: bool = False) -> None:
     """Run the server until interrupted (uvicorn, one process, one event loop)."""
     import uvicorn
 
-    app = create_app(llm, api_key=api_key)
+    app = create_app(llm, api_key=api_key, metrics=metrics, allow_pull=allow_pull)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=log_level == "debug",
                             timeout_graceful_shutdown=5)
     uvicorn.Server(config).run()

@@ -41,9 +41,18 @@ def wait_until_up(url: str, *, proc: subprocess.Popen | None = None, headers: di
 @contextlib.contextmanager
 def running_server(model_path, *args: str, api_key: str | None = None, env: dict | None = None) -> Iterator[str]:
     """`selar serve --model MODEL_PATH ARGS...` on 127.0.0.1 (with `env` added to the
-    environment): yields its base URL."""
+    environment): yields its base URL. model_path None: no --model (models on demand)."""
+    with running_server_process(model_path, *args, api_key=api_key, env=env) as (url, _proc):
+        yield url
+
+
+@contextlib.contextmanager
+def running_server_process(model_path, *args: str, api_key: str | None = None,
+                           env: dict | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """As running_server, yielding (base URL, the server's process)."""
     port = free_port()
-    cmd = [sys.executable, "-m", "selar_local.cli", "serve", "--model", str(model_path), "--port", str(port),
+    model = [] if model_path is None else ["--model", str(model_path)]
+    cmd = [sys.executable, "-m", "selar_local.cli", "serve", *model, "--port", str(port),
            "--log-level", "warning", *args]
     if api_key:
         cmd += ["--api-key", api_key]
@@ -52,7 +61,7 @@ def running_server(model_path, *args: str, api_key: str | None = None, env: dict
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_up(url, proc=proc, headers={"Authorization": f"Bearer {api_key}"} if api_key else None)
-        yield url
+        yield url, proc
     finally:
         proc.terminate()
         try:
@@ -60,3 +69,11 @@ def running_server(model_path, *args: str, api_key: str | None = None, env: dict
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def rss_bytes(pid: int) -> int:
+    """A process's resident memory (Linux /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
