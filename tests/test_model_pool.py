@@ -134,3 +134,19 @@ def test_a_model_file_gone_bad_fails_alone(tmp_path, model_files, damage):
         healthy = _chat(url, healthy_id)
         assert healthy.status_code == 200 and healthy.json()["model"] == healthy_id
         assert _chat(url, victim_id).status_code == 500  # still a clear error, not a hang
+
+
+def test_durations_and_keep_alive_parse_exactly():
+    from selar_local.model_pool import parse_duration, parse_keep_alive
+    from selar_local.openai_schema import RequestError
+
+    assert [parse_duration(v) for v in (0, 30, 1.5, "45", "30s", "5m", "1h", "250ms", "-1", -1, "-5m")] == \
+        [0.0, 30.0, 1.5, 45.0, 30.0, 300.0, 3600.0, 0.25, None, None, None]
+    for bad in ("soon", "m", "", True, [], "nan"):
+        with pytest.raises(ValueError):
+            parse_duration(bad)
+    assert parse_keep_alive(None) == "default" and parse_keep_alive("default") == "default"
+    assert parse_keep_alive("10m") == 600.0 and parse_keep_alive(0) == 0.0 and parse_keep_alive(-1) is None
+    with pytest.raises(RequestError, match="invalid keep_alive='soon'") as error:
+        parse_keep_alive("soon")
+    assert error.value.param == "keep_alive"
