@@ -1,4 +1,5 @@
-"""OpenAI-compatible HTTP server (FastAPI + uvicorn) over one `Selar` object.
+"""OpenAI-compatible HTTP server (FastAPI + uvicorn) over one `Selar` object, or a
+`ModelPool` of models loaded on demand.
 
     POST /v1/chat/completions   chat, streamed as server-sent events or as one JSON body
     POST /v1/completions        raw-prompt completion, same
@@ -43,8 +44,8 @@ from selar_local.api import (
     as_request_error,
     completion_response,
 )
-from selar_local.model_pool import Lease, ModelPool
 from selar_local.errors import ContextOverflowError, InvalidParameterError, RpcError, UnsupportedModelError
+from selar_local.model_pool import Lease, ModelPool
 from selar_local.webpage import add_chat_page, is_public
 
 logger = logging.getLogger("selar_local.server")

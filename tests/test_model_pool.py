@@ -134,3 +134,49 @@ def test_a_model_file_gone_bad_fails_alone(tmp_path, model_files, damage):
         healthy = _chat(url, healthy_id)
         assert healthy.status_code == 200 and healthy.json()["model"] == healthy_id
         assert _chat(url, victim_id).status_code == 500  # still a clear error, not a hang
+
+
+def test_durations_and_keep_alive_parse_exactly():
+    from selar_local.model_pool import parse_duration, parse_keep_alive
+    from selar_local.openai_schema import RequestError
+
+    assert [parse_duration(v) for v in (0, 30, 1.5, "45", "30s", "5m", "1h", "250ms", "-1", -1, "-5m")] == \
+        [0.0, 30.0, 1.5, 45.0, 30.0, 300.0, 3600.0, 0.25, None, None, None]
+    for bad in ("soon", "m", "", True, [], "nan"):
+        with pytest.raises(ValueError):
+            parse_duration(bad)
+    assert parse_keep_alive(None) == "default" and parse_keep_alive("default") == "default"
+    assert parse_keep_alive("10m") == 600.0 and parse_keep_alive(0) == 0.0 and parse_keep_alive(-1) is None
+    with pytest.raises(RequestError, match="invalid keep_alive='soon'") as error:
+        parse_keep_alive("soon")
+    assert error.value.param == "keep_alive"
+
+
+def test_a_busy_model_does_not_starve_a_request_for_another(model_files):
+    """Under --max-loaded 1, six clients keep SmolLM2 busy without a gap (three decode, three
+    wait in its queue, so its requests never all end at once); a request for
+    Gemma3 is still served while they go on (SmolLM2 takes no new requests once Gemma3 waits
+    for its place), not only after they stop."""
+    import threading
+
+    with running_server(None, "--models", f"{SMOL},{GEMMA}", "--max-loaded", "1", "--parallel", "3",
+                        "--n-ctx", "512", "--keep-alive", "-1") as url:
+        assert _chat(url, SMOL).status_code == 200
+        gemma_done = threading.Event()
+        budget = 40  # requests per busy client: far more than the switch needs
+
+        def keep_busy() -> list[int]:
+            statuses = []
+            while not gemma_done.is_set() and len(statuses) < budget:
+                statuses.append(_chat(url, SMOL).status_code)
+            return statuses
+
+        with ThreadPoolExecutor(6) as pool:
+            busy = [pool.submit(keep_busy) for _ in range(6)]
+            _wait_for(url, lambda h: h["slots_busy"] == 3 and h["queued"] >= 1)
+            other = _chat(url, GEMMA)
+            gemma_done.set()
+            results = [f.result() for f in busy]
+        assert other.status_code == 200 and other.json()["model"] == GEMMA
+        assert all(set(r) == {200} for r in results)
+        assert all(len(r) < budget for r in results), [len(r) for r in results]  # still running when served
