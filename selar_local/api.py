@@ -218,8 +218,13 @@ class Selar:
             "meta": {"architecture": model.architecture, "n_vocab": model.n_vocab, "n_ctx": self.runtime.context.n_ctx,
                      "n_ctx_train": model.n_ctx_train, "n_parallel": self.runtime.n_parallel,
                      "soft_decoding": self.runtime.self_check.passed, "path": str(self.runtime.model_path),
-                     "sampler": dict(self.runtime.sampler.values)},
+                     "sampler": dict(self.runtime.sampler.values), "tau": self._default_tau()},
         }]}
+
+    def _default_tau(self) -> dict[str, Any]:
+        """The tau a request without one decodes with, and where it comes from."""
+        choice = self.runtime.sampler.tau_choice(self.runtime.default_params())
+        return {"value": choice.value, "source": choice.source, "note": choice.note}
 
     def close(self) -> None:
         self.scheduler.close()

@@ -129,7 +129,9 @@ def _config_from_args(args):
     if not problems:
         raise InvalidParameterError(f"{args.dataset}: no problems to run")
     model_path = resolve_model(args.model)
-    base = model_sampler(model_path).apply(base, explicit_sampler(args))  # recorded in the config
+    sampler = model_sampler(model_path)
+    base = sampler.apply(base, explicit_sampler(args))  # recorded in the config
+    tau_source = "user" if args.tau is not None else sampler.tau_choice(base).describe()
     if auto:
         saved = _saved_auto_tau(args)
         base = base.replace(tau=saved if saved is not None else _auto_tau(args, model_path, base))
@@ -140,6 +142,7 @@ def _config_from_args(args):
         model_size=model_path.stat().st_size, n_ctx=args.n_ctx, split=args.split, limit=args.limit,
         question_field=args.question_field, answer_field=args.answer_field, id_field=args.id_field,
         problems=len(problems), problems_sha256=problems_digest(problems), tau_auto=auto,
+        tau_source="calibrated (--tau auto)" if auto else tau_source,
         samples=args.samples,
     )
     return config, problems, model_path

@@ -55,9 +55,10 @@ def add_decode_arguments(parser: argparse.ArgumentParser, *, method_default: str
     if method_default is not None:
         group.add_argument("--method", choices=METHODS, default=method_default,
                            help=f"decoding method (default {method_default})")
-    group.add_argument("--tau", type=tau_value, default=_DEFAULTS.tau,
+    group.add_argument("--tau", type=tau_value, default=None,
                        help="SeLaR entropy gate threshold, or 'auto': the model's calibrated threshold "
-                            "(`selar calibrate`; calibrates first if needed)")
+                            "(`selar calibrate`; calibrates first if needed). Default: the registry's "
+                            f"calibrated tau for the sampler in use, else {_DEFAULTS.tau}")
     group.add_argument("--lam", type=float, default=_DEFAULTS.lam, help="SeLaR contrastive push strength")
     group.add_argument("--ks", type=int, default=_DEFAULTS.ks, help="SeLaR candidates in gate and mixture")
     group.add_argument("--thinking-only", action="store_true", help="SeLaR: gate only inside <think>...</think>")
@@ -99,12 +100,13 @@ def add_sampler_arguments(group) -> None:
 
 
 def explicit_sampler(args: argparse.Namespace) -> set[str]:
-    """The sampler fields given on the command line (the model's values fill the others)."""
-    return {name for name in SAMPLER_FIELDS if getattr(args, name, None) is not None}
+    """The sampler fields (and tau) given on the command line (the model's values fill the others)."""
+    given = {name for name in SAMPLER_FIELDS if getattr(args, name, None) is not None}
+    return given | ({"tau"} if getattr(args, "tau", None) is not None else set())
 
 
 def sampler_from_args(args: argparse.Namespace) -> dict:
-    return {name: getattr(args, name) for name in explicit_sampler(args)}
+    return {name: getattr(args, name) for name in SAMPLER_FIELDS if getattr(args, name, None) is not None}
 
 
 def tau_value(text: str) -> float | str:
@@ -128,7 +130,7 @@ def params_from_args(args: argparse.Namespace, **overrides) -> DecodeParams:
     if wants_auto_tau(args) and "tau" not in overrides:
         raise InvalidParameterError("--tau auto is resolved against the model: calibrate first")
     values = dict(
-        method=getattr(args, "method", "selar"), tau=args.tau, lam=args.lam, ks=args.ks,
+        method=getattr(args, "method", "selar"), tau=_DEFAULTS.tau if args.tau is None else args.tau, lam=args.lam, ks=args.ks,
         thinking_only=args.thinking_only, **sampler_from_args(args),
         seed=args.seed, greedy=args.greedy, max_tokens=args.max_tokens, stop=tuple(args.stop),
         max_think_tokens=getattr(args, "max_think_tokens", None),
