@@ -163,7 +163,7 @@ def create_app(llm: Selar, *, api_key: str | None = None, close_on_shutdown: boo
     async def health():
         stats = llm.scheduler.stats().to_dict()
         stats["slots_idle"] = stats["slots_total"] - stats["slots_busy"]
-        return {"status": "ok", "model": llm.model_id, **stats}
+        return {"status": "ok", "model": llm.model_id, **stats, "calibrating": llm.calibration}
 
     @app.get("/v1/models")
     async def models():

@@ -168,7 +168,7 @@ def _saved_auto_tau(args) -> float | None:
 
 def _auto_tau(args, model_path: Path, params) -> float:
     """The model's calibrated tau (calibrating it now if the cache has none)."""
-    from selar_local.calibrate import auto_tau, cached_tau
+    from selar_local.calibrate import auto_tau_with_progress, cached_tau
     from selar_local.runtime import load
 
     calibration = cached_tau(model_path, params)
@@ -177,7 +177,7 @@ def _auto_tau(args, model_path: Path, params) -> float:
         runtime = load(str(model_path), n_ctx=args.n_ctx, n_parallel=4, n_threads=args.threads,
                        n_gpu_layers=args.n_gpu_layers, verbose=args.verbose)
         try:
-            calibration = auto_tau(runtime, params)
+            calibration = auto_tau_with_progress(runtime, params)
         finally:
             runtime.close()
     print(f"--tau auto: tau {calibration.tau:.2f} (calibrated soft share {100 * calibration.soft_share:.1f}%)",

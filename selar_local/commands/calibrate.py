@@ -35,7 +35,7 @@ def register(subparsers) -> None:
 
 
 def calibrate_command(args: argparse.Namespace) -> int:
-    from selar_local.calibrate import auto_tau, cached_tau, out_of_band_reason, plot_histogram, render_histogram
+    from selar_local.calibrate import ProgressBar, auto_tau, cached_tau, out_of_band_reason, plot_histogram, render_histogram
     from selar_local.errors import InvalidParameterError
 
     if args.max_tokens < 1 or args.parallel < 1:
@@ -50,7 +50,11 @@ def calibrate_command(args: argparse.Namespace) -> int:
     if calibration is None:  # not cached yet (or --refresh): load the model and decode
         runtime = load_runtime(args, n_parallel=args.parallel)
         try:
-            calibration = auto_tau(runtime, params, refresh=True, max_tokens=args.max_tokens)
+            bar = ProgressBar()
+            try:
+                calibration = auto_tau(runtime, params, refresh=True, max_tokens=args.max_tokens, progress=bar)
+            finally:
+                bar.close()
         finally:
             runtime.close()
     if args.json:
