@@ -16,6 +16,7 @@ response and chunk shapes) in `selar_local/openai_schema.py`; this module joins 
 """
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import threading
@@ -48,6 +49,8 @@ from selar_local.scheduler import (  # noqa: F401
 )
 
 # ------------------------------------------------------------------------ the object
+
+log = logging.getLogger(__name__)
 
 
 class CompletionStream:
@@ -142,6 +145,7 @@ class Selar:
         self.scheduler = Scheduler(runtime, queue_size=queue_size)
         self.calibration_max_tokens = calibration_max_tokens
         self._calibrating = threading.Lock()  # one calibration at a time
+        self.calibration: dict | None = None  # the running calibration's progress (for /health)
         self.created = int(time.time())
 
     # -- OpenAI-style calls ---------------------------------------------------------------
@@ -188,12 +192,35 @@ class Selar:
         if cached is not None:
             return cached.tau
         with self._calibrating:  # auto_tau looks again: the request ahead may have just stored it
-            return auto_tau(self.runtime, params, decode=self._decode_as_requests,
-                            max_tokens=self.calibration_max_tokens).tau
+            try:
+                calibration = auto_tau(self.runtime, params, decode=self._decode_as_requests,
+                                       max_tokens=self.calibration_max_tokens, progress=self._calibration_progress)
+            except BaseException:
+                if self.calibration is not None:
+                    log.warning("calibration of tau failed after %s", self.calibration)
+                raise
+            else:
+                if self.calibration is not None:
+                    log.info("calibration of tau done: tau %.2f, soft share %.1f%%", calibration.tau,
+                             100 * calibration.soft_share)
+            finally:
+                self.calibration = None
+            return calibration.tau
 
-    def _decode_as_requests(self, prompts: Sequence[Sequence[int]], params_list: Sequence) -> list:
+    def _calibration_progress(self, state) -> None:
+        """The server's log and /health say a calibration is running and how far it is."""
+        if state.prompts_done == 0:
+            log.info("calibrating tau for %s: %d prompts (requests asking for tau auto wait)",
+                     self.model_id, state.prompts_total)
+        else:
+            log.info("calibrating tau: %d/%d prompts, %d tokens", state.prompts_done, state.prompts_total, state.tokens)
+        self.calibration = {"prompts_done": state.prompts_done, "prompts_total": state.prompts_total,
+                            "tokens": state.tokens}
+
+    def _decode_as_requests(self, prompts: Sequence[Sequence[int]], params_list: Sequence, *,
+                            on_finish=None) -> list:
         """Decode through the scheduler, at most n_parallel sequences queued at a time (the
-        queue stays for the clients)."""
+        queue stays for the clients); on_finish(index, result) as each one is done."""
         results: list = [None] * len(prompts)
         in_flight: deque = deque()
         try:
@@ -201,10 +228,14 @@ class Selar:
                 if len(in_flight) >= self.runtime.n_parallel:
                     j, handle = in_flight.popleft()
                     results[j] = handle.wait()
+                    if on_finish is not None:
+                        on_finish(j, results[j])
                 in_flight.append((i, self.scheduler.submit(tokens, params)))
             while in_flight:
                 j, handle = in_flight.popleft()
                 results[j] = handle.wait()
+                if on_finish is not None:
+                    on_finish(j, results[j])
         finally:
             for _, handle in in_flight:
                 handle.cancel()  # a failed decode: the rest are not needed
@@ -218,8 +249,13 @@ class Selar:
             "meta": {"architecture": model.architecture, "n_vocab": model.n_vocab, "n_ctx": self.runtime.context.n_ctx,
                      "n_ctx_train": model.n_ctx_train, "n_parallel": self.runtime.n_parallel,
                      "soft_decoding": self.runtime.self_check.passed, "path": str(self.runtime.model_path),
-                     "sampler": dict(self.runtime.sampler.values)},
+                     "sampler": dict(self.runtime.sampler.values), "tau": self._default_tau()},
         }]}
+
+    def _default_tau(self) -> dict[str, Any]:
+        """The tau a request without one decodes with, and where it comes from."""
+        choice = self.runtime.sampler.tau_choice(self.runtime.default_params())
+        return {"value": choice.value, "source": choice.source, "note": choice.note}
 
     def close(self) -> None:
         self.scheduler.close()

@@ -23,7 +23,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
@@ -80,6 +80,18 @@ CALIBRATION_PROMPTS = (
 
 class CalibrationError(Exception):
     pass
+
+
+@dataclass(frozen=True)
+class CalibrationProgress:
+    """How far a calibration is: prompts decoded of all, and their tokens so far."""
+
+    prompts_done: int
+    prompts_total: int
+    tokens: int
+
+
+ProgressCallback = Callable[[CalibrationProgress], None]
 
 
 @dataclass
@@ -218,16 +230,29 @@ def store(calibration: Calibration) -> Path:
 
 
 def calibrate(runtime: "Runtime", params: DecodeParams | None = None, *,
-              prompts: Sequence[str] = CALIBRATION_PROMPTS, max_tokens: int = 256, decode=None) -> Calibration:
+              prompts: Sequence[str] = CALIBRATION_PROMPTS, max_tokens: int = 256, decode=None,
+              progress: ProgressCallback | None = None) -> Calibration:
     """Decode `prompts` with cot under `params`' sampler and choose tau (nothing cached).
-    `decode(prompts, params_list)` -> results: how to decode them (default: the runtime's
-    generate_batch; a server passes its scheduler, which owns the context)."""
+    `decode(prompts, params_list, on_finish=...)` -> results: how to decode them (default: the
+    runtime's generate_batch; a server passes its scheduler, which owns the context); it calls
+    `on_finish(index, result)` as each prompt is done. `progress` receives a
+    CalibrationProgress at the start and after each prompt."""
     from selar_local.registry import file_sha256
 
     base = (params or runtime.default_params()).replace(method="cot", max_tokens=max_tokens, soft_noise="none")
     tokens = [runtime.encode(messages=[{"role": "user", "content": p}]) for p in prompts]
     decode = decode or runtime.generate_batch
-    results = decode(tokens, [base.replace(seed=base.seed + i) for i in range(len(tokens))])
+    done = {"prompts": 0, "tokens": 0}
+
+    def finished(index: int, result) -> None:
+        done["prompts"] += 1
+        done["tokens"] += len(result.tokens)
+        if progress is not None:
+            progress(CalibrationProgress(done["prompts"], len(tokens), done["tokens"]))
+
+    if progress is not None:
+        progress(CalibrationProgress(0, len(tokens), 0))
+    results = decode(tokens, [base.replace(seed=base.seed + i) for i in range(len(tokens))], on_finish=finished)
     mask = runtime.token_info.math_symbol_mask
     per_prompt = [(np.asarray(r.entropies, dtype=np.float64), ~mask[np.asarray(r.tokens, dtype=np.int64)])
                   for r in results]
@@ -253,6 +278,42 @@ def auto_tau(runtime: "Runtime", params: DecodeParams | None = None, *, refresh:
     calibration = calibrate(runtime, params, **calibrate_options)
     store(calibration)
     return calibration
+
+
+class ProgressBar:
+    """A tqdm bar on stderr for a calibration (prompts done of all, tokens in its postfix), as
+    `selar pull` shows its download: pass it as calibrate's `progress`, close it after."""
+
+    def __init__(self, label: str = "calibrating tau", disable: bool | None = None):
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=len(CALIBRATION_PROMPTS), desc=label, unit="prompt", disable=disable,
+                         dynamic_ncols=True, leave=True)
+
+    def __call__(self, state: CalibrationProgress) -> None:
+        self._bar.total = state.prompts_total
+        self._bar.n = state.prompts_done
+        self._bar.set_postfix_str(f"{state.tokens} tokens", refresh=False)
+        self._bar.refresh()
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def auto_tau_with_progress(runtime: "Runtime", params: DecodeParams | None = None) -> Calibration:
+    """auto_tau with a progress bar on stderr while it calibrates (none for a cached result)."""
+    bar: ProgressBar | None = None
+
+    def show(state: CalibrationProgress) -> None:
+        nonlocal bar
+        bar = bar or ProgressBar()
+        bar(state)
+
+    try:
+        return auto_tau(runtime, params, progress=show)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def cached_tau(model_path: Path, params: DecodeParams | None = None) -> Calibration | None:

@@ -302,8 +302,10 @@ class ModelPool:
         totals["slots_idle"] = totals["slots_total"] - totals["slots_busy"]
         totals["loading_waiters"] = self._waiters
         current = max(loaded, key=lambda m: m.last_used).id if loaded else None
+        # Running tau calibrations (tau "auto" on a sampler not calibrated yet): model -> progress.
+        calibrating = {m.id: m.selar.calibration for m in loaded if m.selar.calibration is not None}
         return {"status": "ok", "model": current, "models_loaded": [m.id for m in loaded],
-                "models_available": list(self.models), **totals}
+                "models_available": list(self.models), **totals, "calibrating": calibrating}
 
     def loaded(self) -> list[ServedModel]:
         with self._cond:

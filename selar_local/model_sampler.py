@@ -8,7 +8,9 @@ The registry wins where both speak: it names one exact file.
 
 Order of precedence, field by field: what the user gives (a command-line option, a request
 field, an explicit DecodeParams object), then the registry, then the GGUF keys, then the
-published SeLaR settings (DecodeParams' defaults).
+published SeLaR settings (DecodeParams' defaults). tau follows the same order: the user's,
+then the registry's `tau=` (only under the sampler it was calibrated under, see
+selar_local.model_tau), then the published 0.5.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from selar_local.errors import InvalidParameterError
+from selar_local.model_tau import RegistryTau, TauChoice, choose_default_tau
 from selar_local.params import SAMPLER_FIELDS, DecodeParams, check_sampler_value
 
 log = logging.getLogger(__name__)
@@ -40,16 +43,32 @@ class ModelSampler:
 
     values: Mapping[str, float | int] = field(default_factory=dict)
     sources: Mapping[str, str] = field(default_factory=dict)  # field -> "GGUF" | "registry NAME"
+    tau: RegistryTau | None = None  # the registry entry's calibrated gate
+    entry_name: str | None = None
 
     def apply(self, params: DecodeParams, explicit: Iterable[str] = ()) -> DecodeParams:
-        """params with every sampler field the user did not give replaced by the model's value."""
+        """params with every sampler field the user did not give replaced by the model's value,
+        and tau (unless "tau" is in `explicit`) by the registry's where it holds."""
         given = set(explicit)
         changes = {k: v for k, v in self.values.items() if k not in given and getattr(params, k) != v}
-        return params.replace(**changes) if changes else params
+        params = params.replace(**changes) if changes else params
+        if "tau" in given:
+            return params
+        choice = self.tau_choice(params)
+        return params.replace(tau=choice.value) if choice.value != params.tau else params
 
     def fill(self, values: Mapping[str, Any]) -> dict[str, Any]:
-        """A DecodeParams keyword dict with the model's values where it names none."""
-        return {**self.values, **values}
+        """A DecodeParams keyword dict with the model's values where it names none (tau too)."""
+        filled = {**self.values, **values}
+        if "tau" not in values and self.tau is not None:
+            filled["tau"] = self.tau_choice(DecodeParams(**filled)).value
+        return filled
+
+    def tau_choice(self, params: DecodeParams) -> TauChoice:
+        """The tau a decode with `params`' sampler uses where the user gives none, and why."""
+        settings = {"temperature": params.temperature, "top_k": params.top_k, "top_p": params.top_p,
+                    "min_p": params.min_p, "ks": params.ks}
+        return choose_default_tau(self.tau, self.entry_name, settings, DecodeParams().tau)
 
     def describe(self) -> str:
         if not self.values:
@@ -83,10 +102,11 @@ def model_sampler(path: str | os.PathLike, metadata: Callable[[str], Any] | None
             continue
         values[name], sources[name] = value, "GGUF"
     entry = entry_for_path(path, registry)
-    if entry is not None:
-        for name, value in entry.sampler:
-            values[name], sources[name] = value, f"registry {entry.name}"
-    return ModelSampler(values, sources)
+    if entry is None:
+        return ModelSampler(values, sources)
+    for name, value in entry.sampler:
+        values[name], sources[name] = value, f"registry {entry.name}"
+    return ModelSampler(values, sources, tau=entry.tau, entry_name=entry.name)
 
 
 def _from_gguf(name: str, raw: Any) -> float | int | None:

@@ -36,6 +36,7 @@ from selar_local.download import (  # re-exported: callers know them from here
     write_verified,
 )
 from selar_local.errors import ModelNotFoundError, SelarError
+from selar_local.model_tau import RegistryTau, parse_tau_field
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ _SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _RANGE_PATTERN = re.compile(r"\{(\d+)\.\.(\d+)\}")
 _PIP_SPEC_PATTERN = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([A-Za-z0-9][A-Za-z0-9.+!_-]*)")
-_KNOWN_KEYS = frozenset({"hf", "pypi", "parts", "sha256", "size", "arch", "think", "stop", "file", "sampler"})
+_KNOWN_KEYS = frozenset({"hf", "pypi", "parts", "sha256", "size", "arch", "think", "stop", "file", "sampler", "tau"})
 _REQUIRED_KEYS = ("arch", "sha256", "size")
 
 __all__ = [
@@ -80,6 +81,8 @@ class ModelEntry:
     # The model's recommended sampler where its GGUF file does not carry one
     # (selar_local.model_sampler): ((field, value), ...), e.g. (("top_k", 64),).
     sampler: tuple[tuple[str, float | int], ...] = ()
+    # The calibrated SeLaR gate and the sampler it holds under (selar_local.model_tau).
+    tau: RegistryTau | None = None
     is_default: bool = False
 
     @property
@@ -191,6 +194,7 @@ def _parse_entry(name: str, fields: list[Field], path: Path, entry_line: int) ->
         think_tags=parse("think", _parse_think_tags),
         stop_strings=tuple(parse("stop", _parse_stop_strings) or ()),
         sampler=parse("sampler", _parse_sampler) or (),
+        tau=parse("tau", parse_tau_field),
         is_default=is_default,
     )
 

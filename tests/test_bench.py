@@ -504,3 +504,14 @@ def test_a_control_run_of_the_same_model_joins_the_table_and_can_be_the_baseline
     twice = bench_report.summarize([bench_report.load_run(run), bench_report.load_run(run)])
     assert [r.method for r in twice[0].rows] == ["cot", "selar", "soft", "cot [synthetic]", "selar [synthetic]",
                                                  "soft [synthetic]"]
+
+
+def test_the_config_says_which_tau_and_where_it_came_from(reference_run):
+    from selar_local.registry import get_entry
+
+    registry_tau = get_entry("smollm2-135m-instruct").tau
+    config = json.loads((reference_run / CONFIG_NAME).read_text())
+    assert config["params"]["tau"] == registry_tau.value  # no --tau: the registry's, under its sampler
+    assert config["tau_source"] == (f"{registry_tau.value:g} (registry smollm2-135m-instruct "
+                                    f"(calibration v{registry_tau.version}))")
+    assert config["tau_auto"] is False

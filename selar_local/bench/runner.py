@@ -125,6 +125,7 @@ class BenchConfig:
     problems: int = 0             # number of problems loaded
     problems_sha256: str = ""     # of their ids, prompts and gold answers, in order
     tau_auto: bool = False        # params' tau came from `selar calibrate` (--tau auto)
+    tau_source: str = ""          # where params' tau came from: user, registry (and why not), published
     samples: int = 1              # self-consistency: K samples per (problem, method, seed), voted
     prompt_format: int = PROMPT_FORMAT  # how problems become prompts (see PROMPT_FORMAT)
 
@@ -157,7 +158,7 @@ class BenchConfig:
             "methods": list(self.methods), "seeds": list(self.seeds),
             "model": self.model, "model_file": self.model_file, "model_size": self.model_size,
             "n_ctx": self.n_ctx, "params": dict(self.params), "tau_auto": self.tau_auto,
-            "samples": self.samples, "prompt_format": self.prompt_format,
+            "tau_source": self.tau_source, "samples": self.samples, "prompt_format": self.prompt_format,
         }
 
     @classmethod
@@ -181,7 +182,7 @@ class BenchConfig:
                 question_field=data.get("question_field"), answer_field=data.get("answer_field"),
                 id_field=data.get("id_field"), problems=int(data.get("problems", 0)),
                 problems_sha256=str(data.get("problems_sha256", "")), tau_auto=bool(data.get("tau_auto", False)),
-                samples=int(data.get("samples", 1)),
+                tau_source=str(data.get("tau_source", "")), samples=int(data.get("samples", 1)),
                 prompt_format=int(data.get("prompt_format", 1)),  # absent: written before format 2
             )
         except SelarError as exc:
@@ -208,8 +209,8 @@ def config_differences(saved: BenchConfig, new: BenchConfig) -> list[str]:
                 va, vb = a["params"].get(pk), b["params"].get(pk)
                 if _norm(va) != _norm(vb):
                     out.append(f"{pk}: {va!r} (saved) vs {vb!r} (now)")
-        elif key == "model":
-            continue  # the file name and size decide; a name vs a path to the same file is fine
+        elif key in ("model", "tau_source"):
+            continue  # the file name and size (and params' tau) decide; how they were named or chosen does not
         elif _norm(a[key]) != _norm(b[key]):
             out.append(f"{key}: {a[key]!r} (saved) vs {b[key]!r} (now)")
     return out

@@ -129,7 +129,9 @@ def _config_from_args(args):
     if not problems:
         raise InvalidParameterError(f"{args.dataset}: no problems to run")
     model_path = resolve_model(args.model)
-    base = model_sampler(model_path).apply(base, explicit_sampler(args))  # recorded in the config
+    sampler = model_sampler(model_path)
+    base = sampler.apply(base, explicit_sampler(args))  # recorded in the config
+    tau_source = "user" if args.tau is not None else sampler.tau_choice(base).describe()
     if auto:
         saved = _saved_auto_tau(args)
         base = base.replace(tau=saved if saved is not None else _auto_tau(args, model_path, base))
@@ -140,6 +142,7 @@ def _config_from_args(args):
         model_size=model_path.stat().st_size, n_ctx=args.n_ctx, split=args.split, limit=args.limit,
         question_field=args.question_field, answer_field=args.answer_field, id_field=args.id_field,
         problems=len(problems), problems_sha256=problems_digest(problems), tau_auto=auto,
+        tau_source="calibrated (--tau auto)" if auto else tau_source,
         samples=args.samples,
     )
     return config, problems, model_path
@@ -165,7 +168,7 @@ def _saved_auto_tau(args) -> float | None:
 
 def _auto_tau(args, model_path: Path, params) -> float:
     """The model's calibrated tau (calibrating it now if the cache has none)."""
-    from selar_local.calibrate import auto_tau, cached_tau
+    from selar_local.calibrate import auto_tau_with_progress, cached_tau
     from selar_local.runtime import load
 
     calibration = cached_tau(model_path, params)
@@ -174,7 +177,7 @@ def _auto_tau(args, model_path: Path, params) -> float:
         runtime = load(str(model_path), n_ctx=args.n_ctx, n_parallel=4, n_threads=args.threads,
                        n_gpu_layers=args.n_gpu_layers, verbose=args.verbose)
         try:
-            calibration = auto_tau(runtime, params)
+            calibration = auto_tau_with_progress(runtime, params)
         finally:
             runtime.close()
     print(f"--tau auto: tau {calibration.tau:.2f} (calibrated soft share {100 * calibration.soft_share:.1f}%)",

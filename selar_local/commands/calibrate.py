@@ -24,6 +24,9 @@ def register(subparsers) -> None:
     parser.add_argument("--refresh", action="store_true", help="calibrate again even if a cached result exists")
     parser.add_argument("--plot", metavar="PNG", default=None, help="write the histogram as a PNG")
     parser.add_argument("--json", action="store_true", help="print the calibration as JSON")
+    parser.add_argument("--write-registry", nargs="?", const="", default=None, metavar="MODELS_TXT",
+                        help="write the result as the model's tau= field into the registry file (default: "
+                             "the packaged models.txt), the tau used where none is given")
     sampler = parser.add_argument_group("sampler (the entropy depends on it; --tau auto matches these)")
     sampler.add_argument("--ks", type=int, default=_DEFAULTS.ks, help="SeLaR candidates in the gate's entropy")
     add_sampler_arguments(sampler)
@@ -32,7 +35,7 @@ def register(subparsers) -> None:
 
 
 def calibrate_command(args: argparse.Namespace) -> int:
-    from selar_local.calibrate import auto_tau, cached_tau, out_of_band_reason, plot_histogram, render_histogram
+    from selar_local.calibrate import ProgressBar, auto_tau, cached_tau, out_of_band_reason, plot_histogram, render_histogram
     from selar_local.errors import InvalidParameterError
 
     if args.max_tokens < 1 or args.parallel < 1:
@@ -47,7 +50,11 @@ def calibrate_command(args: argparse.Namespace) -> int:
     if calibration is None:  # not cached yet (or --refresh): load the model and decode
         runtime = load_runtime(args, n_parallel=args.parallel)
         try:
-            calibration = auto_tau(runtime, params, refresh=True, max_tokens=args.max_tokens)
+            bar = ProgressBar()
+            try:
+                calibration = auto_tau(runtime, params, refresh=True, max_tokens=args.max_tokens, progress=bar)
+            finally:
+                bar.close()
         finally:
             runtime.close()
     if args.json:
@@ -68,4 +75,20 @@ def calibrate_command(args: argparse.Namespace) -> int:
         print(reason, file=sys.stderr)
     if args.plot:
         print(f"histogram: {plot_histogram(calibration, args.plot)}", file=sys.stderr)
+    if args.write_registry is not None:
+        _write_registry(args.write_registry, model_path, calibration)
     return 0
+
+
+def _write_registry(registry_file: str, model_path, calibration) -> None:
+    from selar_local.errors import InvalidParameterError
+    from selar_local.model_tau import registry_tau_from_calibration, write_registry_tau
+    from selar_local.registry import entry_for_path, load_registry, packaged_registry_path
+
+    path = registry_file or packaged_registry_path()
+    entry = entry_for_path(model_path, load_registry(path))
+    if entry is None:
+        raise InvalidParameterError(f"--write-registry: {model_path.name} is no entry of {path}")
+    tau = registry_tau_from_calibration(calibration.tau, calibration.version, calibration.settings)
+    write_registry_tau(path, entry.name, tau)
+    print(f"{path}: {entry.name} tau={tau.format()}", file=sys.stderr)

@@ -72,8 +72,10 @@ def _add_method_option(group, option: Option, users: tuple[str, ...]) -> None:
     flag = "--" + option.field.replace("_", "-")
     default = getattr(_DEFAULTS, option.field)
     helptext = option.help if len(users) == 1 else f"{option.help} ({', '.join(users)})"
-    if option.field == "tau":  # a number or "auto" (resolved against the model)
-        group.add_argument(flag, type=tau_value, default=default, help=helptext)
+    if option.field == "tau":  # a number or "auto" (resolved against the model); None: not given
+        group.add_argument(flag, type=tau_value, default=None,
+                           help=f"{helptext}. Default: the registry's calibrated tau for the sampler in use, "
+                                f"else {default}")
     elif isinstance(default, bool):
         group.add_argument(flag, action="store_true", help=helptext)
     elif option.choices is not None:
@@ -95,12 +97,13 @@ def add_sampler_arguments(group) -> None:
 
 
 def explicit_sampler(args: argparse.Namespace) -> set[str]:
-    """The sampler fields given on the command line (the model's values fill the others)."""
-    return {name for name in SAMPLER_FIELDS if getattr(args, name, None) is not None}
+    """The sampler fields (and tau) given on the command line (the model's values fill the others)."""
+    given = {name for name in SAMPLER_FIELDS if getattr(args, name, None) is not None}
+    return given | ({"tau"} if getattr(args, "tau", None) is not None else set())
 
 
 def sampler_from_args(args: argparse.Namespace) -> dict:
-    return {name: getattr(args, name) for name in explicit_sampler(args)}
+    return {name: getattr(args, name) for name in SAMPLER_FIELDS if getattr(args, name, None) is not None}
 
 
 def tau_value(text: str) -> float | str:
@@ -129,6 +132,8 @@ def params_from_args(args: argparse.Namespace, **overrides) -> DecodeParams:
         max_think_tokens=getattr(args, "max_think_tokens", None),
         **{name: getattr(args, name) for name in method_options()},
     )
+    if values["tau"] is None:  # not given: the published value here; the registry's once the model is known
+        values["tau"] = _DEFAULTS.tau
     values.update(overrides)
     return DecodeParams(**values)
 

@@ -85,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         markers = f"{span.markers.open!r} ... {span.markers.close!r}" if span is not None else "none"
         print(f"thinking markers  {markers}", file=out)
         print(f"sampler defaults  {runtime.sampler.describe()}", file=out)
+        print(f"default tau       {runtime.sampler.tau_choice(runtime.default_params()).describe()}", file=out)
         print(line, file=out)
         if check.passed:
             print(f"VERDICT: OK - soft decoding is supported on {model.architecture}: "

@@ -57,9 +57,9 @@ def run(args: argparse.Namespace) -> int:
     runtime = load_runtime(args, n_parallel=args.samples)
     params = runtime.sampler.apply(params, explicit_sampler(args))
     if auto:
-        from selar_local.calibrate import auto_tau
+        from selar_local.calibrate import auto_tau_with_progress
 
-        calibration = auto_tau(runtime, params)
+        calibration = auto_tau_with_progress(runtime, params)
         params = params.replace(tau=calibration.tau)
         print(f"[tau auto] {calibration.tau:.2f} (calibrated soft share {100 * calibration.soft_share:.1f}%)",
               file=sys.stderr)
