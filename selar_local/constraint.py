@@ -21,9 +21,10 @@ import numpy as np
 
 from selar_local.errors import InvalidParameterError
 from selar_local.policies import StepDecision
-from selar_local.sampling import Distribution, filter_logits, sample
+from selar_local.sampling import Distribution, filter_logits, sample, top_candidates
 
 AllowedFn = Callable[[np.ndarray], np.ndarray]
+HEAD_PER_K = 16  # the head of the vocabulary checked before the whole of it (masked_distribution)
 
 
 def allowed_part(dist: Distribution, allowed: AllowedFn) -> Distribution | None:
@@ -37,11 +38,28 @@ def allowed_part(dist: Distribution, allowed: AllowedFn) -> Distribution | None:
 
 def masked_distribution(logits: np.ndarray, allowed: AllowedFn, *, temperature: float, top_k: int,
                         top_p: float, min_p: float) -> Distribution:
-    """The filter applied to the logits with every token the grammar rejects at -inf."""
-    mask = np.asarray(allowed(np.arange(logits.shape[0])), dtype=bool)
+    """The filter applied to the logits with every token the grammar rejects at -inf.
+
+    With a top-k filter, the grammar first sees only the HEAD_PER_K * top_k most likely
+    tokens: when top_k of them are allowed, they are the top k of the masked logits, so the
+    result is the whole vocabulary's (ties at the head's edge aside), at a fraction of the
+    cost (masking 152k tokens takes the grammar ~20-45 ms)."""
+    vocab = logits.shape[0]
+    masked = np.full(vocab, -np.inf, dtype=np.float64)
+    if 0 < top_k and HEAD_PER_K * top_k < vocab:
+        ids, _ = top_candidates(logits, HEAD_PER_K * top_k)
+        keep = ids[np.asarray(allowed(ids), dtype=bool)]
+        if keep.size >= top_k:
+            masked[keep] = logits[keep]
+            return _filtered(masked, temperature, top_k, top_p, min_p)
+    mask = np.asarray(allowed(np.arange(vocab)), dtype=bool)
     if not mask.any():
         raise InvalidParameterError("grammar: no token of the vocabulary can continue the answer here")
-    masked = np.where(mask, logits, -np.inf)
+    masked[mask] = logits[mask]
+    return _filtered(masked, temperature, top_k, top_p, min_p)
+
+
+def _filtered(masked: np.ndarray, temperature: float, top_k: int, top_p: float, min_p: float) -> Distribution:
     dist = filter_logits(masked, temperature, top_k, top_p, min_p)
     keep = dist.probs > 0
     return Distribution(dist.ids[keep], dist.probs[keep] / dist.probs[keep].sum())

@@ -90,3 +90,24 @@ def test_a_rejected_shown_token_on_a_soft_step_is_redrawn_inside_the_mixture():
     assert out.soft and out.token == 5 and out.mix_ids.tolist() == [5, 6]
     assert out.mix_weights.tolist() == pytest.approx([0.625, 0.375], abs=1e-15)
     assert out.logprob == pytest.approx(math.log(0.625))
+
+
+def test_the_vocabulary_head_gives_the_whole_vocabularys_answer():
+    from selar_local.constraint import HEAD_PER_K
+    from selar_local.sampling import filter_logits
+
+    rng = np.random.default_rng(5)
+    logits = rng.normal(size=4000)
+    for allowed_ids, head_only in ((np.flatnonzero(rng.random(4000) < 0.5), True),
+                                   (np.argsort(logits)[:100], False)):  # the 100 least likely only
+        sizes = []
+
+        def allowed(ids, ok=set(allowed_ids.tolist())):
+            sizes.append(len(ids))
+            return np.array([int(t) in ok for t in ids], dtype=bool)
+
+        got = masked_distribution(logits, allowed, temperature=0.7, top_k=5, top_p=0.9, min_p=0.0)
+        ref = filter_logits(np.where(np.isin(np.arange(4000), allowed_ids), logits, -np.inf), 0.7, 5, 0.9, 0.0)
+        assert got.ids.tolist() == ref.ids.tolist()
+        assert got.probs.tolist() == pytest.approx(ref.probs.tolist(), abs=1e-15)
+        assert sizes == ([5 * HEAD_PER_K] if head_only else [5 * HEAD_PER_K, 4000])
