@@ -150,3 +150,25 @@ def test_thinking_is_free_and_the_answer_valid_json_from_random_weights(tiny_mod
             assert not result.reasoning.lstrip().startswith("{")
     finally:
         runtime.close()
+
+
+def test_cli_run_json_schema_and_grammar_files(tmp_path, smollm_path):
+    import subprocess
+    import sys
+
+    schema = tmp_path / "answer.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"answer": {"type": "integer"}},
+                                  "required": ["answer"], "additionalProperties": False}))
+    base = [sys.executable, "-m", "selar_local.cli", "run", "What is 2 + 3?", "--model", str(smollm_path),
+            "--max-tokens", "30", "--threads", "1"]
+    done = subprocess.run(base + ["--json-schema", str(schema), "--method", "selar"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert set(json.loads(done.stdout)) == {"answer"} and isinstance(json.loads(done.stdout)["answer"], int)
+    bad = tmp_path / "bad.gbnf"
+    bad.write_text("root ::= nope")
+    done = subprocess.run(base + ["--grammar", str(bad)], capture_output=True, text=True)
+    assert done.returncode == 2 and "Undefined rule identifier 'nope'" in done.stderr and not done.stdout
+    done = subprocess.run(base + ["--grammar", str(tmp_path / "none.gbnf")], capture_output=True, text=True)
+    assert done.returncode == 2 and "cannot read it (No such file or directory)" in done.stderr
+    done = subprocess.run(base + ["--grammar", str(bad), "--json-schema", str(schema)], capture_output=True, text=True)
+    assert done.returncode == 2 and "not allowed with argument" in done.stderr
