@@ -155,6 +155,8 @@ class Selar:
         temperature, top_p, stop, seed, n, logprobs, top_logprobs, stream_options) and every DecodeParams field
         (method, tau, lam, ks, thinking_only, max_think_tokens, top_k, min_p, greedy, ...);
         chat_template_kwargs passes variables to the template (e.g. enable_thinking=False).
+        response_format ({"type": "json_object"} or {"type": "json_schema", ...}), grammar (GBNF)
+        or json_schema constrain the answer (after any thinking span).
         Thinking models return their reasoning in message.reasoning_content."""
         body = {k: v for k, v in kwargs.items() if v is not None}
         body.update(messages=list(messages), stream=stream)

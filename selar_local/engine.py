@@ -830,3 +830,118 @@ def return_freed_memory() -> None:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
         pass
+
+
+class _captured_stderr:
+    """What C code prints on file descriptor 2 meanwhile (llama.cpp's grammar parser
+    fprintf's its errors there rather than to the log callback)."""
+
+    _lock = threading.Lock()
+
+    def __enter__(self):
+        import tempfile
+
+        self._lock.acquire()
+        sys.stderr.flush()
+        self._file = tempfile.TemporaryFile()
+        self._saved = os.dup(2)
+        os.dup2(self._file.fileno(), 2)
+        self.text = ""
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            os.dup2(self._saved, 2)
+            os.close(self._saved)
+            self._file.seek(0)
+            self.text = self._file.read(4096).decode("utf-8", errors="replace")
+            self._file.close()
+        finally:
+            self._lock.release()
+
+
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])  # llama_token_data
+
+
+class GrammarSampler:
+    """llama.cpp's grammar sampler (`llama_sampler_init_grammar`) for one sequence.
+
+    `allows` checks a few tokens by applying the grammar to a small token-data array;
+    `allowed_mask` does the same for a candidate set or the whole vocabulary. llama.cpp's
+    `accept` aborts the process on a token the grammar rejects, so `accept` checks first.
+    """
+
+    def __init__(self, model: LlamaModel, gbnf: str, *, root: str = "root"):
+        lib = llama_lib()
+        self._lib = lib
+        self.model = model
+        self.gbnf = gbnf
+        self.root = root
+        _Bindings.recent_log.clear()
+        with _captured_stderr() as printed:
+            handle = lib.llama_sampler_init_grammar(model._vocab, gbnf.encode("utf-8"), root.encode("utf-8"))
+        if not handle:  # llama.cpp's parser prints why on stderr and returns NULL
+            detail = printed.text.strip().splitlines()[0] if printed.text.strip() else _Bindings.last_errors()
+            raise InvalidParameterError(f"grammar: llama.cpp cannot parse this GBNF ({detail or 'no details'})")
+        self._handle = handle
+        self._small = np.zeros(8, dtype=_TOKEN_DATA)
+        self._whole: np.ndarray | None = None
+        self._array = lib.llama_token_data_array()
+
+    def _apply(self, data: np.ndarray) -> np.ndarray:
+        """Apply the grammar to `data` in place; True where the token stays allowed."""
+        arr = self._array
+        arr.data = ctypes.cast(data.ctypes.data, self._lib.llama_token_data_p)
+        arr.size = data.shape[0]
+        arr.selected = -1
+        arr.sorted = False
+        self._lib.llama_sampler_apply(self._handle, ctypes.byref(arr))
+        return np.isfinite(data["logit"])
+
+    def allowed_mask(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """One bool per id: may the grammar's current state take this token next."""
+        ids = np.asarray(ids, dtype=np.int32)
+        n = ids.shape[0]
+        if n <= self._small.shape[0]:
+            data = self._small[:n]
+        else:
+            if self._whole is None or self._whole.shape[0] < n:
+                self._whole = np.zeros(max(n, self.model.n_vocab), dtype=_TOKEN_DATA)
+            data = self._whole[:n]
+        data["id"] = ids
+        data["logit"] = 0.0
+        return self._apply(data)
+
+    def allows(self, token: int) -> bool:
+        return bool(self.allowed_mask((token,))[0])
+
+    def accept(self, token: int) -> None:
+        """Advance the grammar past `token` (an end-of-generation token is accepted only
+        where the grammar is complete)."""
+        if not self.allows(token):
+            raise InvalidParameterError(f"grammar: token {token} ({self.model.token_text(token)!r}) is not "
+                                        "allowed here")
+        self._lib.llama_sampler_accept(self._handle, int(token))
+
+    def clone(self) -> "GrammarSampler":
+        twin = object.__new__(GrammarSampler)
+        twin.__dict__.update(self.__dict__)
+        twin._handle = self._lib.llama_sampler_clone(self._handle)
+        twin._small = np.zeros(8, dtype=_TOKEN_DATA)
+        twin._whole = None
+        twin._array = self._lib.llama_token_data_array()
+        return twin
+
+    def reset(self) -> None:
+        self._lib.llama_sampler_reset(self._handle)
+
+    def close(self) -> None:
+        if getattr(self, "_handle", None):
+            self._lib.llama_sampler_free(self._handle)
+            self._handle = None
+
+    def __del__(self) -> None:  # pragma: no cover - interpreter shutdown order varies
+        try:
+            self.close()
+        except Exception:
+            pass

@@ -34,7 +34,9 @@ from typing import Any, Iterator, Protocol, Sequence
 import numpy as np
 
 from selar_local.batch_step import WIDE_VOCAB, decide_all
+from selar_local.constraint import SequenceGrammar
 from selar_local.errors import ContextOverflowError, DecodeError, InvalidParameterError
+from selar_local.grammar import sampler_for
 from selar_local.kv_slots import Plan, Slot, SlotTable, common_prefix
 from selar_local.params import DecodeParams
 from selar_local.policies import Policy, StepDecision, TokenInfo, make_policy
@@ -224,6 +226,7 @@ class _Sequence:
     logprob_sum: float = 0.0
     logprobs: list[tuple[float, tuple]] = field(default_factory=list)
     pending: StepDecision | None = None
+    grammar: SequenceGrammar | None = None  # a constrained answer (constraint.py)
     finish_reason: str | None = None
     prefill_seconds: float = 0.0
     started: float = 0.0
@@ -338,15 +341,17 @@ class BatchGenerator:
         in_thinking = self.runtime.thinking_at_end(prompt_tokens)
         span = getattr(self.runtime, "thinking_span", None)
         started = time.perf_counter()
+        samplers = [sampler_for(self.runtime.model, params) for params in params_list]  # bad GBNF: raises here
         out = []
-        for params in params_list:
+        for params, sampler in zip(params_list, samplers):
             policy = make_policy(params, self.runtime.token_info, in_thinking=in_thinking)
             plan = self.slots.plan(prompt_tokens, whole_only=self.whole_prompts_only)
             self.slots.take(plan.slot)
             tracker = SpanTracker(span, bool(in_thinking))
             seq = _Sequence(self._next_request, plan.slot, params, policy, prompt_tokens,
                             _TextStream(params.stop + self.runtime.stop_strings, tracker.hold_strings),
-                            started=started, span=tracker)
+                            started=started, span=tracker,
+                            grammar=SequenceGrammar(sampler, params) if sampler is not None else None)
             self._next_request += 1
             self._live[seq.request_id] = seq
             source, upto = self._prefilling_source(seq, plan.reuse)
@@ -649,6 +654,8 @@ class BatchGenerator:
                 policy.close_requested = False
                 if seqs[i].span.in_span:
                     decision = self._forced_close(seqs[i], rows[i])
+            if seqs[i].grammar is not None:  # -- grammar seam (issue 23): constrain what is shown --
+                decision = seqs[i].grammar.adjust(decision, policy, rows[i], seqs[i].span.in_span)
             out[i] = decision
         return out  # type: ignore[return-value]
 
@@ -739,6 +746,8 @@ class BatchGenerator:
         """Take the policy's decision: stop conditions, bookkeeping, the event."""
         token = decision.token
         index = len(seq.tokens)
+        if seq.grammar is not None:  # -- grammar seam (issue 23): advance past the shown token --
+            seq.grammar.commit(token)
         if token in self._eog_ids:  # not part of the output: no log-probability either
             return self._finish(seq, decision, index, "stop", seq.text.finish())
         logprobs = self._logprobs(seq, decision)

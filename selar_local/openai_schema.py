@@ -14,6 +14,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
+from selar_local import structured
 from selar_local.errors import ContextOverflowError, InvalidParameterError, SelarError, UnsupportedModelError
 from selar_local.generate import GenerationResult, StepEvent
 from selar_local.params import MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, DecodeParams
@@ -34,7 +35,7 @@ _NEUTRAL_FIELDS: dict[str, Callable[[Any], bool]] = {
     "tool_choice": lambda v: v in (None, "none", "auto"),
     "function_call": lambda v: v in (None, "none", "auto"),
     "parallel_tool_calls": lambda v: True,
-    "response_format": lambda v: v is None or (isinstance(v, Mapping) and v.get("type") == "text"),
+    "response_format": lambda v: True,  # structured.py
     "best_of": lambda v: v in (None, 1),
     "suffix": lambda v: not v,
     "user": lambda v: True,
@@ -65,7 +66,7 @@ class RequestError(InvalidParameterError):
         self.code = code
         self.status = status
 
-_PARAM_IN_MESSAGE = re.compile(r"^invalid (\w+)=")
+_PARAM_IN_MESSAGE = re.compile(r"^(?:invalid (\w+)=|(grammar|json_schema): )")
 
 
 def as_request_error(exc: Exception) -> RequestError:
@@ -77,7 +78,7 @@ def as_request_error(exc: Exception) -> RequestError:
     if isinstance(exc, UnsupportedModelError):
         return RequestError(str(exc), param="method", code="unsupported_method")
     match = _PARAM_IN_MESSAGE.match(str(exc))
-    return RequestError(str(exc), param=match.group(1) if match else None, code="invalid_value")
+    return RequestError(str(exc), param=(match.group(1) or match.group(2)) if match else None, code="invalid_value")
 
 # --------------------------------------------------------------------- request building
 
@@ -248,6 +249,7 @@ class RequestBuilder:
                                code="context_length_exceeded") from exc
         n_logprobs = self._logprobs(kind, body)
         params = self._decode_params(body, len(tokens)).replace(logprobs=n_logprobs)
+        structured.check_constraint(self.runtime.model, params)
         try:
             self.runtime.require_method(params.method)
             self.runtime.check_thinking_params(params)
@@ -321,6 +323,7 @@ class RequestBuilder:
             raise RequestError(f"{len(stop)} stop strings: at most {room_for_stops} for this model", param="stop",
                                code="invalid_value")
         values["stop"] = tuple(dict.fromkeys([s for s in stop if s] + list(self.default_stop)))
+        values.update(structured.constraint_fields(body))  # response_format -> json_schema
         values = self.runtime.sampler.fill(values)  # the model's recommended sampler where the request names none
         auto = isinstance(values.get("tau"), str) and values["tau"].strip().lower() == "auto"
         try:

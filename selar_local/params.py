@@ -58,6 +58,10 @@ class DecodeParams:
     swir_alpha: float = 0.7          # alpha_0: <think> blend when switching to latent
     swir_beta: float = 0.7           # beta_0: </think> blend when switching to explicit
     swir_topk: int = 20              # latent input = softmax(l) over the top swir_topk tokens
+    # Constrained answer (llama.cpp's grammar sampler, after any thinking span): GBNF text,
+    # or a JSON Schema (a dict or its JSON text; kept as canonical JSON text).
+    grammar: str | None = None
+    json_schema: Any = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -108,6 +112,30 @@ class DecodeParams:
                "a number in [0, 1]")
         _check(_is_int(self.swir_topk) and 1 <= self.swir_topk <= MAX_MIXTURE_SIZE, "swir_topk", self.swir_topk,
                f"an integer in [1, {MAX_MIXTURE_SIZE}]")
+        self._check_constraint()
+
+    def _check_constraint(self) -> None:
+        from selar_local.grammar import canonical_schema, check_gbnf_text, schema_to_gbnf
+
+        if self.grammar is not None and self.json_schema is not None:
+            raise InvalidParameterError("grammar and json_schema are exclusive: give one of them")
+        if self.ignore_eos and (self.grammar is not None or self.json_schema is not None):
+            raise InvalidParameterError("ignore_eos cannot go with a grammar or json_schema: a complete "
+                                        "answer must be able to end")
+        if self.grammar is not None:
+            check_gbnf_text(self.grammar)
+        if self.json_schema is not None:
+            text = canonical_schema(self.json_schema)
+            schema_to_gbnf(text)  # a schema the converter cannot handle fails here, by name
+            object.__setattr__(self, "json_schema", text)
+
+    def constraint_gbnf(self) -> str | None:
+        """The GBNF the answer must match, or None when it is free."""
+        if self.json_schema is not None:
+            from selar_local.grammar import schema_to_gbnf
+
+            return schema_to_gbnf(self.json_schema)
+        return self.grammar
 
     def replace(self, **changes: Any) -> "DecodeParams":
         return dataclasses.replace(self, **changes)

@@ -41,14 +41,33 @@ def register(subparsers) -> None:
     parser.add_argument("--answer-format", default="gsm8k", metavar="DATASET",
                         help="how --samples reads and compares answers: gsm8k (the last \\boxed{}, else the last "
                              "number), math (boxed only), gpqa_diamond (option letter) (default %(default)s)")
+    constraint = parser.add_mutually_exclusive_group()
+    constraint.add_argument("--json-schema", metavar="FILE", default=None,
+                            help="the answer must be JSON matching this JSON Schema file (after any thinking)")
+    constraint.add_argument("--grammar", metavar="FILE", default=None,
+                            help="the answer must match this GBNF grammar file (llama.cpp's format)")
     add_model_arguments(parser)
     add_decode_arguments(parser)
     parser.set_defaults(func=run)
 
 
+def _constraint_from_args(args: argparse.Namespace) -> dict:
+    """--json-schema / --grammar FILE -> DecodeParams fields (the file's text)."""
+    for flag, field in (("json_schema", "json_schema"), ("grammar", "grammar")):
+        path = getattr(args, flag, None)
+        if path is not None:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    return {field: f.read()}
+            except OSError as exc:
+                raise InvalidParameterError(f"--{flag.replace('_', '-')} {path}: cannot read it ({exc.strerror})") from None
+    return {}
+
+
 def run(args: argparse.Namespace) -> int:
     auto = wants_auto_tau(args)
-    params = params_from_args(args, **({"tau": 0.5} if auto else {}))  # validate before loading the model
+    params = params_from_args(args, **({"tau": 0.5} if auto else {}),
+                              **_constraint_from_args(args))  # validate before loading the model
     if args.samples < 1:
         raise InvalidParameterError(f"--samples must be >= 1, got {args.samples}")
     if args.samples > 1 and args.trace:

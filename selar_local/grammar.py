@@ -1,0 +1,73 @@
+"""What a constrained answer may be: GBNF text from a grammar or a JSON Schema.
+
+JSON Schema goes to GBNF through llama-cpp-python's own converter
+(`llama_cpp.llama_grammar.json_schema_to_gbnf`); the GBNF is parsed by llama.cpp's grammar
+sampler (engine.GrammarSampler), which reports the parse errors.
+"""
+from __future__ import annotations
+
+import json
+
+from selar_local.errors import InvalidParameterError
+
+# response_format {"type": "json_object"}: any JSON object, as OpenAI's JSON mode.
+JSON_OBJECT_SCHEMA = {"type": "object"}
+MAX_GRAMMAR_CHARS = 200_000
+
+
+def schema_to_gbnf(schema) -> str:
+    """GBNF for a JSON Schema (a dict, or its JSON text). A schema the converter cannot
+    handle -> InvalidParameterError naming the problem."""
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except json.JSONDecodeError as exc:
+            raise InvalidParameterError(f"json_schema: not valid JSON ({exc})") from None
+    if not isinstance(schema, (dict, bool)):
+        raise InvalidParameterError(f"json_schema: expected a JSON Schema object, got {type(schema).__name__}")
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    try:
+        return json_schema_to_gbnf(json.dumps(schema))
+    except RecursionError:
+        raise InvalidParameterError("json_schema: the schema nests too deeply to convert") from None
+    except Exception as exc:  # the converter raises ValueError, KeyError, TypeError, AssertionError...
+        raise InvalidParameterError(f"json_schema: the JSON-Schema-to-grammar converter cannot handle this "
+                                    f"schema ({type(exc).__name__}: {exc})") from None
+
+
+def canonical_schema(schema) -> str:
+    """A JSON Schema as canonical JSON text (hashable, comparable)."""
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except json.JSONDecodeError as exc:
+            raise InvalidParameterError(f"json_schema: not valid JSON ({exc})") from None
+    if not isinstance(schema, (dict, bool)):
+        raise InvalidParameterError(f"json_schema: expected a JSON Schema object, got {type(schema).__name__}")
+    try:
+        return json.dumps(schema, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidParameterError(f"json_schema: not JSON-serialisable ({exc})") from None
+
+
+def check_gbnf_text(gbnf) -> str:
+    """The checks that need no model: a non-empty string of bounded size. Parsing is
+    llama.cpp's (GrammarSampler raises on a syntax error)."""
+    if not isinstance(gbnf, str) or not gbnf.strip():
+        raise InvalidParameterError("grammar: expected non-empty GBNF text")
+    if len(gbnf) > MAX_GRAMMAR_CHARS:
+        raise InvalidParameterError(f"grammar: at most {MAX_GRAMMAR_CHARS} characters")
+    if "root" not in gbnf:
+        raise InvalidParameterError("grammar: the GBNF has no `root` rule (generation starts there)")
+    return gbnf
+
+
+def sampler_for(model, params):
+    """llama.cpp's grammar sampler for `params`' constraint on `model`'s vocabulary, or None."""
+    gbnf = params.constraint_gbnf()
+    if gbnf is None:
+        return None
+    from selar_local.engine import GrammarSampler
+
+    return GrammarSampler(model, gbnf)
