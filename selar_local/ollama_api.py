@@ -16,8 +16,9 @@ measurements, in nanoseconds. Errors are Ollama's {"error": "..."} with the HTTP
 Requests go through the same RequestBuilder and Scheduler as the OpenAI endpoints, so
 validation, queueing and cancellation on disconnect are theirs.
 
-Not supported: `format` (structured output needs a grammar field in DecodeParams, which
-this branch has not), images, tools and `context`; they are refused by name.
+`format` is structured output as in the OpenAI endpoints (llama.cpp's grammar sampler):
+"json" is any JSON object, an object is a JSON Schema. Not supported: images, tools and
+`context`; they are refused by name.
 """
 from __future__ import annotations
 
@@ -40,8 +41,7 @@ _OPTION_FIELDS = {"num_predict": "max_tokens", "temperature": "temperature", "to
 _CHAT_KEYS = {"model", "messages", "stream", "options", "think", "keep_alive", "format", "tools"}
 _GENERATE_KEYS = {"model", "prompt", "system", "raw", "stream", "options", "think", "keep_alive", "format",
                   "images", "context", "suffix", "template"}
-_REFUSED = {"format": "structured output (format) is not supported by this server",
-            "tools": "tool calling is not supported by this server",
+_REFUSED = {"tools": "tool calling is not supported by this server",
             "images": "images are not supported (text models only)",
             "context": "'context' (token ids of an earlier /api/generate) is not supported: send the text again",
             "suffix": "'suffix' (fill-in-the-middle) is not supported",
@@ -94,8 +94,20 @@ def openai_body(body: dict[str, Any], kind: str, n_ctx_of) -> dict[str, Any]:
             raise RequestError("'think' must be true or false", param="think")
         if "messages" in out:
             out["chat_template_kwargs"] = {"enable_thinking": think}
+    out.update(_format(body.get("format")))
     out.update(_options(body.get("options"), n_ctx_of))
     return out
+
+
+def _format(fmt: Any) -> dict[str, Any]:
+    """Ollama's `format` as the OpenAI schema's constraint fields."""
+    if fmt in (None, ""):
+        return {}
+    if fmt == "json":
+        return {"response_format": {"type": "json_object"}}
+    if isinstance(fmt, dict):
+        return {"json_schema": fmt}
+    raise RequestError(f"invalid format={fmt!r}: expected \"json\" or a JSON Schema object", param="format")
 
 
 def _messages(messages: Any) -> list[dict[str, Any]]:

@@ -124,9 +124,12 @@ def test_errors_have_ollama_shape(server, client):
     with pytest.raises(ollama.ResponseError) as bad_option:
         client.chat(model=SMOL, messages=MESSAGES, options={"mirostat": 2})
     assert bad_option.value.status_code == 400 and "'mirostat' is not supported" in bad_option.value.error
-    with pytest.raises(ollama.ResponseError) as bad_format:
-        client.chat(model=SMOL, messages=MESSAGES, format="json")
-    assert bad_format.value.status_code == 400 and "format" in bad_format.value.error
+    bad_format = httpx.post(server + "/api/chat", json={"model": SMOL, "messages": MESSAGES, "format": "yaml"},
+                            timeout=60)  # the client itself refuses to send this one
+    assert bad_format.status_code == 400 and "format" in bad_format.json()["error"]
+    with pytest.raises(ollama.ResponseError) as bad_schema:
+        client.chat(model=SMOL, messages=MESSAGES, format={"type": "object", "properties": {"a": {"type": 7}}})
+    assert bad_schema.value.status_code == 400
     for body, needle in [(b"{not json", "not valid JSON"), (b'{"model": "%s"}' % SMOL.encode(), "'messages'"),
                          (b'{"model": "%s", "messages": [], "keep_alive": "soon"}' % SMOL.encode(), "keep_alive"),
                          (b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}], '
@@ -139,3 +142,23 @@ def test_errors_have_ollama_shape(server, client):
 def test_pull_is_refused_without_allow_pull(server):
     response = httpx.post(server + "/api/pull", json={"model": GEMMA}, timeout=30)
     assert response.status_code == 403 and "--allow-pull" in response.json()["error"]
+
+
+def test_format_constrains_the_answer_to_json(server, client):
+    """`format`: "json" gives a JSON object, a schema an object that validates, whatever the
+    135M model would have said (llama.cpp's grammar sampler, as the OpenAI endpoints)."""
+    import json
+
+    options = {"method": "selar", "num_predict": 64, "seed": 3}
+    answer = client.chat(model=SMOL, messages=[{"role": "user", "content": "Describe a cat in JSON."}],
+                         format="json", options=options)
+    if answer.done_reason == "stop":
+        assert isinstance(json.loads(answer.message.content), dict)
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                               "legs": {"type": "integer"}},
+              "required": ["name", "legs"], "additionalProperties": False}
+    answer = client.chat(model=SMOL, messages=[{"role": "user", "content": "A cat: its name and legs, as JSON."}],
+                         format=schema, options=options)
+    assert answer.done_reason == "stop", answer
+    value = json.loads(answer.message.content)
+    assert set(value) == {"name", "legs"} and isinstance(value["name"], str) and isinstance(value["legs"], int)
