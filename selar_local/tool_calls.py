@@ -284,7 +284,7 @@ def call_grammar(req: ToolRequest) -> str | None:
     gbnf = schema_to_gbnf(options[0] if len(options) == 1 else {"anyOf": options})
     gbnf = re.sub(r"^root ::=", "call ::=", gbnf, flags=re.M)
     more = ' ("\\n" ' + "{0})*" if req.parallel else ""
-    if req.fmt in ("hermes", "qwen3_coder"):
+    if req.fmt == "hermes":
         block = '"<tool_call>\\n" call "\\n</tool_call>"'
         return f"root ::= {block}" + (more.format(block) if more else "") + "\n" + gbnf
     if req.fmt == "llama3":
@@ -293,7 +293,7 @@ def call_grammar(req: ToolRequest) -> str | None:
         tail = ' ("," call)*' if req.parallel else ""
         return f'root ::= "[TOOL_CALLS][" call{tail} "]"\n' + gbnf
     raise _bad(f"tool_choice={req.choice!r} is not supported for {req.fmt} tool-call templates yet "
-               "(hermes, qwen3_coder, llama3 and mistral are)", "tool_choice")
+               "(hermes, llama3 and mistral are)", "tool_choice")
 
 
 class StreamedCalls:

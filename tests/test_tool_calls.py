@@ -193,3 +193,16 @@ def test_bad_tool_requests_are_400(client, extra, param):
         client.chat.completions.create(model="", max_tokens=4, messages=ASK + [
             {"role": "tool", "tool_call_id": "nope", "content": "x"}])
     assert info.value.body["param"] == "messages[1].tool_call_id"
+
+
+def test_forced_calls_have_a_grammar_in_the_formats_that_take_one():
+    from selar_local.tool_calls import call_grammar
+
+    body = {"tools": [WEATHER], "tool_choice": "required", "parallel_tool_calls": False}
+    hermes = call_grammar(check_tools(body, "<tool_call>"))
+    assert hermes.startswith('root ::= "<tool_call>\\n" call "\\n</tool_call>"\n') and "\ncall ::=" in hermes
+    assert call_grammar(check_tools(body, "[TOOL_CALLS]")).startswith('root ::= "[TOOL_CALLS][" call "]"\n')
+    assert call_grammar(check_tools({**body, "tool_choice": "auto"}, "<tool_call>")) is None
+    for template in ("<｜tool▁calls▁begin｜>", "<|channel|>", "<function=x><parameter=y>"):
+        with pytest.raises(InvalidParameterError, match="is not supported for"):
+            call_grammar(check_tools(body, template))
