@@ -107,7 +107,8 @@ def loop_costs(rt: Runtime, method: str, reps: int) -> dict[str, float]:
         constraint.SequenceGrammar.adjust, constraint.SequenceGrammar.commit = adjust, commit
         constraint.redraw, constraint.masked_distribution = redraw, masked
     return {"grammar ms/step": statistics.median(per_step), "whole step ms": statistics.median(free_step),
-            "rejected share": counts["redraw"] / counts["steps"], "masked-filter share": counts["whole"] / counts["steps"]}
+            "rejected share": counts["redraw"] / counts["steps"],
+            "masked-filter share": counts["whole"] / counts["steps"]}
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-from selar_local import structured
+from selar_local import structured, tool_calls
 from selar_local.errors import ContextOverflowError, InvalidParameterError, SelarError, UnsupportedModelError
 from selar_local.generate import GenerationResult, StepEvent
 from selar_local.params import MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, DecodeParams
@@ -30,9 +30,9 @@ _NEUTRAL_FIELDS: dict[str, Callable[[Any], bool]] = {
     "frequency_penalty": lambda v: v in (None, 0, 0.0),
     "presence_penalty": lambda v: v in (None, 0, 0.0),
     "logit_bias": lambda v: not v,
-    "tools": lambda v: not v,
+    "tools": lambda v: True,  # tool_calls.py
     "functions": lambda v: not v,
-    "tool_choice": lambda v: v in (None, "none", "auto"),
+    "tool_choice": lambda v: True,
     "function_call": lambda v: v in (None, "none", "auto"),
     "parallel_tool_calls": lambda v: True,
     "response_format": lambda v: True,  # structured.py
@@ -99,6 +99,7 @@ class PreparedRequest:
     id: str = field(default_factory=lambda: f"cmpl-{uuid.uuid4().hex[:24]}")
     created: int = field(default_factory=lambda: int(time.time()))
     logprobs: bool = False  # answer with log-probabilities (the choices' params carry how many)
+    tools: Any = None  # tool_calls.ToolRequest: parse the answer's tool calls
 
     @property
     def params(self) -> DecodeParams:
@@ -142,8 +143,9 @@ def normalise_messages(messages: Any) -> list[dict[str, str]]:
             raise RequestError(f"messages[{i}].role must be one of {', '.join(_ROLES)}, not {role!r}",
                                param=f"messages[{i}].role")
         out.append({"role": "system" if role == "developer" else role,
-                    "content": _content_text(message.get("content"), i)})
-    return out
+                    "content": _content_text(message.get("content"), i),
+                    **{k: message[k] for k in ("tool_calls", "tool_call_id", "name") if message.get(k) is not None}})
+    return tool_calls.check_history(out)
 
 
 class RequestBuilder:
@@ -178,12 +180,14 @@ class RequestBuilder:
         if reserved:
             raise RequestError(f"'chat_template_kwargs' cannot set {', '.join(reserved)} (set by the server)",
                                param="chat_template_kwargs")
+        tools = tool_calls.check_tools(body, self.runtime.model.chat_template())
+        rendered = list(tools.tools) if tools and tools.choice != "none" else None
         try:
-            tokens = self.runtime.encode(messages=messages, template_kwargs=dict(kwargs))
+            tokens = self.runtime.encode(messages=messages, tools=rendered, template_kwargs=dict(kwargs))
         except SelarError as exc:
             raise RequestError(f"cannot format these messages with the model's chat template: {exc}",
                                param="messages") from exc
-        return self._prepared("chat", body, tokens)
+        return self._prepared("chat", body, tokens, tools if rendered else None)
 
     def completion(self, body: Mapping[str, Any]) -> PreparedRequest:
         self._check_fields(body, COMPLETION_FIELDS)
@@ -227,7 +231,7 @@ class RequestBuilder:
                 raise RequestError(f"{name}={body[name]!r} is not supported by selar-local "
                                    f"(only its neutral value is accepted)", param=name, code="unsupported_parameter")
 
-    def _prepared(self, kind: str, body: Mapping[str, Any], tokens: list[int]) -> PreparedRequest:
+    def _prepared(self, kind: str, body: Mapping[str, Any], tokens: list[int], tools=None) -> PreparedRequest:
         n = body.get("n")
         n = 1 if n is None else n
         if not _is_int(n) or not 1 <= n <= self.max_choices:
@@ -249,6 +253,7 @@ class RequestBuilder:
                                code="context_length_exceeded") from exc
         n_logprobs = self._logprobs(kind, body)
         params = self._decode_params(body, len(tokens)).replace(logprobs=n_logprobs)
+        params = structured.with_tool_grammar(params, tools)
         structured.check_constraint(self.runtime.model, params)
         try:
             self.runtime.require_method(params.method)
@@ -264,7 +269,7 @@ class RequestBuilder:
         choices = [params.replace(seed=(params.seed + i) % (1 << 63)) for i in range(n)]
         return PreparedRequest(kind, tokens, choices, stream=stream, include_usage=bool(options.get("include_usage")),
                                model=self.model_id, logprobs=n_logprobs is not None,
-                               token_text=self.runtime.model.token_text if trace else None,
+                               token_text=self.runtime.model.token_text if trace else None, tools=tools,
                                id=("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24])
 
     @staticmethod
@@ -419,8 +424,13 @@ def completion_response(req: PreparedRequest, results: Sequence[GenerationResult
             message = {"role": "assistant", "content": result.content}
             if result.answer is not None:  # a thinking model: its reasoning apart (DeepSeek's convention)
                 message["reasoning_content"] = result.reasoning
-            choices.append({"index": index, "message": message,
-                            "logprobs": logprobs, "finish_reason": result.finish_reason})
+            finish = result.finish_reason
+            if req.tools is not None:  # the model's tool-call syntax -> message.tool_calls
+                content, calls = tool_calls.parse(req.tools.fmt, result.content)
+                if calls:
+                    message.update(content=content or None, tool_calls=[c.as_openai() for c in calls])
+                    finish = "tool_calls"
+            choices.append({"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish})
         else:
             choices.append({"index": index, "text": (req.echo_text or "") + result.text, "logprobs": logprobs,
                             "finish_reason": result.finish_reason})
@@ -458,6 +468,7 @@ class ChunkWriter:
         self._pending: dict[int, list[tuple[int, tuple[float, tuple]]]] = {}
         self._offset: dict[int, int] = {}
         self._results: dict[int, GenerationResult] = {}  # finished choices
+        self._calls: dict[int, tool_calls.StreamedCalls] = {}  # with tools: text held while a call may start
 
     def _chunk(self, choice: dict | None, **extra: Any) -> dict[str, Any]:
         out = {"id": self.req.id, "object": self.object, "created": self.req.created, "model": self.req.model,
@@ -504,9 +515,25 @@ class ChunkWriter:
         if self.req.token_text is not None:
             return self._chunk(self._choice(index, content if content or not reasoning else None, None,
                                             reasoning=reasoning), selar=token_trace(event, self.req.token_text))
+        if self.req.tools is not None and content:
+            content = self._calls.setdefault(index, tool_calls.StreamedCalls(self.req.tools.fmt)).push(content)
         if not content and not reasoning:
             return None
         return self._chunk(self._choice(index, content if content else None, None, reasoning=reasoning))
+
+    def _tool_chunks(self, index: int, result: GenerationResult) -> tuple[list[dict], str]:
+        """With tools: the held text as content, or the calls' deltas; and the finish reason."""
+        held = self._calls.pop(index, None)
+        if held is None:
+            return [], result.finish_reason
+        content, calls = held.finish()
+        out = [self._chunk(self._choice(index, content, None))] if content else []
+        if not calls:
+            return out, result.finish_reason
+        for delta in tool_calls.StreamedCalls.deltas(calls):
+            out.append(self._chunk({"index": index, "delta": {"tool_calls": [delta]}, "logprobs": None,
+                                    "finish_reason": None}))
+        return out, "tool_calls"
 
     def choice_closing(self, result: GenerationResult, index: int = 0) -> dict:
         """The chunk that ends choice `index` (its finish_reason and `selar` summary)."""
@@ -528,7 +555,10 @@ class ChunkWriter:
             chunk = self.event(payload, index)
             return [chunk] if chunk is not None else []
         self._results[index] = payload
-        out = [self.choice_closing(payload, index)]
+        out, finish = self._tool_chunks(index, payload)
+        closing = self.choice_closing(payload, index)
+        closing["choices"][0]["finish_reason"] = finish
+        out.append(closing)
         if self.finished:
             ordered = [self._results[i] for i in range(len(self.req.choices))]
             out += self.vote_chunk(ordered) + self.usage_chunk(ordered)

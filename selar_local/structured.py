@@ -53,3 +53,18 @@ def check_constraint(model, params) -> None:
         raise RequestError(str(exc), param=param, code="invalid_value") from exc
     if sampler is not None:
         sampler.close()
+
+
+def with_tool_grammar(params, tools):
+    """tool_choice required / a named function: the answer is constrained to a call."""
+    from selar_local.tool_calls import call_grammar
+
+    gbnf = call_grammar(tools) if tools is not None else None
+    if gbnf is None:
+        return params
+    if params.grammar is not None or params.json_schema is not None:
+        from selar_local.openai_schema import RequestError
+
+        raise RequestError(f"tool_choice={tools.choice!r} constrains the answer already: it cannot go with "
+                           "grammar, json_schema or response_format", param="tool_choice", code="invalid_value")
+    return params.replace(grammar=gbnf)

@@ -170,7 +170,7 @@ def test_openai_names_map_onto_decode_params(llm):
     ({"moi_topn": 49152, "method": "moi"}, "moi_topn"),
     ({"stop": [f"s{i}" for i in range(17)]}, "stop"),
     ({"stop": ["x" * 257]}, "stop"),
-    ({"tools": [{"type": "function"}]}, "tools"),
+    ({"tools": [{"type": "function"}]}, "tools[0]"),  # no function object
     ({"model": "gpt-4o"}, "model"),
     ({"selar_trace": "yes", "stream": True}, "selar_trace"),
     ({"selar_trace": True}, "selar_trace"),  # a trace describes streamed chunks

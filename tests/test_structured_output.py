@@ -86,4 +86,5 @@ def test_random_weights_with_a_thinking_tokenizer_still_answer_valid_json(tiny_m
             assert completion.choices[0].finish_reason == "stop", message
             assert isinstance(message.parsed, Short)
             assert Short.model_validate_json(message.content) == message.parsed
-            assert message.model_extra["reasoning_content"] and not message.model_extra["reasoning_content"].startswith("{")
+            reasoning = message.model_extra["reasoning_content"]
+            assert reasoning and not reasoning.startswith("{")

@@ -60,7 +60,8 @@ def _constraint_from_args(args: argparse.Namespace) -> dict:
                 with open(path, encoding="utf-8") as f:
                     return {field: f.read()}
             except OSError as exc:
-                raise InvalidParameterError(f"--{flag.replace('_', '-')} {path}: cannot read it ({exc.strerror})") from None
+                option = "--" + flag.replace("_", "-")
+                raise InvalidParameterError(f"{option} {path}: cannot read it ({exc.strerror})") from None
     return {}
 
 
