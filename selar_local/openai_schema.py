@@ -329,9 +329,11 @@ class RequestBuilder:
                                code="invalid_value")
         values["stop"] = tuple(dict.fromkeys([s for s in stop if s] + list(self.default_stop)))
         values.update(structured.constraint_fields(body))  # response_format -> json_schema
-        values = self.runtime.sampler.fill(values)  # the model's recommended sampler where the request names none
-        auto = isinstance(values.get("tau"), str) and values["tau"].strip().lower() == "auto"
         try:
+            # The model's recommended sampler (and registry tau) where the request names none;
+            # filling validates the request's values, so its errors are the request's too.
+            values = self.runtime.sampler.fill(values)
+            auto = isinstance(values.get("tau"), str) and values["tau"].strip().lower() == "auto"
             params = DecodeParams(**{**values, "tau": 0.5} if auto else values)
         except (InvalidParameterError, TypeError) as exc:
             raise as_request_error(exc) from exc
