@@ -21,12 +21,15 @@ of the same prompt: `n`, seeds, self-consistency) and only the rest is prefilled
 sequence whose prompt another one is still prefilling waits for those cells and copies
 them (llama_memory_seq_cp) instead of computing them again.
 
+What each sequence has produced (text, stop strings, the thinking split, log-probabilities,
+events and its result) is kept by its `SequenceOutput` (outputs.py); the loop hands it each
+decision. The policy a sequence gets comes from the method registry (methods.py).
+
 The loop imports nothing from runtime.py: it takes what it needs from the object it is
 handed (see `LoopHost`), so the dependency runs one way.
 """
 from __future__ import annotations
 
-import codecs
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Protocol, Sequence
@@ -40,8 +43,12 @@ from selar_local.grammar import sampler_for
 from selar_local.kv_slots import Plan, Slot, SlotTable, common_prefix
 from selar_local.params import DecodeParams
 from selar_local.policies import Policy, StepDecision, TokenInfo, make_policy
+from selar_local.outputs import GenerationResult, SequenceOutput, StepEvent, TextStream, step_event
 from selar_local.sampling import token_logprobs
 from selar_local.thinking import SpanTracker
+
+_TextStream = TextStream  # the name tests and speed.py import
+__all__ = ["BatchGenerator", "GenerationResult", "StepEvent", "generate_groups", "generate_many", "stream_tokens"]
 
 _DECODE_ERRORS = (DecodeError, ContextOverflowError, ValueError)
 TILE_ROWS = 64  # rows of one tile of ggml's CPU matrix kernels (see BatchGenerator._decode_tokens)
@@ -66,140 +73,6 @@ class LoopHost(Protocol):
     def thinking_at_end(self, prompt_tokens: Sequence[int]) -> bool | None: ...
 
 
-@dataclass(frozen=True)
-class StepEvent:
-    """One generated token of one sequence, as streamed to callers and traces."""
-
-    request_id: int
-    index: int                 # 0-based position in the generated text
-    token: int
-    text: str                  # text released by this step (stop-string holdback applied)
-    soft: bool                 # the NEXT input is a soft mixture (not this token)
-    entropy: float
-    top_ids: tuple[int, ...]
-    top_probs: tuple[float, ...]
-    mix_ids: tuple[int, ...] = ()
-    mix_weights: tuple[float, ...] = ()
-    finish_reason: str | None = None  # "stop", "length", or "error" on a sequence's last event
-    # Only when the request asked for them (DecodeParams.logprobs): log-probability of the
-    # shown token under the filtered distribution, and the most probable alternatives.
-    logprob: float | None = None
-    top_logprobs: tuple[tuple[int, float], ...] = ()
-    # The thinking span (selar_local/thinking.py): whether this token was generated inside
-    # it, and `text` split into reasoning and content (markers in neither). Without
-    # thinking markers, content == text.
-    thinking: bool = False
-    reasoning: str = ""
-    content: str = ""
-
-    def trace_record(self, token_text: str) -> dict:
-        record = {
-            "index": self.index, "token": self.token, "text": token_text, "soft": self.soft,
-            "entropy": round(self.entropy, 6),
-            "top_ids": list(self.top_ids), "top_probs": [round(p, 6) for p in self.top_probs],
-            "thinking": self.thinking,
-        }
-        if self.soft:
-            record["mix_ids"] = list(self.mix_ids)
-            record["mix_weights"] = [round(w, 6) for w in self.mix_weights]
-        if self.finish_reason:
-            record["finish_reason"] = self.finish_reason
-        return record
-
-
-@dataclass
-class GenerationResult:
-    text: str
-    tokens: list[int]
-    prompt_tokens: int
-    finish_reason: str
-    soft_steps: int
-    entropies: list[float]
-    prefill_seconds: float
-    decode_seconds: float
-    effective_counts: list[float] = field(default_factory=list)  # N_eff of each soft input
-    soft_flags: list[bool] = field(default_factory=list)  # per step: was the NEXT input soft
-    logprob_sum: float = 0.0  # sum of log p(token) under the sampling distribution
-
-    @property
-    def mean_logprob(self) -> float:
-        """How confident the sampler was in the text it produced (self-consistency's tie-break)."""
-        return self.logprob_sum / len(self.tokens) if self.tokens else 0.0
-    # per token, when DecodeParams.logprobs asked: (log p of the token, ((id, log p), ...))
-    logprobs: list[tuple[float, tuple]] = field(default_factory=list)
-    cached_tokens: int = 0  # prompt tokens whose KV cells were reused (prompt cache or a copy)
-    # Thinking span: the reasoning (markers stripped) and the answer after the span;
-    # answer is None for models without thinking markers (the whole text is the answer).
-    reasoning: str = ""
-    answer: str | None = None
-    think_tokens: int = 0  # tokens generated inside the span
-    thinking_flags: list[bool] = field(default_factory=list)  # per step: token inside the span
-
-    @property
-    def content(self) -> str:
-        """The answer: the text after the thinking span (all of it without markers)."""
-        return self.text if self.answer is None else self.answer
-
-    @property
-    def completion_tokens(self) -> int:
-        return len(self.tokens)
-
-    @property
-    def soft_share(self) -> float:
-        return self.soft_steps / len(self.tokens) if self.tokens else 0.0
-
-    @property
-    def mean_entropy(self) -> float:
-        return float(np.mean(self.entropies)) if self.entropies else 0.0
-
-    @property
-    def tokens_per_second(self) -> float:
-        return len(self.tokens) / self.decode_seconds if self.decode_seconds > 0 else 0.0
-
-
-class _TextStream:
-    """Incremental UTF-8 decoding plus stop strings, holding back any tail that could
-    still become a stop string so that streamed text never has to be taken back."""
-
-    def __init__(self, stop: Sequence[str], hold: Sequence[str] = ()):
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._stop = tuple(stop)
-        # `hold`: strings held back like stop strings but not stopping (thinking markers).
-        self._prefixes = self._stop + tuple(hold)
-        self._longest = max((len(s) for s in self._prefixes), default=0)
-        self.text = ""
-        self.released = 0
-
-    def push(self, data: bytes) -> tuple[str, bool]:
-        """Add a token's bytes; returns (text to release now, whether a stop string hit)."""
-        self.text += self._decoder.decode(data)
-        if self._prefixes:
-            search_from = max(0, self.released - self._longest)
-            hits = [i for i in (self.text.find(s, search_from) for s in self._stop) if i >= 0]
-            if hits:
-                self.text = self.text[: min(hits)]
-                return self._release(len(self.text)), True
-            return self._release(len(self.text) - self._holdback()), False
-        return self._release(len(self.text)), False
-
-    def finish(self) -> str:
-        self.text += self._decoder.decode(b"", final=True)
-        return self._release(len(self.text))
-
-    def _holdback(self) -> int:
-        tail = self.text[-self._longest:] if self._longest else ""
-        for size in range(min(len(tail), self._longest), 0, -1):
-            if any(s.startswith(tail[-size:]) for s in self._prefixes):
-                return size
-        return 0
-
-    def _release(self, upto: int) -> str:
-        upto = max(upto, self.released)
-        out = self.text[self.released:upto]
-        self.released = upto
-        return out
-
-
 @dataclass
 class _Sequence:
     request_id: int
@@ -207,7 +80,7 @@ class _Sequence:
     params: DecodeParams
     policy: Policy
     prompt_tokens: list[int]
-    text: _TextStream
+    out: SequenceOutput                     # tokens, text, thinking split, logprobs (outputs.py)
     position: int = 0                       # position of the next input
     fed: int = 0                            # prompt tokens whose KV cells exist
     source: "_Sequence | None" = None       # waiting for this sequence's prompt cells ...
@@ -215,16 +88,7 @@ class _Sequence:
     first_logits: np.ndarray | None = None  # known: the first step needs no decode
     cached_tokens: int = 0                  # prompt tokens not prefilled (cache or copy)
     extends_cache: bool = True              # no soft input fed yet
-    span: SpanTracker = field(default_factory=lambda: SpanTracker(None))
     forced: list[int] = field(default_factory=list)  # tokens to emit next whatever the logits say
-    thinking_flags: list[bool] = field(default_factory=list)
-    tokens: list[int] = field(default_factory=list)
-    soft_steps: int = 0
-    entropies: list[float] = field(default_factory=list)
-    effective_counts: list[float] = field(default_factory=list)
-    soft_flags: list[bool] = field(default_factory=list)
-    logprob_sum: float = 0.0
-    logprobs: list[tuple[float, tuple]] = field(default_factory=list)
     pending: StepDecision | None = None
     grammar: SequenceGrammar | None = None  # a constrained answer (constraint.py)
     finish_reason: str | None = None
@@ -349,8 +213,9 @@ class BatchGenerator:
             self.slots.take(plan.slot)
             tracker = SpanTracker(span, bool(in_thinking))
             seq = _Sequence(self._next_request, plan.slot, params, policy, prompt_tokens,
-                            _TextStream(params.stop + self.runtime.stop_strings, tracker.hold_strings),
-                            started=started, span=tracker,
+                            SequenceOutput(TextStream(params.stop + self.runtime.stop_strings,
+                                                      tracker.hold_strings), tracker),
+                            started=started,
                             grammar=SequenceGrammar(sampler, params) if sampler is not None else None)
             self._next_request += 1
             self._live[seq.request_id] = seq
@@ -642,7 +507,7 @@ class BatchGenerator:
             if self._must_close(s):
                 out[i] = self._forced_close(s, rows[i])
             else:
-                s.policy.in_thinking = s.span.in_thinking
+                s.policy.in_thinking = s.out.span.in_thinking
                 plain.append(i)
         if self.batch_wide and len(plain) > 1:
             decided = decide_all([seqs[i].policy for i in plain], rows[plain])
@@ -652,10 +517,10 @@ class BatchGenerator:
             policy = seqs[i].policy
             if getattr(policy, "close_requested", False):  # Soft Thinking's Cold Stop
                 policy.close_requested = False
-                if seqs[i].span.in_span:
+                if seqs[i].out.span.in_span:
                     decision = self._forced_close(seqs[i], rows[i])
             if seqs[i].grammar is not None:  # -- grammar seam (issue 23): constrain what is shown --
-                decision = seqs[i].grammar.adjust(decision, policy, rows[i], seqs[i].span.in_span)
+                decision = seqs[i].grammar.adjust(decision, policy, rows[i], seqs[i].out.span.in_span)
             out[i] = decision
         return out  # type: ignore[return-value]
 
@@ -721,7 +586,7 @@ class BatchGenerator:
         self._live.pop(seq.request_id, None)
         self._release_slot(seq, keep_cache=False)
         self._finished[seq.request_id] = seq
-        return StepEvent(seq.request_id, len(seq.tokens), -1, seq.text.finish(), False, 0.0, (), (),
+        return StepEvent(seq.request_id, len(seq.out.tokens), -1, seq.out.text.finish(), False, 0.0, (), (),
                          finish_reason="error")
 
     def pop_error(self, request_id: int) -> BaseException:
@@ -733,48 +598,36 @@ class BatchGenerator:
         """The thinking span must close now: close-marker tokens pending, or the
         max_think_tokens budget spent."""
         budget = seq.params.max_think_tokens
-        return bool(seq.forced) or (budget is not None and seq.span.in_span and seq.span.think_tokens >= budget)
+        return bool(seq.forced) or (budget is not None and seq.out.span.in_span and seq.out.span.think_tokens >= budget)
 
     def _forced_close(self, seq: _Sequence, logits: np.ndarray) -> StepDecision:
         """Emit the close marker (and the answer's opening) token by token as discrete
         steps, as the Soft Thinking and SwiReasoning code do."""
         if not seq.forced:
-            seq.forced = list(seq.span.span.forced_close)
+            seq.forced = list(seq.out.span.span.forced_close)
         return seq.policy.forced_step(logits, seq.forced.pop(0))
 
     def _apply(self, seq: _Sequence, decision: StepDecision) -> StepEvent | None:
-        """Take the policy's decision: stop conditions, bookkeeping, the event."""
-        token = decision.token
-        index = len(seq.tokens)
+        """Take the policy's decision: stop conditions, the output, the event."""
+        out = seq.out
+        index = len(out.tokens)
         if seq.grammar is not None:  # -- grammar seam (issue 23): advance past the shown token --
-            seq.grammar.commit(token)
-        if token in self._eog_ids:  # not part of the output: no log-probability either
-            return self._finish(seq, decision, index, "stop", seq.text.finish())
+            seq.grammar.commit(decision.token)
+        if decision.token in self._eog_ids:  # not part of the output: no log-probability either
+            return self._finish(seq, decision, index, "stop", out.text.finish())
         logprobs = self._logprobs(seq, decision)
-        thinking = seq.span.in_span
-        seq.tokens.append(token)
-        seq.entropies.append(decision.entropy)
-        seq.soft_flags.append(False)
-        seq.thinking_flags.append(thinking)
-        seq.logprob_sum += decision.logprob
-        if logprobs is not None:
-            seq.logprobs.append(logprobs)
-        offset_before = len(seq.text.text)
-        text, stopped = seq.text.push(self.runtime.model.token_bytes(token))
-        seq.span.push(token, offset_before, seq.text.text)
+        thinking = out.span.in_span
+        text, stopped = out.add(decision, self.runtime.model.token_bytes(decision.token), logprobs)
         if stopped:
             return self._finish(seq, decision, index, "stop", text, logprobs)
-        if (decision.final or len(seq.tokens) >= seq.params.max_tokens
+        if (decision.final or len(out.tokens) >= seq.params.max_tokens
                 or seq.position + 1 > self.context.n_ctx):
-            return self._finish(seq, decision, index, "length", text + seq.text.finish(), logprobs)
+            return self._finish(seq, decision, index, "length", text + out.text.finish(), logprobs)
         if decision.soft:
-            seq.soft_steps += 1
-            seq.soft_flags[-1] = True
-            w = decision.mix_weights
-            seq.effective_counts.append(float(1.0 / np.dot(w, w)))
+            out.add_soft_input(decision.mix_weights)
         seq.pending = decision
-        return _event(seq.request_id, index, decision, text, decision.soft, None, logprobs,
-                      self._split(seq, thinking))
+        return step_event(seq.request_id, index, decision, text, decision.soft, None, logprobs,
+                          out.split(thinking))
 
     def _finish(self, seq: _Sequence, decision: StepDecision, index: int, reason: str, text: str,
                 logprobs: tuple[float, tuple] | None = None) -> StepEvent:
@@ -783,14 +636,8 @@ class BatchGenerator:
         self._live.pop(seq.request_id, None)
         self._release_slot(seq, keep_cache=True)
         self._finished[seq.request_id] = seq
-        thinking = bool(seq.thinking_flags) and len(seq.thinking_flags) > index and seq.thinking_flags[index]
-        return _event(seq.request_id, index, decision, text, False, reason, logprobs,
-                      self._split(seq, thinking, final=True))
-
-    @staticmethod
-    def _split(seq: _Sequence, thinking: bool, final: bool = False) -> tuple[bool, str, str]:
-        reasoning, content = seq.span.route(seq.text.released, seq.text.text, final=final)
-        return thinking, reasoning, content
+        return step_event(seq.request_id, index, decision, text, False, reason, logprobs,
+                          seq.out.split(seq.out.thinking_at(index), final=True))
 
     @staticmethod
     def _logprobs(seq: _Sequence, decision: StepDecision) -> tuple[float, tuple] | None:
@@ -804,40 +651,9 @@ class BatchGenerator:
         """The finished sequence's result (each result can be taken once)."""
         seq = self._finished.pop(request_id)
         decode_seconds = time.perf_counter() - seq.started - seq.prefill_seconds
-        reasoning, answer = seq.span.split(seq.text.text)
-        return GenerationResult(
-            text=seq.text.text, tokens=seq.tokens, prompt_tokens=len(seq.prompt_tokens),
-            finish_reason=seq.finish_reason or "stop", soft_steps=seq.soft_steps, entropies=seq.entropies,
-            prefill_seconds=seq.prefill_seconds, decode_seconds=decode_seconds,
-            effective_counts=seq.effective_counts, soft_flags=seq.soft_flags, logprobs=seq.logprobs,
-            cached_tokens=seq.cached_tokens,
-            reasoning=reasoning, answer=answer, think_tokens=seq.span.think_tokens, thinking_flags=seq.thinking_flags,
-            logprob_sum=seq.logprob_sum,
-        )
-
-def _event(request_id: int, index: int, d: StepDecision, text: str, soft: bool, reason: str | None,
-           logprobs: tuple[float, tuple] | None = None, split: tuple[bool, str, str] = (False, "", "")) -> StepEvent:
-    # ndarray.tolist() gives the same Python ints/floats as int()/float() per element,
-    # in one C call.
-    mix_ids = _ints(d.mix_ids) if soft else ()
-    mix_w = _floats(d.mix_weights) if soft else ()
-    return StepEvent(
-        request_id, index, d.token, text, soft, float(d.entropy),
-        _ints(d.top_ids), _floats(d.top_probs), mix_ids, mix_w, reason,
-        *(logprobs or (None, ())), *split,
-    )
-
-
-def _ints(values) -> tuple[int, ...]:
-    if isinstance(values, np.ndarray) and values.dtype.kind in "iu":
-        return tuple(values.tolist())
-    return tuple(int(v) for v in values)
-
-
-def _floats(values) -> tuple[float, ...]:
-    if isinstance(values, np.ndarray) and values.dtype.kind == "f":
-        return tuple(values.tolist())
-    return tuple(float(v) for v in values)
+        return seq.out.result(prompt_tokens=len(seq.prompt_tokens), finish_reason=seq.finish_reason or "stop",
+                              prefill_seconds=seq.prefill_seconds, decode_seconds=decode_seconds,
+                              cached_tokens=seq.cached_tokens)
 
 
 def stream_tokens(runtime: LoopHost, prompt_tokens: Sequence[int], params: DecodeParams) -> Iterator[StepEvent]:
