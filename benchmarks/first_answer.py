@@ -28,7 +28,7 @@ def run_model(name: str, seeds: int, threads: int | None) -> dict:
         rows = []
         for seed in range(seeds):
             started = time.perf_counter()
-            result = runtime.generate(QUESTION, params.replace(seed=seed))
+            result = runtime.generate(params=params.replace(seed=seed), messages=[{"role": "user", "content": QUESTION}])
             seconds = time.perf_counter() - started
             answer, correct = grade(result.text, GOLD, "gsm8k")
             rows.append({"seed": seed, "answer": answer, "correct": correct, "tokens": len(result.tokens),

@@ -375,3 +375,21 @@ def test_dark_mode_and_a_narrow_window(server, browser):
 def _luminance(css_color: str) -> float:
     r, g, b = (int(v) / 255 for v in re.findall(r"\d+", css_color)[:3])
     return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+def test_a_repeat_after_a_soft_step_is_shown_as_part_of_it(server, page):
+    """A soft step shows its sampled token but feeds a mixture pushed away from it, so the next
+    token may repeat it: the page keeps the repeat and marks it as the soft step's, and a
+    repeat after a discrete step stays an ordinary token."""
+    _open_with_key(page, server)
+    steps = [_step(0, "The"), _step(1, " has", soft=True), _step(2, " has"), _step(3, " 5"), _step(4, " 5")]
+    steps[2]["token"] = steps[1]["token"]  # the same token id as the soft step's
+    steps[4]["token"] = steps[3]["token"]  # a repeat after a discrete step
+    content = page.evaluate("chunks => window.selarChat.render(chunks)", [_chunk(s) for s in steps])
+    assert content == "The has has 5 5"  # nothing hidden
+    view = page.query_selector_all("article.assistant")[-1]
+    spans = view.query_selector_all(".answer .tok")
+    classes = [set(span.get_attribute("class").split()) for span in spans]
+    assert classes == [{"tok"}, {"tok", "soft"}, {"tok", "soft-repeat"}, {"tok"}, {"tok"}]
+    spans[2].hover()
+    assert "repeat after a soft step" in page.inner_text("#tip")

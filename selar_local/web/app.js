@@ -262,6 +262,13 @@ class AnswerView {
   place(text, step, thinking) {
     if (!text) return;
     const span = tokenSpan(text, step);
+    // A soft step shows its sampled token but feeds a mixture pushed away from it, so the
+    // next token sometimes repeats it ("has has"): shown, joined to the soft step it echoes.
+    if (step && this.lastStep && this.lastStep.soft && step.token === this.lastStep.token) {
+      span.classList.add("soft-repeat");
+      span.title = "repeats the soft step before it (the model read a mixture, not that token)";
+    }
+    if (step) this.lastStep = step;
     if (thinking) {
       this.thinkingBody.append(span);
       this.thinking.hidden = false;
@@ -363,6 +370,7 @@ function showTip(span) {
   const head = el("div", "head");
   head.append(el("code", "", visible(step.token_text)));
   if (step.soft) head.append(el("span", "badge soft", "soft step"));
+  if (span.classList.contains("soft-repeat")) head.append(el("span", "badge soft", "repeat after a soft step"));
   head.append(el("span", "step", `step ${step.index}`));
   tip.replaceChildren(head, el("div", "entropy", `gate entropy ${step.entropy.toFixed(3)}`));
   tip.append(candidateTable("cands", `top-${step.top_ids.length} candidates`, step.top_tokens,
