@@ -15,9 +15,8 @@ JSON_OBJECT_SCHEMA = {"type": "object"}
 MAX_GRAMMAR_CHARS = 200_000
 
 
-def schema_to_gbnf(schema) -> str:
-    """GBNF for a JSON Schema (a dict, or its JSON text). A schema the converter cannot
-    handle -> InvalidParameterError naming the problem."""
+def _schema_value(schema):
+    """A JSON Schema given as a dict (or a bool) or as its JSON text, as a value."""
     if isinstance(schema, str):
         try:
             schema = json.loads(schema)
@@ -25,6 +24,13 @@ def schema_to_gbnf(schema) -> str:
             raise InvalidParameterError(f"json_schema: not valid JSON ({exc})") from None
     if not isinstance(schema, (dict, bool)):
         raise InvalidParameterError(f"json_schema: expected a JSON Schema object, got {type(schema).__name__}")
+    return schema
+
+
+def schema_to_gbnf(schema) -> str:
+    """GBNF for a JSON Schema (a dict, or its JSON text). A schema the converter cannot
+    handle -> InvalidParameterError naming the problem."""
+    schema = _schema_value(schema)
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
     try:
@@ -38,13 +44,7 @@ def schema_to_gbnf(schema) -> str:
 
 def canonical_schema(schema) -> str:
     """A JSON Schema as canonical JSON text (hashable, comparable)."""
-    if isinstance(schema, str):
-        try:
-            schema = json.loads(schema)
-        except json.JSONDecodeError as exc:
-            raise InvalidParameterError(f"json_schema: not valid JSON ({exc})") from None
-    if not isinstance(schema, (dict, bool)):
-        raise InvalidParameterError(f"json_schema: expected a JSON Schema object, got {type(schema).__name__}")
+    schema = _schema_value(schema)
     try:
         return json.dumps(schema, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as exc:

@@ -32,6 +32,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from selar_local.http_stream import CancellingStream, cancel_all, compact_json, until_disconnect
 from selar_local.model_pool import Lease, ModelPool, parse_keep_alive
 from selar_local.openai_schema import DECODE_FIELDS, RequestError
 
@@ -155,30 +156,8 @@ def _options(options: Any, n_ctx_of) -> dict[str, Any]:
     return out
 
 
-class _Ndjson(StreamingResponse):
-    """One JSON object a line; cancels the request when the client goes away."""
-
-    def __init__(self, lines: AsyncIterator[dict], handles: list, lease: Lease):
-        super().__init__(lines, media_type="application/x-ndjson")
-        self.lines, self.handles, self.lease = lines, handles, lease
-
-    async def __call__(self, scope, receive, send) -> None:
-        from selar_local.server import _cancel_all, _until_disconnect
-
-        watcher = asyncio.ensure_future(_until_disconnect(receive, self.handles))
-        try:
-            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-            async for line in self.lines:
-                data = json.dumps(line, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
-                await send({"type": "http.response.body", "body": data, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except OSError:
-            pass
-        finally:
-            watcher.cancel()
-            _cancel_all(self.handles)
-            await self.lines.aclose()
-            self.lease.release()
+def _ndjson_line(line: dict) -> bytes:
+    return compact_json(line) + b"\n"
 
 
 class _Exchange:
@@ -223,7 +202,7 @@ class _Exchange:
 
 
 async def _run(request: Request, pool: ModelPool, kind: str) -> Response:
-    from selar_local.server import _cancel_all, _read_json, _until_disconnect, acquire_model
+    from selar_local.server import _read_json, acquire_model
 
     started = time.monotonic()
     lease = None
@@ -247,8 +226,9 @@ async def _run(request: Request, pool: ModelPool, kind: str) -> Response:
             lease.release()
         return ollama_error(exc)
     if body.get("stream", True):
-        return _Ndjson(_lines(exchange, inbox), handles, lease)
-    watcher = asyncio.ensure_future(_until_disconnect(request.receive, handles))
+        return CancellingStream(_lines(exchange, inbox), handles, _ndjson_line, media_type="application/x-ndjson",
+                                on_close=lease.release)
+    watcher = asyncio.ensure_future(until_disconnect(request.receive, handles))
     content, reasoning = [], []
     try:
         while True:
@@ -267,7 +247,7 @@ async def _run(request: Request, pool: ModelPool, kind: str) -> Response:
                                           result=result))
     finally:
         watcher.cancel()
-        _cancel_all(handles)
+        cancel_all(handles)
         lease.release()
 
 

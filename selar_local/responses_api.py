@@ -19,10 +19,11 @@ import uuid
 from typing import Any, AsyncIterator
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from selar_local.model_pool import Lease, ModelPool
+from selar_local.http_stream import CancellingStream, cancel_all, compact_json, until_disconnect
+from selar_local.model_pool import ModelPool
 from selar_local.openai_schema import DECODE_FIELDS, RequestError
 
 _NEUTRAL = {"store": (None, False), "previous_response_id": (None,), "tools": (None, []),
@@ -208,35 +209,12 @@ class _ResponseWriter:
         return out + [self.event(kind, response=final)]
 
 
-class _TypedEvents(StreamingResponse):
-    """`event: TYPE` / `data: JSON` server-sent events; cancels when the client goes away."""
-
-    def __init__(self, events: AsyncIterator[dict], handles: list, lease: Lease):
-        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        self.events, self.handles, self.lease = events, handles, lease
-
-    async def __call__(self, scope, receive, send) -> None:
-        from selar_local.server import _cancel_all, _until_disconnect
-
-        watcher = asyncio.ensure_future(_until_disconnect(receive, self.handles))
-        try:
-            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-            async for event in self.events:
-                data = (f"event: {event['type']}\ndata: ".encode()
-                        + json.dumps(event, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n")
-                await send({"type": "http.response.body", "body": data, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except OSError:
-            pass
-        finally:
-            watcher.cancel()
-            _cancel_all(self.handles)
-            await self.events.aclose()
-            self.lease.release()
+def _typed_event(event: dict) -> bytes:
+    return f"event: {event['type']}\ndata: ".encode() + compact_json(event) + b"\n\n"
 
 
 async def create_response(request: Request, pool: ModelPool) -> Response:
-    from selar_local.server import _cancel_all, _read_json, _response_for, _until_disconnect, acquire_model
+    from selar_local.server import _read_json, _response_for, acquire_model
 
     lease = None
     try:
@@ -255,8 +233,9 @@ async def create_response(request: Request, pool: ModelPool) -> Response:
             lease.release()
         return _response_for(exc)
     if req.stream:
-        return _TypedEvents(_events(writer, inbox), handles, lease)
-    watcher = asyncio.ensure_future(_until_disconnect(request.receive, handles))
+        return CancellingStream(_events(writer, inbox), handles, _typed_event, media_type="text/event-stream",
+                                headers={"Cache-Control": "no-cache"}, on_close=lease.release)
+    watcher = asyncio.ensure_future(until_disconnect(request.receive, handles))
     try:
         while True:
             kind, payload = await inbox.get()
@@ -266,7 +245,7 @@ async def create_response(request: Request, pool: ModelPool) -> Response:
                 return JSONResponse(writer.response("completed", payload))
     finally:
         watcher.cancel()
-        _cancel_all(handles)
+        cancel_all(handles)
         lease.release()
 
 

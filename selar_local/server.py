@@ -25,10 +25,10 @@ import asyncio
 import hmac
 import json
 import logging
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -45,6 +45,7 @@ from selar_local.api import (
     completion_response,
 )
 from selar_local.errors import ContextOverflowError, InvalidParameterError, RpcError, UnsupportedModelError
+from selar_local.http_stream import CancellingStream, cancel_all, compact_json, until_disconnect
 from selar_local.model_pool import Lease, ModelPool
 from selar_local.webpage import add_chat_page, is_public
 
@@ -100,51 +101,8 @@ class _ApiKeyMiddleware:
         await self.app(scope, receive, send)
 
 
-class _EventSource(StreamingResponse):
-    """Server-sent events for one request; cancels the request when the client goes away
-    (noticed by a watcher on `receive`, whatever the ASGI spec version)."""
-
-    def __init__(self, chunks: AsyncIterator[dict], handles: list[RequestHandle],
-                 on_close: Callable[[], None] | None = None):
-        super().__init__(chunks, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.chunks = chunks
-        self.handles = handles
-        self.on_close = on_close  # e.g. release the model's lease (the stream may never have started)
-
-    async def __call__(self, scope, receive, send) -> None:
-        watcher = asyncio.ensure_future(_until_disconnect(receive, self.handles))
-        try:
-            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-            async for chunk in self.chunks:
-                data = b"data: " + json.dumps(chunk, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
-                await send({"type": "http.response.body", "body": data, "more_body": True})
-            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
-        except OSError:  # the client went away mid-stream (ASGI 2.4 servers raise on send)
-            pass
-        finally:
-            watcher.cancel()
-            _cancel_all(self.handles)  # no-op once the request has ended
-            await self.chunks.aclose()
-            if self.on_close is not None:
-                self.on_close()
-
-
-def _cancel_all(handles: list[RequestHandle]) -> None:
-    for handle in handles:
-        handle.cancel()
-
-
-async def _until_disconnect(receive, handles: list[RequestHandle]) -> None:
-    """Wait for the client's http.disconnect (the body was read already), then cancel."""
-    try:
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                _cancel_all(handles)
-                return
-    except Exception:  # the server may close `receive` at shutdown
-        return
+def _sse_frame(chunk: dict) -> bytes:
+    return b"data: " + compact_json(chunk) + b"\n\n"
 
 
 def create_app(llm: Selar | ModelPool, *, api_key: str | None = None, close_on_shutdown: bool = False,
@@ -275,7 +233,10 @@ async def _complete(request: Request, pool: ModelPool, kind: str) -> Response:
             lease.release()
         return _response_for(exc)
     if req.stream:
-        return _EventSource(_sse_chunks(req, inbox, llm.runtime.model, lease), handles, lease.release)
+        return CancellingStream(_sse_chunks(req, inbox, llm.runtime.model, lease), handles, _sse_frame,
+                                media_type="text/event-stream", last=b"data: [DONE]\n\n",
+                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                                on_close=lease.release)
     try:
         return await _wait_result(request, req, handles, inbox, llm.runtime.model)
     finally:
@@ -300,7 +261,7 @@ async def _sse_chunks(req: PreparedRequest, inbox: asyncio.Queue, model, lease: 
 
 async def _wait_result(request: Request, req: PreparedRequest, handles: list[RequestHandle],
                        inbox: asyncio.Queue, model) -> Response:
-    watcher = asyncio.ensure_future(_until_disconnect(request.receive, handles))
+    watcher = asyncio.ensure_future(until_disconnect(request.receive, handles))
     results: dict[int, Any] = {}
     try:
         while len(results) < len(handles):
@@ -312,7 +273,7 @@ async def _wait_result(request: Request, req: PreparedRequest, handles: list[Req
         return JSONResponse(completion_response(req, [results[i] for i in range(len(handles))], model))
     finally:
         watcher.cancel()
-        _cancel_all(handles)  # no-op once ended; frees the slots if this task was cancelled or one failed
+        cancel_all(handles)  # no-op once ended; frees the slots if this task was cancelled or one failed
 
 
 def _version() -> str:
