@@ -154,11 +154,18 @@ def concatenate(paths: Iterable[Path]) -> Iterator[bytes]:
 
 
 class ProgressBar:
-    """A tqdm byte counter, or a no-op that does not import tqdm when disabled."""
+    """A tqdm byte counter, or a no-op that does not import tqdm when disabled. `enabled` may
+    also be a callable `(desc, completed, total)`, told of every update instead of a bar
+    (the server streams a pull's progress to its client so)."""
 
-    def __init__(self, *, total: int | None, desc: str, enabled: bool, initial: int = 0) -> None:
+    def __init__(self, *, total: int | None, desc: str, enabled: bool | ProgressCallback,
+                 initial: int = 0) -> None:
         self._bar = None
-        if enabled:
+        self._report = enabled if callable(enabled) else None
+        self._desc, self._total, self._done = desc, total, initial
+        if self._report is not None:
+            self._report(desc, initial, total)
+        elif enabled:
             from tqdm import tqdm
 
             self._bar = tqdm(
@@ -168,10 +175,16 @@ class ProgressBar:
     def update(self, count: int) -> None:
         if self._bar is not None:
             self._bar.update(count)
+        elif self._report is not None:
+            self._done += count
+            self._report(self._desc, self._done, self._total)
 
     def reset(self) -> None:
         if self._bar is not None:
             self._bar.reset(total=self._bar.total)
+        elif self._report is not None:
+            self._done = 0
+            self._report(self._desc, 0, self._total)
 
     def __enter__(self) -> ProgressBar:
         return self
@@ -179,6 +192,9 @@ class ProgressBar:
     def __exit__(self, *exc_info: object) -> None:
         if self._bar is not None:
             self._bar.close()
+
+
+ProgressCallback = Callable[[str, int, "int | None"], None]
 
 
 # --------------------------------------------------------------------------- one writer per model

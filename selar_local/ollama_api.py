@@ -315,22 +315,47 @@ async def _pull(request: Request, pool: ModelPool) -> Response:
     except Exception as exc:  # noqa: BLE001
         return ollama_error(exc)
 
-    async def fetch() -> dict[str, Any]:
-        path = await run_in_threadpool(lambda: pull(entry, progress=False))
+    async def fetch(progress) -> dict[str, Any]:
+        path = await run_in_threadpool(lambda: pull(entry, progress=progress))
         model_id, aliases, _ = model_identity(path)
         served = pool.add(ServedModel(model_id, path, frozenset(aliases) | {name}))
         return {"status": "success", "model": served.id, "total": path.stat().st_size}
 
     if body.get("stream", True) is False:
         try:
-            return JSONResponse(await fetch())
+            return JSONResponse(await fetch(False))
         except Exception as exc:  # noqa: BLE001
             return ollama_error(exc)
 
+    loop = asyncio.get_running_loop()
+    updates: asyncio.Queue = asyncio.Queue()
+    reported = {"at": 0.0, "desc": None}
+
+    def progress(desc: str, completed: int, total: int | None) -> None:
+        """Called by the pull's worker thread at every chunk: a line at most every 0.2 s
+        per stage, and always its first and its last."""
+        now = time.monotonic()
+        last = total is not None and completed >= total
+        if desc == reported["desc"] and not last and now - reported["at"] < 0.2:
+            return
+        reported.update(at=now, desc=desc)
+        line = {"status": f"pulling {desc}", "completed": completed}
+        if total is not None:
+            line["total"] = total
+        loop.call_soon_threadsafe(updates.put_nowait, line)
+
     async def lines() -> AsyncIterator[bytes]:
         yield json.dumps({"status": f"pulling {entry.name}"}).encode() + b"\n"
+        task = asyncio.ensure_future(fetch(progress))
         try:
-            yield json.dumps(await fetch()).encode() + b"\n"
+            while not task.done() or not updates.empty():
+                getter = asyncio.ensure_future(updates.get())
+                await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield json.dumps(getter.result()).encode() + b"\n"
+                else:
+                    getter.cancel()
+            yield json.dumps(task.result()).encode() + b"\n"
         except Exception as exc:  # noqa: BLE001 - the headers are sent: the error is the last line
             yield json.dumps({"error": json.loads(ollama_error(exc).body)["error"]}).encode() + b"\n"
 

@@ -101,7 +101,25 @@ def test_pull_with_allow_pull_serves_the_model(server, model_files):
         lines = [json.loads(line) for line in response.iter_lines() if line]
     assert lines[0] == {"status": f"pulling {GEMMA}"}
     assert lines[-1]["status"] == "success" and lines[-1]["model"] == GEMMA
+    assert all(set(p) == {"status", "completed", "total"} for p in lines[1:-1]), lines  # verified already: no work
     assert lines[-1]["total"] == model_files["gemma3"].stat().st_size
     assert GEMMA in [m["name"] for m in httpx.get(server + "/api/tags", headers=AUTH).json()["models"]]
     unknown = httpx.post(server + "/api/pull", headers=AUTH, json={"model": "no-such-model", "stream": False})
     assert unknown.status_code == 404 and "no-such-model" in unknown.json()["error"]
+
+
+def test_pull_streams_its_progress(model_files, tmp_path):
+    """A pull that has work to do (Gemma's installed PyPI parts assembled into an empty cache)
+    streams Ollama's progress lines: per stage, `completed` rising to `total`."""
+    with running_server(None, "--models", SMOL, "--allow-pull", "--keep-alive", "-1",
+                        env={"SELAR_CACHE_DIR": str(tmp_path)}) as url:
+        with httpx.stream("POST", url + "/api/pull", json={"model": GEMMA}, timeout=300) as response:
+            lines = [json.loads(line) for line in response.iter_lines() if line]
+    assert lines[0] == {"status": f"pulling {GEMMA}"}
+    assert lines[-1] == {"status": "success", "model": GEMMA, "total": model_files["gemma3"].stat().st_size}
+    progress = lines[1:-1]
+    assert progress and all(set(p) == {"status", "completed", "total"} for p in progress), lines
+    for stage in {p["status"] for p in progress}:
+        counts = [p["completed"] for p in progress if p["status"] == stage]
+        total = next(p["total"] for p in progress if p["status"] == stage)
+        assert counts == sorted(counts) and counts[0] == 0 and counts[-1] == total, (stage, counts, total)
