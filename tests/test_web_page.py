@@ -153,13 +153,19 @@ def _check_rows(rows, tokens: list[str], values: list[float]) -> None:
         assert shown.endswith("%") and abs(float(shown[:-1]) - expected * 100) <= 0.05 + 1e-9  # 1 decimal
 
 
-def test_page_is_served_without_a_key_and_fetches_nothing_from_elsewhere(server):
+def _served_defaults(path) -> DecodeParams:
+    """What the page starts from: the served model's defaults (its sampler, its registry tau)."""
+    return model_sampler(path).apply(DecodeParams())
+
+
+def test_page_is_served_without_a_key_and_fetches_nothing_from_elsewhere(server, smollm_path):
     response = httpx.get(server + "/", timeout=10)
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
     assert "connect-src 'self'" in response.headers["content-security-policy"]
     defaults = json.loads(re.search(r'<script id="selar-defaults" type="application/json">(.*?)</script>',
                                     response.text).group(1))
-    published = DecodeParams()
+    published = _served_defaults(smollm_path)
+    assert published.tau != DecodeParams().tau  # SmolLM2's registry tau, not the published 0.5
     assert defaults["params"] == {k: getattr(published, k) for k in
                                   ("method", "tau", "lam", "ks", "temperature", "max_tokens", "seed")}
     for asset in re.findall(r'(?:href|src)="(/ui/[^"]+)"', response.text):
@@ -171,10 +177,10 @@ def test_page_is_served_without_a_key_and_fetches_nothing_from_elsewhere(server)
         assert urls <= {"http://www.w3.org/2000/svg"}, (path.name, urls)  # an XML namespace, never fetched
 
 
-def test_streamed_answer_shows_the_traces_tokens_soft_steps_and_candidates(server, page):
+def test_streamed_answer_shows_the_traces_tokens_soft_steps_and_candidates(server, page, smollm_path):
     _open_with_key(page, server)
-    # The side panel starts at the published defaults.
-    published = DecodeParams()
+    # The side panel starts at the served model's defaults.
+    published = _served_defaults(smollm_path)
     assert page.input_value("#method") == published.method
     assert float(page.input_value("#tau")) == published.tau and float(page.input_value("#lam")) == published.lam
     assert int(page.input_value("#ks")) == published.ks and int(page.input_value("#seed")) == published.seed
@@ -236,7 +242,7 @@ def test_streamed_answer_shows_the_traces_tokens_soft_steps_and_candidates(serve
     assert page.errors == []
 
 
-def test_tau_auto_sends_auto_and_shows_the_calibrated_tau(server, page):
+def test_tau_auto_sends_auto_and_shows_the_calibrated_tau(server, page, smollm_path):
     _open_with_key(page, server)
     assert not page.is_checked("#tau-auto") and page.is_enabled("#tau")
     page.check("#tau-auto")
@@ -258,7 +264,7 @@ def test_tau_auto_sends_auto_and_shows_the_calibrated_tau(server, page):
     page.press("#input", "Enter")
     page.wait_for_selector("article.assistant[data-state=done]", timeout=GENERATION_TIMEOUT_MS)
     meta = page.inner_text("article.assistant .meta")
-    assert f"tau {DecodeParams().tau}" in meta and "(auto)" not in meta
+    assert f"tau {_served_defaults(smollm_path).tau}" in meta and "(auto)" not in meta
     assert page.errors == []
 
 
