@@ -1,6 +1,6 @@
 """The chat page `selar serve` shows at `/`, driven in headless Chromium (Debian's
 `chromium` package, through Playwright for Python; no browser download) against a real
-`selar serve` subprocess on loopback with the embedded default model (SmolLM2-135M).
+`selar serve` subprocess on loopback with the tests' small model (SmolLM2-135M).
 
 The page's streamed answer is checked against the same request replayed over HTTP with
 `selar_trace`: the tokens it renders, the soft steps it marks, and the candidates and
