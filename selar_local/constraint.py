@@ -80,11 +80,18 @@ def redraw(dist: Distribution, logits: np.ndarray, allowed: AllowedFn, rng: np.r
 def constrain(decision: StepDecision, dist: Distribution, logits: np.ndarray, allowed: AllowedFn,
               rng: np.random.Generator, *, greedy: bool, temperature: float, top_k: int, top_p: float,
               min_p: float) -> StepDecision:
-    """`decision` with its shown token and its mixture made grammatical."""
+    """`decision` with its shown token and its mixture made grammatical. The grammar is
+    asked once for the shown token, the top candidate and the mixture together (each ask
+    is a pass of llama.cpp's grammar sampler); the vocabulary only when the token fails."""
     filters = dict(greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
     if decision.soft:
-        decision = _constrain_mixture(decision, allowed)
-    if bool(np.asarray(allowed(np.array([decision.token])), dtype=bool)[0]):
+        top = decision.top_ids[:1] if len(decision.top_ids) else decision.mix_ids[:1]
+        ok = np.asarray(allowed(np.concatenate(([decision.token], top, decision.mix_ids))), dtype=bool)
+        token_ok = bool(ok[0])
+        decision = _constrain_mixture(decision, bool(ok[1]), ok[2:])
+    else:
+        token_ok = bool(np.asarray(allowed(np.array([decision.token])), dtype=bool)[0])
+    if token_ok:
         return decision
     token, logprob = redraw(dist, logits, allowed, rng, **filters)
     if decision.soft and decision.mix_ids is not None and token not in set(decision.mix_ids.tolist()):
@@ -92,12 +99,12 @@ def constrain(decision: StepDecision, dist: Distribution, logits: np.ndarray, al
     return replace(decision, token=token, logprob=logprob)
 
 
-def _constrain_mixture(decision: StepDecision, allowed: AllowedFn) -> StepDecision:
+def _constrain_mixture(decision: StepDecision, top_ok: bool, mask: np.ndarray) -> StepDecision:
+    """The mixture restricted to the rows the grammar allows (`mask`); discrete when the top
+    candidate is not allowed or fewer than two rows with weight remain."""
     discrete = replace(decision, soft=False, mix_ids=None, mix_weights=None)
-    top = decision.top_ids[:1] if len(decision.top_ids) else decision.mix_ids[:1]
-    if not bool(np.asarray(allowed(top), dtype=bool)[0]):
+    if not top_ok:
         return discrete
-    mask = np.asarray(allowed(decision.mix_ids), dtype=bool)
     if mask.all():
         return decision
     weights = decision.mix_weights[mask]
@@ -133,5 +140,5 @@ class SequenceGrammar:
         """Called with every shown token; only tokens decided under the grammar advance it
         (markers the loop injects, like the thinking span's close, do not)."""
         if self._decided is not None and token == self._decided:
-            self.sampler.accept(token)
+            self.sampler.accept(token, checked=True)  # `adjust` made it an allowed token
         self._decided = None

@@ -915,10 +915,11 @@ class GrammarSampler:
     def allows(self, token: int) -> bool:
         return bool(self.allowed_mask((token,))[0])
 
-    def accept(self, token: int) -> None:
+    def accept(self, token: int, *, checked: bool = False) -> None:
         """Advance the grammar past `token` (an end-of-generation token is accepted only
-        where the grammar is complete)."""
-        if not self.allows(token):
+        where the grammar is complete). `checked`: the caller has just seen `allowed_mask`
+        allow it in this state, so the check (another grammar pass) is skipped."""
+        if not checked and not self.allows(token):
             raise InvalidParameterError(f"grammar: token {token} ({self.model.token_text(token)!r}) is not "
                                         "allowed here")
         self._lib.llama_sampler_accept(self._handle, int(token))
