@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from selar_local.errors import InvalidParameterError
-from selar_local.model_tau import RegistryTau, TauChoice, choose_default_tau
+from selar_local.model_tau import RegistryTau, TauChoice, choose_default_tau, parse_field_values
 from selar_local.params import SAMPLER_FIELDS, DecodeParams, check_sampler_value
 
 log = logging.getLogger(__name__)
@@ -144,22 +144,11 @@ def _check(name: str, value: float | int) -> None:
 def parse_sampler_field(text: str) -> tuple[tuple[str, float | int], ...]:
     """A registry `sampler=` value: `temperature:1.0,top_k:64,top_p:0.95` (any of
     SAMPLER_FIELDS, each once), checked as DecodeParams checks them."""
-    out: dict[str, float | int] = {}
-    for item in text.split(","):
-        name, sep, value = item.partition(":")
-        if not sep or not name or not value:
-            raise ValueError(f"{item!r} is not FIELD:VALUE")
-        if name not in SAMPLER_FIELDS:
-            raise ValueError(f"unknown sampler field {name!r} (known: {', '.join(SAMPLER_FIELDS)})")
-        if name in out:
-            raise ValueError(f"{name} given twice")
-        try:
-            number: float | int = int(value) if name == "top_k" else float(value)
-        except ValueError:
-            raise ValueError(f"{name}:{value} is not a number") from None
+    out = parse_field_values(text, SAMPLER_FIELDS, ("top_k",),
+                             unknown="unknown sampler field {name!r} (known: {known})")
+    for name, number in out.items():
         try:
             _check(name, number)
         except InvalidParameterError as exc:
             raise ValueError(str(exc)) from None
-        out[name] = number
     return tuple(out.items())

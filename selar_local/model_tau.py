@@ -50,6 +50,26 @@ class RegistryTau:
         return "the sampler differs: " + ", ".join(differ) if differ else None
 
 
+def parse_field_values(text: str, known: tuple[str, ...], int_fields, *, unknown: str) -> dict[str, float | int]:
+    """`FIELD:VALUE,...` with each field of `known` at most once, as numbers (ints for
+    `int_fields`); ValueError naming the first problem. `unknown` formats the message for an
+    unknown field ({name!r}, {known}). Shared by the registry's sampler= and tau= fields."""
+    values: dict[str, float | int] = {}
+    for item in text.split(","):
+        name, sep, value = item.partition(":")
+        if not sep or not value:
+            raise ValueError(f"{item!r} is not FIELD:VALUE")
+        if name not in known:
+            raise ValueError(unknown.format(name=name, known=", ".join(known)))
+        if name in values:
+            raise ValueError(f"{name} given twice")
+        try:
+            values[name] = int(value) if name in int_fields else float(value)
+        except ValueError:
+            raise ValueError(f"{name}:{value} is not a number") from None
+    return values
+
+
 def parse_tau_field(text: str) -> RegistryTau:
     """Parse `TAU@vN:temperature:T,top_k:K,top_p:P,min_p:M,ks:S` (ValueError if malformed)."""
     match = _TAU_PATTERN.fullmatch(text)
@@ -59,19 +79,8 @@ def parse_tau_field(text: str) -> RegistryTau:
     tau = float(match["tau"])
     if not 0 < tau <= 1:
         raise ValueError(f"tau {tau:g} is not in (0, 1]")
-    values: dict[str, float | int] = {}
-    for item in match["settings"].split(","):
-        name, sep, value = item.partition(":")
-        if not sep or not value:
-            raise ValueError(f"{item!r} is not FIELD:VALUE")
-        if name not in TAU_SETTINGS:
-            raise ValueError(f"unknown field {name!r} (the calibration's sampler: {', '.join(TAU_SETTINGS)})")
-        if name in values:
-            raise ValueError(f"{name} given twice")
-        try:
-            values[name] = int(value) if name in _INT_SETTINGS else float(value)
-        except ValueError:
-            raise ValueError(f"{name}:{value} is not a number") from None
+    values = parse_field_values(match["settings"], TAU_SETTINGS, _INT_SETTINGS,
+                                unknown="unknown field {name!r} (the calibration's sampler: {known})")
     missing = [name for name in TAU_SETTINGS if name not in values]
     if missing:
         raise ValueError(f"the calibration's sampler lacks {', '.join(missing)} (all of "
