@@ -140,3 +140,15 @@ def test_layer_inputs_refused_where_llama_cpp_would_abort(model_files):
     with pytest.raises(UnsupportedModelError, match="no layer inputs for qwen2"):
         enable_layer_inputs(ctx, [1])
     ctx.close()
+
+
+def test_an_architecture_without_layer_output_names_is_a_clear_error(tiny_model):
+    """llama.cpp's nemotron_h graph names no l_out tensors (measured on the tiny random model)."""
+    from selar_local.engine import LlamaModel
+
+    model = LlamaModel(tiny_model("nemotron_h"))
+    states = LayerStates(model, n_ctx=64, n_threads=1, n_threads_batch=1)
+    with pytest.raises(UnsupportedModelError, match="nemotron_h model: llama.cpp's graph names no f32 'l_out-<il>'"):
+        states.read(model.tokenize("hello world"))
+    states.close()
+    model.close()
