@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
-from selar_local.errors import DatasetError, InvalidParameterError, SelarError
+from selar_local.errors import DatasetError, InvalidParameterError
 
 if TYPE_CHECKING:
     from selar_local.runtime import Runtime
@@ -46,7 +46,7 @@ QUESTIONS_FILE = Path(__file__).resolve().parent / "data" / "gsm8k" / "train_fir
 _SAVE_EVERY = 8  # pairs between progress saves
 
 
-class SteeringError(SelarError):
+class SteeringError(InvalidParameterError):
     """A steering vector is missing, belongs to another model file, or cannot be built."""
 
 
