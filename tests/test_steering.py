@@ -136,3 +136,14 @@ def test_cli_builds_and_reports(model_files, cache, capsys):
     assert "30 layers from 2 pairs" in out and str(cache / "steering") in out
     assert main(["steer", "build", "--model", str(model_files["llama"]), "--pairs", "1"]) == 2
     assert "need at least 2 question pairs" in capsys.readouterr().err
+
+
+def test_shipped_questions_are_the_first_lines_of_gsm8k_train():
+    from selar_local.bench.datasets import find_data_dir
+
+    root = find_data_dir("gsm8k/train.jsonl")
+    if root is None:
+        pytest.skip("GSM8K train is not shipped whole: set SELAR_DATA_DIR to a folder holding gsm8k/train.jsonl")
+    with (root / "gsm8k" / "train.jsonl").open(encoding="utf-8") as handle:
+        first = [next(handle) for _ in range(1024)]
+    assert steering.QUESTIONS_FILE.read_text(encoding="utf-8").splitlines(keepends=True) == first
