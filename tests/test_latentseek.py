@@ -109,3 +109,39 @@ def test_the_grading_prompt_gives_a_readable_reward_on_a_real_model(model_files)
     verdict = json.loads(result.content)
     assert set(verdict) == set(ls.SELF_REWARD_FIELDS) and all(isinstance(v, bool) for v in verdict.values())
     assert ls.self_reward(result.content) == -sum(not v for v in verdict.values()) / 3
+
+
+def test_final_states_are_the_states_that_chose_the_greedy_answer(model_files):
+    """z_t read at the position before answer token t gives that token as argmax W_out z_t
+    (where llama.cpp's own top two logits are not within its quantised product's error)."""
+    rt = runtime_for("llama", model_files)
+    messages = [{"role": "user", "content": "What is 12 + 7?"}]
+    prompt = rt.encode(messages=messages)
+    answer = rt.generate(messages=messages, params=DecodeParams(method="cot", greedy=True, max_tokens=6)).tokens
+    states = LayerStates(rt.model, n_ctx=128, n_threads=1, n_threads_batch=1)
+    z = states.read_final_states(prompt + answer[:5], len(prompt) - 1)
+    states.close()
+    assert z.shape == (6, rt.model.n_embd)
+    table = ls.output_table(rt.model.path)
+    logits = z @ table.T
+    top2 = np.sort(logits, axis=1)[:, -2:]
+    clear = (top2[:, 1] - top2[:, 0]) > 0.05 * np.abs(logits).max()
+    assert clear.sum() >= 3
+    assert (ls.prefix_tokens(table, z)[clear] == np.asarray(answer)[clear]).all()
+
+
+def test_search_runs_its_iterations_and_reports_them(model_files):
+    from selar_local.latentseek_search import latentseek
+
+    rt = runtime_for("llama", model_files)
+    table = ls.output_table(rt.model.path)
+    found = latentseek(rt, "What is 12 + 7?", max_tokens=20, iterations=2, threshold=1.0, table=table)
+    assert found.iterations == 2 and found.generations == found.gradings == 3 and len(found.rewards) == 3
+    assert all(abs(3 * r - round(3 * r)) < 1e-9 for r in found.rewards)  # minus a third per failed check
+    assert all(-1.0 <= r <= 0.0 for r in found.rewards)
+    assert found.tokens[found.prefix_length:] == found.results[-1].tokens  # the greedy rest after the prefix
+    assert found.prefix_length == ls.prefix_length(len(found.results[0].tokens))
+    none = latentseek(rt, "What is 12 + 7?", max_tokens=20, iterations=0, table=table)
+    assert none.iterations == 0 and none.tokens == found.results[0].tokens and none.generations == 1
+    with pytest.raises(InvalidParameterError, match="invalid LatentSeek settings"):
+        latentseek(rt, "What is 12 + 7?", rho=0.0, table=table)
