@@ -23,10 +23,11 @@ TIMING = {"prefill_seconds", "decode_seconds"}
 def steered(model_files, tmp_path_factory):
     """A 4-sequence SmolLM2 runtime with steering vectors built from 2 pairs in a private cache."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("SELAR_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        cache = tmp_path_factory.mktemp("cache")
+        patch.setenv("SELAR_CACHE_DIR", str(cache))
         rt = runtime_for("llama", model_files, n_parallel=4)
         built = steering.build(rt, n_pairs=2)
-        yield rt, built
+        yield rt, built, cache
         set_control_vector(rt.context, None)
         rt.slots.forget_free()
 
@@ -36,7 +37,7 @@ def fields(result) -> dict:
 
 
 def test_alpha_zero_is_cot_exactly(steered):
-    rt, _ = steered
+    rt, _, _ = steered
     cot = rt.generate(messages=QUESTION, params=DecodeParams(method="cot", max_tokens=40, seed=7))
     assert control_vector_id(rt.context) is None
     zero = rt.generate(messages=QUESTION, params=DecodeParams(method="frac", frac_alpha=0.0, max_tokens=40, seed=7))
@@ -45,7 +46,7 @@ def test_alpha_zero_is_cot_exactly(steered):
 
 
 def test_nonzero_alpha_changes_the_output_and_cot_after_it_is_unchanged(steered):
-    rt, _ = steered
+    rt, _, _ = steered
     greedy = dict(max_tokens=24, greedy=True, logprobs=2)
     cot = rt.generate(messages=QUESTION, params=DecodeParams(method="cot", **greedy))
     pushed = rt.generate(messages=QUESTION, params=DecodeParams(method="frac", frac_alpha=0.3, **greedy))
@@ -59,7 +60,7 @@ def test_scheduler_never_mixes_control_vectors_in_one_decode(steered):
     """Requests alternate between cot and two alphas. Every llama_decode is checked: the context's
     vector is the one each sequence in the batch asked for. Each answer equals its request decoded
     alone (a prompt cache kept across a switch would change it)."""
-    rt, built = steered
+    rt, built, _ = steered
     scheduler = Scheduler(rt, queue_size=16)
     generator = scheduler._generator
     wanted = {None: None, **{f"frac:{a!r}": control_vector_digest(steering.control_vector(built, a))
@@ -95,7 +96,7 @@ def test_scheduler_never_mixes_control_vectors_in_one_decode(steered):
 
 
 def test_batch_mixing_methods_and_alphas_is_grouped(steered):
-    rt, _ = steered
+    rt, _, _ = steered
     tokens = rt.encode(messages=QUESTION)
     plans = [DecodeParams(method="frac", frac_alpha=0.2), DecodeParams(method="cot"),
              DecodeParams(method="frac", frac_alpha=0.2), DecodeParams(method="frac", frac_alpha=-0.2)]
@@ -109,7 +110,7 @@ def test_batch_mixing_methods_and_alphas_is_grouped(steered):
 
 
 def test_samples_draw_an_alpha_each_and_vote(steered):
-    rt, _ = steered
+    rt, _, _ = steered
     params = DecodeParams(method="frac", max_tokens=12, seed=11, logprobs=2)
     vote = frac.generate_samples(rt, messages=QUESTION, params=params, samples=3, alpha_range=(0.0, 0.15))
     alphas = steering.alpha_draws((0.0, 0.15), 3, 11)
@@ -125,7 +126,7 @@ def test_bad_input(steered, model_files):
         DecodeParams(method="frac", frac_alpha=0.7)
     with pytest.raises(InvalidParameterError, match="frac_alpha="):
         DecodeParams(method="cot", frac_alpha=float("nan"))
-    rt, _ = steered
+    rt, _, _ = steered
     with pytest.raises(InvalidParameterError, match="samples"):
         frac.generate_samples(rt, messages=QUESTION, samples=5)
     other = runtime_for("qwen2", model_files)  # no vectors built for it in this cache
@@ -137,3 +138,19 @@ def test_bad_input(steered, model_files):
             scheduler.submit(other.encode(messages=QUESTION), DecodeParams(method="frac", frac_alpha=0.1))
     finally:
         scheduler.close()
+
+
+def test_server_takes_frac_and_answers_400_for_bad_input(steered, model_files, tmp_path):
+    import httpx
+    from serve_helpers import running_server
+
+    _, _, cache = steered
+    body = {"messages": QUESTION, "max_tokens": 4, "method": "frac"}
+    with running_server(model_files["llama"], "--parallel", "2", env={"SELAR_CACHE_DIR": str(cache)}) as url:
+        ok = httpx.post(url + "/v1/chat/completions", json={**body, "frac_alpha": 0.1}, timeout=120)
+        assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] is not None
+        bad = httpx.post(url + "/v1/chat/completions", json={**body, "frac_alpha": 0.9}, timeout=120)
+        assert bad.status_code == 400 and "frac_alpha=0.9" in bad.json()["error"]["message"]
+    with running_server(model_files["llama"], env={"SELAR_CACHE_DIR": str(tmp_path / "empty")}) as url:
+        missing = httpx.post(url + "/v1/chat/completions", json={**body, "frac_alpha": 0.1}, timeout=120)
+        assert missing.status_code == 400 and "selar steer build" in missing.json()["error"]["message"]
