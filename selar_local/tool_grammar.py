@@ -80,9 +80,14 @@ def _gpt_oss(tools, parallel: bool) -> str:
 
 
 def _raw_text(schema: Mapping[str, Any]) -> str | None:
-    """A raw-text GBNF for a plain string parameter; None where the value is JSON."""
-    if schema.get("type") != "string" or any(k in schema for k in ("enum", "const", "pattern", "format")):
+    """A raw-text GBNF for a string parameter (its enum or const values as they are, else
+    characters within minLength..maxLength; pattern and format are not enforced); None
+    where the value is JSON."""
+    if schema.get("type") != "string":
         return None
+    values = schema.get("enum", [schema["const"]] if "const" in schema else None)
+    if values is not None:
+        return "(" + " | ".join(gbnf_literal(str(v)) for v in values) + ")"
     low, high = int(schema.get("minLength", 0)), schema.get("maxLength")
     return f"{RAW_TEXT_CHAR}{{{low},{'' if high is None else int(high)}}}"
 
