@@ -175,7 +175,7 @@ def self_opening_r1(tiny_model, tmp_path_factory):
     try:
         prompt = runtime.encode(messages=ASK)
         assert runtime.thinking_at_end(prompt) is False
-        first = _generate_tokens(runtime, prompt, DecodeParams(method="cot", temperature=0, max_tokens=1))[0]
+        first = _generate_tokens(runtime, prompt, DecodeParams(method="cot", greedy=True, max_tokens=1))[0]
     finally:
         runtime.close()
     path = tmp_path_factory.mktemp("self-opening") / "tiny-qwen2-r1-opens.gguf"
@@ -200,11 +200,11 @@ def test_the_grammar_lets_a_model_open_its_span_itself(self_opening_r1):
     runtime = Runtime(self_opening_r1, n_ctx=512, n_threads=1)
     try:
         prompt = runtime.encode(messages=ASK)
-        assert _generate_tokens(runtime, prompt, DecodeParams(method="cot", temperature=0, max_tokens=1)) == [THINK_OPEN]
+        assert _generate_tokens(runtime, prompt, DecodeParams(method="cot", greedy=True, max_tokens=1)) == [THINK_OPEN]
         req = check_tools({"tools": TOOLS, "tool_choice": "required", "parallel_tool_calls": False},
                           runtime.model.chat_template())
         assert req.fmt == "deepseek_r1"
-        params = DecodeParams(method="cot", temperature=0, max_tokens=200, max_think_tokens=10,
+        params = DecodeParams(method="cot", greedy=True, max_tokens=200, max_think_tokens=10,
                               grammar=call_grammar(req))
         from selar_local.generate import stream_tokens
 
