@@ -277,6 +277,8 @@ def check_history(messages: Sequence[Mapping[str, Any]]) -> list[dict]:
                 kept.append({"id": call_id, "type": "function",
                              "function": {"name": fn["name"], "arguments": json.loads(args)}})
             m["tool_calls"] = kept
+            if not m.get("content"):  # a call-only turn: templates test `content is none` (R1's)
+                m["content"] = None
         elif m.get("role") == "tool":
             call_id = m.get("tool_call_id")
             if call_id not in open_ids:

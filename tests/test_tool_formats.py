@@ -251,3 +251,35 @@ def test_streamed_calls_parse_with_the_schemas():
     assert s.push("<tool_call>\n<function=search>\n<parameter=query>\n42\n</parameter>\n</function>\n</tool_call>") == ""
     content, calls = s.finish()
     assert content == "" and [(c.name, c.arguments) for c in calls] == [("search", '{"query": "42"}')]
+
+
+def test_r1_round_trip_renders_the_call_and_its_result(r1_client, r1_vocab_path):
+    """R1's template joins the arguments as text and leaves the turn open after tool results:
+    the history reaches the prompt whole, closed, with the generation prompt after it."""
+    from selar_local.chat import render_chat
+    from selar_local.engine import LlamaModel
+    from selar_local.tool_calls import check_history
+
+    r = r1_client.chat.completions.create(model="", messages=ASK, tools=TOOLS, tool_choice="required",
+                                          parallel_tool_calls=False, max_tokens=200, temperature=0)
+    (call,) = r.choices[0].message.tool_calls
+    history = ASK + [r.choices[0].message.model_dump(exclude_none=True),
+                     {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]
+    from selar_local.runtime import chat_tokens
+
+    model = LlamaModel(r1_vocab_path, vocab_only=True)
+    try:
+        prompt = render_chat(model, check_history(history))
+        prompt_tokens = len(chat_tokens(model, prompt))
+    finally:
+        model.close()
+    arguments = json.dumps(json.loads(call.function.arguments), ensure_ascii=False)
+    assert prompt == ("<｜begin▁of▁sentence｜><｜User｜>What is the weather in Paris?<｜Assistant｜>"
+                      f"<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>{call.function.name}\n"
+                      f"```json\n{arguments}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜><｜end▁of▁sentence｜>"
+                      "<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>sunny<｜tool▁output▁end｜><｜tool▁outputs▁end｜>"
+                      "<｜end▁of▁sentence｜><｜Assistant｜>")
+    answer = r1_client.chat.completions.create(model="", messages=history, tools=TOOLS, tool_choice="none",
+                                               max_tokens=8, temperature=0)
+    assert answer.choices[0].finish_reason in ("length", "stop") and not answer.choices[0].message.tool_calls
+    assert answer.usage.prompt_tokens == prompt_tokens  # the server rendered the same prompt
