@@ -172,9 +172,10 @@ def _qwen3_coder(text: str, strings: Mapping[str, set[str]] | None = None):
 
 def _gpt_oss(text: str):
     # The call ends with <|call|>, or with the text: in gpt-oss's own vocabulary <|call|> is an
-    # end-of-generation token, which ends the output without being part of it.
-    pattern = re.compile(r"(?:<\|start\|>assistant)?(?:<\|channel\|>commentary)?\s*to=functions\.([\w.-]+)"
-                         r"[^<]*(?:<\|constrain\|>\w+)?<\|message\|>(.*?)(?:<\|call\|>|\Z)", re.S)
+    # end-of-generation token, which ends the output without being part of it. Its control
+    # tokens may render as no text at all, so each marker is optional before the JSON.
+    pattern = re.compile(r"(?:(?:<\|start\|>)?assistant)?(?:(?:<\|channel\|>)?commentary)?\s*to=functions\.([\w.-]+)"
+                         r"[^<{]*(?:<\|constrain\|>\w*)?(?:<\|message\|>)?(\{.*?)(?:<\|call\|>|\Z)", re.S)
     found = list(pattern.finditer(text))
     if not found:
         return None, text

@@ -39,6 +39,9 @@ def test_a_gpt_oss_call_may_end_with_the_text_and_qwen3_coder_strings_stay_text(
     # <|call|> is an end-of-generation token in gpt-oss's vocabulary: not part of the output text
     assert parse("gpt_oss", '<|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json'
                             '<|message|>{"city": "Paris", "days": 2}') == ("", [ToolCall("get_weather", ARGS)])
+    # ... and with its control tokens rendered as no text (the output text of gpt-oss's vocabulary)
+    assert parse("gpt_oss", 'assistantcommentary to=functions.get_weather json{"city": "Paris", "days": 2}') == (
+        "", [ToolCall("get_weather", ARGS)])
     text = "<tool_call>\n<function=f>\n<parameter=code>\n123\n</parameter>\n<parameter=n>\n123\n</parameter>\n</function>\n</tool_call>"
     tools = [{"type": "function", "function": {"name": "f", "parameters": {
         "type": "object", "properties": {"code": {"type": "string"}, "n": {"type": "integer"}}}}}]
