@@ -518,7 +518,8 @@ class ChunkWriter:
             return self._chunk(self._choice(index, content if content or not reasoning else None, None,
                                             reasoning=reasoning), selar=token_trace(event, self.req.token_text))
         if self.req.tools is not None and content:
-            content = self._calls.setdefault(index, tool_calls.StreamedCalls(self.req.tools.fmt, self.req.tools.tools)).push(content)
+            calls = self._calls.setdefault(index, tool_calls.StreamedCalls(self.req.tools.fmt, self.req.tools.tools))
+            content = calls.push(content)
         if not content and not reasoning:
             return None
         return self._chunk(self._choice(index, content if content else None, None, reasoning=reasoning))

@@ -7,7 +7,8 @@ What each format's grammar produces (one call, or several where `parallel_tool_c
 - hermes       <tool_call>\\n{"name": N, "arguments": {...}}\\n</tool_call>
 - llama3       {"name": N, "parameters": {...}}
 - mistral      [TOOL_CALLS][{"name": N, "arguments": {...}}, ...]
-- deepseek_r1  <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>N\\n```json\\n{...}\\n```<｜tool▁call▁end｜>...<｜tool▁calls▁end｜>
+- deepseek_r1  <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>N\\n```json\\n{...}\\n```
+               <｜tool▁call▁end｜> (more calls after a newline) <｜tool▁calls▁end｜>
 - qwen3_coder  <tool_call>\\n<function=N>\\n<parameter=K>\\nV\\n</parameter>\\n...</function>\\n</tool_call>
                (a string parameter's value is raw text, others JSON, as the template writes them)
 - gpt_oss      <|start|>assistant? <|channel|>commentary to=functions.N <|constrain|>json<|message|>{...}
@@ -65,8 +66,10 @@ def _per_tool(tools, head, tail: str = "") -> tuple[list[str], str]:
 
 
 def _deepseek_r1(tools, parallel: bool) -> str:
-    heads, rules = _per_tool(tools, lambda name: gbnf_literal(f"<｜tool▁call▁begin｜>function<｜tool▁sep｜>{name}\n```json\n"),
-                             " " + gbnf_literal("\n```<｜tool▁call▁end｜>"))
+    def head(name):
+        return gbnf_literal(f"<｜tool▁call▁begin｜>function<｜tool▁sep｜>{name}\n```json\n")
+
+    heads, rules = _per_tool(tools, head, " " + gbnf_literal("\n```<｜tool▁call▁end｜>"))
     more = ' ("\\n" call)*' if parallel else ""
     return (f'root ::= "<｜tool▁calls▁begin｜>" call{more} "<｜tool▁calls▁end｜>"\n'
             f"call ::= {' | '.join(heads)}\n" + rules)

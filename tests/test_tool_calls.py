@@ -42,7 +42,8 @@ def test_a_gpt_oss_call_may_end_with_the_text_and_qwen3_coder_strings_stay_text(
     # ... and with its control tokens rendered as no text (the output text of gpt-oss's vocabulary)
     assert parse("gpt_oss", 'assistantcommentary to=functions.get_weather json{"city": "Paris", "days": 2}') == (
         "", [ToolCall("get_weather", ARGS)])
-    text = "<tool_call>\n<function=f>\n<parameter=code>\n123\n</parameter>\n<parameter=n>\n123\n</parameter>\n</function>\n</tool_call>"
+    text = ("<tool_call>\n<function=f>\n<parameter=code>\n123\n</parameter>\n<parameter=n>\n123\n</parameter>\n"
+            "</function>\n</tool_call>")
     tools = [{"type": "function", "function": {"name": "f", "parameters": {
         "type": "object", "properties": {"code": {"type": "string"}, "n": {"type": "integer"}}}}}]
     assert parse("qwen3_coder", text, tools) == ("", [ToolCall("f", '{"code": "123", "n": 123}')])

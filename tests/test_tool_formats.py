@@ -248,7 +248,8 @@ def test_a_self_opened_span_then_json_and_a_call_through_the_server(self_opening
 
 def test_streamed_calls_parse_with_the_schemas():
     s = StreamedCalls("qwen3_coder", TOOLS[1:])
-    assert s.push("<tool_call>\n<function=search>\n<parameter=query>\n42\n</parameter>\n</function>\n</tool_call>") == ""
+    text = "<tool_call>\n<function=search>\n<parameter=query>\n42\n</parameter>\n</function>\n</tool_call>"
+    assert s.push(text) == ""
     content, calls = s.finish()
     assert content == "" and [(c.name, c.arguments) for c in calls] == [("search", '{"query": "42"}')]
 
