@@ -94,6 +94,18 @@ def test_each_formats_forced_call_is_well_formed_from_random_weights(tiny_qwen, 
     assert_valid_calls(calls, ("search",) if isinstance(choice, dict) else tuple(MODELS))
 
 
+@pytest.mark.parametrize("fmt", ["hermes", "mistral", "deepseek_r1", "qwen3_coder"])
+def test_parallel_calls_each_parse(tiny_qwen, fmt):
+    req = check_tools({"tools": TOOLS, "tool_choice": "required"}, TEMPLATE_MARKERS[fmt])
+    assert req.parallel
+    result = _generate(tiny_qwen, "Call tools:", DecodeParams(method="cot", grammar=call_grammar(req), max_tokens=400,
+                                                              seed=1))
+    assert result.finish_reason == "stop", result.text
+    content, calls = parse(fmt, result.text, req.tools)
+    assert content == "", result.text
+    assert_valid_calls(calls)
+
+
 # ------------------------------------------------------------------ R1 end to end
 
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
