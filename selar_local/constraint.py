@@ -150,18 +150,39 @@ class SequenceGrammar:
         dist = policy.last_dist if policy.last_dist is not None else filter_logits(
             logits, p.temperature, p.top_k, p.top_p, p.min_p)
         marker, marker_first = (None, False) if self.started else self._marker_token(span)
-        allowed = self.sampler.allowed_mask
-        if marker is not None:
-            def allowed(ids, grammar=self.sampler.allowed_mask):
+        # Part of a marker of several tokens shown already: should the model leave it, that
+        # part is answer and must pass the grammar first (else the marker must go on).
+        grammar = self._replayed() if marker_first and self._before else self.sampler
+        if marker is None:
+            allowed = grammar.allowed_mask
+        else:
+            def allowed(ids):
                 ids = np.asarray(ids)
-                return np.asarray(grammar(ids), dtype=bool) | (ids == marker)
+                inside = np.asarray(grammar.allowed_mask(ids), dtype=bool) if grammar is not None else False
+                return inside | (ids == marker)
         decision = constrain(decision, dist, logits, allowed, policy.rng, greedy=p.greedy,
                              temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, min_p=p.min_p)
         self._decided = decision.token
         self._free = decision.token == marker and (marker_first or not self.sampler.allows(marker))
+        if grammar is not self.sampler and grammar is not None:
+            if self._free:
+                grammar.close()
+            else:  # the marker was left: the grammar goes on from past its shown part
+                self.sampler.close()
+                self.sampler = grammar
         if not self._free:
             span.stay_in_answer()  # the constrained answer starts with this token
         return decision
+
+    def _replayed(self):
+        """A copy of the grammar past the tokens shown so far, or None where it rejects them."""
+        copy = self.sampler.clone()
+        for token in self._before:
+            if not copy.allows(token):
+                copy.close()
+                return None
+            copy.accept(token, checked=True)
+        return copy
 
     def commit(self, token: int) -> None:
         """Called with every shown token; only tokens decided under the grammar advance it

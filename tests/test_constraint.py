@@ -180,3 +180,40 @@ def test_the_open_marker_is_free_only_as_the_first_token(r1_vocab_model):
     assert grammar.started
     token, text = _step(grammar, tracker, model, text, span.open_ids[0], vocab)
     assert token != span.open_ids[0] and not tracker.in_span
+
+
+def _lazy_with(model, gbnf, markers):
+    from selar_local.constraint import SequenceGrammar
+    from selar_local.engine import GrammarSampler
+    from selar_local.params import DecodeParams
+    from selar_local.thinking import SpanTokens, SpanTracker
+
+    span = SpanTokens.build(markers, lambda t: model.tokenize(t, add_special=False))
+    return SequenceGrammar(GrammarSampler(model, gbnf), DecodeParams(greedy=True)), SpanTracker(span), span
+
+
+def test_a_marker_of_several_tokens_goes_on_unless_its_start_passes_the_grammar(r1_vocab_model):
+    """An open marker split into tokens (as gpt-oss's harmony channel header): once its first
+    token is shown, leaving it is allowed only where the grammar takes what was shown."""
+    from selar_local.thinking import ThinkingMarkers
+
+    model, vocab = r1_vocab_model, r1_vocab_model.n_vocab
+    markers = ThinkingMarkers("<<think>>", "<</think>>")
+    word = model.tokenize("abc", add_special=False)[0]
+    brace = model.tokenize("{", add_special=False)[0]
+    # The grammar rejects the marker's start: after it, only the marker may go on.
+    grammar, tracker, span = _lazy_with(model, 'root ::= "{" [a-z]* "}"', markers)
+    opening = span.open_ids
+    assert len(opening) >= 2
+    token, text = _step(grammar, tracker, model, "", opening[0], vocab)
+    assert token == opening[0] and not grammar.started
+    token, text = _step(grammar, tracker, model, text, brace, vocab)
+    assert token == opening[1] and not grammar.started
+    # The grammar takes the marker's start: the model may leave it, and the start is answer.
+    start = model.token_bytes(opening[0]).decode()
+    grammar, tracker, span = _lazy_with(model, f'root ::= "{start}" [a-z]* ">"', markers)
+    token, text = _step(grammar, tracker, model, "", opening[0], vocab)
+    token, text = _step(grammar, tracker, model, text, word, vocab)
+    assert token == word and grammar.started and not tracker.in_span
+    assert grammar.sampler.allows(model.tokenize(">", add_special=False)[0])  # past start + "abc"
+    assert tracker.split(text) == ("", start + "abc")
