@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping
 
+from selar_local.errors import InvalidParameterError
 from selar_local.grammar import gbnf_literal, schema_rules, schema_to_gbnf
 
 # A raw-text parameter value (qwen3_coder): no newline and no '<', so it cannot run into the
@@ -31,7 +32,14 @@ def call_grammar(req) -> str | None:
     if req.choice in ("none", "auto"):
         return None
     tools = [t["function"] for t in req.tools if req.choice == "required" or t["function"]["name"] == req.choice]
-    return _BUILDERS[req.fmt](tools, req.parallel)
+    try:
+        return _BUILDERS[req.fmt](tools, req.parallel)
+    except InvalidParameterError as exc:  # a parameters schema the converter cannot handle
+        from selar_local.openai_schema import RequestError
+
+        message = str(exc).removeprefix("json_schema: ")
+        raise RequestError(f"tool_choice={req.choice!r} needs a grammar of the tools' parameters: {message}",
+                           param="tools", code="invalid_value") from None
 
 
 def _json_call_rules(tools, args_key: str) -> str:

@@ -296,3 +296,18 @@ def test_r1_round_trip_renders_the_call_and_its_result(r1_client, r1_vocab_path)
                                                max_tokens=8, temperature=0)
     assert answer.choices[0].finish_reason in ("length", "stop") and not answer.choices[0].message.tool_calls
     assert answer.usage.prompt_tokens == prompt_tokens  # the server rendered the same prompt
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "bad"}}])
+def test_a_forced_call_on_a_schema_the_converter_cannot_handle_is_a_400(r1_client, choice):
+    bad = {"type": "function", "function": {"name": "bad", "parameters": {
+        "type": "object", "properties": {"x": {"type": "foo"}}}}}
+    with pytest.raises(openai.BadRequestError) as info:
+        r1_client.chat.completions.create(model="", messages=ASK, tools=[bad], tool_choice=choice, max_tokens=4)
+    error = info.value.body
+    assert info.value.status_code == 400 and error["param"] == "tools"
+    assert error["message"].startswith(f"tool_choice={'required' if choice == 'required' else 'bad'!r} needs a "
+                                       "grammar of the tools' parameters: the JSON-Schema-to-grammar converter "
+                                       "cannot handle this schema") and "Unrecognized schema" in error["message"]
+    ok = r1_client.chat.completions.create(model="", messages=ASK, tools=[bad], max_tokens=2)  # auto: no grammar
+    assert ok.choices[0].finish_reason in ("length", "stop")
