@@ -523,7 +523,7 @@ class BatchGenerator:
                 if seqs[i].out.span.in_span:
                     decision = self._forced_close(seqs[i], rows[i])
             if seqs[i].grammar is not None:  # -- grammar seam (issue 23): constrain what is shown --
-                decision = seqs[i].grammar.adjust(decision, policy, rows[i], seqs[i].out.span.in_span)
+                decision = seqs[i].grammar.adjust(decision, policy, rows[i], seqs[i].out.span)
             out[i] = decision
         return out  # type: ignore[return-value]
 
