@@ -972,7 +972,6 @@ class LayerStates:
         self._states = np.zeros((self.n_layer, model.n_embd), dtype=np.float32)
         self._final = np.zeros(model.n_embd, dtype=np.float32)
         self._seen = np.zeros(self.n_layer, dtype=bool)
-        self._final_rows: np.ndarray | None = None
         self._callback = llama_cpp.ggml_backend_sched_eval_callback(self._on_tensor)  # kept: C holds the pointer
         self.context = LlamaContext(model, n_ctx=n_ctx, n_batch=n_ctx, n_threads=n_threads,
                                     n_threads_batch=n_threads_batch, eval_callback=self._callback)
@@ -991,11 +990,8 @@ class LayerStates:
             if il >= self.n_layer:
                 return True
             row, self._seen[il] = self._states[il], True
-        else:  # every output row of the final norm (read_final_states), the last one in _final
-            self._final_rows = np.empty((n_elements // width, width), dtype=np.float32)
-            self._fns.get(tensor, self._final_rows.ctypes.data, 0, n_bytes)
-            self._final[:] = self._final_rows[-1]
-            return True
+        else:
+            row = self._final
         # Columns are the batch's tokens (the last layer's only its outputs): the last one.
         self._fns.get(tensor, row.ctypes.data, n_bytes - 4 * width, 4 * width)
         return True
@@ -1016,21 +1012,6 @@ class LayerStates:
                 f"no f32 'l_out-<il>' tensor for {len(missing)} of its {self.n_layer} layers (first: {missing[0]}), "
                 "so steering vectors cannot be built for it")
         return self._states.copy()
-
-    def read_final_states(self, tokens: Sequence[int], first: int) -> np.ndarray:
-        """Prefill `tokens` and return the final hidden states (result_norm: what the output
-        layer multiplies) at positions first..len(tokens)-1, shape (len(tokens) - first, n_embd)."""
-        n = len(tokens)
-        if not 0 <= first < n <= self.context.n_batch:
-            raise ContextOverflowError(f"final states of positions {first}..{n - 1}: the reader takes prompts of "
-                                       f"1 to {self.context.n_batch} tokens")
-        self._final_rows = None
-        self.context.clear()
-        self.context.decode_tokens(tokens, range(n), [0] * n, [i >= first for i in range(n)])
-        if self._final_rows is None or self._final_rows.shape[0] != n - first:
-            raise UnsupportedModelError(f"cannot read the final hidden states of this {self.model.architecture} "
-                                        "model: llama.cpp's graph names no f32 'result_norm' tensor")
-        return self._final_rows.copy()
 
     @property
     def final_norm(self) -> np.ndarray:

@@ -39,6 +39,25 @@ class LatentSeekResult:
         return self.rewards[-1]
 
 
+def final_states(runtime: "Runtime", tokens: Sequence[int], first: int) -> np.ndarray:
+    """The final hidden states (what the output layer multiplies) at positions first..len-1 of
+    `tokens`, shape (len(tokens) - first, n_embd): the engine's hidden-state output, in a
+    context of its own so that the runtime's slots and prompt cache stay as they are."""
+    from selar_local.engine import LlamaContext
+
+    n = len(tokens)
+    if not 0 <= first < n:
+        raise InvalidParameterError(f"final states from position {first} of {n} tokens")
+    context = LlamaContext(runtime.model, n_ctx=max(16, n), n_batch=max(16, n), n_threads=runtime.context.n_threads,
+                           n_threads_batch=runtime.context.n_threads_batch)
+    try:
+        context.set_hidden_output(True)  # every input of the batch becomes an output: rows by batch index
+        context.decode_tokens(tokens, range(n), [0] * n, [i >= first for i in range(n)])
+        return np.stack([context.hidden(i) for i in range(first, n)]).copy()
+    finally:
+        context.close()
+
+
 def grade(runtime: "Runtime", question: str, answer: str) -> float:
     """The model's grading of an answer (greedy, the JSON object its schema allows) as a reward."""
     params = runtime.default_params(method="cot", greedy=True, max_tokens=GRADING_TOKENS,
@@ -51,8 +70,6 @@ def latentseek(runtime: "Runtime", question: str, *, messages: Sequence[dict] | 
                threshold: float = ls.REWARD_THRESHOLD, table: np.ndarray | None = None) -> LatentSeekResult:
     """Search one problem. messages: the chat to answer (default: the question as one user turn);
     table: the output layer (ls.output_table(model file) by default, dequantised here)."""
-    from selar_local.engine import LayerStates
-
     if not isinstance(iterations, int) or iterations < 0 or not 0 < rho <= 1 or not lr > 0:
         raise InvalidParameterError(f"invalid LatentSeek settings: iterations={iterations!r} (>= 0), rho={rho!r} "
                                     f"(0 < rho <= 1), lr={lr!r} (> 0)")
@@ -65,12 +82,8 @@ def latentseek(runtime: "Runtime", question: str, *, messages: Sequence[dict] | 
     if ls.reward_passes(rewards[0], threshold) or iterations == 0 or not tokens:
         return LatentSeekResult(text, tokens, 0, rewards, 0, 1, 1, results)
     n_prefix = ls.prefix_length(len(tokens), rho)
-    states = LayerStates(runtime.model, n_ctx=len(prompt) + n_prefix + 1, n_threads=runtime.context.n_threads,
-                         n_threads_batch=runtime.context.n_threads_batch)
-    try:  # z_t: the final state that produced answer token t (at the position before it)
-        z = states.read_final_states(prompt + tokens[:n_prefix - 1], len(prompt) - 1).astype(np.float64)
-    finally:
-        states.close()
+    # z_t: the final state that produced answer token t (at the position before it)
+    z = final_states(runtime, prompt + tokens[:n_prefix - 1], len(prompt) - 1).astype(np.float64)
     table = ls.output_table(runtime.model.path) if table is None else table
     adam, prefix = ls.Adam(lr=lr), np.asarray(tokens[:n_prefix])
     steps = 0

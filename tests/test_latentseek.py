@@ -112,15 +112,15 @@ def test_the_grading_prompt_gives_a_readable_reward_on_a_real_model(model_files)
 
 
 def test_final_states_are_the_states_that_chose_the_greedy_answer(model_files):
-    """z_t read at the position before answer token t gives that token as argmax W_out z_t
-    (where llama.cpp's own top two logits are not within its quantised product's error)."""
+    """z_t, the engine's hidden-state output at the position before answer token t, gives that
+    token as argmax W_out z_t (where the top two are not within the quantised product's error)."""
+    from selar_local.latentseek_search import final_states
+
     rt = runtime_for("llama", model_files)
     messages = [{"role": "user", "content": "What is 12 + 7?"}]
     prompt = rt.encode(messages=messages)
     answer = rt.generate(messages=messages, params=DecodeParams(method="cot", greedy=True, max_tokens=6)).tokens
-    states = LayerStates(rt.model, n_ctx=128, n_threads=1, n_threads_batch=1)
-    z = states.read_final_states(prompt + answer[:5], len(prompt) - 1)
-    states.close()
+    z = final_states(rt, prompt + answer[:5], len(prompt) - 1)
     assert z.shape == (6, rt.model.n_embd)
     table = ls.output_table(rt.model.path)
     logits = z @ table.T
