@@ -77,6 +77,11 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
                Option("swir_beta", "SwiReasoning: </think> blend weight beta_0 at a switch to explicit"),
                Option("swir_topk", "SwiReasoning: tokens in the latent mixture softmax(l) @ E"),
            )),
+    Method("frac", "selar_local.policies:CotPolicy",
+           "Fractional Reasoning: cot with a steering vector (selar steer build) added to every layer", False, (
+               Option("frac_alpha", "Fractional Reasoning: steering strength, a fraction of each layer's typical "
+                                    "output norm, in [-0.5, 0.5] (the paper samples it in [0, 0.15])"),
+           )),
 )}
 
 METHODS: tuple[str, ...] = tuple(REGISTRY)

@@ -58,6 +58,8 @@ class DecodeParams:
     swir_alpha: float = 0.7          # alpha_0: <think> blend when switching to latent
     swir_beta: float = 0.7           # beta_0: </think> blend when switching to explicit
     swir_topk: int = 20              # latent input = softmax(l) over the top swir_topk tokens
+    # Fractional Reasoning: the steering vector's strength, a fraction of each layer's typical norm
+    frac_alpha: float = 0.0
     # Constrained answer (llama.cpp's grammar sampler, after any thinking span): GBNF text,
     # or a JSON Schema (a dict or its JSON text; kept as canonical JSON text).
     grammar: str | None = None
@@ -112,6 +114,10 @@ class DecodeParams:
                "a number in [0, 1]")
         _check(_is_int(self.swir_topk) and 1 <= self.swir_topk <= MAX_MIXTURE_SIZE, "swir_topk", self.swir_topk,
                f"an integer in [1, {MAX_MIXTURE_SIZE}]")
+        if self.frac_alpha != 0.0 or self.method == "frac":
+            from selar_local.steering import check_alpha
+
+            check_alpha(self.frac_alpha)
         self._check_constraint()
 
     def _check_constraint(self) -> None:
