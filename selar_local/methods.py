@@ -120,5 +120,15 @@ def is_search(method: str) -> bool:
     return REGISTRY[method].search is not None
 
 
+def refuse_search(method: str) -> None:
+    """Where requests are decoded step by step (the scheduler): a search method would silently
+    decode as its policy, so it is refused by name."""
+    if is_search(method):
+        from selar_local.errors import InvalidParameterError
+
+        raise InvalidParameterError(f"method '{method}' is a search over whole answers, not a per-step decode: "
+                                    "ask for it as a chat completion (server, Selar API) or with selar run/bench")
+
+
 def feeds_soft_inputs(method: str) -> bool:
     return REGISTRY[method].soft_inputs

@@ -20,7 +20,7 @@ def wants_search(req: PreparedRequest) -> bool:
     return is_search(req.params.method)
 
 
-def question_of(messages: Sequence[Any]) -> str:
+def question_of(messages: Sequence[Any], method: str = "latentseek") -> str:
     """What the self-grading shows as the problem: the last user message's text."""
     for message in reversed(list(messages)):
         if isinstance(message, dict) and message.get("role") == "user":
@@ -29,7 +29,7 @@ def question_of(messages: Sequence[Any]) -> str:
                 content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
             if isinstance(content, str) and content.strip():
                 return content
-    raise RequestError(f"method '{REGISTRY['latentseek'].name}' grades its answer to the last user message: "
+    raise RequestError(f"method '{method}' grades its answer to the last user message: "
                        "the request has none with text", param="messages")
 
 
@@ -44,7 +44,7 @@ def check_search_request(req: PreparedRequest, messages: Sequence[Any] | None) -
     if req.tools is not None or req.logprobs:
         raise RequestError(f"method '{method}' supports neither tools nor logprobs", param="method",
                            code="unsupported_method")
-    return question_of(messages)
+    return question_of(messages, method)
 
 
 def search_response(llm: "Selar", req: PreparedRequest, messages: Sequence[Any]) -> dict[str, Any]:

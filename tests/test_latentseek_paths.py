@@ -68,6 +68,10 @@ def test_the_facade_runs_the_search_and_streams_its_answer_as_one_chunk(model_fi
             llm.create_chat_completion(messages, method="latentseek", n=2, max_tokens=16)
         with pytest.raises(InvalidParameterError, match="use /v1/chat/completions"):
             llm.create_completion("What is 2 + 2?", method="latentseek", max_tokens=16)
+        with pytest.raises(InvalidParameterError, match="grades its answer to the last user message"):
+            llm.create_chat_completion([{"role": "system", "content": "Be brief."}], method="latentseek")
+        with pytest.raises(InvalidParameterError, match="'latentseek' is a search over whole answers"):
+            llm.scheduler.submit(rt.encode(messages=messages), DecodeParams(method="latentseek"))  # never stepped
     choice = out["choices"][0]
     assert out["object"] == "chat.completion" and choice["message"] == {"role": "assistant", "content": direct.text}
     assert choice["finish_reason"] == direct.finish_reason and choice["logprobs"] is None
