@@ -39,6 +39,7 @@ from selar_local.openai_schema import (  # noqa: F401  (re-exported: the API's p
     selar_summary,
     usage,
 )
+from selar_local.search_api import check_search_request, response_chunks, search_response, wants_search
 from selar_local.scheduler import (  # noqa: F401
     QueueFullError,
     RequestCancelledError,
@@ -160,7 +161,11 @@ class Selar:
         Thinking models return their reasoning in message.reasoning_content."""
         body = {k: v for k, v in kwargs.items() if v is not None}
         body.update(messages=list(messages), stream=stream)
-        return self._run(self.builder.chat(body))
+        req = self.builder.chat(body)
+        if wants_search(req):  # e.g. method="latentseek": selar_local/search_api.py
+            response = search_response(self, req, body["messages"])
+            return iter(response_chunks(response, req.include_usage)) if req.stream else response
+        return self._run(req)
 
     def create_completion(self, prompt: str | Sequence[int], *, stream: bool = False,
                           **kwargs: Any) -> dict[str, Any] | Iterator[dict[str, Any]]:
@@ -172,6 +177,8 @@ class Selar:
     __call__ = create_completion
 
     def _run(self, req: PreparedRequest):
+        if wants_search(req):
+            check_search_request(req, None)  # a search answers a chat only: raises
         if req.stream:
             return CompletionStream(req, self.scheduler, self.runtime.model)
         handles = self.scheduler.submit_group(req.prompt_tokens, req.choices)

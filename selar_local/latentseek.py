@@ -30,7 +30,27 @@ MAX_PREFIX = 300
 LEARNING_RATE = 0.03
 MAX_ITERATIONS = 10
 REWARD_THRESHOLD = 0.0
+ITERATIONS_LIMIT = 32  # each iteration is one generation and one grading: bounded per request
 OUTPUT_TABLES = ("output.weight", "token_embd.weight")  # the output layer, else its tied input table
+
+
+def check_settings(lr: float, iterations: int, rho: float, threshold: float) -> None:
+    """The one check of LatentSeek's settings (DecodeParams fields and the driver's arguments)."""
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    problems = []
+    if not (isinstance(iterations, int) and not isinstance(iterations, bool) and 0 <= iterations <= ITERATIONS_LIMIT):
+        problems.append(f"iterations={iterations!r} (an integer in [0, {ITERATIONS_LIMIT}])")
+    if not (number(lr) and 0 < lr <= 10):
+        problems.append(f"lr={lr!r} (a number in (0, 10])")
+    if not (number(rho) and 0 < rho <= 1):
+        problems.append(f"rho={rho!r} (0 < rho <= 1)")
+    if not (number(threshold) and -1 <= threshold <= 1):
+        problems.append(f"threshold={threshold!r} (a number in [-1, 1]; the reward is in [-1, 0], so a "
+                        "threshold above 0 runs every iteration)")
+    if problems:
+        raise InvalidParameterError("invalid LatentSeek settings: " + "; ".join(problems))
 
 
 def prefix_length(n_answer_tokens: int, rho: float = RHO, cap: int = MAX_PREFIX) -> int:

@@ -8,7 +8,7 @@ greedily after them and graded again. Each iteration costs one generation and on
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
@@ -38,6 +38,16 @@ class LatentSeekResult:
     def reward(self) -> float:
         return self.rewards[-1]
 
+    @property
+    def finish_reason(self) -> str:
+        return self.results[-1].finish_reason
+
+    def summary(self) -> dict:
+        """What a response's `selar` field and a bench record carry about the search."""
+        return {"iterations": self.iterations, "rewards": [round(r, 6) for r in self.rewards],
+                "reward": round(self.reward, 6), "prefix_length": self.prefix_length,
+                "generations": self.generations, "gradings": self.gradings}
+
 
 def final_states(runtime: "Runtime", tokens: Sequence[int], first: int) -> np.ndarray:
     """The final hidden states (what the output layer multiplies) at positions first..len-1 of
@@ -58,11 +68,16 @@ def final_states(runtime: "Runtime", tokens: Sequence[int], first: int) -> np.nd
         context.close()
 
 
-def grade(runtime: "Runtime", question: str, answer: str) -> float:
+Decode = Callable[[Sequence[Sequence[int]], Sequence[DecodeParams]], list]
+
+
+def grade(runtime: "Runtime", question: str, answer: str, decode: Decode | None = None) -> float:
     """The model's grading of an answer (greedy, the JSON object its schema allows) as a reward."""
+    decode = decode or runtime.generate_batch
     params = runtime.default_params(method="cot", greedy=True, max_tokens=GRADING_TOKENS,
                                     json_schema=ls.SELF_REWARD_SCHEMA)
-    return ls.self_reward(runtime.generate(messages=ls.self_reward_messages(question, answer), params=params).content)
+    grading = decode([runtime.encode(messages=ls.self_reward_messages(question, answer))], [params])[0]
+    return ls.self_reward(grading.content)
 
 
 def latentseek(runtime: "Runtime", question: str, *, messages: Sequence[dict] | None = None, max_tokens: int = 512,
@@ -70,14 +85,28 @@ def latentseek(runtime: "Runtime", question: str, *, messages: Sequence[dict] | 
                threshold: float = ls.REWARD_THRESHOLD, table: np.ndarray | None = None) -> LatentSeekResult:
     """Search one problem. messages: the chat to answer (default: the question as one user turn);
     table: the output layer (ls.output_table(model file) by default, dequantised here)."""
-    if not isinstance(iterations, int) or iterations < 0 or not 0 < rho <= 1 or not lr > 0:
-        raise InvalidParameterError(f"invalid LatentSeek settings: iterations={iterations!r} (>= 0), rho={rho!r} "
-                                    f"(0 < rho <= 1), lr={lr!r} (> 0)")
+    ls.check_settings(lr, iterations, rho, threshold)
     messages = list(messages) if messages is not None else [{"role": "user", "content": question}]
-    prompt = runtime.encode(messages=messages)
-    greedy = runtime.default_params(method="cot", greedy=True, max_tokens=max_tokens)
-    first = runtime.generate_batch([prompt], greedy)[0]
-    results, rewards = [first], [grade(runtime, question, first.content)]
+    params = runtime.default_params(method="latentseek", greedy=True, max_tokens=max_tokens, latentseek_lr=lr,
+                                    latentseek_iterations=iterations, latentseek_rho=rho,
+                                    latentseek_threshold=threshold)
+    return search(runtime, question, runtime.encode(messages=messages), params, table=table)
+
+
+def search(runtime: "Runtime", question: str, prompt: Sequence[int], params: DecodeParams, *,
+           decode: Decode | None = None, table: np.ndarray | None = None) -> LatentSeekResult:
+    """The registry's entry for `--method latentseek`: search the answer to `prompt` (its tokens)
+    with the latentseek_* settings of `params`; `question` is what the grading prompt shows.
+    Answers decode greedily with params' other fields (max_tokens, stop, ...) as cot. decode:
+    how to decode (default runtime.generate_batch; the server passes its scheduler's)."""
+    decode = decode or runtime.generate_batch
+    iterations, lr = params.latentseek_iterations, params.latentseek_lr
+    rho, threshold = params.latentseek_rho, params.latentseek_threshold
+    ls.check_settings(lr, iterations, rho, threshold)
+    prompt = list(prompt)
+    greedy = params.replace(method="cot", greedy=True)
+    first = decode([prompt], [greedy])[0]
+    results, rewards = [first], [grade(runtime, question, first.content, decode)]
     tokens, text = list(first.tokens), first.text
     if ls.reward_passes(rewards[0], threshold) or iterations == 0 or not tokens:
         return LatentSeekResult(text, tokens, 0, rewards, 0, 1, 1, results)
@@ -90,12 +119,12 @@ def latentseek(runtime: "Runtime", question: str, *, messages: Sequence[dict] | 
     for steps in range(1, iterations + 1):
         z = adam.step(z, ls.policy_gradient(table, z, prefix, rewards[-1]))
         prefix = ls.prefix_tokens(table, z)
-        rest = max(1, max_tokens - n_prefix)
-        continuation = runtime.generate_batch([prompt + prefix.tolist()], greedy.replace(max_tokens=rest))[0]
+        rest = max(1, params.max_tokens - n_prefix)
+        continuation = decode([prompt + prefix.tolist()], [greedy.replace(max_tokens=rest)])[0]
         results.append(continuation)
         tokens = prefix.tolist() + list(continuation.tokens)
         text = runtime.model.detokenize(prefix.tolist()) + continuation.text
-        rewards.append(grade(runtime, question, text))
+        rewards.append(grade(runtime, question, text, decode))
         if ls.reward_passes(rewards[-1], threshold):
             break
     return LatentSeekResult(text, tokens, steps, rewards, n_prefix, 1 + steps, 1 + steps, results)

@@ -31,6 +31,13 @@ class Method:
     summary: str
     soft_inputs: bool            # feeds embedding mixtures: needs a model that passed the self-check
     options: tuple[Option, ...] = ()
+    # A search method is no per-step policy: it decodes whole answers (with `policy`) and the
+    # facades (Selar, the server, `selar run`, `selar bench`) hand it to this "module:function".
+    search: str | None = None
+
+    def search_function(self):
+        module, _, name = (self.search or "").partition(":")
+        return getattr(importlib.import_module(module), name)
 
     def policy_class(self) -> type:
         module, _, cls = self.policy.partition(":")
@@ -82,6 +89,16 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
                Option("frac_alpha", "Fractional Reasoning: steering strength, a fraction of each layer's typical "
                                     "output norm, in [-0.5, 0.5] (the paper samples it in [0, 0.15])"),
            )),
+    Method("latentseek", "selar_local.policies:CotPolicy",
+           "LatentSeek: policy-gradient search over the latent states of a greedy cot answer's first tokens, "
+           "guided by the model's grading of its own answer", False, (
+               Option("latentseek_lr", "LatentSeek: Adam learning rate on the latent prefix"),
+               Option("latentseek_iterations", "LatentSeek: at most this many Adam steps (each one more "
+                                               "generation and grading)"),
+               Option("latentseek_rho", "LatentSeek: share of the answer's tokens in the latent prefix (at most 300)"),
+               Option("latentseek_threshold", "LatentSeek: the search stops once the self-reward (in [-1, 0]) "
+                                              "reaches this"),
+           ), search="selar_local.latentseek_search:search"),
 )}
 
 METHODS: tuple[str, ...] = tuple(REGISTRY)
@@ -96,6 +113,21 @@ def method_options() -> dict[str, tuple[Option, tuple[str, ...]]]:
             known, users = out.get(option.field, (option, ()))
             out[option.field] = (known, users + (method.name,))
     return out
+
+
+def is_search(method: str) -> bool:
+    """Whether `method` is a search the facades dispatch (not a policy the loop steps)."""
+    return REGISTRY[method].search is not None
+
+
+def refuse_search(method: str) -> None:
+    """Where requests are decoded step by step (the scheduler): a search method would silently
+    decode as its policy, so it is refused by name."""
+    if is_search(method):
+        from selar_local.errors import InvalidParameterError
+
+        raise InvalidParameterError(f"method '{method}' is a search over whole answers, not a per-step decode: "
+                                    "ask for it as a chat completion (server, Selar API) or with selar run/bench")
 
 
 def feeds_soft_inputs(method: str) -> bool:

@@ -60,6 +60,11 @@ class DecodeParams:
     swir_topk: int = 20              # latent input = softmax(l) over the top swir_topk tokens
     # Fractional Reasoning: the steering vector's strength, a fraction of each layer's typical norm
     frac_alpha: float = 0.0
+    # LatentSeek (a search: selar_local/latentseek_search.py), the paper's settings
+    latentseek_lr: float = 0.03
+    latentseek_iterations: int = 10
+    latentseek_rho: float = 0.1
+    latentseek_threshold: float = 0.0
     # Constrained answer (llama.cpp's grammar sampler, after any thinking span): GBNF text,
     # or a JSON Schema (a dict or its JSON text; kept as canonical JSON text).
     grammar: str | None = None
@@ -118,6 +123,9 @@ class DecodeParams:
             from selar_local.steering import check_alpha
 
             check_alpha(self.frac_alpha)
+        from selar_local.latentseek import check_settings
+
+        check_settings(self.latentseek_lr, self.latentseek_iterations, self.latentseek_rho, self.latentseek_threshold)
         self._check_constraint()
 
     def _check_constraint(self) -> None:

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from selar_local.errors import InvalidParameterError, SelarError
 from selar_local.frac import check_ready, control_key
+from selar_local.methods import refuse_search
 from selar_local.generate import BatchGenerator, GenerationResult, StepEvent
 from selar_local.params import DecodeParams
 
@@ -176,6 +177,7 @@ class Scheduler:
         for params in params_list:
             self.runtime.require_method(params.method)
             check_ready(self.runtime, params)  # --method frac: the model's steering vectors exist
+            refuse_search(params.method)  # latentseek: dispatched above (search_api), never stepped here
         if not 1 <= len(params_list) <= self.slots_total:
             raise InvalidParameterError(
                 f"invalid n={len(params_list)}: expected an integer in [1, {self.slots_total}] "

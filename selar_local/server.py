@@ -47,6 +47,7 @@ from selar_local.api import (
 from selar_local.errors import ContextOverflowError, InvalidParameterError, RpcError, UnsupportedModelError
 from selar_local.http_stream import CancellingStream, cancel_all, compact_json, until_disconnect
 from selar_local.model_pool import Lease, ModelPool
+from selar_local.search_api import response_chunks, search_response, wants_search
 from selar_local.webpage import add_chat_page, is_public
 
 logger = logging.getLogger("selar_local.server")
@@ -218,20 +219,24 @@ async def _complete(request: Request, pool: ModelPool, kind: str) -> Response:
         llm = lease.selar
         # tokenising a long prompt must not block the loop
         req = await run_in_threadpool(getattr(llm.builder, kind), body)
-        loop = asyncio.get_running_loop()
-        inbox: asyncio.Queue = asyncio.Queue()
+        search = wants_search(req)  # e.g. method "latentseek": decoded by selar_local/search_api.py
+        if not search:
+            loop = asyncio.get_running_loop()
+            inbox: asyncio.Queue = asyncio.Queue()
 
-        def sink_for(index: int):
-            def sink(kind: str, payload: Any) -> None:  # called in the scheduler's thread
-                loop.call_soon_threadsafe(inbox.put_nowait, (index, kind, payload))
-            return sink
+            def sink_for(index: int):
+                def sink(kind: str, payload: Any) -> None:  # called in the scheduler's thread
+                    loop.call_soon_threadsafe(inbox.put_nowait, (index, kind, payload))
+                return sink
 
-        handles = llm.scheduler.submit_group(req.prompt_tokens, req.choices,
-                                             sinks=[sink_for(i) for i in range(len(req.choices))])
+            handles = llm.scheduler.submit_group(req.prompt_tokens, req.choices,
+                                                 sinks=[sink_for(i) for i in range(len(req.choices))])
     except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI-shaped error
         if lease is not None:
             lease.release()
         return _response_for(exc)
+    if search:
+        return await _search(req, llm, body, lease)
     if req.stream:
         return CancellingStream(_sse_chunks(req, inbox, llm.runtime.model, lease), handles, _sse_frame,
                                 media_type="text/event-stream", last=b"data: [DONE]\n\n",
@@ -241,6 +246,22 @@ async def _complete(request: Request, pool: ModelPool, kind: str) -> Response:
         return await _wait_result(request, req, handles, inbox, llm.runtime.model)
     finally:
         lease.release()  # the model may be unloaded once no request holds it
+
+
+async def _search(req: PreparedRequest, llm: Selar, body: dict[str, Any], lease: Lease) -> Response:
+    """A search method's request: the whole search runs first (off the loop); a streamed one
+    then gets the final answer as one chunk (search_api.response_chunks)."""
+    try:
+        messages = body.get("messages") if req.kind == "chat" else None
+        response = await run_in_threadpool(search_response, llm, req, messages)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI-shaped error
+        return _response_for(exc)
+    finally:
+        lease.release()
+    if not req.stream:
+        return JSONResponse(response)
+    frames = b"".join(_sse_frame(c) for c in response_chunks(response, req.include_usage)) + b"data: [DONE]\n\n"
+    return Response(frames, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 async def _sse_chunks(req: PreparedRequest, inbox: asyncio.Queue, model, lease: Lease) -> AsyncIterator[dict]:

@@ -38,7 +38,7 @@ CSV_COLUMNS = (
     "run", "model", "dataset", "method", "n", "n_problems", "seeds", "correct", "accuracy", "ci_lo", "ci_hi",
     "seed_mean", "seed_std", "mean_tokens", "mean_seconds", "soft_share", "truncated_share", "errors",
     "baseline", "n_paired", "diff", "diff_lo", "diff_hi", "method_only", "baseline_only", "mcnemar_p",
-    "samples", "pass_at_1", "pass_at_k",
+    "samples", "pass_at_1", "pass_at_k", "mean_generations",
 )
 
 
@@ -93,6 +93,7 @@ class MethodRow:
     samples: int = 1                 # self-consistency: accuracy is maj@samples
     pass_at_1: float | None = None   # mean accuracy of the single samples
     pass_at_k: float | None = None   # share of problems some sample solved
+    mean_generations: float = 1.0    # answers decoded per item: K for maj@K, a search's own count (latentseek)
 
     def csv_row(self) -> dict[str, Any]:
         row = {k: getattr(self, k) for k in CSV_COLUMNS if k != "seeds"}
@@ -150,6 +151,7 @@ def method_row(run: str, model: str, dataset: str, method: str, records: Sequenc
         soft_share=soft / tokens if tokens else 0.0,
         truncated_share=_mean([r.get("finish_reason") == "length" for r in ok]) if ok else 0.0,
         errors=n - len(ok),
+        mean_generations=_mean([int(r.get("generations") or 1) for r in ok]) if ok else 1.0,
     )
 
 
@@ -270,6 +272,7 @@ def summarize(runs: Sequence[Run], baseline: str = "cot", *, common_problems: bo
             row = method_row(run.label, model, dataset, label, records)
             if label in extra:
                 row.samples, row.pass_at_1, row.pass_at_k = extra[label]
+                row.mean_generations = float(row.samples)
             if label != baseline and baseline in labelled:
                 add_paired(row, baseline, labelled[baseline][1], records)
             section.rows.append(row)
@@ -324,6 +327,9 @@ def render_markdown(sections: Sequence[Section]) -> str:
             header += ["pass@1 %", "pass@K %"]
         if multi_seed:
             header.append("mean over seeds % (sd)")
+        searching = voting or any(r.mean_generations != 1 for r in section.rows)
+        if searching:
+            header.append("mean generations")
         header += ["mean tokens", "s / item", "soft steps %", "hit max_tokens %", "errors"]
         base = next((r.baseline for r in section.rows if r.baseline), None)
         if base:
@@ -336,6 +342,8 @@ def render_markdown(sections: Sequence[Section]) -> str:
                 cells += [_pct(r.pass_at_1 if r.samples > 1 else r.accuracy), _pct(r.pass_at_k)]
             if multi_seed:
                 cells.append(f"{_pct(r.seed_mean)} ({_pct(r.seed_std)})" if r.seed_mean is not None else "n/a")
+            if searching:
+                cells.append(f"{r.mean_generations:.2f}")
             cells += [f"{r.mean_tokens:.1f}", f"{r.mean_seconds:.2f}", _pct(r.soft_share),
                       _pct(r.truncated_share, 0), str(r.errors)]
             if base:
@@ -359,7 +367,8 @@ def render_markdown(sections: Sequence[Section]) -> str:
               "sharing the batch with the other live sequences. `maj@K` rows (self-consistency): accuracy is the "
               "majority vote over K samples (seeds seed..seed+K-1; ties by mean log-probability), tokens and soft "
               "steps are summed over the K samples, pass@1 is the mean over the single samples and pass@K the "
-              "share of problems some sample solved.\n")
+              "share of problems some sample solved. Mean generations: answers decoded per item (K for maj@K; a search "
+              "such as latentseek counts its own, each with one self-grading besides), the cost to compare at.\n")
     return out.getvalue()
 
 

@@ -33,6 +33,7 @@ from selar_local.bench.datasets import Problem, load_problems
 from selar_local.bench.grading import grade
 from selar_local.errors import ContextOverflowError, SelarError
 from selar_local.generate import generate_groups
+from selar_local.methods import REGISTRY, is_search
 from selar_local.params import METHODS, DecodeParams
 from selar_local.vote import sample_seeds
 
@@ -128,8 +129,20 @@ class BenchConfig:
     tau_source: str = ""          # where params' tau came from: user, registry (and why not), published
     samples: int = 1              # self-consistency: K samples per (problem, method, seed), voted
     prompt_format: int = PROMPT_FORMAT  # how problems become prompts (see PROMPT_FORMAT)
+    # Fractional Reasoning's test-time scaling: frac samples draw their alpha in [a, b]
+    frac_alpha_range: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
+        if self.frac_alpha_range is not None:
+            from selar_local.steering import alpha_draws
+
+            if "frac" not in self.methods or self.samples < 2:
+                raise BenchConfigError("frac_alpha_range needs the frac method and samples >= 2")
+            try:
+                alpha_draws(self.frac_alpha_range, 1, 0)  # checks the range
+            except SelarError as exc:
+                raise BenchConfigError(str(exc)) from None
+            object.__setattr__(self, "frac_alpha_range", tuple(float(a) for a in self.frac_alpha_range))
         bad = [m for m in self.methods if m not in METHODS]
         if bad or not self.methods:
             raise BenchConfigError(f"unknown method(s) {', '.join(bad) or '(none)'}; choose from {', '.join(METHODS)}")
@@ -137,6 +150,10 @@ class BenchConfig:
             raise BenchConfigError(f"a method is listed twice: {','.join(self.methods)}")
         if not isinstance(self.samples, int) or isinstance(self.samples, bool) or self.samples < 1:
             raise BenchConfigError(f"samples must be an integer >= 1, got {self.samples!r}")
+        searches = [m for m in self.methods if is_search(m)]
+        if searches and self.samples > 1:
+            raise BenchConfigError(f"{', '.join(searches)} searches one answer per item: it cannot be voted over "
+                                   f"--samples {self.samples} (compare it with cot maj@K in a run of its own)")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise BenchConfigError(f"seeds must be distinct and at least one: {self.seeds}")
         # Canonical form: every DecodeParams field but method/seed, lists for tuples, so that a
@@ -159,6 +176,7 @@ class BenchConfig:
             "model": self.model, "model_file": self.model_file, "model_size": self.model_size,
             "n_ctx": self.n_ctx, "params": dict(self.params), "tau_auto": self.tau_auto,
             "tau_source": self.tau_source, "samples": self.samples, "prompt_format": self.prompt_format,
+            "frac_alpha_range": None if self.frac_alpha_range is None else list(self.frac_alpha_range),
         }
 
     @classmethod
@@ -184,6 +202,7 @@ class BenchConfig:
                 problems_sha256=str(data.get("problems_sha256", "")), tau_auto=bool(data.get("tau_auto", False)),
                 tau_source=str(data.get("tau_source", "")), samples=int(data.get("samples", 1)),
                 prompt_format=int(data.get("prompt_format", 1)),  # absent: written before format 2
+                frac_alpha_range=data.get("frac_alpha_range"),
             )
         except SelarError as exc:
             raise BenchConfigError(f"{where}: {exc}") from None
@@ -386,6 +405,22 @@ def record_for(problem: Problem, method: str, seed: int, params: DecodeParams, r
     return record
 
 
+def search_record(problem: Problem, method: str, seed: int, params: DecodeParams, found, *, parallel: int = 1,
+                  cpu_repack: bool | None = None, wall_seconds: float = 0.0) -> dict[str, Any]:
+    """The record of a search method's item (latentseek): its final answer graded, the timings
+    of the answers it decoded, and what the search cost: iterations, rewards, generations and
+    gradings (so that it can be set against cot maj@K at K = its mean generations)."""
+    record = record_for(problem, method, seed, params, found.results[-1], parallel=parallel, cpu_repack=cpu_repack,
+                        wall_seconds=wall_seconds)
+    extracted, correct = grade(found.text, problem.answer, problem.dataset)
+    record.update(text=found.text, extracted=extracted, correct=bool(correct), completion_tokens=len(found.tokens),
+                  prompt_tokens=found.results[0].prompt_tokens,
+                  prefill_seconds=round(sum(r.prefill_seconds for r in found.results), 4),
+                  decode_seconds=round(sum(r.decode_seconds for r in found.results), 4),
+                  decoded_tokens=sum(r.completion_tokens for r in found.results), **found.summary())
+    return record
+
+
 # ---------------------------------------------------------------------------------------------
 # Running
 # ---------------------------------------------------------------------------------------------
@@ -535,6 +570,32 @@ def run_bench(
                                          error=str(exc), sample=i if k > 1 else None))
                     continue
                 runnable.append((it, tokens, params))
+
+            searched = [entry for entry in runnable if is_search(entry[0].method)]
+            runnable = [entry for entry in runnable if not is_search(entry[0].method)]
+            for it, tokens, params in searched:  # one after the other: each search decodes its answers in turn
+                search = REGISTRY[it.method].search_function()
+                item_started = time.perf_counter()
+                found = search(runtime, it.problem.prompt, tokens, params)
+                emit(search_record(it.problem, it.method, it.seed, params, found, parallel=parallel,
+                                   cpu_repack=runtime.model.cpu_repack,
+                                   wall_seconds=time.perf_counter() - item_started))
+
+            if config.frac_alpha_range is not None:  # each frac item's samples draw their own alpha
+                from selar_local.frac import generate_samples
+                from selar_local.steering import alpha_draws
+
+                drawn = [entry for entry in runnable if entry[0].method == "frac"]
+                runnable = [entry for entry in runnable if entry[0].method != "frac"]
+                for it, _, params in drawn:
+                    vote = generate_samples(runtime, None, params, messages=[{"role": "user", "content": it.problem.prompt}],
+                                            samples=k, alpha_range=config.frac_alpha_range, dataset=it.problem.dataset)
+                    alphas = alpha_draws(config.frac_alpha_range, k, params.seed)  # those generate_samples drew
+                    for i, (seed, alpha, result) in enumerate(zip(sample_seeds(it.seed, k), alphas, vote.results)):
+                        if (it.problem.id, it.method, it.seed, i) not in done_keys:
+                            sample_params = params.replace(seed=seed, frac_alpha=alpha)
+                            record = make_record(it.problem, it.method, it.seed, sample_params, result, sample=i)
+                            emit({**record, "frac_alpha": sample_params.frac_alpha})
 
             if k == 1:
                 # One generate_batch call for everything: it keeps `parallel` sequences live and

@@ -35,13 +35,16 @@ def register(subparsers) -> None:
     run.add_argument("--split", default="test", help="split of a built-in data set (default test)")
     run.add_argument("--limit", type=int, default=None, help="first N problems only (default: all)")
     run.add_argument("--methods", default="cot,selar,soft",
-                     help="comma-separated methods among cot, selar, soft, moi, swir (default cot,selar,soft)")
+                     help="comma-separated methods among cot, selar, soft, moi, swir, frac, latentseek (default cot,selar,soft)")
     run.add_argument("--seeds", default="1",
                      help="number of seeds, counting up from --seed (default 1); or an explicit list "
                           "such as 41,42,43")
     run.add_argument("--samples", "-k", type=int, default=1,
                      help="latent self-consistency: K samples per problem (seeds seed..seed+K-1, prompt prefilled "
                           "once), reported as pass@1, maj@K and pass@K (default 1; needs --parallel >= K)")
+    run.add_argument("--frac-alpha-range", metavar="A,B", default=None,
+                     help="with --methods frac and --samples K: each frac sample draws its alpha uniformly in [A, B] "
+                          "(the paper: 0,0.15), recorded per sample, and the K samples vote")
     run.add_argument("--out", "-o", default=None, help="run folder (config.json, results.jsonl, report)")
     run.add_argument("--resume", action="store_true",
                      help="continue the run in --out; with no --dataset, its saved config is used as is")
@@ -143,9 +146,21 @@ def _config_from_args(args):
         question_field=args.question_field, answer_field=args.answer_field, id_field=args.id_field,
         problems=len(problems), problems_sha256=problems_digest(problems), tau_auto=auto,
         tau_source="calibrated (--tau auto)" if auto else tau_source,
-        samples=args.samples,
+        samples=args.samples, frac_alpha_range=_alpha_range(args.frac_alpha_range),
     )
     return config, problems, model_path
+
+
+def _alpha_range(text: str | None) -> tuple[float, float] | None:
+    from selar_local.errors import InvalidParameterError
+
+    if text is None:
+        return None
+    try:
+        low, high = (float(x) for x in text.split(","))
+    except ValueError:
+        raise InvalidParameterError(f"--frac-alpha-range {text!r}: expected two numbers A,B") from None
+    return low, high
 
 
 def _saved_auto_tau(args) -> float | None:

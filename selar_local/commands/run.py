@@ -7,6 +7,7 @@ import sys
 import time
 
 from selar_local.errors import InvalidParameterError
+from selar_local.methods import REGISTRY, is_search
 
 from selar_local.commands.common import (
     add_decode_arguments,
@@ -77,6 +78,9 @@ def run(args: argparse.Namespace) -> int:
     alpha_range = _alpha_range(args, params)
     if args.samples > 1 and args.trace:
         raise InvalidParameterError("--trace follows one streamed answer; it cannot be combined with --samples")
+    if is_search(params.method) and (args.samples > 1 or args.trace or args.raw):
+        raise InvalidParameterError(f"--method {params.method} searches one chat answer: it cannot be combined "
+                                    "with --samples, --trace or --raw")
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     runtime = load_runtime(args, n_parallel=args.samples)
     params = runtime.sampler.apply(params, explicit_sampler(args))
@@ -89,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
     if args.samples > 1:
         return _run_samples(args, runtime, params, prompt, alpha_range)
+    if is_search(params.method):
+        return _run_search(args, runtime, params, prompt)
     if args.raw:
         stream = runtime.stream(prompt, params)
     else:
@@ -179,4 +185,21 @@ def _run_samples(args: argparse.Namespace, runtime, params, prompt: str, alpha_r
               f"{r.soft_steps} soft, mean log-prob {r.mean_logprob:.3f}, finish: {r.finish_reason}", file=sys.stderr)
     print(f"[{params.method} x {args.samples}] majority answer {vote.answer!r} ({vote.votes}/{args.samples} votes, "
           f"{vote.voters} samples answered), shown: sample {vote.index}; {elapsed:.2f} s", file=sys.stderr)
+    return 0
+
+
+def _run_search(args: argparse.Namespace, runtime, params, prompt: str) -> int:
+    """A search method (latentseek): the final answer on stdout, the search's course on stderr."""
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": prompt}]
+    template_kwargs = {"enable_thinking": False} if args.no_think else None
+    started = time.perf_counter()
+    search = REGISTRY[params.method].search_function()
+    found = search(runtime, prompt, runtime.encode(messages=messages, template_kwargs=template_kwargs), params)
+    print(found.text)
+    rewards = ", ".join(f"{r:.3f}" for r in found.rewards)
+    print(f"[{params.method}] {found.iterations} iterations, rewards [{rewards}], final reward {found.reward:.3f}, "
+          f"{found.generations} generations, {found.gradings} gradings, latent prefix {found.prefix_length} tokens, "
+          f"{len(found.tokens)} tokens, {time.perf_counter() - started:.2f} s, finish: {found.finish_reason}",
+          file=sys.stderr)
     return 0
