@@ -1,5 +1,7 @@
 """The batch-wide step: the decisions of N live sequences from one [N, vocab] logits
-matrix, identical to each policy's own `step` on its row.
+matrix, identical to each policy's own `step` on its row (state included), or, for the
+loop (`accept=False`), to its `propose`: the loop tells each policy its token itself once
+the grammar has seen it (decisions.py, `Policy.accept`).
 
 The vocabulary-sized work of a step (the top-k cut, then temperature, softmax, top-p,
 min-p) runs as a few NumPy calls over all rows that share a top-k; for cot and selar the

@@ -248,8 +248,9 @@ def step_event(request_id: int, index: int, d: StepDecision, text: str, soft: bo
                logprobs: tuple[float, tuple] | None = None, split: tuple[bool, str, str] = (False, "", "")) -> StepEvent:
     """The StepEvent of a decision (ndarray.tolist() gives the same Python ints/floats as
     int()/float() per element, in one C call)."""
-    mix_ids = _ints(d.mix_ids) if soft else ()
-    mix_w = _floats(d.mix_weights) if soft else ()
+    mixture = soft and d.mix_ids is not None  # a Vector input has no rows to name
+    mix_ids = _ints(d.mix_ids) if mixture else ()
+    mix_w = _floats(d.mix_weights) if mixture else ()
     return StepEvent(
         request_id, index, d.token, text, soft, float(d.entropy),
         _ints(d.top_ids), _floats(d.top_probs), mix_ids, mix_w, reason,

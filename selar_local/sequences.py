@@ -90,7 +90,8 @@ class Sequence:
     source: "Sequence | None" = None        # WAITING: for this sequence's prompt cells ...
     wait_upto: int = 0                      # ... up to here
     first_logits: np.ndarray | None = None  # READY: the logits of the first step
-    first_hidden: np.ndarray | None = None  # READY, for a policy that reads the hidden state
+    first_hidden: np.ndarray | None = None  # READY, for a policy that reads the hidden state (None
+                                            # after a prompt cache hit: slots keep logits only)
     cached_tokens: int = 0                  # prompt tokens not prefilled (cache or copy)
     extends_cache: bool = True              # no soft input fed yet: the slot caches the tokens
     pending: StepDecision | None = None     # DECODING: the decision whose input goes next
