@@ -11,7 +11,11 @@ otherwise it is decoded just before it (see `run` for the measurement).
 What comes back (`RunOutput`): a copy of the logits of each prompt that completed (the
 first step and later requests of the same prompt read them), and a zero-copy view of the
 live inputs' logits rows, valid until the next decode; the final hidden state's rows too
-when a policy asked for them (`hidden=True`; the engine's `hidden_rows` read).
+when a policy asked for them (`hidden=True`). Hidden output is the engine's
+(`set_hidden_output`, `output_rows`, `hidden_rows`): switched on only around the steps that
+read it (a switch rebuilds llama.cpp's graph, and while it is on every input of a batch
+is an output), and never for a merged batch, so that a prompt's rows are found by
+`output_rows`.
 """
 from __future__ import annotations
 
@@ -60,17 +64,21 @@ class BatchRunner:
         # load-time self-check found the two paths bit-identical (max |diff| == 0).
         self.rows_exact = rows_exact
         self._since_soft = self.STICKY_EMBEDDING_STEPS  # steps since the last soft input
+        self._hidden_on = False  # the engine outputs the final hidden state too
 
     def run(self, decoding: list[Sequence], pieces: list[Piece], *, hidden: bool = False) -> RunOutput:
         """Decode the live sequences' pending inputs and the prompt pieces."""
         ctx = self.context
+        if hidden != self._hidden_on:
+            ctx.set_hidden_output(hidden)
+            self._hidden_on = hidden
         n_prompt = sum(p.stop - p.start for p in pieces)
         # One decode for both only in a unified KV cache: with one KV stream per sequence
         # llama.cpp splits a batch that spans streams unevenly into several ubatches, and a
         # 64-token chunk plus 4 live inputs took 519 ms merged against 320 + 30 ms apart
         # (SmolLM2, 1 thread); unified, 347 ms merged against 314 + 31 ms apart.
         # Merged, the live rows must stay off the 64-row tiles (see `_decode_tokens`).
-        merged = (pieces and ctx.kv_unified and not any(s.pending.soft for s in decoding)
+        merged = (pieces and ctx.kv_unified and not hidden and not any(s.pending.soft for s in decoding)
                   and len(decoding) + n_prompt <= ctx.n_batch
                   and (n_prompt % TILE_ROWS == 0 or n_prompt + len(decoding) < TILE_ROWS)
                   and len(decoding) < TILE_ROWS)
@@ -94,7 +102,11 @@ class BatchRunner:
     def _prompt_outputs(self, completing: int, hidden: bool) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
         if not completing:
             return [], None
-        rows = self.context.logits_rows(completing)
+        if hidden:  # every input was an output: the engine's map finds the prompts' last tokens
+            at = self.context.output_rows()[:completing]
+            rows = self.context.logits_rows(int(at.max()) + 1)[at]
+        else:
+            rows = self.context.logits_rows(completing)
         logits = []
         for row in rows:
             copy = row.copy()
@@ -102,14 +114,13 @@ class BatchRunner:
             logits.append(copy)
         if not hidden:
             return logits, None
-        return logits, [row.copy() for row in self.context.hidden_rows(completing)]
+        return logits, list(self.context.hidden_rows(int(at.max()) + 1)[at])  # fancy index: copies
 
     def _live_outputs(self, first: int, n: int, hidden: bool) -> tuple[np.ndarray | None, np.ndarray | None]:
         if not n:
             return None, None
         rows = self.context.logits_rows(first + n)[first:]
-        # The final hidden state is the engine's `hidden_rows` read (a view like logits_rows),
-        # only for a step where some policy declared `needs_hidden`.
+        # Live inputs are all outputs, so with hidden output on (never merged) their rows are 0..n-1.
         return rows, self.context.hidden_rows(first + n)[first:] if hidden else None
 
     def _decode_tokens(self, decoding: list[Sequence], pieces: list[Piece]) -> None:
