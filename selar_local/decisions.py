@@ -9,8 +9,9 @@ policies (one batch-wide pass or one by one), then the grammar.
   proposal asking to close the span (`close_thinking`, Cold Stop) is replaced, inside a
   span, by the close marker's Force segment; tokens a proposal asks to force next
   (`force_next`) are queued the same way.
-- The grammar (constraint.py, structured output) adjusts what the policy proposed; forced
-  tokens pass unchanged (markers the loop injects do not advance a grammar).
+- The grammar (constraint.py, structured output) adjusts what the policy proposed, and the
+  tokens a policy asked to force (they stand for its proposals); the loop's own markers
+  pass unchanged (they do not advance a grammar).
 
 Returns each decision with whether it was generated (False: forced), which the loop hands
 to `Policy.accept` once the token is final.
@@ -43,11 +44,14 @@ def decide(seqs: Seq[Sequence], rows, hidden: Seq[np.ndarray | None] | None, *, 
     for i, s in enumerate(seqs):
         if _budget_spent(s):
             s.force(s.out.span.span.forced_close)
-        token = s.next_forced()
-        if token is not None:
-            out[i] = (s.policy.forced_step(rows[i], token), False)
-        else:
+        forced = s.next_forced()
+        if forced is None:
             plain.append(i)
+            continue
+        decision = s.policy.forced_step(rows[i], forced[0])
+        if forced[1] and s.grammar is not None:  # a policy's forced token stands for its proposal
+            decision = s.grammar.adjust(decision, s.policy, rows[i], s.out.span.in_span)
+        out[i] = (decision, False)
     if batch_wide and len(plain) > 1:
         decided = decide_all([seqs[i].policy for i in plain], rows[plain],
                              None if hidden is None else [hidden[i] for i in plain], accept=False)
@@ -58,13 +62,13 @@ def decide(seqs: Seq[Sequence], rows, hidden: Seq[np.ndarray | None] | None, *, 
         generated = True
         if decision.close_thinking and s.out.span.in_span:  # Soft Thinking's Cold Stop
             s.force(s.out.span.span.forced_close)
-            decision, generated = s.policy.forced_step(rows[i], s.next_forced()), False
+            decision, generated = s.policy.forced_step(rows[i], s.next_forced()[0]), False
         elif s.grammar is not None:  # -- grammar seam (issue 23): constrain what is shown --
             decision = s.grammar.adjust(decision, s.policy, rows[i], s.out.span.in_span)
         out[i] = (decision, generated)
     for s, (decision, _) in zip(seqs, out):
         if decision.force_next:
-            s.force(decision.force_next)
+            s.force(decision.force_next, constrained=True)
     return out  # type: ignore[return-value]
 
 

@@ -66,9 +66,12 @@ class Decode:
 
 @dataclass(eq=False)
 class Force:
-    """Tokens shown and fed one a step as discrete inputs, whatever the logits say."""
+    """Tokens shown and fed one a step as discrete inputs, whatever the logits say.
+    `constrained`: a grammar may still replace them (tokens a policy asked for, which stand
+    for its proposals); the loop's own markers (the span's close) pass unchanged."""
 
     tokens: deque[int]
+    constrained: bool = False
 
 
 Segment = Union[Prefill, Decode, Force]
@@ -107,23 +110,26 @@ class Sequence:
         front = self.segments[0] if self.segments else None
         return front if isinstance(front, Prefill) else None
 
-    def force(self, tokens) -> None:
+    def force(self, tokens, *, constrained: bool = False) -> None:
         """Force these tokens next, after any already forced."""
         front = self.segments[0] if self.segments else None
-        if isinstance(front, Force):
+        if isinstance(front, Force) and front.constrained == constrained:
             front.tokens.extend(tokens)
+        elif isinstance(front, Force):
+            self.segments.insert(1, Force(deque(tokens), constrained))
         else:
-            self.segments.appendleft(Force(deque(tokens)))
+            self.segments.appendleft(Force(deque(tokens), constrained))
 
-    def next_forced(self) -> int | None:
-        """The token a Force segment at the front shows now (taken off it), or None."""
+    def next_forced(self) -> tuple[int, bool] | None:
+        """The token a Force segment at the front shows now (taken off it) and whether a
+        grammar may replace it, or None."""
         front = self.segments[0] if self.segments else None
         if not isinstance(front, Force):
             return None
         token = front.tokens.popleft()
         if not front.tokens:
             self.segments.popleft()
-        return token
+        return token, front.constrained
 
 
 @dataclass

@@ -28,7 +28,8 @@ def test_forced_tokens_come_before_decode_in_the_order_asked():
     seq.force((7, 8))
     seq.force((9,))  # asked while 7, 8 are still to come: after them, in the same segment
     assert len(seq.segments) == 2 and isinstance(seq.segments[0], Force)
-    assert [seq.next_forced() for _ in range(3)] == [7, 8, 9]
+    seq.force((5,), constrained=True)  # another kind: its own segment, after the others
+    assert [seq.next_forced() for _ in range(4)] == [(7, False), (8, False), (9, False), (5, True)]
     assert len(seq.segments) == 1 and isinstance(seq.segments[0], Decode)  # the emptied Force is gone
     assert seq.next_forced() is None
 
