@@ -9,8 +9,7 @@ A sequence's phase is explicit (llama.cpp's server keeps a `slot_state` the same
     DECODING    an input is pending for the next decode
     FINISHED    ended (stop, length, error or cancelled)
 
-and what it does next is the front of its queue of segments (mlx-lm's `insert_segments`
-keeps such a queue per sequence):
+and what it does next is the front of its queue of segments:
 
     Prefill(tokens)  feed these tokens (the prompt), in chunks
     Decode           generate: the policy decides every step, until a stop condition
