@@ -156,9 +156,6 @@ class BatchGenerator:
         for params, sampler in zip(params_list, samplers):
             tracker = SpanTracker(span, bool(in_thinking))  # the one thinking state: the policy reads it
             policy = make_policy(params, self.runtime.token_info, thinking=tracker)
-            if policy.needs_hidden and not hasattr(self.context, "hidden_rows"):
-                raise InvalidParameterError(f"method {params.method!r} reads the hidden state, which this "
-                                            "engine build cannot give")
             plan = self.table.plan(prompt_tokens)
             seq = LoopSequence(self._next_request, plan.slot, params, policy, prompt_tokens,
                                SequenceOutput(TextStream(params.stop + self.runtime.stop_strings,
