@@ -1,7 +1,8 @@
 """A method plugs into the loop through the registry alone (a policy class plus its
 `Method` entry), on real models: one whose next input is a `Vector` (the embedding the
-method computes), and one that records what the loop tells it (`Policy.accept`) while a
-thinking budget forces the span's close marker as a Force segment."""
+method computes), one that reads the final hidden state (`needs_hidden`), and one that
+records what the loop tells it (`Policy.accept`) while a thinking budget forces the span's
+close marker as a Force segment."""
 from __future__ import annotations
 
 import dataclasses
