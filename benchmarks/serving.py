@@ -95,9 +95,9 @@ def stall(path: str, prompt_len: int = 3000, streams: int = 4, chunk: int | None
     try:
         gen = BatchGenerator(rt)
         if chunk == 0:
-            gen._next_pieces = _whole_prompt(gen)  # noqa: SLF001 - the old behaviour, for comparison
+            _whole_prompt(gen)  # the old behaviour, for comparison
         chunk_seconds: list[float] = []  # each prompt chunk's own decode, in order
-        inner = gen._decode_tokens
+        inner = gen.runner._decode_tokens  # noqa: SLF001
 
         def timed_chunk(decoding, pieces):
             t = time.perf_counter()
@@ -105,7 +105,7 @@ def stall(path: str, prompt_len: int = 3000, streams: int = 4, chunk: int | None
             if pieces:
                 chunk_seconds.append(time.perf_counter() - t)
 
-        gen._decode_tokens = timed_chunk
+        gen.runner._decode_tokens = timed_chunk  # noqa: SLF001
         short = rt.encode(messages=[{"role": "user", "content": "Tell me a long story about the sea."}])
         ids = [gen.submit(short, DecodeParams(method="selar", seed=i, max_tokens=10**4, ignore_eos=True))[0]
                for i in range(streams)]
@@ -145,25 +145,17 @@ def stall(path: str, prompt_len: int = 3000, streams: int = 4, chunk: int | None
 
 
 def _whole_prompt(gen):
-    from selar_local.generate import _Piece
+    """Every chunk of a new prompt before anyone steps (the old submit())."""
+    run = gen._run  # noqa: SLF001
 
-    def pieces(n_decoding):
-        for seq in gen._live.values():
-            if seq.prefilling:
-                return [_Piece(seq, seq.fed, min(len(seq.prompt_tokens), seq.fed + gen.context.n_batch))]
-        return []
-
-    original = gen._decode_step
-
-    def whole(decoding, pieces_):
+    def whole(decoding, pieces):
         events = []
-        while pieces_:  # the old submit(): every chunk of the prompt before anyone steps
-            events += original([], pieces_)
-            pieces_ = pieces(0)
-        return events + original(decoding, [])
+        while pieces:
+            events += run([], pieces)
+            pieces = gen.table.next_pieces(0)  # nothing decoding: a whole n_batch
+        return events + (run(decoding, []) if decoding else [])
 
-    gen._decode_step = whole
-    return pieces
+    gen._run = whole  # noqa: SLF001
 
 
 # -- chat turns ------------------------------------------------------------------------

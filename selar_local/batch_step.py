@@ -1,5 +1,7 @@
 """The batch-wide step: the decisions of N live sequences from one [N, vocab] logits
-matrix, identical to each policy's own `step` on its row.
+matrix, identical to each policy's own `step` on its row (state included), or, for the
+loop (`accept=False`), to its `propose`: the loop tells each policy its token itself once
+the grammar has seen it (decisions.py, `Policy.accept`).
 
 The vocabulary-sized work of a step (the top-k cut, then temperature, softmax, top-p,
 min-p) runs as a few NumPy calls over all rows that share a top-k; for cot and selar the
@@ -23,8 +25,15 @@ from selar_local.sampling import _MIN_BLOCKED_VOCAB, Distribution, _top_k_ids, f
 WIDE_VOCAB = 100_000  # the vocabulary size from which rows are cut one by one (see _top_k_rows)
 
 
-def decide_all(policies: Sequence[Policy], logits: np.ndarray) -> list[StepDecision]:
-    """policies[i] decides on logits[i]; exactly what policies[i].step(logits[i]) returns."""
+def decide_all(policies: Sequence[Policy], logits: np.ndarray, hidden: np.ndarray | None = None, *,
+               accept: bool = True) -> list[StepDecision]:
+    """policies[i] decides on logits[i]: exactly what policies[i].step(logits[i]) returns,
+    state included (accept=True), or what policies[i].propose(logits[i], hidden[i]) returns
+    (accept=False: the loop, which accepts each token once the grammar has seen it). A policy
+    with tokens of its own to force (`Policy.step`) and one that reads the hidden state take
+    their own path."""
+    if accept and any(p.forcing for p in policies):  # step() plays those itself
+        return [p.step(row) for p, row in zip(policies, logits)]
     dists, tables = _filter_all(logits, [p.params for p in policies])
     out: list[StepDecision | None] = [None] * len(policies)
     for table in tables:  # cot and selar rows that share k_s: their decisions in one pass too
@@ -35,11 +44,14 @@ def decide_all(policies: Sequence[Policy], logits: np.ndarray) -> list[StepDecis
     for i, (policy, dist, row) in enumerate(zip(policies, dists, logits)):
         if out[i] is not None:
             continue
-        if type(policy).decide is Policy.decide:  # a policy that only defines step()
-            out[i] = policy.step(row)
+        if type(policy).propose is not Policy.propose or type(policy).decide is Policy.decide:
+            out[i] = policy.propose(row, None if hidden is None else hidden[i])  # its own path
             continue
         policy.last_dist = dist
         out[i] = policy.decide(dist, row)
+    if accept:
+        for policy, decision in zip(policies, out):
+            policy.settle(decision, True)
     return out  # type: ignore[return-value]
 
 

@@ -1,29 +1,31 @@
-"""The generation loop: joins the engine (llama.cpp) and a step policy (NumPy).
+"""The generation loop: joins the engine (llama.cpp) and the step policies (NumPy).
 
-`BatchGenerator` runs several sequences in one llama.cpp context, one `llama_decode`
-per step for all live sequences; each sequence keeps its own policy, gate, random
-stream and stop conditions. A single streamed generation is the one-sequence case.
+`BatchGenerator` runs several sequences in one llama.cpp context, one `llama_decode` per
+step for all live sequences and the next prompt chunk; each sequence keeps its own policy,
+gate, random stream and stop conditions. A single streamed generation is the one-sequence
+case. `step()` reads like vLLM's `EngineCore.step`, in three parts with one owner each:
 
-Each step: feed every live sequence's next input and, when a prompt is waiting, the
-next chunk of it; then read all the logits rows at once (one zero-copy [N, vocab] view)
-and let the batch-wide step (batch_step.py) decide for every sequence. Inputs are token
-ids when every one is discrete, otherwise embedding rows, where a discrete input rides
-as its exact table row (the load-time self-check proves the two paths give identical
-logits). A prompt chunk shares the live sequences' decode in a unified KV cache when
-their inputs are tokens (a batch holds either token ids or embedding rows); otherwise
-it is decoded just before it (see `_decode_step` for the measurement).
+- plan (sequences.py, `SequenceTable`): admission with prefix reuse, waiting for a prompt
+  another sequence is prefilling, which sequences decode (gaps between their seq_ids
+  closed), which prompt chunk goes next. Each sequence has an explicit `Phase` and a
+  queue of segments (`Prefill`, `Decode`, `Force`).
+- run (batch_runner.py, `BatchRunner`): the pending inputs (token ids, table rows,
+  mixtures or vectors, one function `input_row`) and the chunk into the engine's
+  batches, one decode, the logits rows read back (and the hidden state, for a policy that
+  declares `needs_hidden`).
+- update: each sequence with logits decides (decisions.py: forced tokens, the policies,
+  batch-wide when that is faster, the grammar), every final token is told to its policy
+  (`Policy.accept`) and recorded by its output accumulator (outputs.py: text, stop
+  strings, thinking split, log-probabilities, events, the result).
 
 Prompts are never prefilled whole while others decode: a new prompt goes in chunks of
 `prefill_chunk` tokens (the whole n_batch when nothing else is live), so no live stream
 waits for more than one chunk. Before that, the slot table (kv_slots.py) finds the
-longest prefix already in some slot's KV cells (the prompt cache, or another sequence
-of the same prompt: `n`, seeds, self-consistency) and only the rest is prefilled; a
-sequence whose prompt another one is still prefilling waits for those cells and copies
-them (llama_memory_seq_cp) instead of computing them again.
+longest prefix already in some slot's KV cells (the prompt cache, or another sequence of
+the same prompt: `n`, seeds, self-consistency) and only the rest is prefilled.
 
-What each sequence has produced (text, stop strings, the thinking split, log-probabilities,
-events and its result) is kept by its `SequenceOutput` (outputs.py); the loop hands it each
-decision. The policy a sequence gets comes from the method registry (methods.py).
+A method plugs in without touching the loop: its policy (policies.py's calls) and its
+entry in the method registry (methods.py); see README, "Adding a method".
 
 The loop imports nothing from runtime.py: it takes what it needs from the object it is
 handed (see `LoopHost`), so the dependency runs one way.
@@ -31,27 +33,26 @@ handed (see `LoopHost`), so the dependency runs one way.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 
-from selar_local.batch_step import WIDE_VOCAB, decide_all
+from selar_local.batch_runner import BatchRunner, RunOutput
+from selar_local.batch_step import WIDE_VOCAB
 from selar_local.constraint import SequenceGrammar
+from selar_local.decisions import decide
 from selar_local.errors import ContextOverflowError, DecodeError, InvalidParameterError
 from selar_local.grammar import sampler_for
-from selar_local.kv_slots import Plan, Slot, SlotTable, common_prefix
+from selar_local.outputs import GenerationResult, SequenceOutput, StepEvent, TextStream
 from selar_local.params import DecodeParams
-from selar_local.policies import Policy, StepDecision, TokenInfo, make_policy
-from selar_local.outputs import GenerationResult, SequenceOutput, StepEvent, TextStream, step_event
-from selar_local.sampling import token_logprobs
+from selar_local.policies import StepDecision, TokenInfo, make_policy
+from selar_local.sequences import Phase, Piece, Sequence as LoopSequence, SequenceTable
 from selar_local.thinking import SpanTracker
 
 _TextStream = TextStream  # the name tests and speed.py import
 __all__ = ["BatchGenerator", "GenerationResult", "StepEvent", "generate_groups", "generate_many", "stream_tokens"]
 
 _DECODE_ERRORS = (DecodeError, ContextOverflowError, ValueError)
-TILE_ROWS = 64  # rows of one tile of ggml's CPU matrix kernels (see BatchGenerator._decode_tokens)
 
 
 class LoopHost(Protocol):
@@ -73,85 +74,30 @@ class LoopHost(Protocol):
     def thinking_at_end(self, prompt_tokens: Sequence[int]) -> bool | None: ...
 
 
-@dataclass
-class _Sequence:
-    request_id: int
-    slot: Slot
-    params: DecodeParams
-    policy: Policy
-    prompt_tokens: list[int]
-    out: SequenceOutput                     # tokens, text, thinking split, logprobs (outputs.py)
-    position: int = 0                       # position of the next input
-    fed: int = 0                            # prompt tokens whose KV cells exist
-    source: "_Sequence | None" = None       # waiting for this sequence's prompt cells ...
-    wait_upto: int = 0                      # ... up to here
-    first_logits: np.ndarray | None = None  # known: the first step needs no decode
-    cached_tokens: int = 0                  # prompt tokens not prefilled (cache or copy)
-    extends_cache: bool = True              # no soft input fed yet
-    forced: list[int] = field(default_factory=list)  # tokens to emit next whatever the logits say
-    pending: StepDecision | None = None
-    grammar: SequenceGrammar | None = None  # a constrained answer (constraint.py)
-    finish_reason: str | None = None
-    prefill_seconds: float = 0.0
-    started: float = 0.0
-
-    @property
-    def seq_id(self) -> int:
-        return self.slot.seq_id
-
-    @property
-    def prefilling(self) -> bool:
-        return self.source is None and self.first_logits is None and self.fed < len(self.prompt_tokens)
-
-
-@dataclass
-class _Piece:
-    """Part of one prompt in this step's batch."""
-
-    seq: _Sequence
-    start: int
-    stop: int
-
-    @property
-    def completes(self) -> bool:
-        return self.stop == len(self.seq.prompt_tokens)
-
-
 class BatchGenerator:
     """Steps up to `runtime.n_parallel` sequences together through one context."""
-
-    # After a soft step, discrete inputs keep riding as table rows for this many steps
-    # (when rows are exact) instead of switching back to a token batch: llama.cpp
-    # rebuilds its graph whenever the input kind changes between consecutive decodes.
-    STICKY_EMBEDDING_STEPS = 16
 
     def __init__(self, runtime: LoopHost, *, batch_wide: bool | None = None, prefill_chunk: int | None = None,
                  whole_prompts_only: bool = False, close_gaps: bool = True):
         self.runtime = runtime
         self.context = runtime.context
         self.slots = runtime.slots
-        self.prefill_chunk = max(1, int(prefill_chunk or runtime.prefill_chunk))
         # False: each policy steps on its own row (the reference path). By default the batch-wide
         # step runs below WIDE_VOCAB, where it is the faster of the two (16 rows of 49k: 0.66 against
         # 0.79 ms host work a step); at 152k one row at a time was faster (1.24 against 1.57 ms).
         if batch_wide is None:
             batch_wide = self.context.model.n_vocab < WIDE_VOCAB
         self.batch_wide = batch_wide
-        # Reuse cells only for a whole prompt with its logits (exact), never a partial prefix
-        # (the rest would be batched differently from a fresh prefill): batch jobs.
-        self.whole_prompts_only = whole_prompts_only
-        # Move live sequences into free slots so that their seq_ids stay consecutive (_close_gaps).
-        self.close_gaps = close_gaps
+        self.table = SequenceTable(self.context, self.slots,
+                                   prefill_chunk=max(1, int(prefill_chunk or runtime.prefill_chunk)),
+                                   whole_prompts_only=whole_prompts_only, close_gaps=close_gaps)
         check = runtime.self_check
-        # Rows may stand in for tokens without changing a single logit only where the
-        # load-time self-check found the two paths bit-identical (max |diff| == 0).
-        self._rows_exact = bool(runtime.table is not None and check is not None and check.passed
-                                and check.max_abs_diff == 0.0)
-        self._since_soft = self.STICKY_EMBEDDING_STEPS  # steps since the last soft input
+        self.runner = BatchRunner(self.context, runtime.table, rows_exact=bool(
+            runtime.table is not None and check is not None and check.passed and check.max_abs_diff == 0.0))
         self._eog_ids = runtime.model.eog_ids
         self._eog_list = sorted(self._eog_ids)
-        self._live: dict[int, _Sequence] = {}  # admitted and not ended: waiting, prefilling or decoding
-        self._finished: dict[int, _Sequence] = {}
+        self._token_bytes = runtime.model.token_bytes
+        self._finished: dict[int, LoopSequence] = {}
         self._errors: dict[int, BaseException] = {}
         self._next_request = 0
 
@@ -160,22 +106,22 @@ class BatchGenerator:
     def free_slots(self) -> int:
         return self.slots.n_free
 
+    @property
+    def _live(self) -> dict[int, LoopSequence]:
+        return self.table.live
+
     def kv_cells_in_use(self) -> int:
         """KV cells held for live sequences, plus any a free slot holds past its cached
         tokens (a leak): 0 when every sequence has ended or been cancelled."""
-        total = 0
-        for slot in self.slots.slots:
-            cells = self.context.sequence_length(slot.seq_id)
-            total += cells if slot.busy else max(0, cells - len(slot.tokens))
-        return total
+        return self.table.kv_cells_in_use()
 
     def kv_cells_cached(self) -> int:
         """KV cells free slots keep as prompt cache."""
-        return sum(len(slot.tokens) for slot in self.slots.slots if not slot.busy)
+        return self.table.kv_cells_cached()
 
     @property
     def live_requests(self) -> list[int]:
-        return list(self._live)
+        return list(self.table.live)
 
     def submit(self, prompt_tokens: Sequence[int], params: DecodeParams) -> tuple[int, StepEvent | None]:
         """Admit a prompt to a free slot. Returns the request id and None: the prompt is
@@ -204,105 +150,36 @@ class BatchGenerator:
                                "are free: wait for sequences to finish or raise n_parallel")
         for params in params_list:
             self.runtime.check_thinking_params(params)
-        self._check_free_caches()
+        self.table.check_free_caches()
         in_thinking = self.runtime.thinking_at_end(prompt_tokens)
         span = getattr(self.runtime, "thinking_span", None)
         started = time.perf_counter()
         samplers = [sampler_for(self.runtime.model, params) for params in params_list]  # bad GBNF: raises here
         out = []
         for params, sampler in zip(params_list, samplers):
-            policy = make_policy(params, self.runtime.token_info, in_thinking=in_thinking)
-            plan = self.slots.plan(prompt_tokens, whole_only=self.whole_prompts_only)
-            self.slots.take(plan.slot)
-            tracker = SpanTracker(span, bool(in_thinking))
-            seq = _Sequence(self._next_request, plan.slot, params, policy, prompt_tokens,
-                            SequenceOutput(TextStream(params.stop + self.runtime.stop_strings,
-                                                      tracker.hold_strings), tracker),
-                            started=started,
-                            grammar=SequenceGrammar(sampler, params) if sampler is not None else None)
+            tracker = SpanTracker(span, bool(in_thinking))  # the one thinking state: the policy reads it
+            policy = make_policy(params, self.runtime.token_info, thinking=tracker)
+            plan = self.table.plan(prompt_tokens)
+            seq = LoopSequence(self._next_request, plan.slot, params, policy, prompt_tokens,
+                               SequenceOutput(TextStream(params.stop + self.runtime.stop_strings,
+                                                         tracker.hold_strings), tracker),
+                               grammar=SequenceGrammar(sampler, params) if sampler is not None else None,
+                               started=started)
             self._next_request += 1
-            self._live[seq.request_id] = seq
-            source, upto = self._prefilling_source(seq, plan.reuse)
-            if source is not None:  # the group's first sequence, or another request of this prompt
-                seq.source, seq.wait_upto = source, upto
-            else:
-                self._start_from(seq, plan)
+            self.table.admit(seq, plan)
             out.append((seq.request_id, None))
         return out
 
-    def _check_free_caches(self) -> None:
-        """Trust a free slot's cache only while llama.cpp holds exactly its cells (code
-        outside the loop may have used the sequence)."""
-        for slot in self.slots.slots:
-            if not slot.busy and slot.tokens and self.context.sequence_length(slot.seq_id) != len(slot.tokens):
-                self.context.remove_sequence(slot.seq_id)
-                slot.forget(0)
-
-    def _prefilling_source(self, seq: _Sequence, reuse: int) -> tuple[_Sequence | None, int]:
-        """A live sequence still prefilling a longer prefix of this prompt than any slot
-        holds now: worth waiting for (its cells are then copied, not computed twice)."""
-        best, best_n = None, reuse
-        for other in self._live.values():
-            if other is seq or not other.prefilling:
-                continue
-            n = common_prefix(seq.prompt_tokens, other.prompt_tokens)
-            whole = n == len(seq.prompt_tokens) == len(other.prompt_tokens)  # its logits come too
-            if self.whole_prompts_only and not whole:
-                continue
-            usable = n if whole else min(n, len(seq.prompt_tokens) - 1)
-            if usable > best_n and usable > other.fed:
-                best, best_n = other, usable
-        return best, best_n
-
-    def _start_from(self, seq: _Sequence, plan: Plan) -> None:
-        """Apply a plan: keep or copy the reusable cells; the rest is prefilled by step()."""
-        slot = seq.slot
-        if plan.source is None:
-            self.context.truncate_sequence(slot.seq_id, plan.reuse)
-            slot.forget(plan.reuse)
-        else:
-            self.context.copy_sequence(plan.source.seq_id, slot.seq_id, keep=plan.reuse)
-            slot.tokens = plan.source.tokens[:plan.reuse]
-            slot.logits, slot.logits_at = (plan.logits, plan.reuse) if plan.logits is not None else (None, 0)
-        seq.fed = seq.position = seq.cached_tokens = plan.reuse
-        if plan.logits is not None:
-            seq.first_logits = plan.logits
-
-    def _resolve_waiting(self) -> None:
-        for seq in list(self._live.values()):
-            source = seq.source
-            if source is None:
-                continue
-            if source.request_id in self._live and source.prefilling and source.fed < seq.wait_upto:
-                continue
-            seq.source = None
-            self._start_from(seq, self.slots.plan(seq.prompt_tokens, slot=seq.slot,
-                                                  whole_only=self.whole_prompts_only))
-
     def cancel(self, request_id: int) -> None:
         """Stop a sequence now and free its slot (its cells stay as prompt cache)."""
-        seq = self._live.pop(request_id, None)
+        seq = self.table.live.get(request_id)
         if seq is not None:
-            self._release_slot(seq, keep_cache=True)
+            self.table.end(seq, keep_cache=True)
 
     def close(self) -> None:
         """Cancel every sequence still live (their slots go back to the runtime)."""
-        for request_id in list(self._live):
+        for request_id in list(self.table.live):
             self.cancel(request_id)
-
-    def _release_slot(self, seq: _Sequence, *, keep_cache: bool) -> None:
-        slot = seq.slot
-        if seq.source is not None:  # never started: the slot still holds its old cache intact
-            self.slots.release(slot, keep_cache=keep_cache)
-            return
-        self._give_back(slot, keep_cache=keep_cache)
-
-    def _give_back(self, slot: Slot, *, keep_cache: bool) -> None:
-        """Free a slot whose cells hold its tokens and maybe more: the cells past the cached
-        tokens (soft inputs and what followed them) are dropped, or all of them."""
-        keep_cache = keep_cache and self.slots.enabled
-        self.context.truncate_sequence(slot.seq_id, len(slot.tokens) if keep_cache else 0)
-        self.slots.release(slot, keep_cache=keep_cache)
 
     # -- stepping ---------------------------------------------------------------------
     def step(self) -> list[StepEvent]:
@@ -312,343 +189,113 @@ class BatchGenerator:
         If the shared decode fails, its parts are retried alone, so that only the one
         that cannot decode ends (with finish_reason "error"; `pop_error` gives why) and
         its neighbours go on with exactly the logits they would have had."""
-        self._resolve_waiting()
+        table = self.table
+        table.resolve_waiting()
         events = self._first_steps()
-        # In seq_id order: with one KV stream per sequence llama.cpp puts only runs of
-        # consecutive seq_ids into one ubatch (llama_batch_allocr::split_equal), and each
-        # extra ubatch is another pass through the model (16 live sequences in admission
-        # order [12..15, 0..11]: 2 ubatches, 100 ms a step against 85; benchmarks/ubatch_split.py).
-        decoding = sorted((s for s in self._live.values() if s.pending is not None), key=_by_seq_id)
-        if self.close_gaps and self._close_gaps(decoding):
-            decoding.sort(key=_by_seq_id)
-        pieces = self._next_pieces(len(decoding))
+        decoding = table.decoding()                      # plan
+        pieces = table.next_pieces(len(decoding))
         if decoding or pieces:
-            try:
-                events += self._decode_step(decoding, pieces)
-            except _DECODE_ERRORS as exc:
-                if not self._room_was_made(exc):
-                    events += self._step_separately(decoding, pieces)
-                else:
-                    events += self._decode_step(decoding, pieces)
-            self._resolve_waiting()
+            events += self._run(decoding, pieces)        # run, update
+            table.resolve_waiting()
             events += self._first_steps()
         return events
 
-    def _close_gaps(self, decoding: list[_Sequence]) -> bool:
-        """Make the live inputs' seq_ids one consecutive run, moving as few sequences as
-        possible into free slots (a gap left by a finished request costs an extra ubatch
-        every step: 8 live sequences with gaps took 58 against 49 ms a step, SmolLM2, one
-        thread, benchmarks/ubatch_split.py; on a GPU each ubatch reads the weights again).
-        A move copies the sequence's KV stream (llama_memory_seq_cp, done by llama.cpp at
-        the next decode) and leaves its old slot as prompt cache of the same tokens.
-        Returns whether anything moved."""
-        if len(decoding) < 2 or self.context.kv_unified:
-            return False
-        ids = {s.seq_id for s in decoding}
-        if max(ids) - min(ids) + 1 == len(ids):
-            return False
-        slots = self.slots.slots
-        best: tuple[int, int, int] | None = None  # (moves, cached tokens given up, first seq_id)
-        for start in range(len(slots) - len(ids) + 1):
-            window = range(start, start + len(ids))
-            if all(i in ids or not slots[i].busy for i in window):
-                taken = [slots[i] for i in window if i not in ids]
-                cost = (len(taken), sum(len(slot.tokens) for slot in taken), start)
-                best = cost if best is None or cost < best else best
-        if best is None:  # busy slots that are not decoding (prefilling, waiting) split every window
-            return False
-        window = range(best[2], best[2] + len(ids))
-        free = [slots[i] for i in window if i not in ids]
-        for seq, slot in zip([s for s in decoding if s.seq_id not in window], free):
-            self._move(seq, slot)
-        return True
+    def _run(self, decoding: list[LoopSequence], pieces: list[Piece]) -> list[StepEvent]:
+        hidden = _reads_hidden(decoding, pieces)
+        try:
+            result = self.runner.run(decoding, pieces, hidden=hidden)
+        except _DECODE_ERRORS as exc:
+            if not self.table.room_was_made(exc):
+                return self._run_separately(decoding, pieces)
+            result = self.runner.run(decoding, pieces, hidden=hidden)
+        return self._update(decoding, pieces, result)
 
-    def _move(self, seq: _Sequence, dst: Slot) -> None:
-        src = seq.slot
-        self.context.copy_sequence(src.seq_id, dst.seq_id)  # what dst cached is given up
-        dst.tokens, dst.logits, dst.logits_at = list(src.tokens), src.logits, src.logits_at
-        self.slots.take(dst)
-        seq.slot = dst
-        self._give_back(src, keep_cache=True)  # the old cells stay as the cache of the tokens so far
-
-    def _next_pieces(self, n_decoding: int) -> list[_Piece]:
-        """The next prompt tokens to feed: one chunk while others decode (so no stream
-        waits for a whole prompt), a full batch when nothing else is live. One prompt per
-        step, the oldest first, so that each prompt's chunks start at multiples of the
-        chunk size from where its prefill began (see `_decode_tokens` for why)."""
-        budget = min(self.prefill_chunk if n_decoding else self.context.n_batch, self.context.n_batch)
-        for seq in self._live.values():  # admission order
-            if seq.prefilling:
-                return [_Piece(seq, seq.fed, min(len(seq.prompt_tokens), seq.fed + budget))]
-        return []
-
-    def _decode_step(self, decoding: list[_Sequence], pieces: list[_Piece]) -> list[StepEvent]:
-        ctx = self.context
-        n_prompt = sum(p.stop - p.start for p in pieces)
-        # One decode for both only in a unified KV cache: with one KV stream per sequence
-        # llama.cpp splits a batch that spans streams unevenly into several ubatches, and a
-        # 64-token chunk plus 4 live inputs took 519 ms merged against 320 + 30 ms apart
-        # (SmolLM2, 1 thread); unified, 347 ms merged against 314 + 31 ms apart.
-        # Merged, the live rows must stay off the 64-row tiles (see `_decode_tokens`).
-        merged = (pieces and ctx.kv_unified and not any(s.pending.soft for s in decoding)
-                  and len(decoding) + n_prompt <= ctx.n_batch
-                  and (n_prompt % TILE_ROWS == 0 or n_prompt + len(decoding) < TILE_ROWS)
-                  and len(decoding) < TILE_ROWS)
-        if merged:  # one token batch: the chunk first, then the live inputs
-            self._decode_tokens(decoding, pieces)
-            self._since_soft += 1
-            n_completing = sum(p.completes for p in pieces)
-            self._after_prompt(pieces, 0)
-            return self._after_inputs(decoding, n_completing)
-        if pieces:
-            self._decode_tokens([], pieces)
-            self._after_prompt(pieces, 0)  # copies the logits it keeps before the next decode
-        if not decoding:
-            return []
-        self._decode_inputs(decoding)
-        return self._after_inputs(decoding, 0)
-
-    def _decode_tokens(self, decoding: list[_Sequence], pieces: list[_Piece]) -> None:
-        """Prompt pieces first, live inputs last. The order matters for exactness: ggml's
-        CPU matrix kernels split a batch's rows into tiles and leftover rows, computed
-        along paths whose results differ in the last bits. Chunks of a multiple of 64
-        tokens from where a prefill began reproduced an unchunked prefill's logits exactly
-        on the tests' prompts (16-48-token chunks moved them by up to 0.6), though not in
-        every case (see generate_many); live inputs placed after the chunk keep the path
-        of a plain decode step."""
-        tokens, positions, seq_ids, want = [], [], [], []
-        for p in pieces:
-            n = p.stop - p.start
-            tokens += p.seq.prompt_tokens[p.start:p.stop]
-            positions += range(p.start, p.stop)
-            seq_ids += [p.seq.seq_id] * n
-            want += [False] * (n - 1) + [p.completes]
-        tokens += [s.pending.token for s in decoding]
-        positions += [s.position for s in decoding]
-        seq_ids += [s.seq_id for s in decoding]
-        want += [True] * len(decoding)
-        self.context.decode_tokens(tokens, positions, seq_ids, want)
-
-    def _decode_inputs(self, live: list[_Sequence]) -> None:
-        ctx = self.context
-        n = len(live)
-        positions = [s.position for s in live]
-        seq_ids = [s.seq_id for s in live]
-        want = [True] * n
-        any_soft = any(s.pending.soft for s in live)
-        if any_soft:
-            self._since_soft = 0
-        else:
-            self._since_soft += 1
-        if not any_soft and not (self._rows_exact and self._since_soft <= self.STICKY_EMBEDDING_STEPS
-                                 and ctx.last_input_kind == "embeddings"):
-            ctx.decode_tokens([s.pending.token for s in live], positions, seq_ids, want)
-        else:
-            rows = ctx.embedding_buffer(n)
-            table = self.runtime.table
-            for row, s in zip(rows, live):
-                d = s.pending
-                if d.soft:
-                    table.mix(d.mix_ids, d.mix_weights, out=row)
-                else:
-                    row[:] = table.row(d.token)
-            ctx.decode_embedding_buffer(n, positions, seq_ids, want)
-
-    def _after_prompt(self, pieces: list[_Piece], first_output: int) -> None:
-        """Record the prompt cells just computed; keep the logits of each finished prompt
-        (a copy: the first step, and later requests of the same prompt, read it)."""
-        completing = [p for p in pieces if p.completes]
-        rows = self.context.logits_rows(first_output + len(completing)) if completing else None
-        j = first_output
-        for p in pieces:
-            seq = p.seq
-            seq.fed = seq.position = p.stop
-            seq.slot.tokens.extend(seq.prompt_tokens[p.start:p.stop])
-            if p.completes:
-                logits = rows[j].copy()
-                logits.flags.writeable = False
-                seq.slot.logits, seq.slot.logits_at = logits, p.stop
-                seq.first_logits = logits
-                j += 1
-
-    def _after_inputs(self, decoding: list[_Sequence], first_output: int) -> list[StepEvent]:
-        """The live sequences' outputs are first_output.. first_output + len(decoding) - 1."""
-        if not decoding:
-            return []
-        for s in decoding:
-            d = s.pending
-            if s.extends_cache:
-                if d.soft:
-                    s.extends_cache = False
-                elif len(s.slot.tokens) == s.position:
-                    s.slot.tokens.append(d.token)
-            s.position += 1
-        rows = self.context.logits_rows(first_output + len(decoding))[first_output:]
-        events = []
-        for s, d in zip(decoding, self._decide(decoding, rows)):
-            event = self._apply(s, d)
-            if event is not None:
-                events.append(event)
-        return events
-
-    def _decide(self, seqs: list[_Sequence], rows) -> list[StepDecision]:
-        """Each sequence's policy on its logits row: one batch-wide pass, or one by one.
-        A thinking span that must close (budget spent, close marker pending, Cold Stop)
-        overrides the policy with the marker's tokens."""
-        rows = np.asarray(rows) if not isinstance(rows, np.ndarray) else rows
-        banned = [i for i, s in enumerate(seqs) if s.params.ignore_eos]
-        if banned:
-            # In place: the rows are either llama.cpp's output buffer, read by nobody else
-            # before the next decode (kept prompt logits were copied out already), or a fresh
-            # stack of kept logits. A copy of 16 x 49k logits cost ~1.5 ms a step.
-            if not rows.flags.writeable:
-                rows = rows.copy()
-            rows[np.ix_(banned, self._eog_list)] = -np.inf
-        out: list[StepDecision | None] = [None] * len(seqs)
-        plain = []
-        for i, s in enumerate(seqs):
-            if self._must_close(s):
-                out[i] = self._forced_close(s, rows[i])
-            else:
-                s.policy.in_thinking = s.out.span.in_thinking
-                plain.append(i)
-        if self.batch_wide and len(plain) > 1:
-            decided = decide_all([seqs[i].policy for i in plain], rows[plain])
-        else:
-            decided = [seqs[i].policy.step(rows[i]) for i in plain]
-        for i, decision in zip(plain, decided):
-            policy = seqs[i].policy
-            if getattr(policy, "close_requested", False):  # Soft Thinking's Cold Stop
-                policy.close_requested = False
-                if seqs[i].out.span.in_span:
-                    decision = self._forced_close(seqs[i], rows[i])
-            if seqs[i].grammar is not None:  # -- grammar seam (issue 23): constrain what is shown --
-                decision = seqs[i].grammar.adjust(decision, policy, rows[i], seqs[i].out.span)
-            out[i] = decision
-        return out  # type: ignore[return-value]
-
-    def _first_steps(self) -> list[StepEvent]:
-        """Sequences whose prompt logits are known (just prefilled, cached, or copied)."""
-        ready = [s for s in self._live.values() if s.first_logits is not None]
-        if not ready:
-            return []
-        now = time.perf_counter()
-        rows = [s.first_logits for s in ready]
-        for seq in ready:
-            seq.first_logits, seq.prefill_seconds = None, now - seq.started
-        events = []
-        for seq, decision in zip(ready, self._decide(ready, np.stack(rows) if len(rows) > 1 else rows)):
-            event = self._apply(seq, decision)
-            if event is not None:
-                events.append(event)
-        return events
-
-    def _room_was_made(self, exc: BaseException) -> bool:
-        """A unified KV cache without free cells: give back the free slots' cached cells
-        and let the caller retry once."""
-        if not (isinstance(exc, DecodeError) and exc.status == 1):
-            return False
-        freed = [s for s in self.slots.slots if not s.busy and s.tokens]
-        for slot in freed:
-            self.context.remove_sequence(slot.seq_id)
-        return self.slots.forget_free() > 0
-
-    def _step_separately(self, decoding: list[_Sequence], pieces: list[_Piece]) -> list[StepEvent]:
+    def _run_separately(self, decoding: list[LoopSequence], pieces: list[Piece]) -> list[StepEvent]:
         """The shared decode failed: each prompt piece alone, then the live inputs
         together, then each alone; only what cannot decode ends, with an error."""
         events = []
         for piece in pieces:
             try:
-                self._decode_tokens([], [piece])
+                result = self.runner.run([], [piece], hidden=_reads_hidden([], [piece]))
             except _DECODE_ERRORS as exc:
                 events.append(self._fail(piece.seq, exc))
                 continue
-            self._after_prompt([piece], 0)
+            self._update([], [piece], result)
         if not decoding:
             return events
         try:
-            self._decode_inputs(decoding)
-            return events + self._after_inputs(decoding, 0)
+            result = self.runner.run(decoding, [], hidden=_reads_hidden(decoding, []))
         except _DECODE_ERRORS as exc:
             if len(decoding) == 1:
                 return events + [self._fail(decoding[0], exc)]
+        else:
+            return events + self._update(decoding, [], result)
         for s in decoding:
             try:
-                self._decode_inputs([s])
+                result = self.runner.run([s], [], hidden=s.policy.needs_hidden)
             except _DECODE_ERRORS as exc:
                 events.append(self._fail(s, exc))
                 continue
-            events += self._after_inputs([s], 0)
+            events += self._update([s], [], result)
         return events
 
-    def _fail(self, seq: _Sequence, exc: BaseException) -> StepEvent:
+    def _update(self, decoding: list[LoopSequence], pieces: list[Piece], result: RunOutput) -> list[StepEvent]:
+        self.table.record_prompt(pieces, result.prompt_logits, result.prompt_hidden)
+        if not decoding:
+            return []
+        self.table.advance(decoding)
+        return self._take_all(decoding, result.rows, result.hidden)
+
+    def _first_steps(self) -> list[StepEvent]:
+        """Sequences whose prompt logits are known (just prefilled, cached, or copied)."""
+        ready = self.table.ready()
+        if not ready:
+            return []
+        now = time.perf_counter()
+        rows = [s.first_logits for s in ready]
+        hidden = None
+        if any(s.policy.needs_hidden for s in ready):
+            hidden = [s.first_hidden for s in ready]
+        for seq in ready:
+            seq.first_logits, seq.first_hidden, seq.prefill_seconds = None, None, now - seq.started
+        return self._take_all(ready, np.stack(rows) if len(rows) > 1 else rows, hidden)
+
+    def _take_all(self, seqs: list[LoopSequence], rows, hidden) -> list[StepEvent]:
+        decided = decide(seqs, rows, hidden, batch_wide=self.batch_wide, eog_ids=self._eog_list)
+        return [self._take(s, d, generated) for s, (d, generated) in zip(seqs, decided)]
+
+    def _take(self, seq: LoopSequence, decision: StepDecision, generated: bool) -> StepEvent:
+        """A final decision: the grammar and the policy are told its token, the output
+        records it; the sequence decodes its input next, or ends."""
+        token = decision.token
+        if seq.grammar is not None:  # -- grammar seam (issue 23): advance past the shown token --
+            seq.grammar.commit(token)
+        seq.policy.accept(token, generated)
+        eog = token in self._eog_ids
+        event = seq.out.take(seq.request_id, decision, b"" if eog else self._token_bytes(token),
+                             end_of_generation=eog, max_tokens=seq.params.max_tokens,
+                             context_full=seq.position + 1 > self.context.n_ctx,
+                             dist=seq.policy.last_dist, n_logprobs=seq.params.logprobs)
+        if event.finish_reason is None:
+            seq.pending, seq.phase = decision, Phase.DECODING
+        else:
+            seq.finish_reason = event.finish_reason
+            self.table.end(seq, keep_cache=True)
+            self._finished[seq.request_id] = seq
+        return event
+
+    def _fail(self, seq: LoopSequence, exc: BaseException) -> StepEvent:
         """End one sequence whose input could not be decoded; its slot and cells are freed."""
         self._errors[seq.request_id] = exc
         seq.finish_reason = "error"
-        seq.pending = None
-        self._live.pop(seq.request_id, None)
-        self._release_slot(seq, keep_cache=False)
+        self.table.end(seq, keep_cache=False)
         self._finished[seq.request_id] = seq
-        return StepEvent(seq.request_id, len(seq.out.tokens), -1, seq.out.text.finish(), False, 0.0, (), (),
-                         finish_reason="error")
+        return seq.out.error_event(seq.request_id)
 
     def pop_error(self, request_id: int) -> BaseException:
         """Why a sequence ended with finish_reason "error" (its result is dropped)."""
         self._finished.pop(request_id, None)
         return self._errors.pop(request_id)
-
-    def _must_close(self, seq: _Sequence) -> bool:
-        """The thinking span must close now: close-marker tokens pending, or the
-        max_think_tokens budget spent."""
-        budget = seq.params.max_think_tokens
-        return bool(seq.forced) or (budget is not None and seq.out.span.in_span and seq.out.span.think_tokens >= budget)
-
-    def _forced_close(self, seq: _Sequence, logits: np.ndarray) -> StepDecision:
-        """Emit the close marker (and the answer's opening) token by token as discrete
-        steps, as the Soft Thinking and SwiReasoning code do."""
-        if not seq.forced:
-            seq.forced = list(seq.out.span.span.forced_close)
-        return seq.policy.forced_step(logits, seq.forced.pop(0))
-
-    def _apply(self, seq: _Sequence, decision: StepDecision) -> StepEvent | None:
-        """Take the policy's decision: stop conditions, the output, the event."""
-        out = seq.out
-        index = len(out.tokens)
-        if seq.grammar is not None:  # -- grammar seam (issue 23): advance past the shown token --
-            seq.grammar.commit(decision.token)
-        if decision.token in self._eog_ids:  # not part of the output: no log-probability either
-            return self._finish(seq, decision, index, "stop", out.text.finish())
-        logprobs = self._logprobs(seq, decision)
-        thinking = out.span.in_span
-        text, stopped = out.add(decision, self.runtime.model.token_bytes(decision.token), logprobs)
-        if stopped:
-            return self._finish(seq, decision, index, "stop", text, logprobs)
-        if (decision.final or len(out.tokens) >= seq.params.max_tokens
-                or seq.position + 1 > self.context.n_ctx):
-            return self._finish(seq, decision, index, "length", text + out.text.finish(), logprobs)
-        if decision.soft:
-            out.add_soft_input(decision.mix_weights)
-        seq.pending = decision
-        return step_event(seq.request_id, index, decision, text, decision.soft, None, logprobs,
-                          out.split(thinking))
-
-    def _finish(self, seq: _Sequence, decision: StepDecision, index: int, reason: str, text: str,
-                logprobs: tuple[float, tuple] | None = None) -> StepEvent:
-        seq.finish_reason = reason
-        seq.pending = None
-        self._live.pop(seq.request_id, None)
-        self._release_slot(seq, keep_cache=True)
-        self._finished[seq.request_id] = seq
-        return step_event(seq.request_id, index, decision, text, False, reason, logprobs,
-                          seq.out.split(seq.out.thinking_at(index), final=True))
-
-    @staticmethod
-    def _logprobs(seq: _Sequence, decision: StepDecision) -> tuple[float, tuple] | None:
-        n = seq.params.logprobs
-        dist = seq.policy.last_dist
-        if n is None or dist is None:
-            return None
-        return token_logprobs(dist, decision.token, n)
 
     def pop_result(self, request_id: int) -> GenerationResult:
         """The finished sequence's result (each result can be taken once)."""
@@ -657,6 +304,12 @@ class BatchGenerator:
         return seq.out.result(prompt_tokens=len(seq.prompt_tokens), finish_reason=seq.finish_reason or "stop",
                               prefill_seconds=seq.prefill_seconds, decode_seconds=decode_seconds,
                               cached_tokens=seq.cached_tokens)
+
+
+def _reads_hidden(decoding: list[LoopSequence], pieces: list[Piece]) -> bool:
+    """Whether this step's decode must give the final hidden state (a policy declared
+    `needs_hidden`): the live inputs' rows, and the last row of a prompt completing."""
+    return any(s.policy.needs_hidden for s in decoding) or any(p.seq.policy.needs_hidden for p in pieces)
 
 
 def stream_tokens(runtime: LoopHost, prompt_tokens: Sequence[int], params: DecodeParams) -> Iterator[StepEvent]:
@@ -766,7 +419,3 @@ def generate_groups(
     finally:
         generator.close()  # the other sequences' slots go back to the runtime
     return results  # type: ignore[return-value]
-
-
-def _by_seq_id(seq: _Sequence) -> int:
-    return seq.seq_id

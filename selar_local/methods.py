@@ -1,10 +1,13 @@
 """The method registry: every decoding method once, with its policy class, whether it feeds
 soft inputs, and the DecodeParams fields it reads (each with its command-line help).
 
-Validation (`params.METHODS`), the policy made for a sequence (`policies.make_policy`), the
+Validation (`params.DecodeParams`), the policy made for a sequence (`policies.make_policy`), the
 command-line flags (`commands.common`), the HTTP API's fields (openai_schema.DECODE_FIELDS,
 the DecodeParams fields) and `Runtime.require_method` all follow from here, so a new method
-is its policy module plus one `Method` entry below (and its fields on DecodeParams).
+is its policy module plus one `Method` entry below (and its fields on DecodeParams). The loop
+(generate.py) meets every method through the same Policy calls (policies.py: `propose`,
+`forced_step`, `accept`, and the decision's next input: Token, Mixture or Vector), so it does
+not change for a new one (README, "Adding a method"; tests/test_loop_plugin.py registers three).
 
 No import of the policies here: params.py validates against this registry and the policies
 import params, so a method names its policy class as "module:Class", loaded on first use.

@@ -1,10 +1,13 @@
 """The output accumulator of the generation loop: what one sequence has produced so far
 (tokens, text with stop strings held back, the thinking split, entropies, soft flags,
-log-probabilities), the StepEvent of each step and the GenerationResult at the end.
+log-probabilities), the stop conditions, the StepEvent of each step and the
+GenerationResult at the end.
 
-BatchGenerator (generate.py) owns scheduling and decoding; each sequence's output lives
-here, so the loop hands a decision and the token's bytes to `SequenceOutput.add` and
-reads back the released text and whether a stop string hit.
+The loop (generate.py) hands each final decision to `SequenceOutput.take`, with the
+token's bytes and what only the loop knows (end-of-generation token, room left in the
+context); `take` returns the step's event, whose `finish_reason` says whether the
+sequence ended. The sequence's `SpanTracker` is advanced here, with the text: it is the
+one thinking state, which the policy reads (policies.py).
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from selar_local.policies import StepDecision
+from selar_local.sampling import Distribution, token_logprobs
 from selar_local.thinking import SpanTracker
 
 
@@ -181,11 +185,42 @@ class SequenceOutput:
         self.span.push(decision.token, offset_before, self.text.text)
         return released, stopped
 
-    def add_soft_input(self, weights: np.ndarray) -> None:
-        """The last token's next input is a mixture with these weights."""
+    def add_soft_input(self, weights: np.ndarray | None) -> None:
+        """The last token's next input is a mixture with these weights (None: a vector,
+        which has no effective count)."""
         self.soft_steps += 1
         self.soft_flags[-1] = True
-        self.effective_counts.append(float(1.0 / np.dot(weights, weights)))
+        if weights is not None:
+            self.effective_counts.append(float(1.0 / np.dot(weights, weights)))
+
+    def take(self, request_id: int, decision: StepDecision, data: bytes, *, end_of_generation: bool,
+             max_tokens: int, context_full: bool, dist: Distribution | None,
+             n_logprobs: int | None) -> StepEvent:
+        """Record a final decision (its token's bytes `data`): the stop conditions, the
+        output, the event (finish_reason set when the sequence ends here)."""
+        index = len(self.tokens)
+        if end_of_generation:  # not part of the output: no log-probability either
+            return self._finish(request_id, decision, index, "stop", self.text.finish())
+        logprobs = token_logprobs(dist, decision.token, n_logprobs) if n_logprobs is not None and dist is not None else None
+        thinking = self.span.in_span
+        text, stopped = self.add(decision, data, logprobs)
+        if stopped:
+            return self._finish(request_id, decision, index, "stop", text, logprobs)
+        if decision.final or len(self.tokens) >= max_tokens or context_full:
+            return self._finish(request_id, decision, index, "length", text + self.text.finish(), logprobs)
+        if decision.soft:
+            self.add_soft_input(decision.mix_weights)
+        return step_event(request_id, index, decision, text, decision.soft, None, logprobs, self.split(thinking))
+
+    def _finish(self, request_id: int, decision: StepDecision, index: int, reason: str, text: str,
+                logprobs: tuple[float, tuple] | None = None) -> StepEvent:
+        return step_event(request_id, index, decision, text, False, reason, logprobs,
+                          self.split(self.thinking_at(index), final=True))
+
+    def error_event(self, request_id: int) -> StepEvent:
+        """The last event of a sequence whose input could not be decoded."""
+        return StepEvent(request_id, len(self.tokens), -1, self.text.finish(), False, 0.0, (), (),
+                         finish_reason="error")
 
     def thinking_at(self, index: int) -> bool:
         return len(self.thinking_flags) > index and self.thinking_flags[index]
@@ -213,8 +248,9 @@ def step_event(request_id: int, index: int, d: StepDecision, text: str, soft: bo
                logprobs: tuple[float, tuple] | None = None, split: tuple[bool, str, str] = (False, "", "")) -> StepEvent:
     """The StepEvent of a decision (ndarray.tolist() gives the same Python ints/floats as
     int()/float() per element, in one C call)."""
-    mix_ids = _ints(d.mix_ids) if soft else ()
-    mix_w = _floats(d.mix_weights) if soft else ()
+    mixture = soft and d.mix_ids is not None  # a Vector input has no rows to name
+    mix_ids = _ints(d.mix_ids) if mixture else ()
+    mix_w = _floats(d.mix_weights) if mixture else ()
     return StepEvent(
         request_id, index, d.token, text, soft, float(d.entropy),
         _ints(d.top_ids), _floats(d.top_probs), mix_ids, mix_w, reason,

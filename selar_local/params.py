@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from selar_local.errors import InvalidParameterError
-from selar_local.methods import METHODS, SOFT_NOISES  # the method registry (selar_local/methods.py)
+from selar_local.methods import METHODS, REGISTRY, SOFT_NOISES  # the method registry (selar_local/methods.py)
 # Per-step work grows with these; one request must not be able to make every other
 # request's steps expensive (a 49k-token mixture costs ~2 ms per step on the host).
 MAX_MIXTURE_SIZE = 64        # ks, soft_topk, moi_topn and any other mixture size
@@ -75,7 +75,7 @@ class DecodeParams:
             object.__setattr__(self, "stop", (self.stop,))
         elif not isinstance(self.stop, tuple):
             object.__setattr__(self, "stop", tuple(self.stop or ()))
-        _check(self.method in METHODS, "method", self.method, f"one of {', '.join(METHODS)}")
+        _check(self.method in REGISTRY, "method", self.method, f"one of {', '.join(REGISTRY)}")
         _check(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", self.max_tokens, "an integer >= 1")
         for name in SAMPLER_FIELDS:
             check_sampler_value(name, getattr(self, name))

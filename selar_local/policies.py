@@ -1,15 +1,40 @@
 """Decoding methods as pure NumPy step policies (no llama.cpp here).
 
-A policy sees one sequence's next-token logits and decides two things: the token shown
-in the output text, and the next input: that token itself (a discrete step) or a
-mixture of embedding rows (a soft step), given as token ids and weights that sum to 1.
-One policy object per sequence: gates, thinking spans and Cold Stop are per sequence.
+A policy sees one sequence's step outputs (the next-token logits; the final hidden state
+too when it declares `needs_hidden`) and decides two things: the token shown in the output
+text, and the next input, one of `Token` (the token itself: a discrete step), `Mixture`
+(embedding-table rows and weights that sum to 1: a soft step) or `Vector` (an input
+embedding computed by the method). `StepDecision.next_input` names it; the loop's batch
+runner turns any of the three into a batch row with one function (batch_runner.input_row).
+
+The loop talks to a policy through four calls, as llama.cpp's server talks to its sampler:
+- `propose(logits, hidden)`: the decision of a generated step;
+- `forced_step(logits, token)`: the decision of a step whose token is forced (a thinking
+  span's close marker, SwiReasoning's injected prefix), with the logits' statistics;
+- `accept(token, is_generated)`: every shown token once its decision is final, forced or
+  generated (llama.cpp's `common_sampler_accept`);
+- the decision's requests: `close_thinking` (Cold Stop: close the span now) and
+  `force_next` (tokens to force on the following steps); the loop queues them as `Force`
+  segments (segments.py). The loop never writes a policy's fields.
+
+`step(logits)` is the one-sequence driver of the same calls (tests, tools): it plays the
+forced tokens a policy asked for and accepts each token, as the loop does.
+
+Thinking state lives in one place: in the loop, the sequence's `SpanTracker` (thinking.py),
+which the policy reads through `in_thinking`; a policy used on its own follows the
+single-token markers itself (`TokenThinking`). One policy object per sequence: gates,
+thinking spans and Cold Stop are per sequence.
+
+A new method is a Policy subclass (its `decide`, or `propose` for one that needs the raw
+logits or the hidden state) plus its `Method` entry in methods.py; nothing in the loop
+changes (README, "Adding a method").
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import NamedTuple
+from collections import deque
+from dataclasses import dataclass, replace
+from typing import NamedTuple, Protocol, Union
 
 import numpy as np
 
@@ -38,10 +63,32 @@ class TokenInfo:
     answer_prefix: tuple[int, ...] = ()  # "\n\nThe final answer is" (SwiReasoning's budget end)
 
 
+class Token(NamedTuple):
+    """The next input is a token id (a discrete step)."""
+
+    id: int
+
+
+class Mixture(NamedTuple):
+    """The next input is sum_i weights[i] * E[ids[i]] over the embedding table's rows."""
+
+    ids: np.ndarray
+    weights: np.ndarray
+
+
+class Vector(NamedTuple):
+    """The next input is this embedding (n_embd floats), computed by the method."""
+
+    values: np.ndarray
+
+
+NextInput = Union[Token, Mixture, Vector]
+
+
 @dataclass(frozen=True)
 class StepDecision:
     token: int                        # shown in the output text, always
-    soft: bool                        # next input is the mixture below, not `token`
+    soft: bool                        # next input is the mixture (or vector) below, not `token`
     mix_ids: np.ndarray | None        # soft steps: rows to mix
     mix_weights: np.ndarray | None    # soft steps: weights (sum 1; may be negative)
     entropy: float                    # the method's gate statistic (normalised entropy)
@@ -49,12 +96,53 @@ class StepDecision:
     top_probs: np.ndarray
     logprob: float = 0.0              # log p(token) under the sampling distribution (0: forced)
     final: bool = False               # the policy ends the sequence after this token
+    vector: np.ndarray | None = None  # soft steps of a method feeding its own embedding (Vector)
+    close_thinking: bool = False      # the policy asks that the thinking span close now (Cold Stop)
+    force_next: tuple[int, ...] = ()  # tokens the policy asks to force on the following steps
+
+    @property
+    def next_input(self) -> NextInput:
+        """What the next decode feeds for this sequence."""
+        if not self.soft:
+            return Token(self.token)
+        if self.vector is not None:
+            return Vector(self.vector)
+        return Mixture(self.mix_ids, self.mix_weights)
+
+
+class ThinkingState(Protocol):
+    """Where a policy reads whether its sequence is inside the thinking span."""
+
+    @property
+    def in_thinking(self) -> bool: ...
+
+
+class TokenThinking:
+    """The thinking state of a policy used on its own: follows the single-token markers
+    it is told of (`Policy.accept`). In the loop a policy reads its sequence's SpanTracker
+    instead, which also knows multi-token and text markers."""
+
+    def __init__(self, info: "TokenInfo", in_thinking: bool | None):
+        self._open, self._close = info.think_open, info.think_close
+        # Models without thinking tags: the whole answer counts as the thinking span.
+        self.in_thinking = (info.think_open is None) if in_thinking is None else in_thinking
+
+    def follow(self, token: int) -> None:
+        if token == self._open:
+            self.in_thinking = True
+        elif token == self._close:
+            self.in_thinking = False
 
 
 class Policy:
-    """Base: sampling plus thinking-span bookkeeping."""
+    """Base: sampling plus the calls the loop makes (see the module docstring)."""
 
-    def __init__(self, params: DecodeParams, info: TokenInfo, *, in_thinking: bool | None = None):
+    # A policy that reads the final hidden state of its step sets this; the loop then asks
+    # the engine for those rows and passes each policy its row as `propose(..., hidden)`.
+    needs_hidden = False
+
+    def __init__(self, params: DecodeParams, info: TokenInfo, *, in_thinking: bool | None = None,
+                 thinking: ThinkingState | None = None):
         self.params = params
         self.info = info
         self.rng = np.random.default_rng(params.seed)
@@ -62,16 +150,45 @@ class Policy:
         # noise-free run (same seed -> same tokens until a noisy input changes the logits).
         self.noise_rng = np.random.default_rng([params.seed, 1])
         self.last_dist: Distribution | None = None  # the last step's filtered distribution (logprobs)
-        # Set by a policy that wants the thinking span closed now (Soft Thinking's Cold
-        # Stop); the loop then emits the model's close marker and clears the flag.
-        self.close_requested = False
-        # Models without thinking tags: the whole answer counts as the thinking span.
-        self.in_thinking = (info.think_open is None) if in_thinking is None else in_thinking
+        self._own_thinking = TokenThinking(info, in_thinking) if thinking is None else None
+        self.thinking: ThinkingState = self._own_thinking if thinking is None else thinking
+        self._forced: deque[int] = deque()  # step(): tokens this policy asked to force
 
-    def step(self, logits: np.ndarray) -> StepDecision:
-        """Filter the logits and decide. The batch-wide step (batch_step.py) computes the
-        filtered distributions of many sequences at once and calls `decide` itself."""
+    @property
+    def in_thinking(self) -> bool:
+        return self.thinking.in_thinking
+
+    def step(self, logits: np.ndarray, hidden: np.ndarray | None = None) -> StepDecision:
+        """One step on its own: the forced tokens this policy asked for first, then its
+        proposals; every token accepted (what the loop does for a sequence without a
+        grammar or a thinking budget)."""
+        generated = not self._forced
+        decision = self.propose(logits, hidden) if generated else self.forced_step(logits, self._forced.popleft())
+        self.settle(decision, generated)
+        return decision
+
+    @property
+    def forcing(self) -> bool:
+        """step() has tokens this policy asked to force still to play."""
+        return bool(self._forced)
+
+    def settle(self, decision: StepDecision, is_generated: bool) -> None:
+        """step()'s bookkeeping after a decision: queue the tokens it asks to force, accept
+        its token (the loop does the same with Force segments)."""
+        self._forced.extend(decision.force_next)
+        self.accept(decision.token, is_generated)
+
+    def propose(self, logits: np.ndarray, hidden: np.ndarray | None = None) -> StepDecision:
+        """The decision of a generated step: filter the logits and decide. The batch-wide
+        step (batch_step.py) computes the filtered distributions of many sequences at once
+        and calls `decide` itself."""
         return self.decide(self._filtered(logits), logits)
+
+    def accept(self, token: int, is_generated: bool) -> None:
+        """Told of every shown token once its decision is final (after the grammar), forced
+        or generated, as llama.cpp's `common_sampler_accept`."""
+        if self._own_thinking is not None:
+            self._own_thinking.follow(token)
 
     def decide(self, dist: Distribution, logits: np.ndarray) -> StepDecision:
         """The method proper, given this step's filtered distribution."""
@@ -83,11 +200,10 @@ class Policy:
         return self.last_dist
 
     def forced_step(self, logits: np.ndarray, token: int) -> StepDecision:
-        """A discrete step showing `token` whatever the logits say (a marker the loop
-        injects), with the usual statistics of the logits for traces."""
+        """A discrete step showing `token` whatever the logits say (a Force segment's
+        token), with the usual statistics of the logits for traces."""
         dist = self._filtered(logits)
         ids, weights, h = normalized_topk(dist, self.params.ks)
-        self._track_thinking(token)
         return _discrete(token, h, ids, weights)
 
     def _choose(self, dist: Distribution) -> int:
@@ -97,12 +213,6 @@ class Policy:
         p = self.params
         return noisy_weights(probs, p.soft_noise, self.noise_rng, gumbel_tau=p.gumbel_tau,
                              dirichlet_alpha=p.dirichlet_alpha)
-
-    def _track_thinking(self, token: int) -> None:
-        if token == self.info.think_open:
-            self.in_thinking = True
-        elif token == self.info.think_close:
-            self.in_thinking = False
 
 
 def token_logprob(dist: Distribution, token: int) -> float:
@@ -129,7 +239,6 @@ class CotPolicy(Policy):
         """The decision once the step's numbers are known: the chosen token, its
         log-probability and the normalised top-k_s (the batch-wide step computes these for
         many rows at once and ends here too, so both paths decide alike)."""
-        self._track_thinking(token)
         return _discrete(token, entropy, ids, weights, logprob)
 
 
@@ -146,7 +255,6 @@ class SelarPolicy(Policy):
         p = self.params
         gate_open = h >= p.tau and (self.in_thinking or not p.thinking_only)
         forced_discrete = bool(self.info.math_symbol_mask[token])
-        self._track_thinking(token)
         if not gate_open or forced_discrete:
             return _discrete(token, h, ids, q, logprob)
         # Stochastic variant: noise on the candidates' weights; the gate, h and the pushed-off
@@ -167,8 +275,9 @@ class SoftThinkingPolicy(Policy):
     """Soft Thinking: every step inside the thinking span is a soft mixture of the top
     `soft_topk` filtered tokens and shows the argmax; Cold Stop ends thinking early."""
 
-    def __init__(self, params: DecodeParams, info: TokenInfo, *, in_thinking: bool | None = None):
-        super().__init__(params, info, in_thinking=in_thinking)
+    def __init__(self, params: DecodeParams, info: TokenInfo, *, in_thinking: bool | None = None,
+                 thinking: ThinkingState | None = None):
+        super().__init__(params, info, in_thinking=in_thinking, thinking=thinking)
         self.low_entropy_run = 0
         self.cold_stopped = False
 
@@ -177,22 +286,18 @@ class SoftThinkingPolicy(Policy):
         top_ids, top_w, h = normalized_topk(dist, p.ks)
         if not self.in_thinking or self.cold_stopped:
             token = self._choose(dist)
-            self._track_thinking(token)
             return _discrete(token, h, top_ids, top_w, token_logprob(dist, token))
         if self._cold_stop_due(logits):
-            # Emit </think> (or, without thinking tags, simply continue discretely). The
-            # loop replaces this step by the model's whole close marker where it has one.
+            # Emit </think> (or, without thinking tags, simply continue discretely), and ask
+            # the loop to close the span: it forces the model's whole close marker there.
             self.cold_stopped = True
-            self.close_requested = True
             if self.info.think_close is not None:
-                self.in_thinking = False
-                return _discrete(self.info.think_close, h, top_ids, top_w)
+                return replace(_discrete(self.info.think_close, h, top_ids, top_w), close_thinking=True)
             token = self._choose(dist)
-            return _discrete(token, h, top_ids, top_w, token_logprob(dist, token))
+            return replace(_discrete(token, h, top_ids, top_w, token_logprob(dist, token)), close_thinking=True)
         token = int(dist.ids[0])
-        self._track_thinking(token)
         logprob = float(math.log(dist.probs[0]))
-        if not self.in_thinking:  # the argmax was </think>: leave soft mode on a discrete step
+        if token == self.info.think_close:  # the argmax ends thinking: leave soft mode on a discrete step
             return _discrete(token, h, top_ids, top_w, logprob)
         mix_ids = dist.ids[: p.soft_topk]
         mix_w = self._noisy(dist.probs[: p.soft_topk] / dist.probs[: p.soft_topk].sum())
@@ -213,7 +318,6 @@ class MixtureOfInputsPolicy(Policy):
     def decide(self, dist: Distribution, logits: np.ndarray) -> StepDecision:
         p = self.params
         token = self._choose(dist)
-        self._track_thinking(token)
         ids, probs, h = normalized_topk(dist, p.moi_topn)
         hit = np.flatnonzero(ids == token)
         if hit.size == 0:  # sampled outside the top-N: give it a zero-probability slot
@@ -284,7 +388,6 @@ class SwirState:
     switches: int = 0                 # latent -> explicit switches, for the C_max budget
     locked: bool = False              # </think> was shown: explicit for good
     step: int = 0
-    inject: list[int] = field(default_factory=list)  # tokens forced on the next steps
     answer_budget: int = -1           # steps left before the sequence ends; -1: no limit
 
 
@@ -293,22 +396,28 @@ class SwiReasoningPolicy(Policy):
     `swir_topk` tokens of the raw distribution) and explicit blocks (the sampled token), on
     the normalised full-vocabulary entropy (see `swir_switch`). Switches blend in the
     <think> / </think> rows where the model has them; past `swir_max_switches` (C_max)
-    latent -> explicit switches it injects </think>, past 2 C_max the answer prefix, and
-    ends 32 tokens later. Math-symbol tokens and everything after </think> are discrete.
-    The shown token is always the sample of the filtered distribution."""
+    latent -> explicit switches it asks for </think> to be forced (`force_next`), past
+    2 C_max the answer prefix too, and ends 32 tokens later. Forced tokens still advance
+    the switch rule (`forced_step`). Math-symbol tokens and everything after </think> are
+    discrete. The shown token is always the sample of the filtered distribution."""
 
-    def __init__(self, params: DecodeParams, info: TokenInfo, *, in_thinking: bool | None = None):
-        super().__init__(params, info, in_thinking=in_thinking)
+    def __init__(self, params: DecodeParams, info: TokenInfo, *, in_thinking: bool | None = None,
+                 thinking: ThinkingState | None = None):
+        super().__init__(params, info, in_thinking=in_thinking, thinking=thinking)
         self.state = SwirState()
         self._log_vocab = math.log(max(info.vocab_size, 2))
 
-    def step(self, logits: np.ndarray) -> StepDecision:
-        p, info, st = self.params, self.info, self.state
+    def propose(self, logits: np.ndarray, hidden: np.ndarray | None = None) -> StepDecision:
         dist = self._filtered(logits)
+        return self._advance(logits, dist, self._choose(dist), forced=False)
+
+    def forced_step(self, logits: np.ndarray, token: int) -> StepDecision:
+        return self._advance(logits, self._filtered(logits), token, forced=True)
+
+    def _advance(self, logits: np.ndarray, dist: Distribution, token: int, *, forced: bool) -> StepDecision:
+        p, info, st = self.params, self.info, self.state
         top_ids, top_w, _ = normalized_topk(dist, p.ks)
         h = min(max(full_vocab_entropy(logits) / self._log_vocab, 0.0), 1.0)
-        forced = bool(st.inject)
-        token = st.inject.pop(0) if forced else self._choose(dist)
         logprob = 0.0 if forced else token_logprob(dist, token)
         if token == info.think_close and not forced:
             # A sampled </think> ends thinking; an injected one only nudges (as in the published code).
@@ -317,38 +426,40 @@ class SwiReasoningPolicy(Policy):
                              p.swir_window, st.locked)
         st.latent, st.ref_entropy, st.steps_in_mode = switch.latent, switch.ref_entropy, switch.steps_in_mode
         final = self._spend_answer_budget()  # before a new budget can be set on this step
-        if switch.to_explicit:
-            self._count_switch()
+        force = self._count_switch() if switch.to_explicit else ()
         st.step += 1
         if forced or (bool(info.math_symbol_mask[token]) and not switch.to_explicit):
-            return StepDecision(token, False, None, None, h, top_ids, top_w, logprob, final)
+            return StepDecision(token, False, None, None, h, top_ids, top_w, logprob, final, force_next=force)
         if switch.to_explicit and info.think_close is not None:
             ids, w = blend_with_row(*self._latent_mixture(logits),
                                     linear_schedule(p.swir_beta, st.step - 1, p.max_tokens), info.think_close)
-            return StepDecision(token, True, ids, w, h, top_ids, top_w, logprob, final)
+            return StepDecision(token, True, ids, w, h, top_ids, top_w, logprob, final, force_next=force)
         if not st.latent:
-            return StepDecision(token, False, None, None, h, top_ids, top_w, logprob, final)
+            return StepDecision(token, False, None, None, h, top_ids, top_w, logprob, final, force_next=force)
         ids, w = self._latent_mixture(logits)
         if switch.to_latent:
             ids, w = blend_with_row(ids, w, linear_schedule(p.swir_alpha, st.step - 1, p.max_tokens),
                                     info.think_open)
-        return StepDecision(token, True, ids, w, h, top_ids, top_w, logprob, final)
+        return StepDecision(token, True, ids, w, h, top_ids, top_w, logprob, final, force_next=force)
 
     def _latent_mixture(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         ids, values = top_candidates(logits, self.params.swir_topk)
         return ids, softmax(values)  # softmax(l) restricted to the top tokens, renormalised
 
-    def _count_switch(self) -> None:
+    def _count_switch(self) -> tuple[int, ...]:
+        """Count a latent -> explicit switch; the tokens the budget forces next (C_max)."""
         st, c_max, info = self.state, self.params.swir_max_switches, self.info
         st.switches += 1
         if not c_max:
-            return
-        close = [] if info.think_close is None else [info.think_close]
+            return ()
+        close = () if info.think_close is None else (info.think_close,)
         if c_max <= st.switches <= 2 * c_max:
-            st.inject = list(close)
-        elif st.switches > 2 * c_max and st.answer_budget < 0:
-            st.inject = close + list(info.answer_prefix)
-            st.answer_budget = len(st.inject) + SWIR_ANSWER_TOKENS
+            return close
+        if st.switches > 2 * c_max and st.answer_budget < 0:
+            force = close + tuple(info.answer_prefix)
+            st.answer_budget = len(force) + SWIR_ANSWER_TOKENS
+            return force
+        return ()
 
     def _spend_answer_budget(self) -> bool:
         st = self.state
@@ -358,9 +469,11 @@ class SwiReasoningPolicy(Policy):
         return st.answer_budget == 0
 
 
-def make_policy(params: DecodeParams, info: TokenInfo, *, in_thinking: bool | None = None) -> Policy:
-    """The registered policy of params.method (selar_local/methods.py) for one sequence."""
-    return _policy_class(params.method)(params, info, in_thinking=in_thinking)
+def make_policy(params: DecodeParams, info: TokenInfo, *, in_thinking: bool | None = None,
+                thinking: ThinkingState | None = None) -> Policy:
+    """The registered policy of params.method (selar_local/methods.py) for one sequence;
+    `thinking`: where it reads the thinking state (the loop's SpanTracker)."""
+    return _policy_class(params.method)(params, info, in_thinking=in_thinking, thinking=thinking)
 
 
 _CLASSES: dict[str, type[Policy]] = {}

@@ -43,7 +43,7 @@ SWIR_ANSWER_PREFIX = "\n\nThe final answer is"
 # prompt token a few microseconds). Multiples of 64, because ggml's CPU matrix kernels
 # compute tiles of rows along another path than the rows left over: 64-token chunks
 # reproduced the unchunked prefill's logits to the bit on the tests' prompts, where 16-48
-# tokens moved them by up to 0.6 (generate.BatchGenerator._decode_tokens).
+# tokens moved them by up to 0.6 (batch_runner.BatchRunner._decode_tokens).
 PREFILL_CHUNK_CPU = 64
 PREFILL_CHUNK_GPU = 256
 
