@@ -43,6 +43,7 @@ from selar_local.constraint import SequenceGrammar
 from selar_local.decisions import decide
 from selar_local.errors import ContextOverflowError, DecodeError, InvalidParameterError
 from selar_local.grammar import sampler_for
+from selar_local.methods import refuse_search
 from selar_local.outputs import GenerationResult, SequenceOutput, StepEvent, TextStream
 from selar_local.params import DecodeParams
 from selar_local.policies import StepDecision, TokenInfo, make_policy
@@ -142,6 +143,7 @@ class BatchGenerator:
         self.runtime.check_prompt_fits(len(prompt_tokens))
         for params in params_list:
             self.runtime.require_method(params.method)
+            refuse_search(params.method)  # latentseek searches whole answers above the loop (search_api)
         from selar_local.frac import use_control_vector  # the context's control vector (--method frac)
 
         use_control_vector(self.runtime, params_list, [seq.params for seq in self._live.values()])
