@@ -106,20 +106,62 @@ def render_chat(model, messages: Sequence[Mapping[str, Any]], *, add_generation_
     error: ModelLoadError | None = None
     if template:
         try:
-            return render_jinja_template(
+            return _after_tool_turns(template, render_jinja_template(
                 template, messages, add_generation_prompt=add_generation_prompt,
                 bos_token=model.token_text(model.bos_id) if model.bos_id >= 0 else "",
                 eos_token=model.token_text(model.eos_id) if model.eos_id >= 0 else "",
                 tools=tools, **dict(template_kwargs or {}),
-            )
+            ), add_generation_prompt)
         except TemplateRejected:
             raise
         except ModelLoadError as exc:
             error = exc
+        if _has_object_arguments(messages):  # templates that join arguments as text (R1's)
+            return render_chat(model, _arguments_as_text(messages), add_generation_prompt=add_generation_prompt,
+                               tools=tools, template_kwargs=template_kwargs)
     text = model.apply_builtin_chat_template(
         [{"role": m["role"], "content": m.get("content") or ""} for m in messages],
         add_generation_prompt=add_generation_prompt)
     if text is None:
         raise error or ModelLoadError(f"llama.cpp's built-in chat templates do not know this model's template "
                                       f"({model.architecture}); send a raw prompt instead")
+    return text
+
+
+def _has_object_arguments(messages: Sequence[Mapping[str, Any]]) -> bool:
+    return any(isinstance(c.get("function", {}).get("arguments"), Mapping)
+               for m in messages for c in (m.get("tool_calls") or ()))
+
+
+def _arguments_as_text(messages: Sequence[Mapping[str, Any]]) -> list[dict]:
+    """The history with tool-call arguments as JSON text instead of objects (as llama.cpp's
+    minja tries both for templates that concatenate them)."""
+    import json
+
+    out = []
+    for m in messages:
+        m = dict(m)
+        if m.get("tool_calls"):
+            m["tool_calls"] = [{**c, "function": {**c["function"], "arguments": json.dumps(
+                c["function"]["arguments"], ensure_ascii=False)}} if isinstance(
+                c.get("function", {}).get("arguments"), Mapping) else c for c in m["tool_calls"]]
+        out.append(m)
+    return out
+
+
+_R1_TOOL_OUTPUTS = "{% if ns.is_tool %}{{'<｜tool▁outputs▁end｜>'}}"
+
+
+def _after_tool_turns(template: str, text: str, add_generation_prompt: bool) -> str:
+    """DeepSeek R1's official template leaves the conversation open after tool results (no
+    end of turn, no generation prompt) and a call block unclosed before them; close both,
+    as llama.cpp's common/chat.cpp does for that template."""
+    if _R1_TOOL_OUTPUTS not in template:
+        return text
+    import re
+
+    text = re.sub(r"(<｜tool▁call▁end｜>)\s*(<｜tool▁outputs▁begin｜>|<｜User｜>)",
+                  r"\1<｜tool▁calls▁end｜><｜end▁of▁sentence｜>\2", text)
+    if text.endswith("<｜tool▁outputs▁end｜>"):
+        text += "<｜end▁of▁sentence｜>" + ("<｜Assistant｜>" if add_generation_prompt else "")
     return text

@@ -115,30 +115,81 @@ def _constrain_mixture(decision: StepDecision, top_ok: bool, mask: np.ndarray) -
 
 
 class SequenceGrammar:
-    """One sequence's grammar in the loop. Lazy: it applies from the step after the
-    thinking span closes (the reasoning is free), to every step the policy decides;
-    `commit` advances it past the token that step showed."""
+    """One sequence's grammar in the loop. Lazy, as llama-server's lazy grammar: it starts
+    after the thinking span closes, so the reasoning is free, whether the template opened
+    the span or the model opens it itself (the open marker is free as the very first
+    tokens), and the answer header a template's close brings (R1's "\\n\\n") is free where
+    the grammar rejects it. Once started it holds to the end, and no span reopens.
+    `commit` advances it past the token the step showed."""
 
     def __init__(self, sampler, params):
         self.sampler = sampler  # allowed_mask(ids) -> bool array, accept(token)
         self.params = params
+        self.started = False
+        self._before: list[int] = []  # tokens shown before the grammar started
         self._decided: int | None = None
+        self._free = False  # the decided token is a marker, outside the grammar
 
-    def adjust(self, decision: StepDecision, policy, logits: np.ndarray, in_span: bool) -> StepDecision:
-        self._decided = None
-        if in_span:
+    def _marker_token(self, span) -> tuple[int | None, bool]:
+        """A marker token allowed beside the grammar now, and whether it goes first."""
+        markers = getattr(span, "span", None)
+        if markers is None:
+            return None, False
+        opening = markers.open_ids
+        n = len(self._before)
+        if n < len(opening) and tuple(self._before) == opening[:n]:
+            return opening[n], True
+        return span.answer_header_next, False
+
+    def adjust(self, decision: StepDecision, policy, logits: np.ndarray, span) -> StepDecision:
+        """`span`: the sequence's thinking.SpanTracker."""
+        self._decided, self._free = None, False
+        if span.in_span and not self.started:
             return decision
         p = self.params
         dist = policy.last_dist if policy.last_dist is not None else filter_logits(
             logits, p.temperature, p.top_k, p.top_p, p.min_p)
-        decision = constrain(decision, dist, logits, self.sampler.allowed_mask, policy.rng, greedy=p.greedy,
+        marker, marker_first = (None, False) if self.started else self._marker_token(span)
+        # Part of a marker of several tokens shown already: should the model leave it, that
+        # part is answer and must pass the grammar first (else the marker must go on).
+        grammar = self._replayed() if marker_first and self._before else self.sampler
+        if marker is None:
+            allowed = grammar.allowed_mask
+        else:
+            def allowed(ids):
+                ids = np.asarray(ids)
+                inside = np.asarray(grammar.allowed_mask(ids), dtype=bool) if grammar is not None else False
+                return inside | (ids == marker)
+        decision = constrain(decision, dist, logits, allowed, policy.rng, greedy=p.greedy,
                              temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, min_p=p.min_p)
         self._decided = decision.token
+        self._free = decision.token == marker and (marker_first or not self.sampler.allows(marker))
+        if grammar is not self.sampler and grammar is not None:
+            if self._free:
+                grammar.close()
+            else:  # the marker was left: the grammar goes on from past its shown part
+                self.sampler.close()
+                self.sampler = grammar
+        if not self._free:
+            span.stay_in_answer()  # the constrained answer starts with this token
         return decision
+
+    def _replayed(self):
+        """A copy of the grammar past the tokens shown so far, or None where it rejects them."""
+        copy = self.sampler.clone()
+        for token in self._before:
+            if not copy.allows(token):
+                copy.close()
+                return None
+            copy.accept(token, checked=True)
+        return copy
 
     def commit(self, token: int) -> None:
         """Called with every shown token; only tokens decided under the grammar advance it
-        (markers the loop injects, like the thinking span's close, do not)."""
-        if self._decided is not None and token == self._decided:
+        (markers, and tokens the loop injects such as a forced span close, do not)."""
+        if self._decided is not None and token == self._decided and not self._free:
             self.sampler.accept(token, checked=True)  # `adjust` made it an allowed token
+            self.started = True
+        elif not self.started:
+            self._before.append(token)
         self._decided = None

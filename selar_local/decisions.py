@@ -50,7 +50,7 @@ def decide(seqs: Seq[Sequence], rows, hidden: Seq[np.ndarray | None] | None, *, 
             continue
         decision = s.policy.forced_step(rows[i], forced[0])
         if forced[1] and s.grammar is not None:  # a policy's forced token stands for its proposal
-            decision = s.grammar.adjust(decision, s.policy, rows[i], s.out.span.in_span)
+            decision = s.grammar.adjust(decision, s.policy, rows[i], s.out.span)
         out[i] = (decision, False)
     if batch_wide and len(plain) > 1:
         decided = decide_all([seqs[i].policy for i in plain], rows[plain],
@@ -64,7 +64,7 @@ def decide(seqs: Seq[Sequence], rows, hidden: Seq[np.ndarray | None] | None, *, 
             s.force(s.out.span.span.forced_close)
             decision, generated = s.policy.forced_step(rows[i], s.next_forced()[0]), False
         elif s.grammar is not None:  # -- grammar seam (issue 23): constrain what is shown --
-            decision = s.grammar.adjust(decision, s.policy, rows[i], s.out.span.in_span)
+            decision = s.grammar.adjust(decision, s.policy, rows[i], s.out.span)
         out[i] = (decision, generated)
     for s, (decision, _) in zip(seqs, out):
         if decision.force_next:

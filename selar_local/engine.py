@@ -575,6 +575,8 @@ class LlamaContext:
         params.n_threads_batch = self.n_threads_batch
         self._prompt_threads = True  # the context starts with n_threads_batch for batches
         params.no_perf = True
+        # Per-token (unpooled) hidden states when set_hidden_output turns embeddings on.
+        params.pooling_type = lib.LLAMA_POOLING_TYPE_NONE
         _Bindings.recent_log.clear()
         handle = lib.llama_init_from_model(model._handle, params)
         if not handle:
@@ -601,6 +603,7 @@ class LlamaContext:
         self._handle_value = ctypes.cast(handle, ctypes.c_void_p).value
         self._logit_views: dict[object, np.ndarray] = {}  # by address, and (address, rows)
         self.last_input_kind: str | None = None  # "tokens" or "embeddings": the last decode's batch
+        self._init_hidden_output()
 
     def _allocate_batches(self, n_embd: int) -> None:
         lib, n = self._lib, self.n_batch
@@ -771,6 +774,93 @@ class LlamaContext:
             view = np.ctypeslib.as_array((ctypes.c_float * (n_outputs * self.model.n_vocab)).from_address(first)
                                          ).reshape(n_outputs, self.model.n_vocab)
             self._logit_views[key] = view
+        return view
+
+    # -- the final hidden state (latent reasoning, docs/LATENT.md) ----------------------
+    # With embeddings on and pooling NONE, llama_decode also copies each output's final
+    # hidden state (llama.cpp's `result_norm`: after the output norm, before the output
+    # matrix; transformers' hidden_states[-1]) into the context's embeddings buffer. Two
+    # costs (docs/PERFORMANCE.md): a switch makes llama.cpp build another graph, and while
+    # it is on llama.cpp makes every input of a batch an output (it overrides the batch's
+    # flags), so a prompt computes the output layer for every token. Hence it is switched
+    # on only around the steps that read it, and rows are found with output_rows.
+    def _init_hidden_output(self) -> None:
+        lib = self._lib
+        self.hidden_output = False
+        self.n_hidden = self.model.n_embd  # the hidden state's width (the output matrix's input)
+        self._hidden_views: dict[object, np.ndarray] = {}
+        raw = lib.llama_cpp._lib["llama_get_embeddings_ith"]  # own function objects: addresses as ints
+        raw.argtypes = [ctypes.c_void_p, ctypes.c_int32]
+        raw.restype = ctypes.c_void_p
+        self._get_embeddings_ith = raw
+        whole = lib.llama_cpp._lib["llama_get_embeddings"]
+        whole.argtypes = [ctypes.c_void_p]
+        whole.restype = ctypes.c_void_p
+        self._get_embeddings = whole
+
+    def set_hidden_output(self, on: bool) -> bool:
+        """Have the next decodes also output the final hidden state (or stop). Returns
+        whether the setting changed; unchanged costs nothing."""
+        on = bool(on)
+        if on == self.hidden_output:
+            return False
+        if on:
+            pooling = int(self._lib.llama_pooling_type(self._handle))
+            if pooling != self._lib.LLAMA_POOLING_TYPE_NONE:
+                raise UnsupportedModelError(f"this context pools its embeddings (pooling type {pooling}): "
+                                            "per-token hidden states need pooling NONE")
+        self._lib.llama_set_embeddings(self._handle, on)
+        self.hidden_output = on
+        return True
+
+    def output_rows(self) -> np.ndarray:
+        """The row, in the last decode's logits and hidden-state buffers, of each input that
+        asked for logits, in batch order. Rows 0..n-1 when hidden output was off; with it
+        on every input had an output, so a prompt's last token is at its batch index.
+        Read from llama.cpp's own map (the address llama_get_logits_ith gives)."""
+        batch = self._token_batch if self.last_input_kind == "tokens" else self._embd_batch
+        n = int(batch.n_tokens) if self.last_input_kind else 0
+        wanted = np.flatnonzero(self._logits[:n])
+        first = self._get_logits(self._handle_value)
+        if not first:
+            raise DecodeError("no logits in the last batch")
+        row_bytes = 4 * self.model.n_vocab
+        rows = np.empty(len(wanted), dtype=np.int64)
+        for k, index in enumerate(wanted):
+            address = self._get_logits_ith(self._handle_value, int(index))
+            if not address:
+                raise DecodeError(f"no logits for input {int(index)} of the last batch")
+            rows[k] = (address - first) // row_bytes
+        return rows
+
+    def hidden(self, batch_index: int) -> np.ndarray:
+        """The final hidden state of input `batch_index` of the last decode (negative:
+        counted from the last output), a zero-copy view valid until the next decode."""
+        address = self._get_embeddings_ith(self._handle_value, int(batch_index))
+        if not address:
+            raise DecodeError(f"no hidden state for input {batch_index} of the last batch"
+                              + ("" if self.hidden_output else " (hidden output is off: set_hidden_output(True))"))
+        return self._hidden_view(address, 1)[0]
+
+    def hidden_rows(self, n_outputs: int) -> np.ndarray:
+        """The final hidden states of the last decode's first n_outputs outputs (rows as in
+        output_rows) as one zero-copy [n_outputs, n_hidden] view, valid until the next decode."""
+        if not self.hidden_output:
+            raise DecodeError("hidden output is off: call set_hidden_output(True) before the decode")
+        first = self._get_embeddings(self._handle_value)
+        if not first:
+            raise DecodeError("no hidden states in the last batch")
+        return self._hidden_view(first, n_outputs)
+
+    def _hidden_view(self, address: int, n_rows: int) -> np.ndarray:
+        key = (address, n_rows)
+        view = self._hidden_views.get(key)
+        if view is None:
+            if len(self._hidden_views) >= 4 * self.n_seq_max + 8:  # the same few addresses recur
+                self._hidden_views.clear()
+            view = np.ctypeslib.as_array((ctypes.c_float * (n_rows * self.n_hidden)).from_address(address)
+                                         ).reshape(n_rows, self.n_hidden)
+            self._hidden_views[key] = view
         return view
 
     # -- KV cache ---------------------------------------------------------------------

@@ -7,6 +7,7 @@ sampler (engine.GrammarSampler), which reports the parse errors.
 from __future__ import annotations
 
 import json
+from typing import Any, Mapping
 
 from selar_local.errors import InvalidParameterError
 
@@ -27,6 +28,16 @@ def _schema_value(schema):
     return schema
 
 
+# llama-cpp-python's converter lets raw control characters into JSON strings, which JSON
+# forbids (a raw newline makes the text unparsable); llama.cpp's own converter excludes them.
+_LENIENT_CHAR = 'char ::= [^"\\\\] |'
+_JSON_CHAR = 'char ::= [^"\\\\\\x7F\\x00-\\x1F] |'
+
+
+def _strict_strings(gbnf: str) -> str:
+    return gbnf.replace(_LENIENT_CHAR, _JSON_CHAR)
+
+
 def schema_to_gbnf(schema) -> str:
     """GBNF for a JSON Schema (a dict, or its JSON text). A schema the converter cannot
     handle -> InvalidParameterError naming the problem."""
@@ -34,12 +45,40 @@ def schema_to_gbnf(schema) -> str:
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
     try:
-        return json_schema_to_gbnf(json.dumps(schema))
+        return _strict_strings(json_schema_to_gbnf(json.dumps(schema)))
     except RecursionError:
         raise InvalidParameterError("json_schema: the schema nests too deeply to convert") from None
     except Exception as exc:  # the converter raises ValueError, KeyError, TypeError, AssertionError...
         raise InvalidParameterError(f"json_schema: the JSON-Schema-to-grammar converter cannot handle this "
                                     f"schema ({type(exc).__name__}: {exc})") from None
+
+
+def schema_rules(schemas: Mapping[str, Any]) -> tuple[dict[str, str], str]:
+    """GBNF rules for several JSON Schemas at once (one converter, so their shared rules
+    such as `string` or `space` appear once), to be wrapped by a grammar of the caller's:
+    returns {key: the rule name of that schema} and the rules' text (no `root`)."""
+    from llama_cpp.llama_grammar import SchemaConverter
+
+    converter = SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+    names = {}
+    try:
+        for key, schema in schemas.items():
+            schema = converter.resolve_refs(_schema_value(schema), "stdin")
+            names[key] = converter.visit(schema, f"{key}-schema")
+    except InvalidParameterError:
+        raise
+    except RecursionError:
+        raise InvalidParameterError("json_schema: the schema nests too deeply to convert") from None
+    except Exception as exc:  # as schema_to_gbnf
+        raise InvalidParameterError(f"json_schema: the JSON-Schema-to-grammar converter cannot handle this "
+                                    f"schema ({type(exc).__name__}: {exc})") from None
+    return names, _strict_strings(converter.format_grammar())
+
+
+def gbnf_literal(text: str) -> str:
+    """`text` as a GBNF string literal."""
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
+    return '"' + escaped.replace("\t", "\\t") + '"'
 
 
 def canonical_schema(schema) -> str:

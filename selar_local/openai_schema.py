@@ -428,7 +428,7 @@ def completion_response(req: PreparedRequest, results: Sequence[GenerationResult
                 message["reasoning_content"] = result.reasoning
             finish = result.finish_reason
             if req.tools is not None:  # the model's tool-call syntax -> message.tool_calls
-                content, calls = tool_calls.parse(req.tools.fmt, result.content)
+                content, calls = tool_calls.parse(req.tools.fmt, result.content, req.tools.tools)
                 if calls:
                     message.update(content=content or None, tool_calls=[c.as_openai() for c in calls])
                     finish = "tool_calls"
@@ -518,7 +518,8 @@ class ChunkWriter:
             return self._chunk(self._choice(index, content if content or not reasoning else None, None,
                                             reasoning=reasoning), selar=token_trace(event, self.req.token_text))
         if self.req.tools is not None and content:
-            content = self._calls.setdefault(index, tool_calls.StreamedCalls(self.req.tools.fmt)).push(content)
+            calls = self._calls.setdefault(index, tool_calls.StreamedCalls(self.req.tools.fmt, self.req.tools.tools))
+            content = calls.push(content)
         if not content and not reasoning:
             return None
         return self._chunk(self._choice(index, content if content else None, None, reasoning=reasoning))

@@ -57,7 +57,7 @@ def check_constraint(model, params) -> None:
 
 def with_tool_grammar(params, tools):
     """tool_choice required / a named function: the answer is constrained to a call."""
-    from selar_local.tool_calls import call_grammar
+    from selar_local.tool_grammar import call_grammar
 
     gbnf = call_grammar(tools) if tools is not None else None
     if gbnf is None:

@@ -108,6 +108,7 @@ class SpanTracker:
     def __init__(self, span: SpanTokens | None, thinking_at_start: bool = False):
         self.span = span
         self.think_tokens = 0  # tokens generated inside the span (markers excluded)
+        self._no_reopen = False
         self._routed = 0
         if span is None:
             self._state = _ANSWER
@@ -132,6 +133,19 @@ class SpanTracker:
     def in_span(self) -> bool:
         """Inside a real span, one that a close marker can end."""
         return self.span is not None and self._state == _THINKING
+
+    @property
+    def answer_header_next(self) -> int | None:
+        """The next token of the answer header after a close marker (R1's "\\n\\n"), while
+        it is due."""
+        if self.span is None or self._state != _CLOSING:
+            return None
+        return self.span.answer_ids[self._answer_progress]
+
+    def stay_in_answer(self) -> None:
+        """From here on no span opens (a constrained answer has begun: text in it that reads
+        as an open marker is answer)."""
+        self._no_reopen = True
 
     @property
     def hold_strings(self) -> tuple[str, ...]:
@@ -193,6 +207,8 @@ class SpanTracker:
             self._look_for_open(offset_before, text)
 
     def _look_for_open(self, offset_before: int, text: str) -> None:
+        if self._no_reopen:
+            return
         hit = self._find(self.span.open_ids, self.span.markers.open, offset_before, text)
         if hit is not None:
             self._bounds.append((hit[0], MARKER))

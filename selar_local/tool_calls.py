@@ -1,7 +1,7 @@
 """Tool calls: the request's `tools`/`tool_choice` checked, the model's own tool-call syntax
 recognised from its chat template (as llama.cpp's common/chat.cpp does, by the markers the
-template uses) and parsed out of the answer into OpenAI's `tool_calls`, and the grammar that
-forces a call for `tool_choice` "required" or a named function.
+template uses) and parsed out of the answer into OpenAI's `tool_calls`. The grammar that
+forces a call for `tool_choice` "required" or a named function: tool_grammar.py.
 
 Formats: hermes (Hermes 2 Pro, Qwen2.5/Qwen3: <tool_call>{json}</tool_call>), llama3 (bare
 JSON {"name", "parameters"}), mistral ([TOOL_CALLS][...]), deepseek_r1 (<｜tool▁call▁begin｜>
@@ -82,10 +82,14 @@ def _loads(text: str) -> Any:
         return None
 
 
-def parse(fmt: str, text: str) -> tuple[str, list[ToolCall]]:
+def parse(fmt: str, text: str, tools: Sequence[Mapping] = ()) -> tuple[str, list[ToolCall]]:
     """(content, calls) of an answer. Text around the calls stays content; a call that
-    does not close or does not parse leaves the whole text as content."""
-    calls, content = _PARSERS[fmt](text)
+    does not close or does not parse leaves the whole text as content. `tools` (OpenAI
+    tool objects) tell qwen3_coder's parser which parameters are strings (raw text)."""
+    if fmt == "qwen3_coder":
+        calls, content = _qwen3_coder(text, _string_parameters(tools))
+    else:
+        calls, content = _PARSERS[fmt](text)
     return (text, []) if calls is None else (content, calls)
 
 
@@ -139,25 +143,39 @@ def _deepseek_r1(text: str):
     return (None, text) if None in calls else (calls, rest.strip())
 
 
-def _qwen3_coder(text: str):
+def _string_parameters(tools: Sequence[Mapping]) -> dict[str, set[str]]:
+    """function name -> its parameters whose schema is a plain string."""
+    out = {}
+    for tool in tools:
+        fn = tool.get("function", {})
+        props = (fn.get("parameters") or {}).get("properties", {})
+        out[fn.get("name")] = {k for k, v in props.items() if isinstance(v, Mapping) and v.get("type") == "string"}
+    return out
+
+
+def _qwen3_coder(text: str, strings: Mapping[str, set[str]] | None = None):
     pattern = re.compile(r"(?:<tool_call>\s*)?<function=([^>\n]+)>(.*?)</function>(?:\s*</tool_call>)?", re.S)
     found = list(pattern.finditer(text))
     if not found or "<function=" in pattern.sub("", text):
         return None, text
     calls = []
     for m in found:
-        args = {}
+        name, args = m.group(1).strip(), {}
+        raw = (strings or {}).get(name, set())
         for p in re.finditer(r"<parameter=([^>\n]+)>\n?(.*?)\n?</parameter>", m.group(2), re.S):
-            value = p.group(2)
-            parsed = _loads(value)
-            args[p.group(1).strip()] = value if parsed is None else parsed
-        calls.append(ToolCall(m.group(1).strip(), json.dumps(args, ensure_ascii=False)))
+            key, value = p.group(1).strip(), p.group(2)
+            parsed = None if key in raw else _loads(value)  # a string parameter is its raw text
+            args[key] = value if parsed is None else parsed
+        calls.append(ToolCall(name, json.dumps(args, ensure_ascii=False)))
     return calls, pattern.sub("", text).strip()
 
 
 def _gpt_oss(text: str):
-    pattern = re.compile(r"(?:<\|start\|>assistant)?(?:<\|channel\|>commentary)?\s*to=functions\.([\w.-]+)"
-                         r"[^<]*(?:<\|constrain\|>\w+)?<\|message\|>(.*?)<\|call\|>", re.S)
+    # The call ends with <|call|>, or with the text: in gpt-oss's own vocabulary <|call|> is an
+    # end-of-generation token, which ends the output without being part of it. Its control
+    # tokens may render as no text at all, so each marker is optional before the JSON.
+    pattern = re.compile(r"(?:(?:<\|start\|>)?assistant)?(?:(?:<\|channel\|>)?commentary)?\s*to=functions\.([\w.-]+)"
+                         r"[^<{]*(?:<\|constrain\|>\w*)?(?:<\|message\|>)?(\{.*?)(?:<\|call\|>|\Z)", re.S)
     found = list(pattern.finditer(text))
     if not found:
         return None, text
@@ -260,6 +278,8 @@ def check_history(messages: Sequence[Mapping[str, Any]]) -> list[dict]:
                 kept.append({"id": call_id, "type": "function",
                              "function": {"name": fn["name"], "arguments": json.loads(args)}})
             m["tool_calls"] = kept
+            if not m.get("content"):  # a call-only turn: templates test `content is none` (R1's)
+                m["content"] = None
         elif m.get("role") == "tool":
             call_id = m.get("tool_call_id")
             if call_id not in open_ids:
@@ -269,33 +289,6 @@ def check_history(messages: Sequence[Mapping[str, Any]]) -> list[dict]:
     return out
 
 
-def call_grammar(req: ToolRequest) -> str | None:
-    """GBNF forcing a call (tool_choice required or a named function), from the tools'
-    parameter schemas through llama-cpp-python's converter; None when no call is forced."""
-    if req.choice in ("none", "auto"):
-        return None
-    from selar_local.grammar import schema_to_gbnf
-
-    tools = [t for t in req.tools if req.choice == "required" or t["function"]["name"] == req.choice]
-    args_key = "parameters" if req.fmt == "llama3" else "arguments"
-    options = [{"type": "object", "properties": {"name": {"const": t["function"]["name"]},
-                                                  args_key: t["function"]["parameters"]},
-                "required": ["name", args_key], "additionalProperties": False} for t in tools]
-    gbnf = schema_to_gbnf(options[0] if len(options) == 1 else {"anyOf": options})
-    gbnf = re.sub(r"^root ::=", "call ::=", gbnf, flags=re.M)
-    more = ' ("\\n" ' + "{0})*" if req.parallel else ""
-    if req.fmt == "hermes":
-        block = '"<tool_call>\\n" call "\\n</tool_call>"'
-        return f"root ::= {block}" + (more.format(block) if more else "") + "\n" + gbnf
-    if req.fmt == "llama3":
-        return "root ::= call\n" + gbnf
-    if req.fmt == "mistral":
-        tail = ' ("," call)*' if req.parallel else ""
-        return f'root ::= "[TOOL_CALLS][" call{tail} "]"\n' + gbnf
-    raise _bad(f"tool_choice={req.choice!r} is not supported for {req.fmt} tool-call templates yet "
-               "(hermes, llama3 and mistral are)", "tool_choice")
-
-
 class StreamedCalls:
     """One streamed choice's content with tools on: text is passed on until a call may be
     starting (a start marker, or the start of one at the end), then held; at the end the
@@ -303,8 +296,9 @@ class StreamedCalls:
 
     ARGUMENT_PIECE = 24  # characters of function.arguments per streamed delta
 
-    def __init__(self, fmt: str):
+    def __init__(self, fmt: str, tools: Sequence[Mapping] = ()):
         self.fmt = fmt
+        self.tools = tools
         self.starts = CALL_STARTS[fmt]
         self.held = ""
         self.shown = ""
@@ -325,7 +319,7 @@ class StreamedCalls:
 
     def finish(self) -> tuple[str, list[ToolCall]]:
         """(content still to show, calls) once the choice has ended."""
-        content, calls = parse(self.fmt, self.shown + self.held)
+        content, calls = parse(self.fmt, self.shown + self.held, self.tools)
         if not calls:
             return self.held, []
         return content[len(self.shown):] if content.startswith(self.shown) else "", calls

@@ -111,3 +111,109 @@ def test_the_vocabulary_head_gives_the_whole_vocabularys_answer():
         assert got.ids.tolist() == ref.ids.tolist()
         assert got.probs.tolist() == pytest.approx(ref.probs.tolist(), abs=1e-15)
         assert sizes == ([5 * HEAD_PER_K] if head_only else [5 * HEAD_PER_K, 4000])
+
+
+# ------------------------------------------------ the lazy grammar and the span's markers
+# llama.cpp's grammar sampler on R1's real vocabulary (the vocab-only file), the loop's
+# SpanTracker, and hand-made step decisions in the order a model could take them.
+
+class _Policy:  # what SequenceGrammar reads of the policy: its distribution and random stream
+    last_dist = None
+    rng = np.random.default_rng(0)
+
+
+def _step(grammar, tracker, model, text, token, vocab):
+    """One step: the grammar adjusts a decision to show `token`, the tracker and grammar follow."""
+    logits = np.zeros(vocab)
+    logits[token] = 5.0
+    decision = grammar.adjust(discrete(token, top_ids=(token,), top_probs=(1.0,)), _Policy, logits, tracker)
+    grammar.commit(decision.token)
+    new_text = text + model.token_bytes(decision.token).decode("utf-8", errors="replace")
+    tracker.push(decision.token, len(text), new_text)
+    return decision.token, new_text
+
+
+@pytest.fixture(scope="module")
+def r1_vocab_model(r1_vocab_path):
+    from selar_local.engine import LlamaModel
+
+    model = LlamaModel(r1_vocab_path, vocab_only=True)
+    yield model
+    model.close()
+
+
+def _lazy(model, gbnf):
+    from selar_local.constraint import SequenceGrammar
+    from selar_local.engine import GrammarSampler
+    from selar_local.params import DecodeParams
+    from selar_local.thinking import THINK_TAGS, SpanTokens, SpanTracker
+
+    span = SpanTokens.build(THINK_TAGS, lambda t: model.tokenize(t, add_special=False))
+    return SequenceGrammar(GrammarSampler(model, gbnf), DecodeParams(greedy=True)), SpanTracker(span), span
+
+
+def test_a_span_the_model_opens_is_free_then_the_header_then_the_grammar_holds(r1_vocab_model):
+    model, vocab = r1_vocab_model, r1_vocab_model.n_vocab
+    grammar, tracker, span = _lazy(model, 'root ::= "{" [a-z]* "}"')
+    think, close, (header,) = span.open_ids[0], span.close_ids[0], span.answer_ids
+    brace, word = model.tokenize("{", add_special=False)[0], model.tokenize("abc", add_special=False)
+    text = ""
+    token, text = _step(grammar, tracker, model, text, think, vocab)   # the model opens the span itself
+    assert token == think and tracker.in_span and not grammar.started
+    token, text = _step(grammar, tracker, model, text, word[0], vocab)  # reasoning: free
+    token, text = _step(grammar, tracker, model, text, close, vocab)    # the model closes it
+    assert token == close and not tracker.in_span and tracker.answer_header_next == header
+    token, text = _step(grammar, tracker, model, text, header, vocab)   # "\n\n": the grammar rejects it, free
+    assert token == header and not grammar.started and tracker.answer_header_next is None
+    token, text = _step(grammar, tracker, model, text, brace, vocab)
+    assert token == brace and grammar.started
+    token, text = _step(grammar, tracker, model, text, think, vocab)    # no second span: <think> is redrawn
+    assert token != think and not tracker.in_span
+    assert tracker.split(text) == ("abc", "{" + model.token_bytes(token).decode())
+
+
+def test_the_open_marker_is_free_only_as_the_first_token(r1_vocab_model):
+    model, vocab = r1_vocab_model, r1_vocab_model.n_vocab
+    grammar, tracker, span = _lazy(model, 'root ::= "{" [a-z]* "}"')
+    brace = model.tokenize("{", add_special=False)[0]
+    token, text = _step(grammar, tracker, model, "", brace, vocab)
+    assert grammar.started
+    token, text = _step(grammar, tracker, model, text, span.open_ids[0], vocab)
+    assert token != span.open_ids[0] and not tracker.in_span
+
+
+def _lazy_with(model, gbnf, markers):
+    from selar_local.constraint import SequenceGrammar
+    from selar_local.engine import GrammarSampler
+    from selar_local.params import DecodeParams
+    from selar_local.thinking import SpanTokens, SpanTracker
+
+    span = SpanTokens.build(markers, lambda t: model.tokenize(t, add_special=False))
+    return SequenceGrammar(GrammarSampler(model, gbnf), DecodeParams(greedy=True)), SpanTracker(span), span
+
+
+def test_a_marker_of_several_tokens_goes_on_unless_its_start_passes_the_grammar(r1_vocab_model):
+    """An open marker split into tokens (as gpt-oss's harmony channel header): once its first
+    token is shown, leaving it is allowed only where the grammar takes what was shown."""
+    from selar_local.thinking import ThinkingMarkers
+
+    model, vocab = r1_vocab_model, r1_vocab_model.n_vocab
+    markers = ThinkingMarkers("<<think>>", "<</think>>")
+    word = model.tokenize("abc", add_special=False)[0]
+    brace = model.tokenize("{", add_special=False)[0]
+    # The grammar rejects the marker's start: after it, only the marker may go on.
+    grammar, tracker, span = _lazy_with(model, 'root ::= "{" [a-z]* "}"', markers)
+    opening = span.open_ids
+    assert len(opening) >= 2
+    token, text = _step(grammar, tracker, model, "", opening[0], vocab)
+    assert token == opening[0] and not grammar.started
+    token, text = _step(grammar, tracker, model, text, brace, vocab)
+    assert token == opening[1] and not grammar.started
+    # The grammar takes the marker's start: the model may leave it, and the start is answer.
+    start = model.token_bytes(opening[0]).decode()
+    grammar, tracker, span = _lazy_with(model, f'root ::= "{start}" [a-z]* ">"', markers)
+    token, text = _step(grammar, tracker, model, "", opening[0], vocab)
+    token, text = _step(grammar, tracker, model, text, word, vocab)
+    assert token == word and grammar.started and not tracker.in_span
+    assert grammar.sampler.allows(model.tokenize(">", add_special=False)[0])  # past start + "abc"
+    assert tracker.split(text) == ("", start + "abc")

@@ -35,6 +35,21 @@ def test_each_format_parses_to_one_call(fmt, text, content):
     assert (got_content, calls) == (content, [ToolCall("get_weather", ARGS)])
 
 
+def test_a_gpt_oss_call_may_end_with_the_text_and_qwen3_coder_strings_stay_text():
+    # <|call|> is an end-of-generation token in gpt-oss's vocabulary: not part of the output text
+    assert parse("gpt_oss", '<|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json'
+                            '<|message|>{"city": "Paris", "days": 2}') == ("", [ToolCall("get_weather", ARGS)])
+    # ... and with its control tokens rendered as no text (the output text of gpt-oss's vocabulary)
+    assert parse("gpt_oss", 'assistantcommentary to=functions.get_weather json{"city": "Paris", "days": 2}') == (
+        "", [ToolCall("get_weather", ARGS)])
+    text = ("<tool_call>\n<function=f>\n<parameter=code>\n123\n</parameter>\n<parameter=n>\n123\n</parameter>\n"
+            "</function>\n</tool_call>")
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"code": {"type": "string"}, "n": {"type": "integer"}}}}}]
+    assert parse("qwen3_coder", text, tools) == ("", [ToolCall("f", '{"code": "123", "n": 123}')])
+    assert parse("qwen3_coder", text) == ("", [ToolCall("f", '{"code": 123, "n": 123}')])  # no schemas: JSON
+
+
 def test_two_calls_and_arguments_given_as_text():
     text = ('<tool_call>\n{"name": "a", "arguments": "{\\"x\\": 1}"}\n</tool_call>\n'
             '<tool_call>\n{"name": "b", "arguments": {}}\n</tool_call>')
@@ -50,7 +65,7 @@ def test_two_calls_and_arguments_given_as_text():
     ("mistral", '[TOOL_CALLS][{"name": "a", "arguments": {'),
     ("deepseek_r1", R1.replace("<｜tool▁call▁end｜><｜tool▁calls▁end｜>", "")),
     ("qwen3_coder", "<tool_call>\n<function=get_weather>\n<parameter=city>\nParis"),
-    ("gpt_oss", '<|channel|>commentary to=functions.f <|constrain|>json<|message|>{"a": 1}'),
+    ("gpt_oss", '<|channel|>commentary to=functions.f <|constrain|>json<|message|>{"a": 1'),
     ("llama3", "The weather is nice."),
 ])
 def test_an_unclosed_or_malformed_call_stays_content(fmt, text):
@@ -195,14 +210,22 @@ def test_bad_tool_requests_are_400(client, extra, param):
     assert info.value.body["param"] == "messages[1].tool_call_id"
 
 
-def test_forced_calls_have_a_grammar_in_the_formats_that_take_one():
-    from selar_local.tool_calls import call_grammar
+def test_forced_calls_have_a_grammar_in_every_format():
+    from selar_local.tool_grammar import call_grammar
 
     body = {"tools": [WEATHER], "tool_choice": "required", "parallel_tool_calls": False}
     hermes = call_grammar(check_tools(body, "<tool_call>"))
     assert hermes.startswith('root ::= "<tool_call>\\n" call "\\n</tool_call>"\n') and "\ncall ::=" in hermes
     assert call_grammar(check_tools(body, "[TOOL_CALLS]")).startswith('root ::= "[TOOL_CALLS][" call "]"\n')
     assert call_grammar(check_tools({**body, "tool_choice": "auto"}, "<tool_call>")) is None
-    for template in ("<｜tool▁calls▁begin｜>", "<|channel|>", "<function=x><parameter=y>"):
-        with pytest.raises(InvalidParameterError, match="is not supported for"):
-            call_grammar(check_tools(body, template))
+    r1 = call_grammar(check_tools(body, "<｜tool▁calls▁begin｜>"))
+    assert r1.startswith('root ::= "<｜tool▁calls▁begin｜>" call "<｜tool▁calls▁end｜>"\ncall ::= tool0\n'
+                         'tool0 ::= "<｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\\n```json\\n" args0-schema '
+                         '"\\n```<｜tool▁call▁end｜>"\n')
+    assert call_grammar(check_tools(body, "<|channel|>")).startswith(
+        'root ::= "<|start|>assistant"? "<|channel|>commentary to=functions." (tool0)\n'
+        'tool0 ::= "get_weather <|constrain|>json<|message|>" args0-schema\n')
+    assert call_grammar(check_tools(body, "<function=x><parameter=y>")).startswith(
+        'root ::= call\ncall ::= "<tool_call>\\n" (tool0) "</tool_call>"\n'
+        't0p0-param ::= "<parameter=city>\\n" [^<\\n]{0,} "\\n</parameter>\\n"\n'
+        'tool0 ::= "<function=get_weather>\\n" t0p0-param "</function>\\n"\n')
