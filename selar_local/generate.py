@@ -71,6 +71,7 @@ class LoopHost(Protocol):
     def check_prompt_fits(self, n_prompt_tokens: int) -> None: ...
     def check_thinking_params(self, params: DecodeParams) -> None: ...
     def require_method(self, method: str) -> None: ...
+    def latent_alignment(self, kind: str) -> Any: ...
     def thinking_at_end(self, prompt_tokens: Sequence[int]) -> bool | None: ...
 
 
@@ -156,6 +157,9 @@ class BatchGenerator:
         for params, sampler in zip(params_list, samplers):
             tracker = SpanTracker(span, bool(in_thinking))  # the one thinking state: the policy reads it
             policy = make_policy(params, self.runtime.token_info, thinking=tracker)
+            if getattr(policy, "latent_steps", 0):  # latent steps feed aligned hidden states (alignment.py)
+                self.runtime.check_prompt_fits(len(prompt_tokens) + policy.latent_steps)
+                policy.alignment = self.runtime.latent_alignment(params.latent_align)
             if policy.needs_hidden and not hasattr(self.context, "hidden_rows"):
                 raise InvalidParameterError(f"method {params.method!r} reads the hidden state, which this "
                                             "engine build cannot give")
@@ -262,11 +266,17 @@ class BatchGenerator:
 
     def _take_all(self, seqs: list[LoopSequence], rows, hidden) -> list[StepEvent]:
         decided = decide(seqs, rows, hidden, batch_wide=self.batch_wide, eog_ids=self._eog_list)
-        return [self._take(s, d, generated) for s, (d, generated) in zip(seqs, decided)]
+        events = (self._take(s, d, generated) for s, (d, generated) in zip(seqs, decided))
+        return [e for e in events if e is not None]
 
-    def _take(self, seq: LoopSequence, decision: StepDecision, generated: bool) -> StepEvent:
+    def _take(self, seq: LoopSequence, decision: StepDecision, generated: bool | None) -> StepEvent | None:
         """A final decision: the grammar and the policy are told its token, the output
-        records it; the sequence decodes its input next, or ends."""
+        records it; the sequence decodes its input next, or ends. A latent step (generated
+        None) has no event: the output keeps its marker for the next token's event."""
+        if generated is None:  # a latent step: nothing shown, its input decodes next
+            seq.out.add_latent(decision)
+            seq.pending, seq.phase = decision, Phase.DECODING
+            return None
         token = decision.token
         if seq.grammar is not None:  # -- grammar seam (issue 23): advance past the shown token --
             seq.grammar.commit(token)

@@ -41,6 +41,7 @@ class Method:
 
 
 SOFT_NOISES = ("none", "gumbel", "dirichlet")
+LATENT_ALIGNS = ("ridge", "identity")  # alignment.ALIGN_KINDS (not imported: see the module docstring)
 
 _NOISE = (
     Option("soft_noise", "Stochastic Soft Thinking: noise on the soft inputs' mixture weights",
@@ -79,6 +80,14 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
                Option("swir_alpha", "SwiReasoning: <think> blend weight alpha_0 at a switch to latent"),
                Option("swir_beta", "SwiReasoning: </think> blend weight beta_0 at a switch to explicit"),
                Option("swir_topk", "SwiReasoning: tokens in the latent mixture softmax(l) @ E"),
+           )),
+    Method("latent", "selar_local.latent_policy:LatentPolicy",
+           "latent thoughts: m aligned hidden states fed before decoding as cot (docs/LATENT.md)", True, (
+               Option("latent_steps", "latent: hidden-state steps before the text (m; 0 is exactly cot)"),
+               Option("latent_align", "latent: map from the hidden state to input space (ridge W_a, or identity)",
+                      choices=LATENT_ALIGNS),
+               Option("latent_noise", "latent: Gaussian noise on each fed latent vector, its norm relative to "
+                                      "the vector's (a distinct latent path per seed)"),
            )),
 )}
 

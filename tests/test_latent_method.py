@@ -1,0 +1,132 @@
+"""`--method latent` on a real model (SmolLM2): m = 0 is exactly cot with the same seed,
+m > 0 takes m latent steps before the text, the latent noise gives each seed its own
+path, and a model whose soft-input self-check failed is refused."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from selar_local.errors import InvalidParameterError, UnsupportedModelError
+from selar_local.generate import generate_groups, stream_tokens
+from selar_local.params import DecodeParams
+
+from conftest import runtime_for
+
+QUESTION = [{"role": "user", "content": "What is 12 + 30? Think step by step."}]
+TIMING = {"prefill_seconds", "decode_seconds"}
+
+
+def _run(rt, prompt, params):
+    """(events, result, the sequence's policy) of one streamed generation."""
+    stream = stream_tokens(rt, prompt, params)
+    events = []
+    while True:
+        try:
+            events.append(next(stream))
+        except StopIteration as done:
+            return events, done.value
+
+
+def _fields(result) -> dict:
+    return {k: v for k, v in dataclasses.asdict(result).items() if k not in TIMING}
+
+
+@pytest.fixture(scope="module")
+def rt(model_files):
+    runtime = runtime_for("llama", model_files, n_parallel=2)
+    assert runtime.self_check.passed
+    return runtime
+
+
+def test_zero_latent_steps_is_exactly_cot(rt):
+    prompt = rt.encode(messages=QUESTION)
+    cot = DecodeParams(method="cot", max_tokens=24, seed=7, logprobs=2)
+    _run(rt, prompt, cot)  # both runs below then find the prompt in the cache (cached_tokens equal)
+    _, latent0 = _run(rt, prompt, cot.replace(method="latent", latent_steps=0))
+    cot_events, reference = _run(rt, prompt, cot)
+    assert reference.cached_tokens == len(prompt)
+    assert _fields(latent0) == _fields(reference)
+    assert latent0.latent_steps == 0 and all(e.latent == () for e in cot_events)
+
+
+def test_latent_steps_are_fed_before_the_text(rt, monkeypatch):
+    from selar_local import latent_policy
+
+    made = []
+    original = latent_policy.LatentPolicy.__init__
+
+    def keep(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(latent_policy.LatentPolicy, "__init__", keep)
+    prompt = rt.encode(messages=QUESTION)
+    params = DecodeParams(method="latent", latent_steps=3, max_tokens=16, seed=7)
+    events, result = _run(rt, prompt, params)
+    (policy,) = made
+    assert result.latent_steps == 3 and len(policy.fed) == 3 and policy.latent_left == 0
+    alignment = rt.latent_alignment("ridge")
+    for vector in policy.fed:  # the aligned state at the input rows' norm (no noise asked)
+        assert vector.shape == (rt.model.n_embd_inp,)
+        assert np.linalg.norm(vector) == pytest.approx(alignment.fed_norm, rel=1e-4)
+    # the markers ride on the first token's event, in order, none later
+    assert [m.step for m in events[0].latent] == [0, 1, 2]
+    assert all(e.latent == () for e in events[1:])
+    assert all(1 <= len(m.top_ids) <= params.ks and sum(m.top_probs) == pytest.approx(1.0, abs=1e-5)
+               for m in events[0].latent)
+    assert result.tokens and result.text and len(result.tokens) == len(events)
+    assert result.soft_steps == 0  # the text itself is decoded as cot
+
+
+def _fed_paths(rt, prompt, params_list, monkeypatch):
+    from selar_local import latent_policy
+
+    made = []
+    original = latent_policy.LatentPolicy.__init__
+
+    def keep(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(latent_policy.LatentPolicy, "__init__", keep)
+    (results,) = generate_groups(rt, [prompt], [params_list])
+    return [p.fed for p in made], results
+
+
+def test_latent_noise_gives_each_seed_its_own_path(rt, monkeypatch):
+    """Two samples of one prompt (a group: the prompt's cells are copied) feed the same
+    vectors without noise and different ones with it; sigma 0 is no noise at all."""
+    prompt = rt.encode(messages=QUESTION)
+    base = DecodeParams(method="latent", latent_steps=2, max_tokens=4, seed=11)
+    fed, results = _fed_paths(rt, prompt, [base, base.replace(seed=12)], monkeypatch)
+    assert all(r.latent_steps == 2 for r in results)
+    assert np.array_equal(fed[0][0], fed[1][0])  # the prompt's hidden state: no noise, one vector
+    noisy = [base.replace(latent_noise=0.5), base.replace(latent_noise=0.5, seed=12)]
+    fed_noisy, _ = _fed_paths(rt, prompt, noisy, monkeypatch)
+    assert not np.array_equal(fed_noisy[0][0], fed_noisy[1][0])
+    # relative to the fed norm: ||noise|| ~ sigma ||v|| (d = 576: within 15%)
+    gap = np.linalg.norm(fed_noisy[0][0] - fed[0][0]) / np.linalg.norm(fed[0][0])
+    assert 0.5 * 0.85 < gap < 0.5 * 1.15
+    zero, _ = _fed_paths(rt, prompt, [base.replace(latent_noise=0.0)], monkeypatch)
+    assert np.array_equal(zero[0][0], fed[0][0])
+
+
+def test_bad_latent_parameters_are_refused():
+    with pytest.raises(InvalidParameterError, match="latent_steps"):
+        DecodeParams(method="latent", latent_steps=-1)
+    with pytest.raises(InvalidParameterError, match="latent_align"):
+        DecodeParams(method="latent", latent_align="pca")
+    with pytest.raises(InvalidParameterError, match="latent_noise"):
+        DecodeParams(method="latent", latent_noise=float("nan"))
+
+
+def test_latent_is_refused_on_a_model_whose_self_check_failed(rt, monkeypatch):
+    """require_method is what submit() calls first: nothing is decoded for a refused method."""
+    monkeypatch.setattr(rt, "self_check", dataclasses.replace(rt.self_check, passed=False, detail="rows differ"))
+    with pytest.raises(UnsupportedModelError, match="method 'latent'.*rows differ"):
+        rt.require_method("latent")
+    with pytest.raises(UnsupportedModelError, match="method 'latent'"):
+        next(stream_tokens(rt, rt.encode(messages=QUESTION), DecodeParams(method="latent")))
+    rt.require_method("cot")
