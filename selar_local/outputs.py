@@ -79,7 +79,7 @@ class LatentMarker:
         """token_text(id) -> str: the model's text of a token."""
         return {"latent": True, "step": self.step, "entropy": round(self.entropy, 6),
                 "top_ids": list(self.top_ids), "top_probs": [round(p, 6) for p in self.top_probs],
-                "top_text": [token_text(t) for t in self.top_ids]}
+                "top_tokens": [token_text(t) for t in self.top_ids]}
 
 
 @dataclass

@@ -4,6 +4,7 @@ path, and a model whose soft-input self-check failed is refused."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -130,3 +131,44 @@ def test_latent_is_refused_on_a_model_whose_self_check_failed(rt, monkeypatch):
     with pytest.raises(UnsupportedModelError, match="method 'latent'"):
         next(stream_tokens(rt, rt.encode(messages=QUESTION), DecodeParams(method="latent")))
     rt.require_method("cot")
+
+
+def test_selar_run_method_latent_traces_a_marker_per_latent_step(tmp_path, smollm_path):
+    from test_cli import QUESTION as CLI_QUESTION, selar
+
+    trace = tmp_path / "trace.jsonl"
+    done = selar("run", "--model", str(smollm_path), "--method", "latent", "--latent-steps", "2",
+                 "--max-tokens", "8", "--trace", str(trace), CLI_QUESTION)
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in trace.read_text().splitlines()]
+    markers, tokens = records[:2], records[2:]
+    assert [m["step"] for m in markers] == [0, 1] and all(m["latent"] for m in markers)
+    for m in markers:  # no token of its own: the top tokens of that step's logits, with their text
+        assert "token" not in m and len(m["top_ids"]) == len(m["top_probs"]) == len(m["top_tokens"]) >= 1
+    assert 1 <= len(tokens) <= 8 and not any("latent" in r for r in tokens)
+    assert done.stdout.strip() == "".join(r["text"] for r in tokens).strip()
+    assert ", 2 latent steps, " in done.stderr.strip().splitlines()[-1]
+
+
+def test_server_runs_method_latent_with_markers_in_selar_trace(smollm_path):
+    import httpx
+    from serve_helpers import running_server
+
+    body = {"messages": QUESTION, "stream": True, "selar_trace": True, "max_tokens": 6, "seed": 3,
+            "method": "latent", "latent_steps": 3, "latent_noise": 0.1}
+    with running_server(smollm_path, "--parallel", "1", "--n-ctx", "512") as url, httpx.Client(timeout=120) as http:
+        with http.stream("POST", url + "/v1/chat/completions", json=body) as response:
+            assert response.status_code == 200
+            chunks = [json.loads(line[6:]) for line in response.iter_lines()
+                      if line.startswith("data: {")]
+        bad = http.post(url + "/v1/chat/completions", json={**body, "stream": False, "selar_trace": False,
+                                                             "latent_align": "pca"})
+    steps = [c["selar"] for c in chunks if c.get("choices") and "selar" in c and "index" in c["selar"]]
+    assert [m["step"] for m in steps[0]["latent"]] == [0, 1, 2]
+    assert all(m["latent"] and m["top_tokens"] for m in steps[0]["latent"])
+    assert not any("latent" in s for s in steps[1:])
+    (summary,) = [c["selar"] for c in chunks if c.get("choices") and c["choices"][0]["finish_reason"]]
+    assert summary["method"] == "latent" and summary["latent_steps"] == 3 and summary["latent_noise"] == 0.1
+    assert bad.status_code == 400
+    error = bad.json()["error"]
+    assert "latent_align" in error["message"] and error["type"] == "invalid_request_error"

@@ -27,8 +27,8 @@ def test_every_registered_method_validates_and_makes_its_policy():
         policy = make_policy(DecodeParams(method=name, top_k=0), info)
         assert isinstance(policy, Policy) and type(policy) is method.policy_class()
     assert METHODS == tuple(REGISTRY)
-    with pytest.raises(InvalidParameterError, match="one of cot, selar, soft, moi, swir"):
-        DecodeParams(method="latent")
+    with pytest.raises(InvalidParameterError, match="one of cot, selar, soft, moi, swir, latent"):
+        DecodeParams(method="coconut")
     assert not feeds_soft_inputs("cot") and all(feeds_soft_inputs(m) for m in METHODS if m != "cot")
 
 
