@@ -157,9 +157,10 @@ class BatchGenerator:
         for params, sampler in zip(params_list, samplers):
             tracker = SpanTracker(span, bool(in_thinking))  # the one thinking state: the policy reads it
             policy = make_policy(params, self.runtime.token_info, thinking=tracker)
-            if getattr(policy, "latent_steps", 0):  # latent steps feed aligned hidden states (alignment.py)
-                self.runtime.check_prompt_fits(len(prompt_tokens) + policy.latent_steps)
+            if getattr(policy, "reads_alignment", False):  # it feeds aligned hidden states (alignment.py)
+                self.runtime.check_prompt_fits(len(prompt_tokens) + getattr(policy, "latent_steps", 0))
                 policy.alignment = self.runtime.latent_alignment(params.latent_align)
+                policy.table = self.runtime.table
             if policy.needs_hidden and not hasattr(self.context, "hidden_rows"):
                 raise InvalidParameterError(f"method {params.method!r} reads the hidden state, which this "
                                             "engine build cannot give")

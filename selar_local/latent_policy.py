@@ -36,6 +36,12 @@ class LatentPolicy(CotPolicy):
         self.fed: list[np.ndarray] = []  # the vectors fed so far (what --latent-noise changes)
 
     @property
+    def reads_alignment(self) -> bool:
+        """The loop sets `alignment` only when there are latent steps (m = 0 is cot and
+        loads nothing)."""
+        return self.latent_steps > 0
+
+    @property
     def needs_hidden(self) -> bool:
         """The hidden state is read only while latent steps remain (the m-th step's output
         is only its logits, from which the first text token is drawn)."""

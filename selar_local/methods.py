@@ -34,14 +34,22 @@ class Method:
     summary: str
     soft_inputs: bool            # feeds embedding mixtures: needs a model that passed the self-check
     options: tuple[Option, ...] = ()
+    # Another policy class for some value of one of its fields: (field, {value: "module:Class"})
+    variants: tuple[str, tuple[tuple[str, str], ...]] | None = None
 
-    def policy_class(self) -> type:
-        module, _, cls = self.policy.partition(":")
+    def policy_class(self, params=None) -> type:
+        """Its policy class (the variant `params` selects, if any)."""
+        name = self.policy
+        if self.variants is not None and params is not None:
+            field, choices = self.variants
+            name = dict(choices).get(getattr(params, field), name)
+        module, _, cls = name.partition(":")
         return getattr(importlib.import_module(module), cls)
 
 
 SOFT_NOISES = ("none", "gumbel", "dirichlet")
-LATENT_ALIGNS = ("ridge", "identity")  # alignment.ALIGN_KINDS (not imported: see the module docstring)
+LATENT_ALIGNS = ("ridge", "identity")
+SOFT_SOURCES = ("mixture", "hidden")  # alignment.ALIGN_KINDS (not imported: see the module docstring)
 
 _NOISE = (
     Option("soft_noise", "Stochastic Soft Thinking: noise on the soft inputs' mixture weights",
@@ -49,6 +57,9 @@ _NOISE = (
     Option("gumbel_tau", "temperature of the Gumbel-softmax weights"),
     Option("dirichlet_alpha", "concentration scale of the Dirichlet weights Dir(alpha p)"),
 )
+
+_ALIGN = Option("latent_align", "hidden-state inputs (latent, selar --soft-source hidden): the map from the "
+                                "hidden state to input space, ridge W_a or identity", choices=LATENT_ALIGNS)
 
 REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("cot", "selar_local.policies:CotPolicy", "chain of thought: the sampled token is fed back", False),
@@ -59,8 +70,11 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
                Option("lam", "SeLaR contrastive push strength"),
                Option("ks", "SeLaR candidates in gate and mixture"),
                Option("thinking_only", "SeLaR: gate only inside <think>...</think>"),
+               Option("soft_source", "SeLaR: the soft input's source, the top-ks mixture or the aligned hidden "
+                                     "state (docs/LATENT.md)", choices=SOFT_SOURCES),
+               _ALIGN,
                *_NOISE,
-           )),
+           ), variants=("soft_source", (("hidden", "selar_local.hidden_selar:HiddenSourceSelarPolicy"),))),
     Method("soft", "selar_local.policies:SoftThinkingPolicy",
            "Soft Thinking: soft mixtures through the thinking span, Cold Stop", True, (
                Option("soft_topk", "Soft Thinking: tokens in each soft mixture (max_topk)"),
@@ -84,8 +98,7 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("latent", "selar_local.latent_policy:LatentPolicy",
            "latent thoughts: m aligned hidden states fed before decoding as cot (docs/LATENT.md)", True, (
                Option("latent_steps", "latent: hidden-state steps before the text (m; 0 is exactly cot)"),
-               Option("latent_align", "latent: map from the hidden state to input space (ridge W_a, or identity)",
-                      choices=LATENT_ALIGNS),
+               _ALIGN,
                Option("latent_noise", "latent: Gaussian noise on each fed latent vector, its norm relative to "
                                       "the vector's (a distinct latent path per seed)"),
            )),

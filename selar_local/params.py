@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from selar_local.errors import InvalidParameterError
-from selar_local.methods import LATENT_ALIGNS, METHODS, REGISTRY, SOFT_NOISES  # the method registry (selar_local/methods.py)
+from selar_local.methods import LATENT_ALIGNS, METHODS, REGISTRY, SOFT_NOISES, SOFT_SOURCES  # the method registry (selar_local/methods.py)
 # Per-step work grows with these; one request must not be able to make every other
 # request's steps expensive (a 49k-token mixture costs ~2 ms per step on the host).
 MAX_MIXTURE_SIZE = 64        # ks, soft_topk, moi_topn and any other mixture size
@@ -39,6 +39,7 @@ class DecodeParams:
     lam: float = 1.0         # contrastive push away from the dominant token
     ks: int = 3              # candidates in the gate's entropy and the soft mixture
     thinking_only: bool = False  # gate only inside <think>...</think>
+    soft_source: str = "mixture"  # mixture | hidden: SeLaR's soft input from the top-ks rows or the hidden state
     # Thinking budget: after this many tokens inside the span, the close marker is
     # emitted and the answer follows (None: no budget). Needs a model with thinking markers.
     max_think_tokens: int | None = None
@@ -119,6 +120,7 @@ class DecodeParams:
                f"an integer in [1, {MAX_MIXTURE_SIZE}]")
         _check(_is_int(self.latent_steps) and 0 <= self.latent_steps <= MAX_LATENT_STEPS, "latent_steps",
                self.latent_steps, f"an integer in [0, {MAX_LATENT_STEPS}]")
+        _check(self.soft_source in SOFT_SOURCES, "soft_source", self.soft_source, f"one of {', '.join(SOFT_SOURCES)}")
         _check(self.latent_align in LATENT_ALIGNS, "latent_align", self.latent_align, f"one of {', '.join(LATENT_ALIGNS)}")
         _check(_finite(self.latent_noise) and self.latent_noise >= 0, "latent_noise", self.latent_noise,
                "a number >= 0 (the noise's norm relative to the fed vector's)")

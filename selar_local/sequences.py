@@ -225,8 +225,8 @@ class SequenceTable:
     def _start_from(self, seq: Sequence, plan: Plan) -> None:
         """Apply a plan: keep or copy the reusable cells; the rest is prefilled by step()."""
         slot = seq.slot
-        if plan.logits is not None and any(isinstance(g, Latent) for g in seq.segments):
-            # a latent step reads the prompt's last hidden state, which no cache keeps: feed that token again
+        if plan.logits is not None and seq.policy.needs_hidden:
+            # its first step reads the prompt's last hidden state, which no cache keeps: feed that token again
             plan = dataclasses.replace(plan, reuse=plan.reuse - 1, logits=None)
         if plan.source is None:
             self.context.truncate_sequence(slot.seq_id, plan.reuse)

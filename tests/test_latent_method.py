@@ -172,3 +172,64 @@ def test_server_runs_method_latent_with_markers_in_selar_trace(smollm_path):
     assert bad.status_code == 400
     error = bad.json()["error"]
     assert "latent_align" in error["message"] and error["type"] == "invalid_request_error"
+
+
+class _Rows:
+    """An input table of hand-made rows (EmbeddingTable's `row`)."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def row(self, token):
+        return self.rows[token]
+
+
+class _Align:
+    """An alignment whose output is given (LatentAlignment's `apply`)."""
+
+    def __init__(self, out):
+        self.out = out
+
+    def apply(self, hidden):
+        return self.out.copy()
+
+
+def test_hidden_source_selar_is_selar_with_the_aligned_state_as_its_source():
+    from selar_local.hidden_selar import HiddenSourceSelarPolicy
+    from selar_local.policies import SelarPolicy, TokenInfo
+
+    info = TokenInfo(6, np.zeros(6, dtype=bool))
+    rows = np.arange(6 * 4, dtype=np.float32).reshape(6, 4)
+    logits = np.array([2.0, 1.9, 1.8, -5, -5, -5], np.float32)  # flat top 3: the gate opens
+    params = DecodeParams(method="selar", soft_source="hidden", tau=0.2, lam=0.5, top_k=0, seed=4)
+    a = np.array([1.0, -2.0, 0.5, 3.0], np.float32)
+    hidden_policy = HiddenSourceSelarPolicy(params, info)
+    hidden_policy.alignment, hidden_policy.table = _Align(a), _Rows(rows)
+    token_policy = SelarPolicy(params.replace(soft_source="mixture"), info)
+    got, want = hidden_policy.propose(logits, np.zeros(4, np.float32)), token_policy.propose(logits)
+    assert want.soft and got.soft and got.token == want.token and got.entropy == want.entropy
+    assert np.array_equal(got.top_ids, want.top_ids) and np.array_equal(got.top_probs, want.top_probs)
+    push = np.float32(0.5 * want.entropy)
+    v1 = int(want.top_ids[0])
+    assert np.allclose(got.vector, (1 + push) * a - push * rows[v1], rtol=1e-6)
+    assert got.mix_ids is None and got.mix_weights is None
+    # a = E[v1]: the input is the token v1's row, whatever the push
+    hidden_policy.alignment = _Align(rows[v1])
+    assert np.allclose(hidden_policy.propose(logits, np.zeros(4, np.float32)).vector, rows[v1], atol=1e-5)
+    # gate closed: exactly SeLaR's discrete step
+    sharp = np.array([9.0, 0, 0, -5, -5, -5], np.float32)
+    closed = HiddenSourceSelarPolicy(params, info).propose(sharp, np.zeros(4, np.float32))
+    reference = SelarPolicy(params, info).propose(sharp)
+    assert not closed.soft and closed.vector is None
+    assert (closed.token, closed.entropy, closed.logprob) == (reference.token, reference.entropy, reference.logprob)
+    assert np.array_equal(closed.top_ids, reference.top_ids) and np.array_equal(closed.top_probs, reference.top_probs)
+
+
+def test_selar_hidden_source_runs_on_a_real_model(rt):
+    prompt = rt.encode(messages=QUESTION)
+    params = DecodeParams(method="selar", soft_source="hidden", tau=0.0, max_tokens=12, seed=5)
+    _, first = _run(rt, prompt, params)
+    _, again = _run(rt, prompt, params)  # the prompt's cells cached: its last token is fed again for its hidden state
+    for result in (first, again):
+        assert result.soft_steps > 0 and result.effective_counts == [] and result.tokens
+    assert again.cached_tokens == len(prompt) - 1
