@@ -153,8 +153,8 @@ class BatchGenerator:
         span = getattr(self.runtime, "thinking_span", None)
         started = time.perf_counter()
         samplers = [sampler_for(self.runtime.model, params) for params in params_list]  # bad GBNF: raises here
-        out = []
-        for params, sampler in zip(params_list, samplers):
+        made = []
+        for params in params_list:  # every policy made and checked before any sequence is admitted
             tracker = SpanTracker(span, bool(in_thinking))  # the one thinking state: the policy reads it
             policy = make_policy(params, self.runtime.token_info, thinking=tracker)
             if getattr(policy, "reads_alignment", False):  # it feeds aligned hidden states (alignment.py)
@@ -164,6 +164,9 @@ class BatchGenerator:
             if policy.needs_hidden and not hasattr(self.context, "hidden_rows"):
                 raise InvalidParameterError(f"method {params.method!r} reads the hidden state, which this "
                                             "engine build cannot give")
+            made.append((tracker, policy))
+        out = []
+        for params, sampler, (tracker, policy) in zip(params_list, samplers, made):
             plan = self.table.plan(prompt_tokens)
             seq = LoopSequence(self._next_request, plan.slot, params, policy, prompt_tokens,
                                SequenceOutput(TextStream(params.stop + self.runtime.stop_strings,
