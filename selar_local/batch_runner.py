@@ -64,14 +64,12 @@ class BatchRunner:
         # load-time self-check found the two paths bit-identical (max |diff| == 0).
         self.rows_exact = rows_exact
         self._since_soft = self.STICKY_EMBEDDING_STEPS  # steps since the last soft input
-        self._hidden_on = False  # the engine outputs the final hidden state too
 
     def run(self, decoding: list[Sequence], pieces: list[Piece], *, hidden: bool = False) -> RunOutput:
         """Decode the live sequences' pending inputs and the prompt pieces."""
         ctx = self.context
-        if hidden != self._hidden_on:
+        if hidden != ctx.hidden_output:  # the context's own state: another generator may have left it on
             ctx.set_hidden_output(hidden)
-            self._hidden_on = hidden
         n_prompt = sum(p.stop - p.start for p in pieces)
         # One decode for both only in a unified KV cache: with one KV stream per sequence
         # llama.cpp splits a batch that spans streams unevenly into several ubatches, and a

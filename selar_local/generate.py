@@ -161,9 +161,6 @@ class BatchGenerator:
                 self.runtime.check_prompt_fits(len(prompt_tokens) + getattr(policy, "latent_steps", 0))
                 policy.alignment = self.runtime.latent_alignment(params.latent_align)
                 policy.table = self.runtime.table
-            if policy.needs_hidden and not hasattr(self.context, "hidden_rows"):
-                raise InvalidParameterError(f"method {params.method!r} reads the hidden state, which this "
-                                            "engine build cannot give")
             made.append((tracker, policy))
         out = []
         for params, sampler, (tracker, policy) in zip(params_list, samplers, made):

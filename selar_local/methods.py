@@ -7,7 +7,7 @@ the DecodeParams fields) and `Runtime.require_method` all follow from here, so a
 is its policy module plus one `Method` entry below (and its fields on DecodeParams). The loop
 (generate.py) meets every method through the same Policy calls (policies.py: `propose`,
 `forced_step`, `accept`, and the decision's next input: Token, Mixture or Vector), so it does
-not change for a new one (README, "Adding a method"; tests/test_loop_plugin.py registers two).
+not change for a new one (README, "Adding a method"; tests/test_loop_plugin.py registers three).
 
 No import of the policies here: params.py validates against this registry and the policies
 import params, so a method names its policy class as "module:Class", loaded on first use.

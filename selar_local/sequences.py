@@ -29,7 +29,6 @@ no logits or policies are read here.
 """
 from __future__ import annotations
 
-import dataclasses
 import enum
 from collections import deque
 from dataclasses import dataclass, field
@@ -103,8 +102,7 @@ class Sequence:
     source: "Sequence | None" = None        # WAITING: for this sequence's prompt cells ...
     wait_upto: int = 0                      # ... up to here
     first_logits: np.ndarray | None = None  # READY: the logits of the first step
-    first_hidden: np.ndarray | None = None  # READY, for a policy that reads the hidden state (None
-                                            # after a prompt cache hit: slots keep logits only)
+    first_hidden: np.ndarray | None = None  # READY, for a policy that reads the hidden state
     cached_tokens: int = 0                  # prompt tokens not prefilled (cache or copy)
     extends_cache: bool = True              # no soft input fed yet: the slot caches the tokens
     pending: StepDecision | None = None     # DECODING: the decision whose input goes next
@@ -224,10 +222,10 @@ class SequenceTable:
 
     def _start_from(self, seq: Sequence, plan: Plan) -> None:
         """Apply a plan: keep or copy the reusable cells; the rest is prefilled by step()."""
-        slot = seq.slot
         if plan.logits is not None and seq.policy.needs_hidden:
-            # its first step reads the prompt's last hidden state, which no cache keeps: feed that token again
-            plan = dataclasses.replace(plan, reuse=plan.reuse - 1, logits=None)
+            # Slots keep a prompt's logits, not its hidden state: decode its last token again.
+            plan = Plan(plan.slot, plan.reuse - 1, plan.source)
+        slot = seq.slot
         if plan.source is None:
             self.context.truncate_sequence(slot.seq_id, plan.reuse)
             slot.forget(plan.reuse)

@@ -1,7 +1,8 @@
 """A method plugs into the loop through the registry alone (a policy class plus its
 `Method` entry), on real models: one whose next input is a `Vector` (the embedding the
-method computes), and one that records what the loop tells it (`Policy.accept`) while a
-thinking budget forces the span's close marker as a Force segment."""
+method computes), one that reads the final hidden state (`needs_hidden`), and one that
+records what the loop tells it (`Policy.accept`) while a thinking budget forces the span's
+close marker as a Force segment."""
 from __future__ import annotations
 
 import dataclasses
@@ -31,6 +32,17 @@ class OwnRowVector(CotPolicy):
     def decide(self, dist, logits):
         decision = super().decide(dist, logits)
         return dataclasses.replace(decision, soft=True, vector=np.array(self.table.row(decision.token)))
+
+
+class HiddenReader(CotPolicy):
+    """cot that declares it reads the hidden state, and keeps each row it is handed."""
+
+    needs_hidden = True
+    seen: list = []
+
+    def propose(self, logits, hidden=None):
+        HiddenReader.seen.append(None if hidden is None else np.array(hidden))
+        return super().propose(logits, hidden)
 
 
 class Recording(SelarPolicy):
@@ -81,6 +93,40 @@ def test_a_vector_input_method_plugs_in_and_feeds_what_it_computes(monkeypatch, 
     decision = OwnRowVector(cot, rt.token_info).propose(logits)
     assert decision.token == 42 and isinstance(decision.next_input, Vector)
     assert np.array_equal(decision.next_input.values, rt.table.row(42))
+
+
+def test_a_policy_that_needs_the_hidden_state_is_handed_its_row(monkeypatch, model_files):
+    """A registered method with needs_hidden: the loop switches the engine's hidden output on
+    for its steps and hands it the final hidden state of its own last input, its prompt's
+    last token included (decoded again where the prompt cache holds the prompt: slots keep
+    logits, not hidden states), beside a cot neighbour whose decode does not change."""
+    rt = runtime_for("llama", model_files, n_parallel=2)
+    HiddenReader.seen = []
+    _register(monkeypatch, "hidden_reader", f"{__name__}:HiddenReader", False)
+    prompt = rt.encode(messages=QUESTION)
+    other = rt.encode(messages=[{"role": "user", "content": "Spell cat."}])
+    cot = DecodeParams(method="cot", greedy=True, max_tokens=12, logprobs=2)
+    alone = generate_many(rt, [prompt, other], [cot, cot])
+    reader, neighbour = generate_many(rt, [prompt, other], [cot.replace(method="hidden_reader"), cot])
+    assert len(HiddenReader.seen) == len(reader.tokens)  # one row per decided step
+    assert all(h is not None and h.shape == (rt.context.n_hidden,) and np.isfinite(h).all()
+               for h in HiddenReader.seen)
+    assert not np.array_equal(HiddenReader.seen[0], HiddenReader.seen[1])  # each step's own row
+    for got, want in ((reader, alone[0]), (neighbour, alone[1])):
+        parted = next((k for k, (a, b) in enumerate(zip(got.tokens, want.tokens)) if a != b), None)
+        assert parted is None or token_tie(want, parted) is not None
+        assert parted is not None or got.tokens == want.tokens
+    # the first row is the prompt's last hidden state: the same as a plain decode of the prompt gives
+    ctx = rt.context
+    ctx.remove_sequence(0)
+    ctx.set_hidden_output(True)
+    try:
+        ctx.decode_tokens(prompt, range(len(prompt)), [0] * len(prompt), [False] * (len(prompt) - 1) + [True])
+        last = np.array(ctx.hidden(-1))
+    finally:
+        ctx.set_hidden_output(False)
+        ctx.remove_sequence(0)
+    assert np.array_equal(HiddenReader.seen[0], last)
 
 
 @pytest.fixture(scope="module")
