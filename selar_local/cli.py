@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # Imported lazily so that `selar models` does not pay for FastAPI, and so on.
-COMMAND_MODULES = ("run", "bench", "serve", "models", "doctor", "bench_speed", "rpc_server", "calibrate")
+COMMAND_MODULES = ("run", "bench", "serve", "models", "doctor", "bench_speed", "rpc_server", "calibrate", "steer")
 
 
 def build_parser() -> argparse.ArgumentParser:

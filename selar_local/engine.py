@@ -547,6 +547,7 @@ class LlamaContext:
         n_threads: int | None = None,
         n_threads_batch: int | None = None,
         kv_unified: bool = False,
+        eval_callback=None,
     ):
         if n_ctx < 16 or n_batch < 1 or n_seq_max < 1:
             raise ValueError(f"invalid context sizes: n_ctx={n_ctx}, n_batch={n_batch}, n_seq_max={n_seq_max}")
@@ -577,6 +578,8 @@ class LlamaContext:
         params.no_perf = True
         # Per-token (unpooled) hidden states when set_hidden_output turns embeddings on.
         params.pooling_type = lib.LLAMA_POOLING_TYPE_NONE
+        if eval_callback is not None:  # LayerStates: llama.cpp's per-node graph callback (cb_eval)
+            params.cb_eval = eval_callback
         _Bindings.recent_log.clear()
         handle = lib.llama_init_from_model(model._handle, params)
         if not handle:
@@ -908,6 +911,184 @@ class LlamaContext:
             self.close()
         except Exception:
             pass
+
+
+# -- the residual stream and control vectors (Fractional Reasoning, issue 26) ----------
+# llama.cpp names each layer's output `l_out-<il>` (after the layer's control vector) and the
+# final norm's output `result_norm`. Two ways read them: the context's cb_eval graph callback
+# (any architecture that names l_out, one Python call per graph node) and the vendored
+# libllama's C++-only llama_set/get_embeddings_layer_inp (llama-ext.h), which only ~20
+# architectures wire up (llama, qwen3, ...; not qwen2 or gemma3), aborts the process on the
+# others, copies every token of the batch and has no input for the last layer's output.
+# Both cost the same on SmolLM2 (benchmarks/layer_states.py), so the callback is used.
+_LAYER_OUTPUT = re.compile(rb"l_out-(\d+)")
+_FINAL_NORM = b"result_norm"
+
+
+def model_layer_count(model: LlamaModel) -> int:
+    return int(model._lib.llama_model_n_layer(model._handle))
+
+
+class _GgmlTensors:
+    """ggml's tensor accessors (libggml-base, reached through the libggml llama-cpp-python loads)."""
+
+    _fns = None
+
+    @classmethod
+    def get(cls):
+        if cls._fns is None:
+            llama_lib()
+            from llama_cpp import _ggml
+
+            lib, vp, sz = _ggml.libggml, ctypes.c_void_p, ctypes.c_size_t
+
+            def fn(name, restype, *argtypes):
+                function = lib[name]
+                function.restype, function.argtypes = restype, list(argtypes)
+                return function
+
+            cls._fns = SimpleNamespace(
+                name=fn("ggml_get_name", ctypes.c_char_p, vp), n_elements=fn("ggml_nelements", ctypes.c_int64, vp),
+                n_rows=fn("ggml_nrows", ctypes.c_int64, vp), n_bytes=fn("ggml_nbytes", sz, vp),
+                get=fn("ggml_backend_tensor_get", None, vp, vp, sz, sz))
+        return cls._fns
+
+
+class LayerStates:
+    """Each layer's output (the residual stream after layer il) and the final norm's output at
+    the last token of a prompt, read while llama.cpp computes them (the context's cb_eval).
+
+    It owns a one-sequence context of its own: the callback slows every decode a little, so
+    the serving contexts never carry it. `read` returns a copy, shape (n_layer, n_embd).
+    """
+
+    def __init__(self, model: LlamaModel, *, n_ctx: int = 2048, n_threads: int | None = None,
+                 n_threads_batch: int | None = None):
+        import llama_cpp
+
+        self.model = model
+        self.n_layer = model_layer_count(model)
+        self._fns = _GgmlTensors.get()
+        self._states = np.zeros((self.n_layer, model.n_embd), dtype=np.float32)
+        self._final = np.zeros(model.n_embd, dtype=np.float32)
+        self._seen = np.zeros(self.n_layer, dtype=bool)
+        self._callback = llama_cpp.ggml_backend_sched_eval_callback(self._on_tensor)  # kept: C holds the pointer
+        self.context = LlamaContext(model, n_ctx=n_ctx, n_batch=n_ctx, n_threads=n_threads,
+                                    n_threads_batch=n_threads_batch, eval_callback=self._callback)
+
+    def _on_tensor(self, tensor, ask: bool, _user_data) -> bool:
+        name = self._fns.name(tensor)
+        layer = _LAYER_OUTPUT.fullmatch(name)
+        if ask:  # True: compute up to this node and call back with its data
+            return layer is not None or name == _FINAL_NORM
+        n_elements, n_bytes = self._fns.n_elements(tensor), self._fns.n_bytes(tensor)
+        width = n_elements // max(1, self._fns.n_rows(tensor))
+        if n_bytes != 4 * n_elements or width != self._final.shape[0]:
+            return True  # not an f32 [n_embd, n_tokens] tensor: left unread, reported by `read`
+        if layer is not None:
+            il = int(layer.group(1))
+            if il >= self.n_layer:
+                return True
+            row, self._seen[il] = self._states[il], True
+        else:
+            row = self._final
+        # Columns are the batch's tokens (the last layer's only its outputs): the last one.
+        self._fns.get(tensor, row.ctypes.data, n_bytes - 4 * width, 4 * width)
+        return True
+
+    def read(self, tokens: Sequence[int]) -> np.ndarray:
+        """Prefill `tokens` from position 0 and return every layer's output at the last one."""
+        if not 1 <= len(tokens) <= self.context.n_batch:
+            raise ContextOverflowError(f"a prompt of {len(tokens)} tokens: the layer reader takes 1 to "
+                                       f"{self.context.n_batch}")
+        self._seen[:] = False
+        self.context.clear()
+        n = len(tokens)
+        self.context.decode_tokens(tokens, range(n), [0] * n, [False] * (n - 1) + [True])
+        if not self._seen.all():
+            missing = np.flatnonzero(~self._seen)
+            raise UnsupportedModelError(
+                f"cannot read the layer outputs of this {self.model.architecture} model: llama.cpp's graph names "
+                f"no f32 'l_out-<il>' tensor for {len(missing)} of its {self.n_layer} layers (first: {missing[0]}), "
+                "so steering vectors cannot be built for it")
+        return self._states.copy()
+
+    @property
+    def final_norm(self) -> np.ndarray:
+        """The final norm's output (`result_norm`) at the last token of the last `read`."""
+        return self._final.copy()
+
+    def close(self) -> None:
+        self.context.close()
+
+
+def control_vector_digest(vectors: np.ndarray | None) -> str | None:
+    """A short identity of a control vector (None for none): what prompt caches are keyed on."""
+    if vectors is None:
+        return None
+    import hashlib
+
+    return hashlib.blake2b(np.ascontiguousarray(vectors, dtype=np.float32).tobytes(), digest_size=12).hexdigest()
+
+
+def set_control_vector(context: LlamaContext, vectors: np.ndarray | None) -> None:
+    """Add vectors[il] to layer il's output, for every sequence of the context (llama.cpp's
+    control vector, llama_set_adapter_cvec); None removes it. Shape (n_layer, n_embd); row 0
+    must be zero, since llama.cpp never steers the first layer. The KV cells already computed
+    keep the old vector's effect: callers key their prompt caches on `context.control_vector_id`.
+    The next decode re-reserves the compute graph (benchmarks/layer_states.py measures it)."""
+    lib, n_layer, n_embd = context._lib, model_layer_count(context.model), context.model.n_embd
+    if vectors is None:
+        status = lib.llama_set_adapter_cvec(context._handle, None, 0, n_embd, -1, -1)
+    else:
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if vectors.shape != (n_layer, n_embd):
+            raise InvalidParameterError(f"control vector of shape {vectors.shape}: this model needs "
+                                        f"({n_layer}, {n_embd}), one row per layer")
+        if not np.isfinite(vectors).all():
+            raise InvalidParameterError("control vector has non-finite values")
+        if np.any(vectors[0]):
+            raise InvalidParameterError("control vector row 0 must be zero: llama.cpp does not steer the first layer")
+        data = vectors[1:]
+        status = lib.llama_set_adapter_cvec(context._handle, data.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
+                                            data.size, n_embd, 1, n_layer - 1)
+    if status != 0:
+        raise DecodeError(f"llama_set_adapter_cvec failed: {_Bindings.last_errors() or 'no details logged'}")
+    context.control_vector_id = control_vector_digest(vectors)
+
+
+def control_vector_id(context: LlamaContext) -> str | None:
+    """The digest of the context's control vector (None: none set)."""
+    return getattr(context, "control_vector_id", None)
+
+
+# The llama-ext.h route, kept to cross-check the callback and to measure it: C++-mangled names
+# (x86-64 and arm64 Itanium ABI). Only architectures whose graph records its layer inputs;
+# enabling it on another (qwen2, gemma3, ...) aborts the process inside llama.cpp.
+LAYER_INPUT_ARCHITECTURES = frozenset({"llama", "qwen3", "qwen3moe", "qwen3next", "qwen35", "qwen35moe", "lfm2"})
+_SET_LAYER_INPUT = "_Z30llama_set_embeddings_layer_inpP13llama_contextjb"
+_GET_LAYER_INPUT = "_Z30llama_get_embeddings_layer_inpP13llama_contextj"
+
+
+def enable_layer_inputs(context: LlamaContext, layers: Iterable[int]) -> None:
+    """Have llama.cpp copy the input of each of `layers` (every token of each batch) out of
+    the graph; read with `layer_input`."""
+    if context.model.architecture not in LAYER_INPUT_ARCHITECTURES:
+        raise UnsupportedModelError(f"llama.cpp records no layer inputs for {context.model.architecture}")
+    raw = context._lib.llama_cpp._lib[_SET_LAYER_INPUT]
+    raw.argtypes, raw.restype = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_bool], None
+    for il in layers:
+        raw(context._handle, int(il), True)
+
+
+def layer_input(context: LlamaContext, layer: int, batch_index: int) -> np.ndarray:
+    """The input of `layer` at token `batch_index` of the last decode (a copy)."""
+    raw = context._lib.llama_cpp._lib[_GET_LAYER_INPUT]
+    raw.argtypes, raw.restype = [ctypes.c_void_p, ctypes.c_uint32], ctypes.c_void_p
+    address = raw(context._handle, int(layer))
+    n_embd = context.model.n_embd
+    row = (ctypes.c_float * n_embd).from_address(address + 4 * n_embd * int(batch_index))
+    return np.ctypeslib.as_array(row).copy()
 
 
 def return_freed_memory() -> None:

@@ -143,6 +143,9 @@ class BatchGenerator:
         self.runtime.check_prompt_fits(len(prompt_tokens))
         for params in params_list:
             self.runtime.require_method(params.method)
+        from selar_local.frac import use_control_vector  # the context's control vector (--method frac)
+
+        use_control_vector(self.runtime, params_list, [seq.params for seq in self._live.values()])
         if len(params_list) > self.free_slots:
             raise RuntimeError(f"{len(params_list)} sequences need as many free slots; {self.free_slots} "
                                "are free: wait for sequences to finish or raise n_parallel")

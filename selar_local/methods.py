@@ -102,6 +102,11 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
                Option("latent_noise", "latent: Gaussian noise on each fed latent vector, its norm relative to "
                                       "the vector's (a distinct latent path per seed)"),
            )),
+    Method("frac", "selar_local.policies:CotPolicy",
+           "Fractional Reasoning: cot with a steering vector (selar steer build) added to every layer", False, (
+               Option("frac_alpha", "Fractional Reasoning: steering strength, a fraction of each layer's typical "
+                                    "output norm, in [-0.5, 0.5] (the paper samples it in [0, 0.15])"),
+           )),
 )}
 
 METHODS: tuple[str, ...] = tuple(REGISTRY)

@@ -64,6 +64,8 @@ class DecodeParams:
     latent_steps: int = 8            # m: aligned hidden states fed before the text is decoded
     latent_align: str = "ridge"      # ridge | identity: the map from hidden state to input space
     latent_noise: float = 0.0        # SIGMA: Gaussian noise on each fed latent vector, relative to its norm
+    # Fractional Reasoning: the steering vector's strength, a fraction of each layer's typical norm
+    frac_alpha: float = 0.0
     # Constrained answer (llama.cpp's grammar sampler, after any thinking span): GBNF text,
     # or a JSON Schema (a dict or its JSON text; kept as canonical JSON text).
     grammar: str | None = None
@@ -124,6 +126,10 @@ class DecodeParams:
         _check(self.latent_align in LATENT_ALIGNS, "latent_align", self.latent_align, f"one of {', '.join(LATENT_ALIGNS)}")
         _check(_finite(self.latent_noise) and self.latent_noise >= 0, "latent_noise", self.latent_noise,
                "a number >= 0 (the noise's norm relative to the fed vector's)")
+        if self.frac_alpha != 0.0 or self.method == "frac":
+            from selar_local.steering import check_alpha
+
+            check_alpha(self.frac_alpha)
         self._check_constraint()
 
     def _check_constraint(self) -> None:

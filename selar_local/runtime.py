@@ -275,7 +275,9 @@ class Runtime:
                 return done.value
 
     def generate_batch(self, prompts: Sequence[Sequence[int]], params, *, on_finish=None) -> list[GenerationResult]:
-        return generate_many(self, prompts, params, on_finish=on_finish)
+        from selar_local.frac import generate_by_control_vector  # a control vector is context-wide
+
+        return generate_by_control_vector(generate_many, self, prompts, params, on_finish=on_finish)
 
     def generate_samples(self, prompt: str | None = None, params: DecodeParams | None = None, *,
                          messages: Sequence[dict] | None = None, samples: int = 5,

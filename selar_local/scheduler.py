@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 from selar_local.errors import InvalidParameterError, SelarError
+from selar_local.frac import check_ready, control_key
 from selar_local.generate import BatchGenerator, GenerationResult, StepEvent
 from selar_local.params import DecodeParams
 
@@ -174,6 +175,7 @@ class Scheduler:
         self.runtime.check_prompt_fits(len(prompt_tokens))
         for params in params_list:
             self.runtime.require_method(params.method)
+            check_ready(self.runtime, params)  # --method frac: the model's steering vectors exist
         if not 1 <= len(params_list) <= self.slots_total:
             raise InvalidParameterError(
                 f"invalid n={len(params_list)}: expected an integer in [1, {self.slots_total}] "
@@ -268,7 +270,12 @@ class Scheduler:
             self._drop(handle, "cancelled", RequestCancelledError("request cancelled"))
         with self._lock:  # only this thread changes the generator's slots
             admit, free = [], gen.free_slots
+            vectors = {control_key(h.params) for h in [*self._running.values(), *self._starting]}
             while self._waiting and len(self._waiting[0]) <= free:  # first come, first served
+                vector = control_key(self._waiting[0][0].params)
+                if vectors and vector not in vectors:
+                    break  # another control vector (--method frac): drain the live sequences, then switch
+                vectors.add(vector)
                 group = self._waiting.popleft()
                 free -= len(group)
                 admit.append(group)

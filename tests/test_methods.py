@@ -27,9 +27,10 @@ def test_every_registered_method_validates_and_makes_its_policy():
         policy = make_policy(DecodeParams(method=name, top_k=0), info)
         assert isinstance(policy, Policy) and type(policy) is method.policy_class()
     assert METHODS == tuple(REGISTRY)
-    with pytest.raises(InvalidParameterError, match="one of cot, selar, soft, moi, swir, latent"):
+    with pytest.raises(InvalidParameterError, match="one of cot, selar, soft, moi, swir, latent, frac"):
         DecodeParams(method="coconut")
-    assert not feeds_soft_inputs("cot") and all(feeds_soft_inputs(m) for m in METHODS if m != "cot")
+    token_only = ("cot", "frac")  # frac steers the layers, its inputs are tokens
+    assert not any(map(feeds_soft_inputs, token_only)) and all(feeds_soft_inputs(m) for m in METHODS if m not in token_only)
 
 
 def test_every_method_option_is_a_decode_field_with_a_flag_and_an_api_field():

@@ -41,6 +41,9 @@ def register(subparsers) -> None:
     parser.add_argument("--answer-format", default="gsm8k", metavar="DATASET",
                         help="how --samples reads and compares answers: gsm8k (the last \\boxed{}, else the last "
                              "number), math (boxed only), gpqa_diamond (option letter) (default %(default)s)")
+    parser.add_argument("--frac-alpha-range", metavar="A,B", default=None,
+                        help="--method frac with --samples: draw each sample's alpha uniformly in [A, B] (the "
+                             "paper: 0,0.15) and vote")
     constraint = parser.add_mutually_exclusive_group()
     constraint.add_argument("--json-schema", metavar="FILE", default=None,
                             help="the answer must be JSON matching this JSON Schema file (after any thinking)")
@@ -71,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
                               **_constraint_from_args(args))  # validate before loading the model
     if args.samples < 1:
         raise InvalidParameterError(f"--samples must be >= 1, got {args.samples}")
+    alpha_range = _alpha_range(args, params)
     if args.samples > 1 and args.trace:
         raise InvalidParameterError("--trace follows one streamed answer; it cannot be combined with --samples")
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
@@ -84,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"[tau auto] {calibration.tau:.2f} (calibrated soft share {100 * calibration.soft_share:.1f}%)",
               file=sys.stderr)
     if args.samples > 1:
-        return _run_samples(args, runtime, params, prompt)
+        return _run_samples(args, runtime, params, prompt, alpha_range)
     if args.raw:
         stream = runtime.stream(prompt, params)
     else:
@@ -139,17 +143,42 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_samples(args: argparse.Namespace, runtime, params, prompt: str) -> int:
+def _alpha_range(args: argparse.Namespace, params) -> tuple[float, float] | None:
+    if args.frac_alpha_range is None:
+        return None
+    if params.method != "frac" or args.samples < 2:
+        raise InvalidParameterError("--frac-alpha-range needs --method frac and --samples K >= 2")
+    try:
+        low, high = (float(x) for x in args.frac_alpha_range.split(","))
+    except ValueError:
+        raise InvalidParameterError(f"--frac-alpha-range {args.frac_alpha_range!r}: expected two numbers A,B") from None
+    from selar_local.steering import alpha_draws
+
+    alpha_draws((low, high), 1, 0)  # the range is checked before the model loads
+    return low, high
+
+
+def _run_samples(args: argparse.Namespace, runtime, params, prompt: str, alpha_range=None) -> int:
     messages = None if args.raw else ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": prompt}]
     started = time.perf_counter()
-    vote = runtime.generate_samples(None if messages else prompt, params, messages=messages, samples=args.samples,
-                                    dataset=args.answer_format)
+    if alpha_range is not None:
+        from selar_local import frac
+
+        vote = frac.generate_samples(runtime, None if messages else prompt, params, messages=messages,
+                                     samples=args.samples, alpha_range=alpha_range, dataset=args.answer_format)
+    else:
+        vote = runtime.generate_samples(None if messages else prompt, params, messages=messages,
+                                        samples=args.samples, dataset=args.answer_format)
     elapsed = time.perf_counter() - started
+    from selar_local.steering import alpha_draws
+
+    alphas = alpha_draws(alpha_range, args.samples, params.seed) if alpha_range is not None else []
     print(vote.text)
     for i, (r, answer) in enumerate(zip(vote.results, vote.answers)):
         mark = "*" if i == vote.index else " "
-        print(f"{mark}[sample {i}, seed {params.seed + i}] answer {answer!r}, {r.completion_tokens} tokens, "
+        alpha = f", alpha {alphas[i]:.4f}" if alphas else ""
+        print(f"{mark}[sample {i}, seed {params.seed + i}{alpha}] answer {answer!r}, {r.completion_tokens} tokens, "
               f"{r.soft_steps} soft, mean log-prob {r.mean_logprob:.3f}, finish: {r.finish_reason}", file=sys.stderr)
     print(f"[{params.method} x {args.samples}] majority answer {vote.answer!r} ({vote.votes}/{args.samples} votes, "
           f"{vote.voters} samples answered), shown: sample {vote.index}; {elapsed:.2f} s", file=sys.stderr)

@@ -1,0 +1,101 @@
+"""LatentSeek's search on the public Python API (the math is selar_local/latentseek.py).
+
+A greedy cot answer is graded by the model itself; while the reward stays under its threshold,
+the final hidden states of the answer's first tokens are moved by Adam along the REINFORCE
+gradient, the prefix tokens become argmax W_out z, and the rest of the answer is decoded
+greedily after them and graded again. Each iteration costs one generation and one grading.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+from selar_local import latentseek as ls
+from selar_local.errors import InvalidParameterError
+from selar_local.params import DecodeParams
+
+if TYPE_CHECKING:
+    from selar_local.generate import GenerationResult
+    from selar_local.runtime import Runtime
+
+GRADING_TOKENS = 64
+
+
+@dataclass
+class LatentSeekResult:
+    text: str                   # the final answer
+    tokens: list[int]           # its tokens: the latent prefix's argmax tokens, then the greedy rest
+    iterations: int             # Adam steps taken (0: the first answer passed its grading)
+    rewards: list[float]        # the reward of each answer graded, the first answer's first
+    prefix_length: int          # tokens of the latent prefix (0 when no step was taken)
+    generations: int            # answers decoded
+    gradings: int               # gradings decoded
+    results: list["GenerationResult"] = field(default_factory=list, repr=False)  # each decode's result
+
+    @property
+    def reward(self) -> float:
+        return self.rewards[-1]
+
+
+def final_states(runtime: "Runtime", tokens: Sequence[int], first: int) -> np.ndarray:
+    """The final hidden states (what the output layer multiplies) at positions first..len-1 of
+    `tokens`, shape (len(tokens) - first, n_embd): the engine's hidden-state output, in a
+    context of its own so that the runtime's slots and prompt cache stay as they are."""
+    from selar_local.engine import LlamaContext
+
+    n = len(tokens)
+    if not 0 <= first < n:
+        raise InvalidParameterError(f"final states from position {first} of {n} tokens")
+    context = LlamaContext(runtime.model, n_ctx=max(16, n), n_batch=max(16, n), n_threads=runtime.context.n_threads,
+                           n_threads_batch=runtime.context.n_threads_batch)
+    try:
+        context.set_hidden_output(True)  # every input of the batch becomes an output: rows by batch index
+        context.decode_tokens(tokens, range(n), [0] * n, [i >= first for i in range(n)])
+        return np.stack([context.hidden(i) for i in range(first, n)]).copy()
+    finally:
+        context.close()
+
+
+def grade(runtime: "Runtime", question: str, answer: str) -> float:
+    """The model's grading of an answer (greedy, the JSON object its schema allows) as a reward."""
+    params = runtime.default_params(method="cot", greedy=True, max_tokens=GRADING_TOKENS,
+                                    json_schema=ls.SELF_REWARD_SCHEMA)
+    return ls.self_reward(runtime.generate(messages=ls.self_reward_messages(question, answer), params=params).content)
+
+
+def latentseek(runtime: "Runtime", question: str, *, messages: Sequence[dict] | None = None, max_tokens: int = 512,
+               iterations: int = ls.MAX_ITERATIONS, lr: float = ls.LEARNING_RATE, rho: float = ls.RHO,
+               threshold: float = ls.REWARD_THRESHOLD, table: np.ndarray | None = None) -> LatentSeekResult:
+    """Search one problem. messages: the chat to answer (default: the question as one user turn);
+    table: the output layer (ls.output_table(model file) by default, dequantised here)."""
+    if not isinstance(iterations, int) or iterations < 0 or not 0 < rho <= 1 or not lr > 0:
+        raise InvalidParameterError(f"invalid LatentSeek settings: iterations={iterations!r} (>= 0), rho={rho!r} "
+                                    f"(0 < rho <= 1), lr={lr!r} (> 0)")
+    messages = list(messages) if messages is not None else [{"role": "user", "content": question}]
+    prompt = runtime.encode(messages=messages)
+    greedy = runtime.default_params(method="cot", greedy=True, max_tokens=max_tokens)
+    first = runtime.generate_batch([prompt], greedy)[0]
+    results, rewards = [first], [grade(runtime, question, first.content)]
+    tokens, text = list(first.tokens), first.text
+    if ls.reward_passes(rewards[0], threshold) or iterations == 0 or not tokens:
+        return LatentSeekResult(text, tokens, 0, rewards, 0, 1, 1, results)
+    n_prefix = ls.prefix_length(len(tokens), rho)
+    # z_t: the final state that produced answer token t (at the position before it)
+    z = final_states(runtime, prompt + tokens[:n_prefix - 1], len(prompt) - 1).astype(np.float64)
+    table = ls.output_table(runtime.model.path) if table is None else table
+    adam, prefix = ls.Adam(lr=lr), np.asarray(tokens[:n_prefix])
+    steps = 0
+    for steps in range(1, iterations + 1):
+        z = adam.step(z, ls.policy_gradient(table, z, prefix, rewards[-1]))
+        prefix = ls.prefix_tokens(table, z)
+        rest = max(1, max_tokens - n_prefix)
+        continuation = runtime.generate_batch([prompt + prefix.tolist()], greedy.replace(max_tokens=rest))[0]
+        results.append(continuation)
+        tokens = prefix.tolist() + list(continuation.tokens)
+        text = runtime.model.detokenize(prefix.tolist()) + continuation.text
+        rewards.append(grade(runtime, question, text))
+        if ls.reward_passes(rewards[-1], threshold):
+            break
+    return LatentSeekResult(text, tokens, steps, rewards, n_prefix, 1 + steps, 1 + steps, results)

@@ -1,0 +1,147 @@
+"""LatentSeek's math: the closed-form REINFORCE gradient against finite differences on a tiny
+random table, Adam against its formula, the prefix tokens; the output table and the self-reward
+grading on a real GGUF model."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from selar_local import latentseek as ls
+from selar_local.engine import LayerStates
+from selar_local.errors import InvalidParameterError
+from selar_local.params import DecodeParams
+
+from conftest import runtime_for
+
+
+def _tiny(seed=0, n_vocab=7, n_embd=5, steps=3):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n_vocab, n_embd)), rng.standard_normal((steps, n_embd)), rng.integers(0, n_vocab, steps)
+
+
+def test_gradient_matches_finite_differences():
+    table, z, tokens = _tiny()
+    grad = ls.log_prob_gradient(table, z, tokens)
+    h = 1e-6
+    numeric = np.zeros_like(z)
+    for t in range(z.shape[0]):
+        for j in range(z.shape[1]):
+            up, down = z.copy(), z.copy()
+            up[t, j] += h
+            down[t, j] -= h
+            numeric[t, j] = (ls.log_probs(table, up, tokens)[t] - ls.log_probs(table, down, tokens)[t]) / (2 * h)
+    np.testing.assert_allclose(grad, numeric, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(ls.policy_gradient(table, z, tokens, -2 / 3), -2 / 3 * grad)
+
+
+def test_log_probs_are_a_normalised_distribution():
+    table, z, _ = _tiny(1)
+    every = np.stack([ls.log_probs(table, z, np.full(3, v)) for v in range(table.shape[0])], axis=1)
+    np.testing.assert_allclose(np.exp(every).sum(axis=1), 1.0, rtol=1e-12)
+
+
+def test_ascent_along_the_gradient_raises_the_log_probability():
+    table, z, tokens = _tiny(2)
+    adam, moved = ls.Adam(), z
+    before = ls.log_probs(table, z, tokens).sum()
+    for _ in range(10):
+        moved = adam.step(moved, ls.log_prob_gradient(table, moved, tokens))
+    assert ls.log_probs(table, moved, tokens).sum() > before
+    assert adam.t == 10 and adam.lr == 0.03
+
+
+def test_adam_follows_its_formula():
+    g1, g2 = np.array([0.5, -2.0, 1e-3]), np.array([-1.0, 1.0, 4.0])
+    p0 = np.array([1.0, 2.0, 3.0])
+    adam = ls.Adam(lr=0.03)
+    p1 = adam.step(p0, g1)
+    np.testing.assert_allclose(p1, p0 + 0.03 * g1 / (np.abs(g1) + 1e-8), rtol=1e-12)  # first step: lr * sign
+    p2 = adam.step(p1, g2)
+    m = 0.9 * 0.1 * g1 + 0.1 * g2
+    v = 0.999 * 0.001 * g1 ** 2 + 0.001 * g2 ** 2
+    expected = p1 + 0.03 * (m / (1 - 0.9 ** 2)) / (np.sqrt(v / (1 - 0.999 ** 2)) + 1e-8)
+    np.testing.assert_allclose(p2, expected, rtol=1e-12)
+
+
+def test_prefix_tokens_and_length():
+    table = np.eye(4)
+    z = np.array([[0, 3, 1, 0], [5, 0, 0, 1.0]])
+    assert ls.prefix_tokens(table, z).tolist() == [1, 0]
+    assert [ls.prefix_length(n) for n in (1, 9, 10, 100, 2999, 5000)] == [1, 1, 1, 10, 299, 300]
+    with pytest.raises(InvalidParameterError, match="at least one token"):
+        ls.prefix_length(0)
+
+
+def test_self_reward_counts_failed_checks():
+    ok = {"reasoning_correct": True, "answer_complete": True, "answer_consistent": True}
+    assert ls.self_reward(json.dumps(ok)) == 0.0 and ls.reward_passes(0.0)
+    assert ls.self_reward(json.dumps({**ok, "answer_consistent": False})) == pytest.approx(-1 / 3)
+    assert ls.self_reward(json.dumps({"reasoning_correct": True})) == pytest.approx(-2 / 3)
+    assert ls.self_reward("not json") == -1.0 and ls.self_reward("[true]") == -1.0
+    assert not ls.reward_passes(-1 / 3)
+
+
+def test_output_table_gives_llama_cpp_logits_from_the_final_state(model_files):
+    """W_out times the final hidden state (result_norm, read from the graph) is the logits
+    llama.cpp computes, up to its quantised matrix product."""
+    rt = runtime_for("llama", model_files)
+    table = ls.output_table(rt.model.path)
+    assert table.shape == (rt.model.n_vocab, rt.model.n_embd) and table.dtype == np.float32
+    states = LayerStates(rt.model, n_ctx=128, n_threads=1, n_threads_batch=1)
+    tokens = rt.model.tokenize("The capital of France is")
+    states.read(tokens)
+    mine = table @ states.final_norm
+    theirs = states.context.logits(len(tokens) - 1)
+    assert int(np.argmax(mine)) == int(np.argmax(theirs))
+    np.testing.assert_allclose(mine, theirs, atol=0.02 * np.abs(theirs).max())
+    states.close()
+    with pytest.raises(InvalidParameterError, match="over the 1 MiB bound"):
+        ls.output_table(rt.model.path, max_bytes=1 << 20)
+
+
+def test_the_grading_prompt_gives_a_readable_reward_on_a_real_model(model_files):
+    rt = runtime_for("llama", model_files)
+    params = DecodeParams(method="cot", greedy=True, max_tokens=64, json_schema=ls.SELF_REWARD_SCHEMA)
+    result = rt.generate(messages=ls.self_reward_messages("What is 2 + 3?", "2 + 3 = 5. The answer is 5."),
+                         params=params)
+    verdict = json.loads(result.content)
+    assert set(verdict) == set(ls.SELF_REWARD_FIELDS) and all(isinstance(v, bool) for v in verdict.values())
+    assert ls.self_reward(result.content) == -sum(not v for v in verdict.values()) / 3
+
+
+def test_final_states_are_the_states_that_chose_the_greedy_answer(model_files):
+    """z_t, the engine's hidden-state output at the position before answer token t, gives that
+    token as argmax W_out z_t (where the top two are not within the quantised product's error)."""
+    from selar_local.latentseek_search import final_states
+
+    rt = runtime_for("llama", model_files)
+    messages = [{"role": "user", "content": "What is 12 + 7?"}]
+    prompt = rt.encode(messages=messages)
+    answer = rt.generate(messages=messages, params=DecodeParams(method="cot", greedy=True, max_tokens=6)).tokens
+    z = final_states(rt, prompt + answer[:5], len(prompt) - 1)
+    assert z.shape == (6, rt.model.n_embd)
+    table = ls.output_table(rt.model.path)
+    logits = z @ table.T
+    top2 = np.sort(logits, axis=1)[:, -2:]
+    clear = (top2[:, 1] - top2[:, 0]) > 0.05 * np.abs(logits).max()
+    assert clear.sum() >= 3
+    assert (ls.prefix_tokens(table, z)[clear] == np.asarray(answer)[clear]).all()
+
+
+def test_search_runs_its_iterations_and_reports_them(model_files):
+    from selar_local.latentseek_search import latentseek
+
+    rt = runtime_for("llama", model_files)
+    table = ls.output_table(rt.model.path)
+    found = latentseek(rt, "What is 12 + 7?", max_tokens=20, iterations=2, threshold=1.0, table=table)
+    assert found.iterations == 2 and found.generations == found.gradings == 3 and len(found.rewards) == 3
+    assert all(abs(3 * r - round(3 * r)) < 1e-9 for r in found.rewards)  # minus a third per failed check
+    assert all(-1.0 <= r <= 0.0 for r in found.rewards)
+    assert found.tokens[found.prefix_length:] == found.results[-1].tokens  # the greedy rest after the prefix
+    assert found.prefix_length == ls.prefix_length(len(found.results[0].tokens))
+    none = latentseek(rt, "What is 12 + 7?", max_tokens=20, iterations=0, table=table)
+    assert none.iterations == 0 and none.tokens == found.results[0].tokens and none.generations == 1
+    with pytest.raises(InvalidParameterError, match="invalid LatentSeek settings"):
+        latentseek(rt, "What is 12 + 7?", rho=0.0, table=table)
