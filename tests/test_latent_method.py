@@ -233,3 +233,16 @@ def test_selar_hidden_source_runs_on_a_real_model(rt):
     for result in (first, again):
         assert result.soft_steps > 0 and result.effective_counts == [] and result.tokens
     assert again.cached_tokens == len(prompt) - 1
+
+
+def test_selar_bench_runs_latent_beside_cot_and_records_its_latent_steps(tmp_path, smollm_path):
+    from selar_local.bench.runner import RESULTS_NAME, read_results
+    from selar_local.cli import main as cli_main
+
+    out = tmp_path / "run"
+    assert cli_main(["bench", "--dataset", "gsm8k", "--limit", "2", "--methods", "cot,latent", "--latent-steps", "2",
+                     "--greedy", "--max-tokens", "8", "--model", str(smollm_path), "--n-ctx", "512",
+                     "--no-progress", "--parallel", "2", "--out", str(out)]) == 0
+    rows = read_results(out / RESULTS_NAME)
+    assert sorted((r["method"], r["latent_steps"]) for r in rows) == [("cot", 0)] * 2 + [("latent", 2)] * 2
+    assert all(r["error"] is None and r["completion_tokens"] >= 1 for r in rows)
