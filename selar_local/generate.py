@@ -164,6 +164,8 @@ class BatchGenerator:
                 self.runtime.check_prompt_fits(len(prompt_tokens) + getattr(policy, "latent_steps", 0))
                 policy.alignment = self.runtime.latent_alignment(params.latent_align)
                 policy.table = self.runtime.table
+            elif getattr(policy, "reads_table", False):  # it computes its own vectors from the input rows
+                policy.table = self.runtime.table
             made.append((tracker, policy))
         out = []
         for params, sampler, (tracker, policy) in zip(params_list, samplers, made):

@@ -61,6 +61,9 @@ _NOISE = (
 _ALIGN = Option("latent_align", "hidden-state inputs (latent, selar --soft-source hidden): the map from the "
                                 "hidden state to input space, ridge W_a or identity", choices=LATENT_ALIGNS)
 
+_LATENT_NOISE = Option("latent_noise", "latent, soft: Gaussian noise on each fed latent vector, its norm relative "
+                                       "to the vector's (a distinct latent path per seed)")
+
 REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("cot", "selar_local.policies:CotPolicy", "chain of thought: the sampled token is fed back", False),
     Method("selar", "selar_local.policies:SelarPolicy", "SeLaR: entropy-gated soft steps with a contrastive push",
@@ -75,12 +78,13 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
                _ALIGN,
                *_NOISE,
            ), variants=("soft_source", (("hidden", "selar_local.hidden_selar:HiddenSourceSelarPolicy"),))),
-    Method("soft", "selar_local.policies:SoftThinkingPolicy",
+    Method("soft", "selar_local.noisy_soft:NoisySoftThinkingPolicy",
            "Soft Thinking: soft mixtures through the thinking span, Cold Stop", True, (
                Option("soft_topk", "Soft Thinking: tokens in each soft mixture (max_topk)"),
                Option("cold_stop_entropy", "Soft Thinking: Cold Stop threshold on the full-vocabulary entropy (nats)"),
                Option("cold_stop_steps", "Soft Thinking: consecutive low-entropy steps before Cold Stop closes thinking"),
                *_NOISE,
+               _LATENT_NOISE,
            )),
     Method("moi", "selar_local.policies:MixtureOfInputsPolicy",
            "Mixture of Inputs: the sampled token blended with its posterior mixture", True, (
@@ -99,8 +103,7 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
            "latent thoughts: m aligned hidden states fed before decoding as cot (docs/LATENT.md)", True, (
                Option("latent_steps", "latent: hidden-state steps before the text (m; 0 is exactly cot)"),
                _ALIGN,
-               Option("latent_noise", "latent: Gaussian noise on each fed latent vector, its norm relative to "
-                                      "the vector's (a distinct latent path per seed)"),
+               _LATENT_NOISE,
            )),
     Method("frac", "selar_local.policies:CotPolicy",
            "Fractional Reasoning: cot with a steering vector (selar steer build) added to every layer", False, (

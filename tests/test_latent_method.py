@@ -246,3 +246,38 @@ def test_selar_bench_runs_latent_beside_cot_and_records_its_latent_steps(tmp_pat
     rows = read_results(out / RESULTS_NAME)
     assert sorted((r["method"], r["latent_steps"]) for r in rows) == [("cot", 0)] * 2 + [("latent", 2)] * 2
     assert all(r["error"] is None and r["completion_tokens"] >= 1 for r in rows)
+
+
+class _MixRows(_Rows):
+    def mix(self, ids, weights):
+        return np.dot(np.asarray(weights, np.float32), self.rows[np.asarray(ids)])
+
+
+def test_soft_latent_noise_adds_gaussian_noise_to_the_fed_mixture_only():
+    from selar_local.latent_steps import latent_noise_rng
+    from selar_local.noisy_soft import NoisySoftThinkingPolicy
+    from selar_local.policies import SoftThinkingPolicy, TokenInfo
+
+    info = TokenInfo(6, np.zeros(6, dtype=bool))
+    rows = _MixRows(np.random.default_rng(0).normal(size=(6, 64)).astype(np.float32))
+    logits = np.array([2.0, 1.9, 1.8, 1.0, -5, -5], np.float32)
+    params = DecodeParams(method="soft", top_k=0, soft_topk=4, seed=9, latent_noise=0.3)
+    noisy = NoisySoftThinkingPolicy(params, info)
+    noisy.table = rows
+    plain = SoftThinkingPolicy(params, info)
+    got, want = noisy.propose(logits), plain.propose(logits)
+    assert got.soft and (got.token, got.entropy) == (want.token, want.entropy)
+    assert np.array_equal(got.mix_ids, want.mix_ids) and np.array_equal(got.mix_weights, want.mix_weights)
+    mixture = rows.mix(want.mix_ids, want.mix_weights)
+    std = 0.3 * np.linalg.norm(mixture) / np.sqrt(64)
+    expected = mixture + latent_noise_rng(9).standard_normal(64, dtype=np.float32) * np.float32(std)
+    assert np.allclose(got.vector, expected, rtol=1e-6, atol=1e-7)
+    quiet = NoisySoftThinkingPolicy(params.replace(latent_noise=0.0), info)
+    assert not quiet.reads_table and quiet.propose(logits).vector is None  # sigma 0: Soft Thinking's mixture
+
+
+def test_soft_with_latent_noise_runs_on_a_real_model(rt):
+    prompt = rt.encode(messages=QUESTION)
+    params = DecodeParams(method="soft", max_tokens=10, seed=5, latent_noise=0.2)
+    _, result = _run(rt, prompt, params)
+    assert result.soft_steps > 0 and len(result.effective_counts) == result.soft_steps and result.tokens
