@@ -281,3 +281,22 @@ def test_soft_with_latent_noise_runs_on_a_real_model(rt):
     params = DecodeParams(method="soft", max_tokens=10, seed=5, latent_noise=0.2)
     _, result = _run(rt, prompt, params)
     assert result.soft_steps > 0 and len(result.effective_counts) == result.soft_steps and result.tokens
+
+
+def test_python_api_takes_latent_and_votes_over_noisy_latent_paths(rt):
+    """Selar.create_chat_completion(method="latent", n=2, latent_noise=...): two choices,
+    each with its latent steps counted in its summary, and a vote over them."""
+    from selar_local.api import Selar
+
+    llm = Selar(runtime=rt, queue_size=1)
+    try:
+        out = llm.create_chat_completion(QUESTION, method="latent", latent_steps=2, latent_noise=0.3, n=2,
+                                         max_tokens=6, seed=3)
+        with pytest.raises(InvalidParameterError, match="latent_steps"):
+            llm.builder.chat({"messages": QUESTION, "method": "latent", "latent_steps": -3})
+    finally:
+        llm.scheduler.close()
+    assert len(out["choices"]) == 2 and all(c["message"]["content"] for c in out["choices"])
+    summaries = out["selar"]["choices"]
+    assert [(s["method"], s["seed"], s["latent_steps"], s["latent_noise"]) for s in summaries] == [
+        ("latent", 3, 2, 0.3), ("latent", 4, 2, 0.3)]
