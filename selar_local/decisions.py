@@ -1,6 +1,8 @@
 """One step's decisions for the sequences that have logits: forced tokens first, then the
 policies (one batch-wide pass or one by one), then the grammar.
 
+- A sequence whose front segment is `Latent` takes a latent step: its policy turns this
+  step's hidden state into the next input (`latent_step`) and no token is shown.
 - A sequence whose front segment is `Force` shows its next forced token
   (`Policy.forced_step`: a discrete step with the logits' statistics).
 - A thinking budget spent inside the span (`max_think_tokens`) queues the span's close
@@ -13,8 +15,8 @@ policies (one batch-wide pass or one by one), then the grammar.
   tokens a policy asked to force (they stand for its proposals); the loop's own markers
   pass unchanged (they do not advance a grammar).
 
-Returns each decision with whether it was generated (False: forced), which the loop hands
-to `Policy.accept` once the token is final.
+Returns each decision with whether it was generated (False: forced; None: a latent step,
+which shows nothing), which the loop hands to `Policy.accept` once the token is final.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from selar_local.sequences import Force, Sequence
 
 
 def decide(seqs: Seq[Sequence], rows, hidden: Seq[np.ndarray | None] | None, *, batch_wide: bool,
-           eog_ids: Seq[int]) -> list[tuple[StepDecision, bool]]:
+           eog_ids: Seq[int]) -> list[tuple[StepDecision, bool | None]]:
     """seqs[i] decides on logits rows[i] (and hidden[i] where its policy reads it)."""
     rows = np.asarray(rows) if not isinstance(rows, np.ndarray) else rows
     banned = [i for i, s in enumerate(seqs) if s.params.ignore_eos]
@@ -39,9 +41,16 @@ def decide(seqs: Seq[Sequence], rows, hidden: Seq[np.ndarray | None] | None, *, 
         if not rows.flags.writeable:
             rows = rows.copy()
         rows[np.ix_(banned, eog_ids)] = -np.inf
-    out: list[tuple[StepDecision, bool] | None] = [None] * len(seqs)
+    out: list[tuple[StepDecision, bool | None] | None] = [None] * len(seqs)
     plain = []
     for i, s in enumerate(seqs):
+        latent = s.latent
+        if latent is not None:
+            out[i] = (s.policy.latent_step(rows[i], hidden[i]), None)
+            latent.left -= 1
+            if not latent.left:
+                s.segments.popleft()
+            continue
         if _budget_spent(s):
             s.force(s.out.span.span.forced_close)
         forced = s.next_forced()

@@ -72,6 +72,7 @@ class LoopHost(Protocol):
     def check_prompt_fits(self, n_prompt_tokens: int) -> None: ...
     def check_thinking_params(self, params: DecodeParams) -> None: ...
     def require_method(self, method: str) -> None: ...
+    def latent_alignment(self, kind: str) -> Any: ...
     def thinking_at_end(self, prompt_tokens: Sequence[int]) -> bool | None: ...
 
 
@@ -157,10 +158,19 @@ class BatchGenerator:
         span = getattr(self.runtime, "thinking_span", None)
         started = time.perf_counter()
         samplers = [sampler_for(self.runtime.model, params) for params in params_list]  # bad GBNF: raises here
-        out = []
-        for params, sampler in zip(params_list, samplers):
+        made = []
+        for params in params_list:  # every policy made and checked before any sequence is admitted
             tracker = SpanTracker(span, bool(in_thinking))  # the one thinking state: the policy reads it
             policy = make_policy(params, self.runtime.token_info, thinking=tracker)
+            if getattr(policy, "reads_alignment", False):  # it feeds aligned hidden states (alignment.py)
+                self.runtime.check_prompt_fits(len(prompt_tokens) + getattr(policy, "latent_steps", 0))
+                policy.alignment = self.runtime.latent_alignment(params.latent_align)
+                policy.table = self.runtime.table
+            elif getattr(policy, "reads_table", False):  # it computes its own vectors from the input rows
+                policy.table = self.runtime.table
+            made.append((tracker, policy))
+        out = []
+        for params, sampler, (tracker, policy) in zip(params_list, samplers, made):
             plan = self.table.plan(prompt_tokens)
             seq = LoopSequence(self._next_request, plan.slot, params, policy, prompt_tokens,
                                SequenceOutput(TextStream(params.stop + self.runtime.stop_strings,
@@ -264,11 +274,17 @@ class BatchGenerator:
 
     def _take_all(self, seqs: list[LoopSequence], rows, hidden) -> list[StepEvent]:
         decided = decide(seqs, rows, hidden, batch_wide=self.batch_wide, eog_ids=self._eog_list)
-        return [self._take(s, d, generated) for s, (d, generated) in zip(seqs, decided)]
+        events = (self._take(s, d, generated) for s, (d, generated) in zip(seqs, decided))
+        return [e for e in events if e is not None]
 
-    def _take(self, seq: LoopSequence, decision: StepDecision, generated: bool) -> StepEvent:
+    def _take(self, seq: LoopSequence, decision: StepDecision, generated: bool | None) -> StepEvent | None:
         """A final decision: the grammar and the policy are told its token, the output
-        records it; the sequence decodes its input next, or ends."""
+        records it; the sequence decodes its input next, or ends. A latent step (generated
+        None) has no event: the output keeps its marker for the next token's event."""
+        if generated is None:  # a latent step: nothing shown, its input decodes next
+            seq.out.add_latent(decision)
+            seq.pending, seq.phase = decision, Phase.DECODING
+            return None
         token = decision.token
         if seq.grammar is not None:  # -- grammar seam (issue 23): advance past the shown token --
             seq.grammar.commit(token)

@@ -37,17 +37,26 @@ class Method:
     # A search method is no per-step policy: it decodes whole answers (with `policy`) and the
     # facades (Selar, the server, `selar run`, `selar bench`) hand it to this "module:function".
     search: str | None = None
+    # Another policy class for some value of one of its fields: (field, {value: "module:Class"})
+    variants: tuple[str, tuple[tuple[str, str], ...]] | None = None
 
     def search_function(self):
         module, _, name = (self.search or "").partition(":")
         return getattr(importlib.import_module(module), name)
 
-    def policy_class(self) -> type:
-        module, _, cls = self.policy.partition(":")
+    def policy_class(self, params=None) -> type:
+        """Its policy class (the variant `params` selects, if any)."""
+        name = self.policy
+        if self.variants is not None and params is not None:
+            field, choices = self.variants
+            name = dict(choices).get(getattr(params, field), name)
+        module, _, cls = name.partition(":")
         return getattr(importlib.import_module(module), cls)
 
 
 SOFT_NOISES = ("none", "gumbel", "dirichlet")
+LATENT_ALIGNS = ("ridge", "identity")
+SOFT_SOURCES = ("mixture", "hidden")  # alignment.ALIGN_KINDS (not imported: see the module docstring)
 
 _NOISE = (
     Option("soft_noise", "Stochastic Soft Thinking: noise on the soft inputs' mixture weights",
@@ -55,6 +64,12 @@ _NOISE = (
     Option("gumbel_tau", "temperature of the Gumbel-softmax weights"),
     Option("dirichlet_alpha", "concentration scale of the Dirichlet weights Dir(alpha p)"),
 )
+
+_ALIGN = Option("latent_align", "hidden-state inputs (latent, selar --soft-source hidden): the map from the "
+                                "hidden state to input space, ridge W_a or identity", choices=LATENT_ALIGNS)
+
+_LATENT_NOISE = Option("latent_noise", "latent, soft: Gaussian noise on each fed latent vector, its norm relative "
+                                       "to the vector's (a distinct latent path per seed)")
 
 REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("cot", "selar_local.policies:CotPolicy", "chain of thought: the sampled token is fed back", False),
@@ -65,14 +80,18 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
                Option("lam", "SeLaR contrastive push strength"),
                Option("ks", "SeLaR candidates in gate and mixture"),
                Option("thinking_only", "SeLaR: gate only inside <think>...</think>"),
+               Option("soft_source", "SeLaR: the soft input's source, the top-ks mixture or the aligned hidden "
+                                     "state (docs/LATENT.md)", choices=SOFT_SOURCES),
+               _ALIGN,
                *_NOISE,
-           )),
-    Method("soft", "selar_local.policies:SoftThinkingPolicy",
+           ), variants=("soft_source", (("hidden", "selar_local.hidden_selar:HiddenSourceSelarPolicy"),))),
+    Method("soft", "selar_local.noisy_soft:NoisySoftThinkingPolicy",
            "Soft Thinking: soft mixtures through the thinking span, Cold Stop", True, (
                Option("soft_topk", "Soft Thinking: tokens in each soft mixture (max_topk)"),
                Option("cold_stop_entropy", "Soft Thinking: Cold Stop threshold on the full-vocabulary entropy (nats)"),
                Option("cold_stop_steps", "Soft Thinking: consecutive low-entropy steps before Cold Stop closes thinking"),
                *_NOISE,
+               _LATENT_NOISE,
            )),
     Method("moi", "selar_local.policies:MixtureOfInputsPolicy",
            "Mixture of Inputs: the sampled token blended with its posterior mixture", True, (
@@ -86,6 +105,12 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
                Option("swir_alpha", "SwiReasoning: <think> blend weight alpha_0 at a switch to latent"),
                Option("swir_beta", "SwiReasoning: </think> blend weight beta_0 at a switch to explicit"),
                Option("swir_topk", "SwiReasoning: tokens in the latent mixture softmax(l) @ E"),
+           )),
+    Method("latent", "selar_local.latent_policy:LatentPolicy",
+           "latent thoughts: m aligned hidden states fed before decoding as cot (docs/LATENT.md)", True, (
+               Option("latent_steps", "latent: hidden-state steps before the text (m; 0 is exactly cot)"),
+               _ALIGN,
+               _LATENT_NOISE,
            )),
     Method("frac", "selar_local.policies:CotPolicy",
            "Fractional Reasoning: cot with a steering vector (selar steer build) added to every layer", False, (

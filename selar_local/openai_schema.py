@@ -362,6 +362,9 @@ def selar_summary(params: DecodeParams, result: GenerationResult) -> dict[str, A
     }
     if params.method == "selar":
         summary.update(tau=params.tau, lam=params.lam, ks=params.ks)
+    if params.method == "latent":
+        summary.update(latent_steps=result.latent_steps, latent_align=params.latent_align,
+                       latent_noise=params.latent_noise)
     return summary
 
 
@@ -586,4 +589,6 @@ def token_trace(event: StepEvent, token_text: Callable[[int], str]) -> dict[str,
     if event.soft:
         out.update(mix_ids=list(event.mix_ids), mix_tokens=[token_text(t) for t in event.mix_ids],
                    mix_weights=[round(w, 6) + 0.0 for w in event.mix_weights])
+    if event.latent:  # the latent steps just before this token (no token of their own)
+        out["latent"] = [marker.trace_record(token_text) for marker in event.latent]
     return out

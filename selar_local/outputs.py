@@ -12,6 +12,7 @@ one thinking state, which the policy reads (policies.py).
 from __future__ import annotations
 
 import codecs
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -47,6 +48,7 @@ class StepEvent:
     thinking: bool = False
     reasoning: str = ""
     content: str = ""
+    latent: tuple["LatentMarker", ...] = ()  # the latent steps taken just before this token
 
     def trace_record(self, token_text: str) -> dict:
         record = {
@@ -61,6 +63,23 @@ class StepEvent:
         if self.finish_reason:
             record["finish_reason"] = self.finish_reason
         return record
+
+
+@dataclass(frozen=True)
+class LatentMarker:
+    """A latent step (no token shown): the top tokens of the logits of the step whose
+    hidden state it fed, under the sampling filter ("what is it thinking")."""
+
+    step: int                  # 0-based among the sequence's latent steps
+    entropy: float             # normalised top-ks entropy, as a token step's
+    top_ids: tuple[int, ...]
+    top_probs: tuple[float, ...]
+
+    def trace_record(self, token_text) -> dict:
+        """token_text(id) -> str: the model's text of a token."""
+        return {"latent": True, "step": self.step, "entropy": round(self.entropy, 6),
+                "top_ids": list(self.top_ids), "top_probs": [round(p, 6) for p in self.top_probs],
+                "top_tokens": [token_text(t) for t in self.top_ids]}
 
 
 @dataclass
@@ -90,6 +109,7 @@ class GenerationResult:
     answer: str | None = None
     think_tokens: int = 0  # tokens generated inside the span
     thinking_flags: list[bool] = field(default_factory=list)  # per step: token inside the span
+    latent_steps: int = 0  # hidden-state steps fed before the text (method latent)
 
     @property
     def content(self) -> str:
@@ -170,6 +190,18 @@ class SequenceOutput:
     soft_steps: int = 0
     logprob_sum: float = 0.0
     logprobs: list[tuple[float, tuple]] = field(default_factory=list)
+    latent_steps: int = 0
+    latent_pending: list[LatentMarker] = field(default_factory=list)  # for the next token's event
+
+    def add_latent(self, decision: StepDecision) -> None:
+        """A latent step was taken (its vector decodes next); no token, no text."""
+        self.latent_pending.append(LatentMarker(self.latent_steps, float(decision.entropy),
+                                                _ints(decision.top_ids), _floats(decision.top_probs)))
+        self.latent_steps += 1
+
+    def _latent_markers(self) -> tuple[LatentMarker, ...]:
+        markers, self.latent_pending = tuple(self.latent_pending), []
+        return markers
 
     def add(self, decision: StepDecision, data: bytes, logprobs: tuple[float, tuple] | None) -> tuple[str, bool]:
         """Record a shown token (its bytes `data`); returns (text released now, stop string hit)."""
@@ -198,6 +230,13 @@ class SequenceOutput:
              n_logprobs: int | None) -> StepEvent:
         """Record a final decision (its token's bytes `data`): the stop conditions, the
         output, the event (finish_reason set when the sequence ends here)."""
+        event = self._take(request_id, decision, data, end_of_generation=end_of_generation, max_tokens=max_tokens,
+                           context_full=context_full, dist=dist, n_logprobs=n_logprobs)
+        return dataclasses.replace(event, latent=self._latent_markers()) if self.latent_pending else event
+
+    def _take(self, request_id: int, decision: StepDecision, data: bytes, *, end_of_generation: bool,
+              max_tokens: int, context_full: bool, dist: Distribution | None,
+              n_logprobs: int | None) -> StepEvent:
         index = len(self.tokens)
         if end_of_generation:  # not part of the output: no log-probability either
             return self._finish(request_id, decision, index, "stop", self.text.finish())
@@ -240,7 +279,7 @@ class SequenceOutput:
             effective_counts=self.effective_counts, soft_flags=self.soft_flags, logprobs=self.logprobs,
             cached_tokens=cached_tokens,
             reasoning=reasoning, answer=answer, think_tokens=self.span.think_tokens, thinking_flags=self.thinking_flags,
-            logprob_sum=self.logprob_sum,
+            logprob_sum=self.logprob_sum, latent_steps=self.latent_steps,
         )
 
 

@@ -8,13 +8,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from selar_local.errors import InvalidParameterError
-from selar_local.methods import METHODS, REGISTRY, SOFT_NOISES  # the method registry (selar_local/methods.py)
+from selar_local.methods import LATENT_ALIGNS, METHODS, REGISTRY, SOFT_NOISES, SOFT_SOURCES  # the method registry (selar_local/methods.py)
 # Per-step work grows with these; one request must not be able to make every other
 # request's steps expensive (a 49k-token mixture costs ~2 ms per step on the host).
 MAX_MIXTURE_SIZE = 64        # ks, soft_topk, moi_topn and any other mixture size
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256        # characters per stop string (held back while streaming)
 MAX_TOP_LOGPROBS = 20        # as OpenAI
+MAX_LATENT_STEPS = 256       # latent steps before the text (each is one decode)
 # The filter a model may recommend (GGUF general.sampling.*, a registry entry's sampler=).
 SAMPLER_FIELDS = ("temperature", "top_k", "top_p", "min_p")
 
@@ -38,6 +39,7 @@ class DecodeParams:
     lam: float = 1.0         # contrastive push away from the dominant token
     ks: int = 3              # candidates in the gate's entropy and the soft mixture
     thinking_only: bool = False  # gate only inside <think>...</think>
+    soft_source: str = "mixture"  # mixture | hidden: SeLaR's soft input from the top-ks rows or the hidden state
     # Thinking budget: after this many tokens inside the span, the close marker is
     # emitted and the answer follows (None: no budget). Needs a model with thinking markers.
     max_think_tokens: int | None = None
@@ -58,6 +60,10 @@ class DecodeParams:
     swir_alpha: float = 0.7          # alpha_0: <think> blend when switching to latent
     swir_beta: float = 0.7           # beta_0: </think> blend when switching to explicit
     swir_topk: int = 20              # latent input = softmax(l) over the top swir_topk tokens
+    # Hidden-state latent steps (issue 25, docs/LATENT.md)
+    latent_steps: int = 8            # m: aligned hidden states fed before the text is decoded
+    latent_align: str = "ridge"      # ridge | identity: the map from hidden state to input space
+    latent_noise: float = 0.0        # SIGMA: Gaussian noise on each fed latent vector, relative to its norm
     # Fractional Reasoning: the steering vector's strength, a fraction of each layer's typical norm
     frac_alpha: float = 0.0
     # LatentSeek (a search: selar_local/latentseek_search.py), the paper's settings
@@ -119,6 +125,12 @@ class DecodeParams:
                "a number in [0, 1]")
         _check(_is_int(self.swir_topk) and 1 <= self.swir_topk <= MAX_MIXTURE_SIZE, "swir_topk", self.swir_topk,
                f"an integer in [1, {MAX_MIXTURE_SIZE}]")
+        _check(_is_int(self.latent_steps) and 0 <= self.latent_steps <= MAX_LATENT_STEPS, "latent_steps",
+               self.latent_steps, f"an integer in [0, {MAX_LATENT_STEPS}]")
+        _check(self.soft_source in SOFT_SOURCES, "soft_source", self.soft_source, f"one of {', '.join(SOFT_SOURCES)}")
+        _check(self.latent_align in LATENT_ALIGNS, "latent_align", self.latent_align, f"one of {', '.join(LATENT_ALIGNS)}")
+        _check(_finite(self.latent_noise) and self.latent_noise >= 0, "latent_noise", self.latent_noise,
+               "a number >= 0 (the noise's norm relative to the fed vector's)")
         if self.frac_alpha != 0.0 or self.method == "frac":
             from selar_local.steering import check_alpha
 

@@ -473,14 +473,16 @@ def make_policy(params: DecodeParams, info: TokenInfo, *, in_thinking: bool | No
                 thinking: ThinkingState | None = None) -> Policy:
     """The registered policy of params.method (selar_local/methods.py) for one sequence;
     `thinking`: where it reads the thinking state (the loop's SpanTracker)."""
-    return _policy_class(params.method)(params, info, in_thinking=in_thinking, thinking=thinking)
+    return _policy_class(params)(params, info, in_thinking=in_thinking, thinking=thinking)
 
 
-_CLASSES: dict[str, type[Policy]] = {}
+_CLASSES: dict[tuple, type[Policy]] = {}
 
 
-def _policy_class(method: str) -> type[Policy]:
-    cls = _CLASSES.get(method)
+def _policy_class(params: DecodeParams) -> type[Policy]:
+    method = REGISTRY[params.method]
+    key = (params.method, getattr(params, method.variants[0]) if method.variants else None)
+    cls = _CLASSES.get(key)
     if cls is None:
-        cls = _CLASSES[method] = REGISTRY[method].policy_class()
+        cls = _CLASSES[key] = method.policy_class(params)
     return cls

@@ -103,6 +103,7 @@ class Runtime:
             raise InvalidParameterError(f"invalid prefill_chunk={prefill_chunk!r}: expected an integer >= 1")
         set_verbose(verbose)
         self.model_path = Path(model_path)
+        self._latent_alignments: dict = {}  # kind -> alignment.LatentAlignment, on first use
         # RPC servers (llama.cpp's distributed backend, docs/DISTRIBUTED.md): checked here
         # first, since llama.cpp's client aborts the process on one that does not answer.
         endpoints = parse_endpoints(rpc)
@@ -194,6 +195,15 @@ class Runtime:
     @property
     def soft_supported(self) -> bool:
         return self.self_check.passed
+
+    def latent_alignment(self, kind: str = "ridge"):
+        """The model's map from hidden state to input space (alignment.py), loaded once
+        per kind (computed and cached per model file the first time)."""
+        from selar_local.alignment import load_alignment
+
+        if kind not in self._latent_alignments:
+            self._latent_alignments[kind] = load_alignment(self.model_path, kind, n_hidden=self.model.n_embd)
+        return self._latent_alignments[kind]
 
     def require_method(self, method: str) -> None:
         if feeds_soft_inputs(method) and not self.self_check.passed:

@@ -16,6 +16,8 @@ and what it does next is the front of its queue of segments:
     Force(tokens)    show and feed these tokens, one a step, whatever the logits say: the
                      thinking span's close marker (thinking budget, Cold Stop) and tokens a
                      policy asks to force (SwiReasoning's answer prefix); pushed in front
+    Latent(n)        n steps that show no token: the policy turns each step's final hidden
+                     state into the next input (`latent`, latent_policy.py)
 
 A sequence starts as [Prefill(prompt), Decode]. A new kind of step is one more segment
 class and its branch where the loop reads the front (decisions.py for decided steps, the
@@ -73,7 +75,15 @@ class Force:
     constrained: bool = False
 
 
-Segment = Union[Prefill, Decode, Force]
+@dataclass(eq=False)
+class Latent:
+    """Steps that show no token: the policy's `latent_step(logits, hidden)` gives each
+    one's input. Queued after the prompt for a policy with `latent_steps`."""
+
+    left: int
+
+
+Segment = Union[Prefill, Decode, Force, Latent]
 
 
 @dataclass(eq=False)
@@ -107,6 +117,11 @@ class Sequence:
     def prefill(self) -> Prefill | None:
         front = self.segments[0] if self.segments else None
         return front if isinstance(front, Prefill) else None
+
+    @property
+    def latent(self) -> Latent | None:
+        front = self.segments[0] if self.segments else None
+        return front if isinstance(front, Latent) else None
 
     def force(self, tokens, *, constrained: bool = False) -> None:
         """Force these tokens next, after any already forced."""
@@ -172,7 +187,8 @@ class SequenceTable:
         return plan
 
     def admit(self, seq: Sequence, plan: Plan) -> None:
-        seq.segments.extend((Prefill(seq.prompt_tokens), Decode()))
+        latent = getattr(seq.policy, "latent_steps", 0)
+        seq.segments.extend((Prefill(seq.prompt_tokens), *((Latent(latent),) if latent else ()), Decode()))
         self.live[seq.request_id] = seq
         source, upto = self._prefilling_source(seq, plan.reuse)
         if source is not None:  # the group's first sequence, or another request of this prompt

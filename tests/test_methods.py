@@ -27,8 +27,8 @@ def test_every_registered_method_validates_and_makes_its_policy():
         policy = make_policy(DecodeParams(method=name, top_k=0), info)
         assert isinstance(policy, Policy) and type(policy) is method.policy_class()
     assert METHODS == tuple(REGISTRY)
-    with pytest.raises(InvalidParameterError, match="one of cot, selar, soft, moi, swir"):
-        DecodeParams(method="latent")
+    with pytest.raises(InvalidParameterError, match="one of cot, selar, soft, moi, swir, "):
+        DecodeParams(method="coconut")
     token_only = ("cot", "frac", "latentseek")  # frac steers the layers, latentseek searches: tokens in
     assert not any(map(feeds_soft_inputs, token_only)) and all(feeds_soft_inputs(m) for m in METHODS if m not in token_only)
 

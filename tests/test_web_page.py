@@ -399,3 +399,21 @@ def test_a_repeat_after_a_soft_step_is_shown_as_part_of_it(server, page):
     assert classes == [{"tok"}, {"tok", "soft"}, {"tok", "soft-repeat"}, {"tok"}, {"tok"}]
     spans[2].hover()
     assert "repeat after a soft step" in page.inner_text("#tip")
+
+
+def test_latent_steps_are_markers_with_their_top_tokens(server, page):
+    """A step carrying latent markers (method latent's first token): one marker per latent
+    step before the token, none of them in the content, each tip naming its top tokens."""
+    _open_with_key(page, server)
+    first = _step(0, "Twelve")
+    first["latent"] = [{"latent": True, "step": k, "entropy": 0.25, "top_ids": [7, 8],
+                        "top_tokens": [f" idea{k}", " other"], "top_probs": [0.75, 0.25]} for k in range(3)]
+    steps = [first, _step(1, " plus")]
+    content = page.evaluate("chunks => window.selarChat.render(chunks, 'latent')", [_chunk(s) for s in steps])
+    assert content == "Twelve plus"
+    view = page.query_selector_all("article.assistant")[-1]
+    spans = view.query_selector_all(".answer .tok")
+    assert [set(s.get_attribute("class").split()) for s in spans] == [{"tok", "latent"}] * 3 + [{"tok"}] * 2
+    spans[1].hover()
+    tip = page.inner_text("#tip")
+    assert "latent step 1" in tip and "no token" in tip and _visible(" idea1") in tip

@@ -388,7 +388,7 @@ def record_for(problem: Problem, method: str, seed: int, params: DecodeParams, r
         record.update(
             text=result.text, extracted=extracted, correct=bool(correct), error=None,
             completion_tokens=result.completion_tokens, prompt_tokens=result.prompt_tokens,
-            soft_steps=result.soft_steps, finish_reason=result.finish_reason,
+            soft_steps=result.soft_steps, latent_steps=result.latent_steps, finish_reason=result.finish_reason,
             wall_seconds=round(wall, 4), prefill_seconds=round(result.prefill_seconds, 4),
             decode_seconds=round(result.decode_seconds, 4),
             mean_neff=(round(sum(result.effective_counts) / len(result.effective_counts), 4)

@@ -5,6 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from selar_local.methods import METHODS
 from selar_local.commands.common import (
     add_decode_arguments, add_model_arguments, explicit_sampler, params_from_args, runtime_options, wants_auto_tau,
 )
@@ -35,7 +36,7 @@ def register(subparsers) -> None:
     run.add_argument("--split", default="test", help="split of a built-in data set (default test)")
     run.add_argument("--limit", type=int, default=None, help="first N problems only (default: all)")
     run.add_argument("--methods", default="cot,selar,soft",
-                     help="comma-separated methods among cot, selar, soft, moi, swir, frac, latentseek (default cot,selar,soft)")
+                     help=f"comma-separated methods among {', '.join(METHODS)} (default cot,selar,soft)")
     run.add_argument("--seeds", default="1",
                      help="number of seeds, counting up from --seed (default 1); or an explicit list "
                           "such as 41,42,43")

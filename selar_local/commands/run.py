@@ -129,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
             if event.reasoning or event.content:
                 sys.stdout.flush()
             if trace:
+                for marker in event.latent:  # latent steps: a marker each, before the token they led to
+                    trace.write(json.dumps(marker.trace_record(runtime.model.token_text)) + "\n")
                 trace.write(json.dumps(event.trace_record(runtime.model.token_text(event.token))) + "\n")
     finally:
         if trace:
@@ -140,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
         f"({100 * result.soft_share:.1f}%), {result.tokens_per_second:.1f} tokens/s, "
         f"prompt {result.prompt_tokens} tokens, {elapsed:.2f} s, finish: {result.finish_reason}, "
         f"{f'thinking {result.think_tokens} tokens, ' if result.answer is not None else ''}"
+        f"{f'{result.latent_steps} latent steps, ' if result.latent_steps else ''}"
         f"{'greedy' if params.greedy else f'seed {params.seed}'}",
         file=sys.stderr,
     )

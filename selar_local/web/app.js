@@ -13,6 +13,8 @@ const METHOD_HINTS = {
          "mixture, pushed away from the top token by lambda.",
   soft: "Soft Thinking: every step inside <think> feeds a mixture of the top candidates.",
   moi: "Mixture of Inputs: every step feeds the sampled token blended with its top-N posterior.",
+  latent: "Latent thoughts: before the text, m steps feed the model's own hidden state back as the " +
+          "next input (no token shown: a marker each, its top tokens on hover); then as cot.",
 };
 const THINK_OPEN = "<think>";
 const THINK_CLOSE = "</think>";
@@ -279,6 +281,19 @@ class AnswerView {
     }
   }
 
+  // Latent steps (method latent) show no token: a marker each, before the token they led to,
+  // whose tip lists the top tokens of that step's logits. Not part of the content.
+  placeLatent(markers, thinking) {
+    for (const m of markers) {
+      const span = el("span", "tok latent", "\u25c7");
+      span.step = { index: `latent step ${m.step}`, token_text: "\u25c7", latent: true, soft: false,
+                    entropy: m.entropy, top_ids: m.top_ids, top_tokens: m.top_tokens, top_probs: m.top_probs };
+      span.style.setProperty("--h", Math.min(1, Math.max(0, m.entropy)).toFixed(3));
+      (thinking ? this.thinkingBody : this.answer).append(span);
+      if (thinking) this.thinking.hidden = false;
+    }
+  }
+
   // One streamed chunk of /v1/chat/completions.
   feed(chunk) {
     if (chunk.error) throw new Error(chunk.error.message || "the server reported an error");
@@ -292,6 +307,7 @@ class AnswerView {
     }
     if (!choice) return;
     const delta = choice.delta || {};
+    if (step && step.latent) this.placeLatent(step.latent, !!delta.reasoning_content);
     if (delta.reasoning_content) this.addText(delta.reasoning_content, step, true);
     if (delta.content) this.addText(delta.content, step, false);
     if (choice.finish_reason) this.finishReason = choice.finish_reason;
@@ -370,8 +386,9 @@ function showTip(span) {
   const head = el("div", "head");
   head.append(el("code", "", visible(step.token_text)));
   if (step.soft) head.append(el("span", "badge soft", "soft step"));
+  if (step.latent) head.append(el("span", "badge latent", "no token: the hidden state was fed"));
   if (span.classList.contains("soft-repeat")) head.append(el("span", "badge soft", "repeat after a soft step"));
-  head.append(el("span", "step", `step ${step.index}`));
+  head.append(el("span", "step", step.latent ? step.index : `step ${step.index}`));
   tip.replaceChildren(head, el("div", "entropy", `gate entropy ${step.entropy.toFixed(3)}`));
   tip.append(candidateTable("cands", `top-${step.top_ids.length} candidates`, step.top_tokens,
                             step.top_probs, step.token_text));
