@@ -38,6 +38,7 @@ def fields(result) -> dict:
 
 def test_alpha_zero_is_cot_exactly(steered):
     rt, _, _ = steered
+    rt.slots.forget_free()  # the runtime is shared across modules: start both decodes with a cold prompt cache
     cot = rt.generate(messages=QUESTION, params=DecodeParams(method="cot", max_tokens=40, seed=7))
     assert control_vector_id(rt.context) is None
     zero = rt.generate(messages=QUESTION, params=DecodeParams(method="frac", frac_alpha=0.0, max_tokens=40, seed=7))
