@@ -533,6 +533,15 @@ class LlamaModel:
             pass
 
 
+def _address_function(lib, name: str, argtypes: list) -> ctypes._CFuncPtr:
+    """A function object of our own for `name` that returns a pointer as an int address (the
+    shared binding builds a POINTER(c_float) object per call), so views can be cached per address."""
+    function = lib.llama_cpp._lib[name]  # a new function object, not the shared one
+    function.argtypes = argtypes
+    function.restype = ctypes.c_void_p
+    return function
+
+
 class LlamaContext:
     """A llama.cpp context with `n_seq_max` independent sequences of `n_ctx` cells each,
     and two preallocated batches (token ids, embedding rows) reused for every decode."""
@@ -595,14 +604,8 @@ class LlamaContext:
         # llama_get_logits_ith returns the address as an int (the shared binding builds
         # a POINTER(c_float) object per call), so the logits view can be cached per address.
         self._llama_decode = lib.llama_decode
-        raw = lib.llama_cpp._lib["llama_get_logits_ith"]  # a new function object, not the shared one
-        raw.argtypes = [ctypes.c_void_p, ctypes.c_int32]
-        raw.restype = ctypes.c_void_p
-        self._get_logits_ith = raw
-        whole = lib.llama_cpp._lib["llama_get_logits"]
-        whole.argtypes = [ctypes.c_void_p]
-        whole.restype = ctypes.c_void_p
-        self._get_logits = whole
+        self._get_logits_ith = _address_function(lib, "llama_get_logits_ith", [ctypes.c_void_p, ctypes.c_int32])
+        self._get_logits = _address_function(lib, "llama_get_logits", [ctypes.c_void_p])
         self._handle_value = ctypes.cast(handle, ctypes.c_void_p).value
         self._logit_views: dict[object, np.ndarray] = {}  # by address, and (address, rows)
         self.last_input_kind: str | None = None  # "tokens" or "embeddings": the last decode's batch
@@ -792,14 +795,8 @@ class LlamaContext:
         self.hidden_output = False
         self.n_hidden = self.model.n_embd  # the hidden state's width (the output matrix's input)
         self._hidden_views: dict[object, np.ndarray] = {}
-        raw = lib.llama_cpp._lib["llama_get_embeddings_ith"]  # own function objects: addresses as ints
-        raw.argtypes = [ctypes.c_void_p, ctypes.c_int32]
-        raw.restype = ctypes.c_void_p
-        self._get_embeddings_ith = raw
-        whole = lib.llama_cpp._lib["llama_get_embeddings"]
-        whole.argtypes = [ctypes.c_void_p]
-        whole.restype = ctypes.c_void_p
-        self._get_embeddings = whole
+        self._get_embeddings_ith = _address_function(lib, "llama_get_embeddings_ith", [ctypes.c_void_p, ctypes.c_int32])
+        self._get_embeddings = _address_function(lib, "llama_get_embeddings", [ctypes.c_void_p])
 
     def set_hidden_output(self, on: bool) -> bool:
         """Have the next decodes also output the final hidden state (or stop). Returns
