@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidParameterError(f"invalid --port {args.port}: expected 0..65535")
     try:  # FastAPI and uvicorn are needed only here
         from selar_local.api import Selar
-        from selar_local.server import serve
+        from selar_local.server import serve  # noqa: F401  (checks the server's dependencies early)
     except ModuleNotFoundError as exc:
         print(f"selar: error: `selar serve` needs {exc.name}: pip install 'selar-local[server]' "
               "(fastapi, uvicorn)", file=sys.stderr)
@@ -82,12 +82,7 @@ def run(args: argparse.Namespace) -> int:
           file=sys.stderr, flush=True)
     print(f"selar: sampler defaults: {llm.runtime.sampler.describe()}", file=sys.stderr, flush=True)
     print(f"selar: chat page at {_page_url(args.host, args.port)}", file=sys.stderr, flush=True)
-    try:
-        serve(llm, host=args.host, port=args.port, api_key=args.api_key, log_level=args.log_level,
-              metrics=args.metrics, allow_pull=args.allow_pull)
-    finally:
-        llm.close()
-    return 0
+    return _serve_then_close(llm, args)
 
 
 def _serve_pool(args: argparse.Namespace) -> int:
@@ -95,7 +90,6 @@ def _serve_pool(args: argparse.Namespace) -> int:
     from selar_local.api import Selar
     from selar_local.errors import InvalidParameterError
     from selar_local.model_pool import ModelPool, discover_models
-    from selar_local.server import serve
 
     if args.max_loaded < 1:
         raise InvalidParameterError(f"invalid --max-loaded {args.max_loaded}: expected an integer >= 1")
@@ -124,12 +118,7 @@ def _serve_pool(args: argparse.Namespace) -> int:
           f"{'never' if args.keep_alive is None else f'{args.keep_alive:g} s'}): "
           f"{', '.join(m.id for m in models)}", file=sys.stderr, flush=True)
     print(f"selar: chat page at {_page_url(args.host, args.port)}", file=sys.stderr, flush=True)
-    try:
-        serve(pool, host=args.host, port=args.port, api_key=args.api_key, log_level=args.log_level,
-              metrics=args.metrics, allow_pull=args.allow_pull)
-    finally:
-        pool.close()
-    return 0
+    return _serve_then_close(pool, args)
 
 
 def _duration(text: str) -> float | None:
@@ -156,3 +145,15 @@ def _page_url(host: str, port: int) -> str:
     if host in ("0.0.0.0", "::", ""):
         host = "127.0.0.1"  # bound to every address: this machine's own will do
     return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+
+def _serve_then_close(target, args) -> int:
+    """Serve one model (Selar) or a pool until the server stops, then free what it holds."""
+    from selar_local.server import serve
+
+    try:
+        serve(target, host=args.host, port=args.port, api_key=args.api_key, log_level=args.log_level,
+              metrics=args.metrics, allow_pull=args.allow_pull)
+    finally:
+        target.close()
+    return 0
