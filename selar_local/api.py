@@ -21,7 +21,6 @@ import os
 import queue
 import threading
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -47,6 +46,7 @@ from selar_local.scheduler import (  # noqa: F401
     Scheduler,
     SchedulerClosedError,
     SchedulerStats,
+    decode_requests,
 )
 
 # ------------------------------------------------------------------------ the object
@@ -228,27 +228,8 @@ class Selar:
 
     def _decode_as_requests(self, prompts: Sequence[Sequence[int]], params_list: Sequence, *,
                             on_finish=None) -> list:
-        """Decode through the scheduler, at most n_parallel sequences queued at a time (the
-        queue stays for the clients); on_finish(index, result) as each one is done."""
-        results: list = [None] * len(prompts)
-        in_flight: deque = deque()
-        try:
-            for i, (tokens, params) in enumerate(zip(prompts, params_list)):
-                if len(in_flight) >= self.runtime.n_parallel:
-                    j, handle = in_flight.popleft()
-                    results[j] = handle.wait()
-                    if on_finish is not None:
-                        on_finish(j, results[j])
-                in_flight.append((i, self.scheduler.submit(tokens, params)))
-            while in_flight:
-                j, handle = in_flight.popleft()
-                results[j] = handle.wait()
-                if on_finish is not None:
-                    on_finish(j, results[j])
-        finally:
-            for _, handle in in_flight:
-                handle.cancel()  # a failed decode: the rest are not needed
-        return results
+        """Decode through the scheduler (scheduler.decode_requests)."""
+        return decode_requests(self.scheduler, prompts, params_list, on_finish=on_finish)
 
     # -- information ----------------------------------------------------------------------
     def models(self) -> dict[str, Any]:

@@ -47,8 +47,9 @@ from selar_local.methods import refuse_search
 from selar_local.outputs import GenerationResult, SequenceOutput, StepEvent, TextStream
 from selar_local.params import DecodeParams
 from selar_local.policies import StepDecision, TokenInfo, make_policy
-from selar_local.sequences import Phase, Piece, Sequence as LoopSequence, SequenceTable
+from selar_local.sequences import Phase, Piece, Sequence as LoopSequence, SequenceTable, queued_segments
 from selar_local.thinking import SpanTracker
+from selar_local.turns import keep_turns, later_turns, total_prompt_tokens
 
 _TextStream = TextStream  # the name tests and speed.py import
 __all__ = ["BatchGenerator", "GenerationResult", "StepEvent", "generate_groups", "generate_many", "stream_tokens"]
@@ -138,10 +139,11 @@ class BatchGenerator:
         other slots (llama_memory_seq_cp), and every sequence takes its first step from
         the same logits with its own policy and random stream.
         Returns (request id, None) per sequence, in the order of params_list."""
-        prompt_tokens = list(prompt_tokens)
+        prompt_tokens = keep_turns(prompt_tokens)  # a TurnPrompt keeps its later turns (latentmas)
+        later = later_turns(prompt_tokens)
         if not params_list:
             raise InvalidParameterError("submit_group needs at least one DecodeParams")
-        self.runtime.check_prompt_fits(len(prompt_tokens))
+        self.runtime.check_prompt_fits(total_prompt_tokens(prompt_tokens))
         for params in params_list:
             self.runtime.require_method(params.method)
             refuse_search(params.method)  # latentseek searches whole answers above the loop (search_api)
@@ -163,14 +165,14 @@ class BatchGenerator:
             tracker = SpanTracker(span, bool(in_thinking))  # the one thinking state: the policy reads it
             policy = make_policy(params, self.runtime.token_info, thinking=tracker)
             if getattr(policy, "reads_alignment", False):  # it feeds aligned hidden states (alignment.py)
-                self.runtime.check_prompt_fits(len(prompt_tokens) + getattr(policy, "latent_steps", 0))
+                self.runtime.check_prompt_fits(total_prompt_tokens(prompt_tokens) + getattr(policy, "latent_steps", 0))
                 policy.alignment = self.runtime.latent_alignment(params.latent_align)
                 policy.table = self.runtime.table
             elif getattr(policy, "reads_table", False):  # it computes its own vectors from the input rows
                 policy.table = self.runtime.table
-            made.append((tracker, policy))
+            made.append((tracker, policy, queued_segments(prompt_tokens, later, policy)))  # may refuse: no slot yet
         out = []
-        for params, sampler, (tracker, policy) in zip(params_list, samplers, made):
+        for params, sampler, (tracker, policy, segments) in zip(params_list, samplers, made):
             plan = self.table.plan(prompt_tokens)
             seq = LoopSequence(self._next_request, plan.slot, params, policy, prompt_tokens,
                                SequenceOutput(TextStream(params.stop + self.runtime.stop_strings,
@@ -178,7 +180,7 @@ class BatchGenerator:
                                grammar=SequenceGrammar(sampler, params) if sampler is not None else None,
                                started=started)
             self._next_request += 1
-            self.table.admit(seq, plan)
+            self.table.admit(seq, plan, segments)
             out.append((seq.request_id, None))
         return out
 
@@ -255,8 +257,15 @@ class BatchGenerator:
         self.table.record_prompt(pieces, result.prompt_logits, result.prompt_hidden)
         if not decoding:
             return []
-        self.table.advance(decoding)
-        return self._take_all(decoding, result.rows, result.hidden)
+        deciding = self.table.advance(decoding)
+        rows, hidden = result.rows, result.hidden
+        if len(deciding) < len(decoding):  # some go on to a later turn's prefill (latentmas)
+            decoding = [decoding[i] for i in deciding]
+            rows = rows[deciding]
+            hidden = None if hidden is None else hidden[deciding]
+            if not decoding:
+                return []
+        return self._take_all(decoding, rows, hidden)
 
     def _first_steps(self) -> list[StepEvent]:
         """Sequences whose prompt logits are known (just prefilled, cached, or copied)."""
@@ -269,7 +278,9 @@ class BatchGenerator:
         if any(s.policy.needs_hidden for s in ready):
             hidden = [s.first_hidden for s in ready]
         for seq in ready:
-            seq.first_logits, seq.first_hidden, seq.prefill_seconds = None, None, now - seq.started
+            seq.first_logits, seq.first_hidden = None, None
+            if seq.prefill_seconds is None:  # the prompt's; a later turn's prefill counts as decoding
+                seq.prefill_seconds = now - seq.started
         return self._take_all(ready, np.stack(rows) if len(rows) > 1 else rows, hidden)
 
     def _take_all(self, seqs: list[LoopSequence], rows, hidden) -> list[StepEvent]:
@@ -318,9 +329,10 @@ class BatchGenerator:
     def pop_result(self, request_id: int) -> GenerationResult:
         """The finished sequence's result (each result can be taken once)."""
         seq = self._finished.pop(request_id)
-        decode_seconds = time.perf_counter() - seq.started - seq.prefill_seconds
-        return seq.out.result(prompt_tokens=len(seq.prompt_tokens), finish_reason=seq.finish_reason or "stop",
-                              prefill_seconds=seq.prefill_seconds, decode_seconds=decode_seconds,
+        prefill_seconds = seq.prefill_seconds or 0.0
+        decode_seconds = time.perf_counter() - seq.started - prefill_seconds
+        return seq.out.result(prompt_tokens=seq.prompt_total, finish_reason=seq.finish_reason or "stop",
+                              prefill_seconds=prefill_seconds, decode_seconds=decode_seconds,
                               cached_tokens=seq.cached_tokens)
 
 
@@ -386,6 +398,9 @@ def generate_many(
                 request_id, first = generator.submit(prompts[index], params[index])
                 owner[request_id] = index
                 collect(first)
+            if queue and not owner:  # nothing live and no free slot: another user holds them all (it would spin)
+                raise RuntimeError(f"no free slot for the next prompt: all {runtime.n_parallel} are held outside "
+                                   "this batch")
             for event in generator.step():
                 collect(event)
     finally:
@@ -432,6 +447,9 @@ def generate_groups(
                     owner[request_id] = (index, member)
                 for _, first in started:
                     collect(first)
+            if queue and not owner:  # as generate_many: it would spin
+                raise RuntimeError(f"no free slots for the next group: all {runtime.n_parallel} are held outside "
+                                   "this batch")
             for event in generator.step():
                 collect(event)
     finally:

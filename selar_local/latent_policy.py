@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from selar_local.agent_roles import ROLES
 from selar_local.latent_steps import add_latent_noise, latent_noise_rng, noise_scale
 from selar_local.params import DecodeParams
 from selar_local.policies import CotPolicy, StepDecision, TokenInfo
 from selar_local.sampling import normalized_topk
+
+THINKING_ROLES = sum(not role.answers for role in ROLES)  # the roles followed by latent steps
 
 
 class LatentPolicy(CotPolicy):
@@ -63,3 +66,17 @@ class LatentPolicy(CotPolicy):
         self.fed.append(vector)
         ids, weights, h = normalized_topk(self._filtered(logits), self.params.ks)
         return StepDecision(-1, True, None, None, h, ids, weights, vector=vector)
+
+
+class LatentMASPolicy(LatentPolicy):
+    """`latentmas` (LatentMAS, sequential): the roles' turns over one sequence
+    (turns.latentmas_prompt); after each role's turn but the solver's, `latent_steps` latent
+    steps; the solver's turn is decoded as cot. The loop queues the turns and steps
+    (sequences.queued_segments) from `takes_turns` and `latent_steps_per_turn`."""
+
+    takes_turns = True
+
+    def __init__(self, params: DecodeParams, info: TokenInfo, **kwargs):
+        super().__init__(params, info, **kwargs)
+        self.latent_steps_per_turn = params.latent_steps
+        self.latent_steps = self.latent_left = params.latent_steps * THINKING_ROLES

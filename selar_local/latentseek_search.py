@@ -42,6 +42,13 @@ class LatentSeekResult:
     def finish_reason(self) -> str:
         return self.results[-1].finish_reason
 
+    def describe(self) -> str:
+        """One line for `selar run`'s stderr."""
+        rewards = ", ".join(f"{r:.3f}" for r in self.rewards)
+        return (f"{self.iterations} iterations, rewards [{rewards}], final reward {self.reward:.3f}, "
+                f"{self.generations} generations, {self.gradings} gradings, latent prefix {self.prefix_length} "
+                f"tokens, {len(self.tokens)} tokens, finish: {self.finish_reason}")
+
     def summary(self) -> dict:
         """What a response's `selar` field and a bench record carry about the search."""
         return {"iterations": self.iterations, "rewards": [round(r, 6) for r in self.rewards],

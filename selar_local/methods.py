@@ -39,6 +39,9 @@ class Method:
     search: str | None = None
     # Another policy class for some value of one of its fields: (field, {value: "module:Class"})
     variants: tuple[str, tuple[tuple[str, str], ...]] | None = None
+    # Its prompt is several turns over one sequence (turns.TurnPrompt from the chat's messages:
+    # latentmas's roles), not the messages as they are.
+    turns: bool = False
 
     def search_function(self):
         module, _, name = (self.search or "").partition(":")
@@ -68,7 +71,10 @@ _NOISE = (
 _ALIGN = Option("latent_align", "hidden-state inputs (latent, selar --soft-source hidden): the map from the "
                                 "hidden state to input space, ridge W_a or identity", choices=LATENT_ALIGNS)
 
-_LATENT_NOISE = Option("latent_noise", "latent, soft: Gaussian noise on each fed latent vector, its norm relative "
+_LATENT_STEPS = Option("latent_steps", "latent: hidden-state steps before the text (m; 0 is exactly cot); "
+                                       "latentmas: steps after each role's turn but the solver's (m >= 1)")
+
+_LATENT_NOISE = Option("latent_noise", "latent, latentmas, soft: Gaussian noise on each fed latent vector, its norm relative "
                                        "to the vector's (a distinct latent path per seed)")
 
 REGISTRY: dict[str, Method] = {m.name: m for m in (
@@ -108,10 +114,20 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
            )),
     Method("latent", "selar_local.latent_policy:LatentPolicy",
            "latent thoughts: m aligned hidden states fed before decoding as cot (docs/LATENT.md)", True, (
-               Option("latent_steps", "latent: hidden-state steps before the text (m; 0 is exactly cot)"),
+               _LATENT_STEPS,
                _ALIGN,
                _LATENT_NOISE,
            )),
+    Method("latentmas", "selar_local.latent_policy:LatentMASPolicy",
+           "LatentMAS (sequential): planner, critic, refiner and solver turns over one sequence, m latent steps "
+           "after each but the solver's, whose turn is decoded as cot (selar_local/agent_roles.py)", True, (
+               _LATENT_STEPS,
+               _ALIGN,
+               _LATENT_NOISE,
+           ), turns=True),
+    Method("textmas", "selar_local.policies:CotPolicy",
+           "LatentMAS's text baseline: the same four roles, each decoding text (as cot) that the next ones quote",
+           False, search="selar_local.textmas_search:search"),
     Method("frac", "selar_local.policies:CotPolicy",
            "Fractional Reasoning: cot with a steering vector (selar steer build) added to every layer", False, (
                Option("frac_alpha", "Fractional Reasoning: steering strength, a fraction of each layer's typical "

@@ -18,6 +18,8 @@ from selar_local import structured, tool_calls
 from selar_local.errors import ContextOverflowError, InvalidParameterError, SelarError, UnsupportedModelError
 from selar_local.generate import GenerationResult, StepEvent
 from selar_local.params import MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, DecodeParams
+from selar_local.methods import REGISTRY
+from selar_local.turns import total_prompt_tokens
 
 # DecodeParams fields a request may set by their own name (SeLaR's and the sampler's).
 # (`logprobs` is OpenAI's own field, with its own meaning per endpoint: handled below.)
@@ -183,7 +185,11 @@ class RequestBuilder:
         tools = tool_calls.check_tools(body, self.runtime.model.chat_template())
         rendered = list(tools.tools) if tools and tools.choice != "none" else None
         try:
-            tokens = self.runtime.encode(messages=messages, tools=rendered, template_kwargs=dict(kwargs))
+            method = body.get("method")  # latentmas: its roles' turns (a turns.TurnPrompt)
+            tokens = self.runtime.encode(messages=messages, tools=rendered, template_kwargs=dict(kwargs),
+                                         method=method if isinstance(method, str) and method in REGISTRY else None)
+        except InvalidParameterError as exc:
+            raise as_request_error(exc) from exc
         except SelarError as exc:
             raise RequestError(f"cannot format these messages with the model's chat template: {exc}",
                                param="messages") from exc
@@ -247,12 +253,12 @@ class RequestBuilder:
         if not isinstance(options, Mapping) or set(options) - {"include_usage"}:
             raise RequestError("'stream_options' supports only include_usage", param="stream_options")
         try:
-            self.runtime.check_prompt_fits(len(tokens))
+            self.runtime.check_prompt_fits(total_prompt_tokens(tokens))
         except ContextOverflowError as exc:
             raise RequestError(str(exc), param="messages" if kind == "chat" else "prompt",
                                code="context_length_exceeded") from exc
         n_logprobs = self._logprobs(kind, body)
-        params = self._decode_params(body, len(tokens)).replace(logprobs=n_logprobs)
+        params = self._decode_params(body, total_prompt_tokens(tokens)).replace(logprobs=n_logprobs)
         params = structured.with_tool_grammar(params, tools)
         structured.check_constraint(self.runtime.model, params)
         try:
@@ -362,7 +368,7 @@ def selar_summary(params: DecodeParams, result: GenerationResult) -> dict[str, A
     }
     if params.method == "selar":
         summary.update(tau=params.tau, lam=params.lam, ks=params.ks)
-    if params.method == "latent":
+    if params.method in ("latent", "latentmas"):
         summary.update(latent_steps=result.latent_steps, latent_align=params.latent_align,
                        latent_noise=params.latent_noise)
     return summary
@@ -372,7 +378,7 @@ def usage(req: PreparedRequest, results: Sequence[GenerationResult]) -> dict[str
     """The prompt counts once (it is prefilled once for all choices); cached_tokens, as
     OpenAI's: the prompt tokens whose KV cells came from the prompt cache."""
     completion = sum(r.completion_tokens for r in results)
-    prompt = len(req.prompt_tokens)
+    prompt = total_prompt_tokens(req.prompt_tokens)
     cached = min((r.cached_tokens for r in results), default=0)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": cached}}

@@ -127,6 +127,8 @@ class DecodeParams:
                f"an integer in [1, {MAX_MIXTURE_SIZE}]")
         _check(_is_int(self.latent_steps) and 0 <= self.latent_steps <= MAX_LATENT_STEPS, "latent_steps",
                self.latent_steps, f"an integer in [0, {MAX_LATENT_STEPS}]")
+        _check(self.method != "latentmas" or self.latent_steps >= 1, "latent_steps", self.latent_steps,
+               "at least 1 for latentmas (each role but the solver thinks that many steps; textmas is the roles in text)")
         _check(self.soft_source in SOFT_SOURCES, "soft_source", self.soft_source, f"one of {', '.join(SOFT_SOURCES)}")
         _check(self.latent_align in LATENT_ALIGNS, "latent_align", self.latent_align, f"one of {', '.join(LATENT_ALIGNS)}")
         _check(_finite(self.latent_noise) and self.latent_noise >= 0, "latent_noise", self.latent_noise,

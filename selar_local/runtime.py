@@ -18,12 +18,13 @@ from selar_local.errors import ContextOverflowError, InvalidParameterError, Unsu
 from selar_local.generate import GenerationResult, StepEvent, generate_groups, generate_many, stream_tokens
 from selar_local.kv_slots import SlotTable
 from selar_local.mathsym import math_symbol_mask
-from selar_local.methods import feeds_soft_inputs
+from selar_local.methods import REGISTRY, feeds_soft_inputs
 from selar_local.model_sampler import ModelSampler, model_sampler
 from selar_local.params import DecodeParams
 from selar_local.policies import TokenInfo
 from selar_local.rpc import check_servers, parse_endpoints
 from selar_local.thinking import SpanTokens, ThinkingMarkers, detect_markers, prompt_leaves_thinking
+from selar_local.turns import latentmas_prompt
 
 # Architectures whose embedding-input path differs from the token path in ways rows
 # cannot fix: per-layer token inputs (gemma3n, gemma4). Token decoding (cot) still works
@@ -222,12 +223,18 @@ class Runtime:
                            template_kwargs=template_kwargs)
 
     def encode(self, prompt: str | None = None, *, messages: Sequence[dict] | None = None,
-               tools: Sequence[dict] | None = None, template_kwargs: dict | None = None) -> list[int]:
-        """Tokens of a raw prompt, or of chat messages through the model's template."""
+               tools: Sequence[dict] | None = None, template_kwargs: dict | None = None,
+               method: str | None = None) -> list[int]:
+        """Tokens of a raw prompt, or of chat messages through the model's template; for a
+        method whose prompt is several turns (latentmas), its turns (a turns.TurnPrompt)."""
         if (prompt is None) == (messages is None):
             raise ValueError("give exactly one of prompt or messages")
         if messages is None:
             return self.model.tokenize(prompt, add_special=True, parse_special=True)
+        if method is not None and REGISTRY[method].turns:
+            if tools:
+                raise InvalidParameterError(f"method '{method}' runs its own roles' turns: it takes no tools")
+            return latentmas_prompt(self, messages, template_kwargs=template_kwargs)
         return chat_tokens(self.model, self.chat_prompt(messages, tools=tools, template_kwargs=template_kwargs))
 
     def check_prompt_fits(self, n_prompt_tokens: int) -> None:
@@ -263,7 +270,8 @@ class Runtime:
         """Stream step events; the generator returns the GenerationResult at the end.
         template_kwargs: chat template variables, e.g. {"enable_thinking": False}."""
         params = params or self.default_params()
-        return stream_tokens(self, self.encode(prompt, messages=messages, template_kwargs=template_kwargs), params)
+        tokens = self.encode(prompt, messages=messages, template_kwargs=template_kwargs, method=params.method)
+        return stream_tokens(self, tokens, params)
 
     def generate(self, prompt: str | None = None, params: DecodeParams | None = None, *,
                  messages: Sequence[dict] | None = None, template_kwargs: dict | None = None) -> GenerationResult:
@@ -293,7 +301,7 @@ class Runtime:
             raise InvalidParameterError(f"invalid samples={samples!r}: expected an integer in [1, n_parallel="
                                         f"{self.n_parallel}] (load with n_parallel >= samples)")
         group = [params.replace(seed=s) for s in sample_seeds(params.seed, samples)]
-        results = generate_groups(self, [self.encode(prompt, messages=messages)], [group])[0]
+        results = generate_groups(self, [self.encode(prompt, messages=messages, method=params.method)], [group])[0]
         return SelfConsistencyResult.from_results(results, dataset)
 
     def close(self) -> None:

@@ -23,6 +23,7 @@ from selar_local.frac import check_ready, control_key
 from selar_local.methods import refuse_search
 from selar_local.generate import BatchGenerator, GenerationResult, StepEvent
 from selar_local.params import DecodeParams
+from selar_local.turns import keep_turns, total_prompt_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -172,8 +173,8 @@ class Scheduler:
                      sinks: Sequence[Callable[[str, Any], None] | None] | None = None) -> list[RequestHandle]:
         """Queue several sequences of one prompt (OpenAI `n`): admitted together, the
         prompt prefilled once. One handle per sequence; each ends on its own."""
-        prompt_tokens = list(prompt_tokens)
-        self.runtime.check_prompt_fits(len(prompt_tokens))
+        prompt_tokens = keep_turns(prompt_tokens)  # a TurnPrompt keeps its later turns (latentmas)
+        self.runtime.check_prompt_fits(total_prompt_tokens(prompt_tokens))
         for params in params_list:
             self.runtime.require_method(params.method)
             check_ready(self.runtime, params)  # --method frac: the model's steering vectors exist
@@ -345,3 +346,30 @@ class Scheduler:
                 self._starting.remove(handle)
             self._counts[counter] += 1
             handle._deliver("error", error)
+
+
+def decode_requests(scheduler: Scheduler, prompts: Sequence[Sequence[int]], params_list: Sequence[DecodeParams], *,
+                    on_finish: Callable[[int, GenerationResult], None] | None = None) -> list[GenerationResult]:
+    """Decode prompts as ordinary requests of `scheduler` (beside whatever else it runs), at
+    most n_parallel of them queued at a time so that the queue stays for the clients;
+    on_finish(index, result) as each one is done, in order. A search's `decode` (search_api,
+    the bench's concurrent searches)."""
+    results: list = [None] * len(prompts)
+    in_flight: deque = deque()
+    try:
+        for i, (tokens, params) in enumerate(zip(prompts, params_list)):
+            if len(in_flight) >= scheduler.slots_total:
+                j, handle = in_flight.popleft()
+                results[j] = handle.wait()
+                if on_finish is not None:
+                    on_finish(j, results[j])
+            in_flight.append((i, scheduler.submit(tokens, params)))
+        while in_flight:
+            j, handle = in_flight.popleft()
+            results[j] = handle.wait()
+            if on_finish is not None:
+                on_finish(j, results[j])
+    finally:
+        for _, handle in in_flight:
+            handle.cancel()  # a failed decode: the rest are not needed
+    return results

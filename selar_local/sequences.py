@@ -19,10 +19,13 @@ and what it does next is the front of its queue of segments:
     Latent(n)        n steps that show no token: the policy turns each step's final hidden
                      state into the next input (`latent`, latent_policy.py)
 
-A sequence starts as [Prefill(prompt), Decode]. A new kind of step is one more segment
-class and its branch where the loop reads the front (decisions.py for decided steps, the
-table's `next_pieces` for fed ones): latent steps whose inputs the policy computes from
-the hidden state, or a later prompt appended to a live sequence after its Decode.
+A sequence starts as [Prefill(prompt), Decode], or [Prefill(prompt), Latent(m), Decode]
+for a policy with latent steps. A prompt of several turns (turns.TurnPrompt, `latentmas`)
+queues [Prefill(turn 0), Latent(m), Prefill(turn 1), Latent(m), ..., Prefill(last), Decode]:
+after a Latent segment's last input is decoded the sequence is PREFILLING again (that
+decode's logits are not needed), and the next turn's tokens go in chunks as a prompt does.
+A new kind of step is one more segment class and its branch where the loop reads the
+front (decisions.py for decided steps, the table's `next_pieces` for fed ones).
 
 Pure bookkeeping over the engine's KV calls (context.truncate/copy/remove_sequence):
 no logits or policies are read here.
@@ -37,7 +40,7 @@ from typing import Any, Union
 import numpy as np
 
 from selar_local.constraint import SequenceGrammar
-from selar_local.errors import DecodeError
+from selar_local.errors import DecodeError, InvalidParameterError
 from selar_local.kv_slots import Plan, Slot, SlotTable, common_prefix
 from selar_local.outputs import SequenceOutput
 from selar_local.params import DecodeParams
@@ -58,6 +61,7 @@ class Prefill:
 
     tokens: list[int]
     fed: int = 0
+    turn: int = 0   # 0: the prompt; later turns (TurnPrompt.later) follow latent steps
 
 
 @dataclass(eq=False)
@@ -107,7 +111,8 @@ class Sequence:
     extends_cache: bool = True              # no soft input fed yet: the slot caches the tokens
     pending: StepDecision | None = None     # DECODING: the decision whose input goes next
     finish_reason: str | None = None
-    prefill_seconds: float = 0.0
+    prefill_seconds: float | None = None    # until the first step (a later turn's prefill is decoding time)
+    prompt_total: int = 0                   # prompt tokens over every turn
 
     @property
     def seq_id(self) -> int:
@@ -117,6 +122,12 @@ class Sequence:
     def prefill(self) -> Prefill | None:
         front = self.segments[0] if self.segments else None
         return front if isinstance(front, Prefill) else None
+
+    @property
+    def prefilling_prompt(self) -> bool:
+        """Prefilling its first prompt (whose cells another sequence of it may copy)."""
+        front = self.prefill
+        return self.phase is Phase.PREFILLING and front is not None and front.turn == 0
 
     @property
     def latent(self) -> Latent | None:
@@ -186,9 +197,11 @@ class SequenceTable:
         self.slots.take(plan.slot)
         return plan
 
-    def admit(self, seq: Sequence, plan: Plan) -> None:
-        latent = getattr(seq.policy, "latent_steps", 0)
-        seq.segments.extend((Prefill(seq.prompt_tokens), *((Latent(latent),) if latent else ()), Decode()))
+    def admit(self, seq: Sequence, plan: Plan, segments: list[Segment] | None = None) -> None:
+        """`segments`: its queue (queued_segments, made before the slot was taken, since it
+        can refuse the request); by default the prompt then Decode."""
+        seq.segments.extend(segments if segments is not None else (Prefill(seq.prompt_tokens), Decode()))
+        seq.prompt_total = sum(len(s.tokens) for s in seq.segments if isinstance(s, Prefill))
         self.live[seq.request_id] = seq
         source, upto = self._prefilling_source(seq, plan.reuse)
         if source is not None:  # the group's first sequence, or another request of this prompt
@@ -209,7 +222,7 @@ class SequenceTable:
         holds now: worth waiting for (its cells are then copied, not computed twice)."""
         best, best_n = None, reuse
         for other in self.live.values():
-            if other is seq or other.phase is not Phase.PREFILLING:
+            if other is seq or not other.prefilling_prompt:
                 continue
             n = common_prefix(seq.prompt_tokens, other.prompt_tokens)
             whole = n == len(seq.prompt_tokens) == len(other.prompt_tokens)  # its logits come too
@@ -244,7 +257,7 @@ class SequenceTable:
             source = seq.source
             if source is None:
                 continue
-            if (source.request_id in self.live and source.phase is Phase.PREFILLING
+            if (source.request_id in self.live and source.prefilling_prompt
                     and source.prefill.fed < seq.wait_upto):
                 continue
             seq.source = None
@@ -330,7 +343,8 @@ class SequenceTable:
             segment.fed = p.stop
             seq.position += p.stop - p.start
             if p.completes:
-                seq.slot.logits, seq.slot.logits_at = logits[j], seq.position
+                if segment.turn == 0:  # a later turn's logits follow latent inputs: nothing to cache
+                    seq.slot.logits, seq.slot.logits_at = logits[j], seq.position
                 seq.first_logits = logits[j]
                 seq.first_hidden = hidden[j] if hidden is not None else None
                 seq.segments.popleft()
@@ -338,10 +352,12 @@ class SequenceTable:
                 j += 1
 
     @staticmethod
-    def advance(decoding: list[Sequence]) -> None:
+    def advance(decoding: list[Sequence]) -> list[int]:
         """The pending inputs were decoded: the next position; the slot caches the token
-        (until the first soft input, see kv_slots)."""
-        for s in decoding:
+        (until the first soft input, see kv_slots). A sequence whose next segment is a
+        later turn is PREFILLING again. Returns the indices of those that decide now."""
+        deciding = []
+        for i, s in enumerate(decoding):
             d = s.pending
             if s.extends_cache:
                 if d.soft:
@@ -349,6 +365,11 @@ class SequenceTable:
                 elif len(s.slot.tokens) == s.position:
                     s.slot.tokens.append(d.token)
             s.position += 1
+            if s.prefill is not None:
+                s.phase, s.pending = Phase.PREFILLING, None
+            else:
+                deciding.append(i)
+        return deciding
 
     def room_was_made(self, exc: BaseException) -> bool:
         """A unified KV cache without free cells: give back the free slots' cached cells
@@ -390,6 +411,28 @@ class SequenceTable:
     def kv_cells_cached(self) -> int:
         """KV cells free slots keep as prompt cache."""
         return sum(len(slot.tokens) for slot in self.slots.slots if not slot.busy)
+
+
+def queued_segments(prompt: list[int], later_turns: tuple[list[int], ...], policy: Policy) -> list[Segment]:
+    """A new sequence's queue: its prompt, and for a prompt of several turns each later turn
+    after `latent_steps_per_turn` latent steps; a policy's `latent_steps` that are not
+    spread over turns come after the last turn, before the text."""
+    per_turn = getattr(policy, "latent_steps_per_turn", 0)
+    if getattr(policy, "takes_turns", False) and not later_turns:
+        raise InvalidParameterError("method 'latentmas' runs its roles' turns over one sequence: it needs a chat "
+                                    "request (messages), not a raw prompt")
+    if later_turns and not getattr(policy, "takes_turns", False):
+        raise InvalidParameterError(f"a prompt of {1 + len(later_turns)} turns needs a method that takes turns (latentmas)")
+    if later_turns and per_turn < 1:  # two Prefills in a row would leave the first one's logits undecided
+        raise InvalidParameterError("a prompt of several turns needs at least one latent step between turns")
+    segments: list[Segment] = [Prefill(prompt)]
+    for turn, tokens in enumerate(later_turns, start=1):
+        segments += [Latent(per_turn), Prefill(tokens, turn=turn)]
+    after = getattr(policy, "latent_steps", 0) - per_turn * len(later_turns)
+    if after:
+        segments.append(Latent(after))
+    segments.append(Decode())
+    return segments
 
 
 def _by_seq_id(seq: Sequence) -> int:

@@ -35,6 +35,7 @@ from selar_local.errors import ContextOverflowError, SelarError
 from selar_local.generate import generate_groups
 from selar_local.methods import REGISTRY, is_search
 from selar_local.params import METHODS, DecodeParams
+from selar_local.turns import total_prompt_tokens
 from selar_local.vote import sample_seeds
 
 CONFIG_NAME = "config.json"
@@ -349,10 +350,10 @@ def compact_trace(entropies: Sequence[float], soft_flags: Sequence[bool]) -> dic
     }
 
 
-def problem_prompt(runtime, problem: Problem) -> list[int]:
+def problem_prompt(runtime, problem: Problem, method: str = "cot") -> list[int]:
     """The tokens a problem is decoded from: its prompt as the user's message, through the
-    model's chat template."""
-    return runtime.encode(messages=[{"role": "user", "content": problem.prompt}])
+    model's chat template (for latentmas, its roles' turns on it: turns.TurnPrompt)."""
+    return runtime.encode(messages=[{"role": "user", "content": problem.prompt}], method=method)
 
 
 def decoded_with(record: dict, setting: str) -> Any:
@@ -558,12 +559,13 @@ def run_bench(
             runnable: list[tuple[WorkItem, list[int], DecodeParams]] = []
             for it in todo:
                 params = config.decode_params(it.method, it.seed)
-                tokens = prompt_cache.get(it.problem.id)
+                key = (it.problem.id, REGISTRY[it.method].turns)
+                tokens = prompt_cache.get(key)
                 if tokens is None:
-                    tokens = problem_prompt(runtime, it.problem)
-                    prompt_cache[it.problem.id] = tokens
+                    tokens = problem_prompt(runtime, it.problem, it.method)
+                    prompt_cache[key] = tokens
                 try:
-                    runtime.check_prompt_fits(len(tokens))
+                    runtime.check_prompt_fits(total_prompt_tokens(tokens))
                 except ContextOverflowError as exc:
                     for i, seed in enumerate(sample_seeds(it.seed, k)):
                         emit(make_record(it.problem, it.method, it.seed, params.replace(seed=seed), None,
@@ -573,13 +575,9 @@ def run_bench(
 
             searched = [entry for entry in runnable if is_search(entry[0].method)]
             runnable = [entry for entry in runnable if not is_search(entry[0].method)]
-            for it, tokens, params in searched:  # one after the other: each search decodes its answers in turn
-                search = REGISTRY[it.method].search_function()
-                item_started = time.perf_counter()
-                found = search(runtime, it.problem.prompt, tokens, params)
+            for it, params, found, wall in run_searches(runtime, searched, parallel):
                 emit(search_record(it.problem, it.method, it.seed, params, found, parallel=parallel,
-                                   cpu_repack=runtime.model.cpu_repack,
-                                   wall_seconds=time.perf_counter() - item_started))
+                                   cpu_repack=runtime.model.cpu_repack, wall_seconds=wall))
 
             if config.frac_alpha_range is not None:  # each frac item's samples draw their own alpha
                 from selar_local.frac import generate_samples
@@ -624,6 +622,48 @@ def run_bench(
         if bar is not None:
             bar.close()
     return summary
+
+
+def run_searches(runtime, searched: Sequence[tuple[WorkItem, list[int], DecodeParams]], parallel: int):
+    """Run the search items (latentseek, textmas), yielding (item, params, found, wall seconds)
+    as each one ends. Each search decodes its answers one after the other, so with
+    `parallel` > 1 up to `parallel` searches run at once, each in a thread of its own whose
+    decodes are requests of one scheduler: they share its batched decodes (200 textmas
+    items at --parallel 16 decode about 16 roles at a time, not one)."""
+    def one(entry, decode=None):
+        it, tokens, params = entry
+        search = REGISTRY[it.method].search_function()
+        item_started = time.perf_counter()
+        found = search(runtime, it.problem.prompt, tokens, params, decode=decode)
+        return it, params, found, time.perf_counter() - item_started
+
+    if parallel <= 1 or len(searched) <= 1:
+        for entry in searched:
+            yield one(entry)
+        return
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    from selar_local.scheduler import Scheduler, decode_requests
+
+    scheduler = Scheduler(runtime, queue_size=parallel)
+
+    def decode(prompts, params_list, on_finish=None):
+        return decode_requests(scheduler, prompts, params_list, on_finish=on_finish)
+
+    pending = list(searched)
+    running: set = set()
+    with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="selar-search") as pool:
+        try:
+            while pending or running:
+                while pending and len(running) < parallel:
+                    running.add(pool.submit(one, pending.pop(0), decode))
+                done, running = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    yield future.result()
+        finally:
+            # Done, or an error or interrupt: closing fails the searches still decoding
+            # (SchedulerClosedError), so the pool's threads end before it is shut down.
+            scheduler.close()
 
 
 def group_records(records: Iterable[dict]) -> dict[str, dict[str, list[dict]]]:

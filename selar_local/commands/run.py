@@ -200,9 +200,5 @@ def _run_search(args: argparse.Namespace, runtime, params, prompt: str) -> int:
     search = REGISTRY[params.method].search_function()
     found = search(runtime, prompt, runtime.encode(messages=messages, template_kwargs=template_kwargs), params)
     print(found.text)
-    rewards = ", ".join(f"{r:.3f}" for r in found.rewards)
-    print(f"[{params.method}] {found.iterations} iterations, rewards [{rewards}], final reward {found.reward:.3f}, "
-          f"{found.generations} generations, {found.gradings} gradings, latent prefix {found.prefix_length} tokens, "
-          f"{len(found.tokens)} tokens, {time.perf_counter() - started:.2f} s, finish: {found.finish_reason}",
-          file=sys.stderr)
+    print(f"[{params.method}] {found.describe()}; {time.perf_counter() - started:.2f} s", file=sys.stderr)
     return 0

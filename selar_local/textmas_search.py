@@ -1,0 +1,67 @@
+"""`--method textmas`: LatentMAS's text baseline on the public Python API. The same four
+roles as `latentmas` (agent_roles.py) work in turn, but each one decodes text in a fresh
+sequence and the next roles' turns quote it; the solver's text is the answer.
+
+It decodes whole answers one after the other, so it is a search in the registry's sense
+(methods.Method.search): the facades hand it the question and a `decode` function, and
+`selar bench` runs many items of it at once through one scheduler (bench/runner.py).
+Every role samples as `cot` with the request's sampler and seed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Sequence
+
+from selar_local.agent_roles import ROLES, textmas_turn
+from selar_local.params import DecodeParams
+
+if TYPE_CHECKING:
+    from selar_local.generate import GenerationResult
+    from selar_local.runtime import Runtime
+
+Decode = Callable[[Sequence[Sequence[int]], Sequence[DecodeParams]], list]
+
+
+@dataclass
+class TeamResult:
+    text: str                 # the solver's text: the answer
+    tokens: list[int]         # its tokens
+    notes: list[tuple[str, str]]  # (role, what it wrote), in order
+    results: list["GenerationResult"] = field(default_factory=list, repr=False)  # one per role
+
+    @property
+    def finish_reason(self) -> str:
+        return self.results[-1].finish_reason
+
+    @property
+    def generations(self) -> int:
+        return len(self.results)
+
+    def summary(self) -> dict:
+        """What a response's `selar` field and a bench record carry about the team."""
+        return {"generations": self.generations,
+                "roles": [{"role": name, "completion_tokens": r.completion_tokens, "finish_reason": r.finish_reason}
+                          for (name, _), r in zip(self.notes, self.results)]}
+
+    def describe(self) -> str:
+        """One line for `selar run`'s stderr."""
+        roles = ", ".join(f"{name} {r.completion_tokens}" for (name, _), r in zip(self.notes, self.results))
+        return (f"{self.generations} roles decoded (tokens: {roles}; "
+                f"{sum(r.completion_tokens for r in self.results)} in all), finish: {self.finish_reason}")
+
+
+def search(runtime: "Runtime", question: str, prompt: Sequence[int], params: DecodeParams, *,
+           decode: Decode | None = None) -> TeamResult:
+    """The registry's entry for `--method textmas`: the roles in turn on `question` (the
+    request's last user message; `prompt`, the request's own tokens, is not decoded).
+    decode: how to decode (default runtime.generate_batch; the server passes its scheduler's)."""
+    decode = decode or runtime.generate_batch
+    as_cot = params.replace(method="cot")
+    notes: list[tuple[str, str]] = []
+    results = []
+    for role in ROLES:
+        tokens = runtime.encode(messages=textmas_turn(role.name, question, notes))
+        result = decode([tokens], [as_cot])[0]
+        results.append(result)
+        notes.append((role.name, result.content))
+    return TeamResult(results[-1].text, list(results[-1].tokens), notes, results)
