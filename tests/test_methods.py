@@ -29,7 +29,7 @@ def test_every_registered_method_validates_and_makes_its_policy():
     assert METHODS == tuple(REGISTRY)
     with pytest.raises(InvalidParameterError, match="one of cot, selar, soft, moi, swir, "):
         DecodeParams(method="coconut")
-    token_only = ("cot", "frac", "latentseek")  # frac steers the layers, latentseek searches: tokens in
+    token_only = ("cot", "frac", "latentseek", "textmas")  # frac steers the layers, the searches decode text
     assert not any(map(feeds_soft_inputs, token_only)) and all(feeds_soft_inputs(m) for m in METHODS if m not in token_only)
 
 

@@ -12,6 +12,7 @@ import pytest
 from conftest import runtime_for
 from selar_local.agent_roles import ROLE_NAMES, ROLES, latentmas_turn, textmas_turn
 from selar_local.api import Selar
+from selar_local.bench import report as bench_report
 from selar_local.bench.runner import RESULTS_NAME, load_config_problems, problem_prompt, read_config, read_results
 from selar_local.cli import main as cli_main
 from selar_local.errors import InvalidParameterError
@@ -194,3 +195,15 @@ def test_bench_runs_both_with_searches_in_parallel(tmp_path, model_files):
             assert record["completion_tokens"] == record["roles"][-1]["completion_tokens"]
             assert record["parallel"] == 2 and record["wall_seconds"] > 0
     assert json.loads((out / "config.json").read_text())["methods"] == ["latentmas", "textmas"]
+    md = bench_report.write_report([out], out, plots=False, baseline="textmas")
+    header = [c.strip() for c in next(line for line in md.splitlines() if line.startswith("| method")).split("|")]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")] for line in md.splitlines()
+            if line.startswith("| latentmas") or line.startswith("| textmas")}
+    by = {m: [r for r in records if r["method"] == m] for m in ("latentmas", "textmas")}
+    for method, cells in rows.items():
+        mean = lambda field: sum(r[field] for r in by[method]) / len(by[method])  # noqa: E731
+        assert cells[header.index("latent steps")] == f"{(3 * M if method == 'latentmas' else 0):.1f}"
+        assert cells[header.index("mean tokens")] == f"{mean('completion_tokens'):.1f}"
+        decoded = mean("decoded_tokens") if method == "textmas" else mean("completion_tokens")
+        assert cells[header.index("decoded tokens")] == f"{decoded:.1f}"
+        assert cells[header.index("mean generations")] == ("4.00" if method == "textmas" else "1.00")

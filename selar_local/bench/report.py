@@ -38,7 +38,7 @@ CSV_COLUMNS = (
     "run", "model", "dataset", "method", "n", "n_problems", "seeds", "correct", "accuracy", "ci_lo", "ci_hi",
     "seed_mean", "seed_std", "mean_tokens", "mean_seconds", "soft_share", "truncated_share", "errors",
     "baseline", "n_paired", "diff", "diff_lo", "diff_hi", "method_only", "baseline_only", "mcnemar_p",
-    "samples", "pass_at_1", "pass_at_k", "mean_generations",
+    "samples", "pass_at_1", "pass_at_k", "mean_generations", "mean_latent_steps", "mean_decoded_tokens",
 )
 
 
@@ -94,6 +94,8 @@ class MethodRow:
     pass_at_1: float | None = None   # mean accuracy of the single samples
     pass_at_k: float | None = None   # share of problems some sample solved
     mean_generations: float = 1.0    # answers decoded per item: K for maj@K, a search's own count (latentseek)
+    mean_latent_steps: float = 0.0   # hidden-state steps per item (latent, latentmas)
+    mean_decoded_tokens: float = math.nan  # tokens decoded per item over all its generations (textmas: 4 roles)
 
     def csv_row(self) -> dict[str, Any]:
         row = {k: getattr(self, k) for k in CSV_COLUMNS if k != "seeds"}
@@ -152,6 +154,8 @@ def method_row(run: str, model: str, dataset: str, method: str, records: Sequenc
         truncated_share=_mean([r.get("finish_reason") == "length" for r in ok]) if ok else 0.0,
         errors=n - len(ok),
         mean_generations=_mean([int(r.get("generations") or 1) for r in ok]) if ok else 1.0,
+        mean_latent_steps=_mean([int(r.get("latent_steps") or 0) for r in ok]) if ok else 0.0,
+        mean_decoded_tokens=_mean([int(r.get("decoded_tokens") or r.get("completion_tokens") or 0) for r in ok]),
     )
 
 
@@ -216,7 +220,7 @@ def variant_suffix(first: Run, run: Run) -> str:
     mine, theirs = run.config.params, first.config.params
     parts = []
     auto = run.config.tau_auto and not first.config.tau_auto
-    for key in sorted(set(mine) | set(theirs)):
+    for key in sorted(set(mine) & set(theirs)):  # a setting one run predates: it decoded with its default
         if key == "tau" and auto:
             parts.append(f"tau=auto {mine.get(key)}")
         elif mine.get(key) != theirs.get(key):
@@ -273,6 +277,7 @@ def summarize(runs: Sequence[Run], baseline: str = "cot", *, common_problems: bo
             if label in extra:
                 row.samples, row.pass_at_1, row.pass_at_k = extra[label]
                 row.mean_generations = float(row.samples)
+                row.mean_decoded_tokens = row.mean_tokens  # the group's tokens, summed by vote_records
             if label != baseline and baseline in labelled:
                 add_paired(row, baseline, labelled[baseline][1], records)
             section.rows.append(row)
@@ -330,7 +335,14 @@ def render_markdown(sections: Sequence[Section]) -> str:
         searching = voting or any(r.mean_generations != 1 for r in section.rows)
         if searching:
             header.append("mean generations")
-        header += ["mean tokens", "s / item", "soft steps %", "hit max_tokens %", "errors"]
+        latent = any(r.mean_latent_steps for r in section.rows)
+        if latent:
+            header.append("latent steps")
+        header += ["mean tokens"]
+        decoded = any(r.mean_decoded_tokens != r.mean_tokens for r in section.rows if not r.samples > 1)
+        if decoded:  # a search's tokens over all its generations (textmas: its four roles)
+            header.append("decoded tokens")
+        header += ["s / item", "soft steps %", "hit max_tokens %", "errors"]
         base = next((r.baseline for r in section.rows if r.baseline), None)
         if base:
             header += [f"vs {base}: diff pts [95% CI]", "only method / only base", "McNemar p"]
@@ -344,7 +356,12 @@ def render_markdown(sections: Sequence[Section]) -> str:
                 cells.append(f"{_pct(r.seed_mean)} ({_pct(r.seed_std)})" if r.seed_mean is not None else "n/a")
             if searching:
                 cells.append(f"{r.mean_generations:.2f}")
-            cells += [f"{r.mean_tokens:.1f}", f"{r.mean_seconds:.2f}", _pct(r.soft_share),
+            if latent:
+                cells.append(f"{r.mean_latent_steps:.1f}")
+            cells.append(f"{r.mean_tokens:.1f}")
+            if decoded:
+                cells.append(f"{r.mean_decoded_tokens:.1f}")
+            cells += [f"{r.mean_seconds:.2f}", _pct(r.soft_share),
                       _pct(r.truncated_share, 0), str(r.errors)]
             if base:
                 if r.diff is None:
