@@ -141,6 +141,11 @@ class Runtime:
             return SelfCheck(False, math.nan, 1.0, f"{arch}: {EMBEDDING_INPUT_UNSUPPORTED[arch]}")
         expected = input_scale_for(arch, self.model.n_embd_inp)
         self.table = EmbeddingTable(self.model_path, scale=expected, cache_bytes=cache_bytes)
+        unreadable = self.table.unreadable
+        if unreadable is not None:  # the model loads and decodes tokens; its rows cannot be fed
+            self.table.close()
+            self.table = None
+            return SelfCheck(False, math.nan, expected, f"{unreadable} (llama.cpp can: token methods such as cot run)")
         if self.table.n_embd != self.model.n_embd_inp:
             return SelfCheck(False, math.nan, expected,
                              f"token_embd width {self.table.n_embd} != model input width {self.model.n_embd_inp}")
