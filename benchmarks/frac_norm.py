@@ -9,7 +9,7 @@ minus the layer's row (its value before the add, given the steered layers below)
 alpha: the median and the largest | |h + alpha v| / |h| - 1 | over layers and prompts, and the
 layer where it is largest. Asserts nothing.
 
-    SELAR_CACHE_DIR=... python benchmarks/frac_norm.py --model smollm2-135m-instruct [--pairs 16] [--prompts 8]
+    SELAR_CACHE_DIR=... python benchmarks/frac_norm.py --model smollm2-135m-instruct [--pairs 16] [--prompts 8] [--threads 1]
 """
 from __future__ import annotations
 
@@ -34,8 +34,10 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=16)
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--alphas", default="0.05,0.1,0.15,0.3")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads for prompts and decode steps (default: the runtime's)")
     args = parser.parse_args()
-    rt = Runtime(resolve_model(args.model), n_ctx=1024)
+    rt = Runtime(resolve_model(args.model), n_ctx=1024, n_threads=args.threads, n_threads_batch=args.threads)
     built = steering.build(rt, n_pairs=args.pairs)
     states = LayerStates(rt.model, n_ctx=1024, n_threads=rt.context.n_threads,
                          n_threads_batch=rt.context.n_threads_batch)

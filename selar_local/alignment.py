@@ -33,7 +33,7 @@ from typing import Iterator
 
 import numpy as np
 
-from selar_local.embeddings import TOKEN_EMBEDDING, input_scale_for
+from selar_local.embeddings import TOKEN_EMBEDDING, input_scale_for, undequantisable_reason
 from selar_local.errors import InvalidParameterError, ModelLoadError, UnsupportedModelError
 from selar_local.gguf_index import GGUFIndex
 from selar_local.latent_steps import aligned_input
@@ -64,6 +64,10 @@ class TensorRows:
         self.n_rows = int(location.shape[1])
         self._row_bytes = int(location.row_bytes)
         self._offset = int(location.offset)
+        unreadable = undequantisable_reason(name, location.qtype)
+        if unreadable is not None:
+            raise UnsupportedModelError(f"{index.path}: {unreadable}; the hidden-state methods read this table "
+                                        "(use a token-space method such as cot)")
         self._qtype = location.qtype
         self.quant_type = location.qtype.name
         self._dequantize = dequantize

@@ -24,6 +24,20 @@ TOKEN_EMBEDDING = "token_embd.weight"
 SQRT_SCALED_ARCHITECTURES = frozenset({"gemma", "gemma2", "gemma3", "gemma3n", "gemma4", "gemma-embedding"})
 
 
+def undequantisable_reason(name: str, qtype) -> str | None:
+    """Why the rows of tensor `name` cannot be read here, or None when they can. llama.cpp runs
+    some types the installed gguf-py cannot dequantise (Q1_0): such a model still decodes
+    tokens, but no method can feed or read its table rows."""
+    from gguf import GGML_QUANT_SIZES
+    from gguf.quants import dequantize
+
+    try:
+        dequantize(np.zeros((1, GGML_QUANT_SIZES[qtype][1]), dtype=np.uint8), qtype)
+    except NotImplementedError:
+        return f"{name} is stored as {qtype.name}, which the installed gguf-py cannot dequantise"
+    return None
+
+
 def input_scale_for(architecture: str, n_embd: int) -> float:
     return math.sqrt(n_embd) if architecture in SQRT_SCALED_ARCHITECTURES else 1.0
 
@@ -54,6 +68,11 @@ class EmbeddingTable:
         self.scale = float(scale)
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self.cache_rows = max(64, cache_bytes // (4 * self.n_embd))
+
+    @property
+    def unreadable(self) -> str | None:
+        """Why these rows cannot be dequantised here (undequantisable_reason), or None."""
+        return undequantisable_reason(TOKEN_EMBEDDING, self._qtype)
 
     def rows(self, ids) -> np.ndarray:
         """float32 rows (len(ids), n_embd) for the given token ids, cached."""

@@ -76,8 +76,9 @@ def generate_samples(runtime: "Runtime", prompt: str | None = None, params: Deco
                      messages: Sequence[dict] | None = None, samples: int = 5,
                      alpha_range: Sequence[float] = (0.0, 0.15), dataset: str = "gsm8k") -> "SelfConsistencyResult":
     """Fractional Reasoning's test-time scaling: sample i decodes with seed + i and its own alpha
-    drawn uniformly from alpha_range (from the seed), then a majority vote (ties to the higher
-    mean log-probability). Samples of one alpha decode together, each alpha in its own round."""
+    drawn uniformly from alpha_range (from the seed), then the vote params.vote (majority: ties
+    to the higher mean log-probability; weighted: by exp(mean log-probability)). Samples of one
+    alpha decode together, each alpha in its own round."""
     from selar_local.generate import generate_groups
     from selar_local.runtime import SelfConsistencyResult
     from selar_local.steering import alpha_draws
@@ -96,7 +97,7 @@ def generate_samples(runtime: "Runtime", prompt: str | None = None, params: Deco
         indices = [i for i, a in enumerate(alphas) if a == alpha]
         for i, result in zip(indices, generate_groups(runtime, [tokens], [[members[i] for i in indices]])[0]):
             results[i] = result
-    return SelfConsistencyResult.from_results(results, dataset)
+    return SelfConsistencyResult.from_results(results, dataset, params.vote)
 
 
 def generate_by_control_vector(run, runtime: "Runtime", prompts: Sequence[Sequence[int]],

@@ -450,21 +450,22 @@ def completion_response(req: PreparedRequest, results: Sequence[GenerationResult
             "selar": selar_summary(req.choices[0], results[0])}
     if len(results) > 1:
         body["selar"]["choices"] = [selar_summary(p, r) for p, r in zip(req.choices, results)]
-        body["selar"]["vote"] = vote_summary(results)
+        body["selar"]["vote"] = vote_summary(results, req.choices[0].vote)
     return body
 
 
 VOTE_FORMAT = "gsm8k"  # answers read as the last \boxed{}, else the last number in the text
 
 
-def vote_summary(results: Sequence[GenerationResult]) -> dict[str, Any]:
-    """Self-consistency over the n choices: their answers and the majority (ties: the most
-    confident choice by mean log-probability)."""
+def vote_summary(results: Sequence[GenerationResult], kind: str = "majority") -> dict[str, Any]:
+    """Self-consistency over the n choices: their answers and the winner of the request's
+    `vote` (majority, ties to the most confident choice by mean log-probability; or weighted
+    by exp(mean log-probability))."""
     from selar_local.runtime import SelfConsistencyResult
 
-    vote = SelfConsistencyResult.from_results(results, VOTE_FORMAT)
+    vote = SelfConsistencyResult.from_results(results, VOTE_FORMAT, kind)
     return {"answer": vote.answer, "votes": vote.votes, "voters": vote.voters, "choice_index": vote.index,
-            "answers": vote.answers}
+            "answers": vote.answers, "vote": kind}
 
 
 class ChunkWriter:
@@ -554,7 +555,9 @@ class ChunkWriter:
 
     def vote_chunk(self, results: Sequence[GenerationResult]) -> list[dict]:
         """With n > 1: a chunk without choices whose `selar.vote` is the self-consistency vote."""
-        return [self._chunk(None, selar={"vote": vote_summary(results)})] if len(results) > 1 else []
+        if len(results) < 2:
+            return []
+        return [self._chunk(None, selar={"vote": vote_summary(results, self.req.choices[0].vote)})]
 
     def usage_chunk(self, results: Sequence[GenerationResult]) -> list[dict]:
         return [self._chunk(None, usage=usage(self.req, results))] if self.req.include_usage else []

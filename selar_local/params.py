@@ -9,6 +9,7 @@ from typing import Any
 
 from selar_local.errors import InvalidParameterError
 from selar_local.methods import LATENT_ALIGNS, METHODS, REGISTRY, SOFT_NOISES, SOFT_SOURCES  # the method registry (selar_local/methods.py)
+from selar_local.vote import VOTES
 # Per-step work grows with these; one request must not be able to make every other
 # request's steps expensive (a 49k-token mixture costs ~2 ms per step on the host).
 MAX_MIXTURE_SIZE = 64        # ks, soft_topk, moi_topn and any other mixture size
@@ -34,6 +35,9 @@ class DecodeParams:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # as llama-server: end-of-generation tokens are never drawn
     logprobs: int | None = None  # None: no log-probabilities; n >= 0: the shown token's and n alternatives
+    # Self-consistency (K samples of one prompt, `n` on the server): how their answers are
+    # counted, one vote each or weighed by exp(mean log-probability) (selar_local/vote.py).
+    vote: str = "majority"
     # SeLaR
     tau: float = 0.5         # entropy gate threshold; > 1 never opens the gate
     lam: float = 1.0         # contrastive push away from the dominant token
@@ -93,6 +97,7 @@ class DecodeParams:
                f"stop strings of at most {MAX_STOP_LENGTH} characters")
         _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_TOP_LOGPROBS),
                "logprobs", self.logprobs, f"an integer in [0, {MAX_TOP_LOGPROBS}] (alternatives per token)")
+        _check(self.vote in VOTES, "vote", self.vote, f"one of {', '.join(VOTES)}")
         _check(_finite(self.tau) and self.tau >= 0, "tau", self.tau,
                "a number >= 0 (the gate compares a normalised entropy in [0, 1]; tau > 1 disables it)")
         _check(_finite(self.lam) and self.lam >= 0, "lam", self.lam, "a number >= 0")

@@ -142,6 +142,11 @@ class Runtime:
             return SelfCheck(False, math.nan, 1.0, f"{arch}: {EMBEDDING_INPUT_UNSUPPORTED[arch]}")
         expected = input_scale_for(arch, self.model.n_embd_inp)
         self.table = EmbeddingTable(self.model_path, scale=expected, cache_bytes=cache_bytes)
+        unreadable = self.table.unreadable
+        if unreadable is not None:  # the model loads and decodes tokens; its rows cannot be fed
+            self.table.close()
+            self.table = None
+            return SelfCheck(False, math.nan, expected, f"{unreadable} (llama.cpp can: token methods such as cot run)")
         if self.table.n_embd != self.model.n_embd_inp:
             return SelfCheck(False, math.nan, expected,
                              f"token_embd width {self.table.n_embd} != model input width {self.model.n_embd_inp}")
@@ -291,7 +296,7 @@ class Runtime:
                          messages: Sequence[dict] | None = None, samples: int = 5,
                          dataset: str = "gsm8k") -> "SelfConsistencyResult":
         """Latent self-consistency: `samples` sequences of one prompt decoded together (prefilled
-        once), sample i with seed + i, and a majority vote over their extracted answers (`dataset`
+        once), sample i with seed + i, and a vote (params.vote) over their extracted answers (`dataset`
         decides how answers are read and compared: "gsm8k" the last box else the last number,
         "math" boxed only, "gpqa_diamond" the option letter)."""
         from selar_local.vote import sample_seeds
@@ -302,7 +307,7 @@ class Runtime:
                                         f"{self.n_parallel}] (load with n_parallel >= samples)")
         group = [params.replace(seed=s) for s in sample_seeds(params.seed, samples)]
         results = generate_groups(self, [self.encode(prompt, messages=messages, method=params.method)], [group])[0]
-        return SelfConsistencyResult.from_results(results, dataset)
+        return SelfConsistencyResult.from_results(results, dataset, params.vote)
 
     def close(self) -> None:
         self.context.close()
@@ -347,8 +352,8 @@ class SelfConsistencyResult:
 
     results: list[GenerationResult]
     answers: list[str | None]   # each sample's extracted answer
-    answer: str | None          # the majority answer (as the chosen sample wrote it)
-    index: int                  # the chosen sample: most confident among the majority
+    answer: str | None          # the winning answer (as the chosen sample wrote it)
+    index: int                  # the chosen sample: the most confident one with the winning answer
     votes: int
     voters: int
 
@@ -357,12 +362,14 @@ class SelfConsistencyResult:
         return self.results[self.index].text
 
     @classmethod
-    def from_results(cls, results: Sequence[GenerationResult], dataset: str = "gsm8k") -> "SelfConsistencyResult":
+    def from_results(cls, results: Sequence[GenerationResult], dataset: str = "gsm8k",
+                     vote: str = "majority") -> "SelfConsistencyResult":
+        """vote: "majority" (one vote per sample) or "weighted" (by exp(mean log-probability))."""
         from selar_local.bench.grading import answer_key, extract_answer
-        from selar_local.vote import majority_vote
+        from selar_local.vote import vote as count_votes
 
         answers = [extract_answer(r.content, dataset) for r in results]  # after any thinking span
-        vote = majority_vote([answer_key(a, dataset) for a in answers], [r.mean_logprob for r in results])
+        vote = count_votes(vote, [answer_key(a, dataset) for a in answers], [r.mean_logprob for r in results])
         return cls(list(results), answers, answers[vote.index] if vote.key is not None else None, vote.index,
                    vote.votes, vote.voters)
 

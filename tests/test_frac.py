@@ -7,10 +7,12 @@ import dataclasses
 import pytest
 
 from selar_local import frac, steering
+from selar_local.bench.grading import answer_key
 from selar_local.engine import control_vector_digest, control_vector_id, set_control_vector
 from selar_local.errors import InvalidParameterError
 from selar_local.params import DecodeParams
 from selar_local.scheduler import Scheduler
+from selar_local.vote import weighted_vote
 
 from conftest import runtime_for
 from decode_compare import assert_same_greedy_decode
@@ -120,6 +122,13 @@ def test_samples_draw_an_alpha_each_and_vote(steered):
         alone = rt.generate(messages=QUESTION, params=params.replace(seed=11 + i, frac_alpha=alphas[i]))
         assert fields(vote.results[i])["tokens"] == alone.tokens
     assert 0 <= vote.index < 3
+    # The vote the params name: weighted by exp(mean log-probability), over the same draws
+    weighted = frac.generate_samples(rt, messages=QUESTION, params=params.replace(vote="weighted"), samples=3,
+                                     alpha_range=(0.0, 0.15))
+    assert [r.tokens for r in weighted.results] == [r.tokens for r in vote.results]
+    keys = [answer_key(a, "gsm8k") for a in weighted.answers]
+    expected = weighted_vote(keys, [r.mean_logprob for r in weighted.results])
+    assert (weighted.index, weighted.votes, weighted.voters) == (expected.index, expected.votes, expected.voters)
 
 
 def test_bad_input(steered, model_files):

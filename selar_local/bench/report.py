@@ -38,7 +38,8 @@ CSV_COLUMNS = (
     "run", "model", "dataset", "method", "n", "n_problems", "seeds", "correct", "accuracy", "ci_lo", "ci_hi",
     "seed_mean", "seed_std", "mean_tokens", "mean_seconds", "soft_share", "truncated_share", "errors",
     "baseline", "n_paired", "diff", "diff_lo", "diff_hi", "method_only", "baseline_only", "mcnemar_p",
-    "samples", "pass_at_1", "pass_at_k", "mean_generations", "mean_latent_steps", "mean_decoded_tokens",
+    "samples", "pass_at_1", "pass_at_k", "mean_generations", "weighted_maj", "mean_latent_steps",
+    "mean_decoded_tokens",
 )
 
 
@@ -94,6 +95,7 @@ class MethodRow:
     pass_at_1: float | None = None   # mean accuracy of the single samples
     pass_at_k: float | None = None   # share of problems some sample solved
     mean_generations: float = 1.0    # answers decoded per item: K for maj@K, a search's own count (latentseek)
+    weighted_maj: float | None = None  # wmaj@K: accuracy of the vote weighted by exp(mean log-probability)
     mean_latent_steps: float = 0.0   # hidden-state steps per item (latent, latentmas)
     mean_decoded_tokens: float = math.nan  # tokens decoded per item over all its generations (textmas: 4 roles)
 
@@ -161,11 +163,12 @@ def method_row(run: str, model: str, dataset: str, method: str, records: Sequenc
 
 def vote_records(records: Sequence[dict], samples: int) -> tuple[list[dict], float, float]:
     """Self-consistency: one record per (problem, seed) whose `correct` is the majority vote's
-    (ties by mean log-probability), with the group's tokens and soft steps summed. Returns them
-    with pass@1 (mean over the single samples) and pass@K (some sample correct). Groups with
-    fewer than `samples` records (a run killed while writing one) are left out."""
+    (ties by mean log-probability) and `weighted_correct` the weighted vote's (by exp(mean
+    log-probability), from the same samples), with the group's tokens and soft steps summed.
+    Returns them with pass@1 (mean over the single samples) and pass@K (some sample correct).
+    Groups with fewer than `samples` records (a run killed while writing one) are left out."""
     from selar_local.bench.grading import answer_key
-    from selar_local.vote import majority_vote
+    from selar_local.vote import majority_vote, weighted_vote
 
     groups: dict[tuple[str, int], list[dict]] = {}
     for r in records:
@@ -176,9 +179,11 @@ def vote_records(records: Sequence[dict], samples: int) -> tuple[list[dict], flo
             continue
         members.sort(key=lambda r: int(r.get("sample", 0)))
         dataset = members[0]["dataset"]
-        vote = majority_vote([answer_key(r.get("extracted"), dataset) for r in members],
-                             [float(r.get("mean_logprob") or 0.0) for r in members])
+        keys = [answer_key(r.get("extracted"), dataset) for r in members]
+        confidences = [float(r.get("mean_logprob") or 0.0) for r in members]
+        vote = majority_vote(keys, confidences)
         chosen = members[vote.index]
+        weighted = weighted_vote(keys, confidences)
         ok = [r for r in members if not r.get("error")]
         voted.append({
             "id": chosen["id"], "dataset": dataset, "method": chosen["method"], "seed": int(chosen["seed"]),
@@ -188,6 +193,7 @@ def vote_records(records: Sequence[dict], samples: int) -> tuple[list[dict], flo
             "soft_steps": sum(int(r.get("soft_steps") or 0) for r in ok),
             "wall_seconds": max((float(r.get("wall_seconds") or 0.0) for r in ok), default=0.0),
             "votes": vote.votes,
+            "weighted_correct": bool(members[weighted.index].get("correct")) and weighted.key is not None,
         })
         singles += [bool(r.get("correct")) for r in members]
         any_correct.append(any(bool(r.get("correct")) for r in members))
@@ -277,6 +283,7 @@ def summarize(runs: Sequence[Run], baseline: str = "cot", *, common_problems: bo
             if label in extra:
                 row.samples, row.pass_at_1, row.pass_at_k = extra[label]
                 row.mean_generations = float(row.samples)
+                row.weighted_maj = _mean([r["weighted_correct"] for r in records])
                 row.mean_decoded_tokens = row.mean_tokens  # the group's tokens, summed by vote_records
             if label != baseline and baseline in labelled:
                 add_paired(row, baseline, labelled[baseline][1], records)
@@ -329,7 +336,7 @@ def render_markdown(sections: Sequence[Section]) -> str:
         voting = any(r.samples > 1 for r in section.rows)
         header = ["method", "n", "accuracy % [95% CI]"]
         if voting:
-            header += ["pass@1 %", "pass@K %"]
+            header += ["pass@1 %", "pass@K %", "wmaj@K %"]
         if multi_seed:
             header.append("mean over seeds % (sd)")
         searching = voting or any(r.mean_generations != 1 for r in section.rows)
@@ -351,7 +358,7 @@ def render_markdown(sections: Sequence[Section]) -> str:
         for r in section.rows:
             cells = [r.method, str(r.n), f"{_pct(r.accuracy)} [{_pct(r.ci_lo)}, {_pct(r.ci_hi)}]"]
             if voting:
-                cells += [_pct(r.pass_at_1 if r.samples > 1 else r.accuracy), _pct(r.pass_at_k)]
+                cells += [_pct(r.pass_at_1 if r.samples > 1 else r.accuracy), _pct(r.pass_at_k), _pct(r.weighted_maj)]
             if multi_seed:
                 cells.append(f"{_pct(r.seed_mean)} ({_pct(r.seed_std)})" if r.seed_mean is not None else "n/a")
             if searching:
@@ -384,7 +391,9 @@ def render_markdown(sections: Sequence[Section]) -> str:
               "sharing the batch with the other live sequences. `maj@K` rows (self-consistency): accuracy is the "
               "majority vote over K samples (seeds seed..seed+K-1; ties by mean log-probability), tokens and soft "
               "steps are summed over the K samples, pass@1 is the mean over the single samples and pass@K the "
-              "share of problems some sample solved. Mean generations: answers decoded per item (K for maj@K; a search "
+              "share of problems some sample solved; wmaj@K is the vote over the same samples with each weighed "
+              "by exp(its mean log-probability), the answer of the largest total weight winning. Mean "
+              "generations: answers decoded per item (K for maj@K; a search "
               "such as latentseek counts its own, each with one self-grading besides), the cost to compare at.\n")
     return out.getvalue()
 

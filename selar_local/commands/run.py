@@ -8,6 +8,7 @@ import time
 
 from selar_local.errors import InvalidParameterError
 from selar_local.methods import REGISTRY, is_search
+from selar_local.vote import VOTES
 
 from selar_local.commands.common import (
     add_decode_arguments,
@@ -38,7 +39,10 @@ def register(subparsers) -> None:
                         help="mark tokens whose next input was soft (default: when writing to a terminal)")
     parser.add_argument("--samples", "-k", type=int, default=1,
                         help="latent self-consistency: decode K samples of the prompt together (seeds seed..seed+K-1) "
-                             "and print the majority answer (default 1: one streamed answer)")
+                             "and print the voted answer (default 1: one streamed answer)")
+    parser.add_argument("--vote", choices=VOTES, default="majority",
+                        help="how --samples counts answers: one vote per sample (majority, ties to the more "
+                             "confident), or each weighed by exp(its mean log-probability) (weighted)")
     parser.add_argument("--answer-format", default="gsm8k", metavar="DATASET",
                         help="how --samples reads and compares answers: gsm8k (the last \\boxed{}, else the last "
                              "number), math (boxed only), gpqa_diamond (option letter) (default %(default)s)")
@@ -71,10 +75,12 @@ def _constraint_from_args(args: argparse.Namespace) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     auto = wants_auto_tau(args)
-    params = params_from_args(args, **({"tau": 0.5} if auto else {}),
+    params = params_from_args(args, **({"tau": 0.5} if auto else {}), vote=args.vote,
                               **_constraint_from_args(args))  # validate before loading the model
     if args.samples < 1:
         raise InvalidParameterError(f"--samples must be >= 1, got {args.samples}")
+    if args.vote != "majority" and args.samples < 2:
+        raise InvalidParameterError(f"--vote {args.vote} counts the answers of --samples K >= 2")
     alpha_range = _alpha_range(args, params)
     if args.samples > 1 and args.trace:
         raise InvalidParameterError("--trace follows one streamed answer; it cannot be combined with --samples")
@@ -186,7 +192,7 @@ def _run_samples(args: argparse.Namespace, runtime, params, prompt: str, alpha_r
         alpha = f", alpha {alphas[i]:.4f}" if alphas else ""
         print(f"{mark}[sample {i}, seed {params.seed + i}{alpha}] answer {answer!r}, {r.completion_tokens} tokens, "
               f"{r.soft_steps} soft, mean log-prob {r.mean_logprob:.3f}, finish: {r.finish_reason}", file=sys.stderr)
-    print(f"[{params.method} x {args.samples}] majority answer {vote.answer!r} ({vote.votes}/{args.samples} votes, "
+    print(f"[{params.method} x {args.samples}] {params.vote} answer {vote.answer!r} ({vote.votes}/{args.samples} votes, "
           f"{vote.voters} samples answered), shown: sample {vote.index}; {elapsed:.2f} s", file=sys.stderr)
     return 0
 
