@@ -68,8 +68,6 @@ class BatchRunner:
     def run(self, decoding: list[Sequence], pieces: list[Piece], *, hidden: bool = False) -> RunOutput:
         """Decode the live sequences' pending inputs and the prompt pieces."""
         ctx = self.context
-        if hidden != ctx.hidden_output:  # the context's own state: another generator may have left it on
-            ctx.set_hidden_output(hidden)
         n_prompt = sum(p.stop - p.start for p in pieces)
         # One decode for both only in a unified KV cache: with one KV stream per sequence
         # llama.cpp splits a batch that spans streams unevenly into several ubatches, and a
@@ -81,6 +79,7 @@ class BatchRunner:
                   and (n_prompt % TILE_ROWS == 0 or n_prompt + len(decoding) < TILE_ROWS)
                   and len(decoding) < TILE_ROWS)
         if merged:  # one token batch: the chunk first, then the live inputs
+            self._set_hidden(False)
             self._decode_tokens(decoding, pieces)
             self._since_soft += 1
             completing = sum(p.completes for p in pieces)
@@ -88,14 +87,35 @@ class BatchRunner:
             return RunOutput(prompt_logits, *self._live_outputs(completing, len(decoding), hidden),
                              prompt_hidden)
         prompt_logits, prompt_hidden = [], None
-        if pieces:
-            self._decode_tokens([], pieces)
-            # copied before the next decode overwrites them
-            prompt_logits, prompt_hidden = self._prompt_outputs(sum(p.completes for p in pieces), hidden)
+        if pieces:  # copied before the next decode overwrites them
+            prompt_logits, prompt_hidden = self._prefill(pieces, hidden and any(
+                p.completes and p.seq.policy.needs_hidden for p in pieces))
         if not decoding:
             return RunOutput(prompt_logits, None, None, prompt_hidden)
+        live_hidden = hidden and any(s.policy.needs_hidden for s in decoding)
+        self._set_hidden(live_hidden)
         self._decode_inputs(decoding)
-        return RunOutput(prompt_logits, *self._live_outputs(0, len(decoding), hidden), prompt_hidden)
+        return RunOutput(prompt_logits, *self._live_outputs(0, len(decoding), live_hidden), prompt_hidden)
+
+    def _set_hidden(self, on: bool) -> None:
+        # The context's own state (another generator may have left it on). A switch costs
+        # nothing measurable on CPU (docs/PERFORMANCE.md), so each decode of a step gets its own.
+        if on != self.context.hidden_output:
+            self.context.set_hidden_output(on)
+
+    def _prefill(self, pieces: list[Piece], hidden: bool) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+        """Decode prompt pieces; with `hidden`, a completing piece's last token goes in a decode
+        of its own with hidden output on and the rest without: with it on, every token of a
+        batch is an output, and the output layer over a whole chunk cost 1.13-1.43x the
+        prompt's time (docs/PERFORMANCE.md); a later latentmas turn is 130-150 tokens."""
+        if hidden and len(pieces) == 1 and pieces[0].stop - pieces[0].start > 1:
+            p = pieces[0]
+            self._set_hidden(False)
+            self._decode_tokens([], [Piece(p.seq, p.start, p.stop - 1)])
+            pieces = [Piece(p.seq, p.stop - 1, p.stop)]
+        self._set_hidden(hidden)
+        self._decode_tokens([], pieces)
+        return self._prompt_outputs(sum(p.completes for p in pieces), hidden)
 
     def _prompt_outputs(self, completing: int, hidden: bool) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
         if not completing:
@@ -133,7 +153,8 @@ class BatchRunner:
         for p in pieces:
             n = p.stop - p.start
             tokens += p.tokens
-            positions += range(p.seq.position, p.seq.position + n)
+            first = p.seq.position + p.start - p.seq.prefill.fed  # a piece may be the tail of this step's chunk
+            positions += range(first, first + n)
             seq_ids += [p.seq.seq_id] * n
             want += [False] * (n - 1) + [p.completes]
         tokens += [s.pending.token for s in decoding]
