@@ -7,7 +7,9 @@ on every variant alike:
   builds another graph) against a step with the setting unchanged, on and off;
 - a prompt: with hidden output on, llama.cpp makes every input an output, so a prefill
   computes the output layer (and keeps logits) for every prompt token, against the usual
-  last-token-only prefill.
+  last-token-only prefill; and what the loop does for a prompt whose last hidden state is read
+  (batch_runner.BatchRunner._prefill): all but the last token with it off, then the last
+  token alone with it on ("prompt split").
 
     nice -n 10 python benchmarks/hidden_output.py [--model smollm2-135m-instruct ...] [--reps 15] [--prompt 256]
 
@@ -56,6 +58,17 @@ def measure(model_name: str, reps: int, prompt_tokens: int, n_threads: int, n_th
             ctx.clear()
             return timed(lambda: ctx.decode_tokens(tokens, range(n), [0] * n, [False] * (n - 1) + [True]))
 
+        def prefill_split() -> tuple[float, float]:
+            ctx.set_hidden_output(False)
+            ctx.clear()
+
+            def both():
+                ctx.decode_tokens(tokens[:-1], range(n - 1), [0] * (n - 1), [False] * (n - 1))
+                ctx.set_hidden_output(True)
+                ctx.decode_tokens(tokens[-1:], [n - 1], [0], [True])
+                ctx.hidden_rows(1)
+            return timed(both)
+
         def step(hidden: bool) -> tuple[tuple[float, float], bool]:
             ctx.truncate_sequence(0, pos)
             switched = ctx.set_hidden_output(hidden)
@@ -63,7 +76,7 @@ def measure(model_name: str, reps: int, prompt_tokens: int, n_threads: int, n_th
 
         prefill(False)
         times: dict[str, list[tuple[float, float]]] = {k: [] for k in ("step off", "step on", "switch to on", "switch to off",
-                                                           "prompt off", "prompt on")}
+                                                           "prompt off", "prompt on", "prompt split")}
         for _ in range(reps):
             for hidden in (False, True):  # the steady state: two steps, keep the second
                 step(hidden)
@@ -78,6 +91,8 @@ def measure(model_name: str, reps: int, prompt_tokens: int, n_threads: int, n_th
             for hidden in (False, True):
                 prefill(hidden)  # the switch (if any) and a warm-up, untimed
                 times["prompt on" if hidden else "prompt off"].append(prefill(hidden))
+            prefill_split()
+            times["prompt split"].append(prefill_split())
         return {k: median_ms(v) for k, v in times.items()}
     finally:
         ctx.close()
@@ -96,8 +111,8 @@ def main() -> None:
     print(f"load average at start: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; threads: decode "
           f"{args.threads}, prompt {args.threads_batch}; medians of {args.reps} (prompts: {max(3, args.reps // 3)})")
     print("| model | step off ms | step on ms | step after a switch to on / to off ms | switch / steady step "
-          "| prompt off ms | prompt on ms | prompt on / off |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| prompt off ms | prompt on ms | prompt on / off | prompt split ms | split / off |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name in models:
         r = measure(name, args.reps, args.prompt, args.threads, args.threads_batch)
 
@@ -108,7 +123,9 @@ def main() -> None:
         switch = (r["switch to on"][0] / r["step on"][0] + r["switch to off"][0] / r["step off"][0]) / 2
         print(f"| {name} | {cell('step off')} | {cell('step on')} | {cell('switch to on')} / {cell('switch to off')} "
               f"| {switch:.2f} | {cell('prompt off', 0)} | {cell('prompt on', 0)} "
-              f"| {r['prompt on'][0] / r['prompt off'][0]:.2f} ({r['prompt on'][1] / r['prompt off'][1]:.2f}) |")
+              f"| {r['prompt on'][0] / r['prompt off'][0]:.2f} ({r['prompt on'][1] / r['prompt off'][1]:.2f}) "
+              f"| {cell('prompt split', 0)} | {r['prompt split'][0] / r['prompt off'][0]:.2f} "
+              f"({r['prompt split'][1] / r['prompt off'][1]:.2f}) |")
     print(f"CPU time, wall time in parentheses; prompt of {args.prompt} tokens. Load average at end: "
           f"{os.getloadavg()[0]:.2f}")
 

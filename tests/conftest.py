@@ -127,3 +127,18 @@ def store_calibration(model_path, tau: float, params) -> None:
 
     cal.store(cal.Calibration(tau=tau, soft_share=0.1, in_band=True, steps=1, histogram=[1] * cal.BINS,
                               model_sha256=file_sha256(Path(model_path)), settings=cal.sampler_settings(params)))
+
+
+def record_latent_policies(monkeypatch) -> list:
+    """Every LatentPolicy (latent, latentmas) made from now on, in order (to read what each fed)."""
+    from selar_local import latent_policy
+
+    made = []
+    original = latent_policy.LatentPolicy.__init__
+
+    def keep(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(latent_policy.LatentPolicy, "__init__", keep)
+    return made

@@ -13,7 +13,7 @@ from selar_local.errors import InvalidParameterError, UnsupportedModelError
 from selar_local.generate import generate_groups, stream_tokens
 from selar_local.params import DecodeParams
 
-from conftest import runtime_for
+from conftest import record_latent_policies, runtime_for
 
 QUESTION = [{"role": "user", "content": "What is 12 + 30? Think step by step."}]
 TIMING = {"prefill_seconds", "decode_seconds"}
@@ -52,23 +52,8 @@ def test_zero_latent_steps_is_exactly_cot(rt):
     assert latent0.latent_steps == 0 and all(e.latent == () for e in cot_events)
 
 
-def _record_latent_policies(monkeypatch) -> list:
-    """Every LatentPolicy made from now on, in order (to read what each one fed)."""
-    from selar_local import latent_policy
-
-    made = []
-    original = latent_policy.LatentPolicy.__init__
-
-    def keep(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        made.append(self)
-
-    monkeypatch.setattr(latent_policy.LatentPolicy, "__init__", keep)
-    return made
-
-
 def test_latent_steps_are_fed_before_the_text(rt, monkeypatch):
-    made = _record_latent_policies(monkeypatch)
+    made = record_latent_policies(monkeypatch)
     prompt = rt.encode(messages=QUESTION)
     params = DecodeParams(method="latent", latent_steps=3, max_tokens=16, seed=7)
     events, result = _run(rt, prompt, params)
@@ -88,7 +73,7 @@ def test_latent_steps_are_fed_before_the_text(rt, monkeypatch):
 
 
 def _fed_paths(rt, prompt, params_list, monkeypatch):
-    made = _record_latent_policies(monkeypatch)
+    made = record_latent_policies(monkeypatch)
     (results,) = generate_groups(rt, [prompt], [params_list])
     return [p.fed for p in made], results
 

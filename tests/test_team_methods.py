@@ -9,7 +9,7 @@ import httpx
 import numpy as np
 import pytest
 
-from conftest import runtime_for
+from conftest import record_latent_policies, runtime_for
 from selar_local.agent_roles import ROLE_NAMES, ROLES, latentmas_turn, textmas_turn
 from selar_local.api import Selar
 from selar_local.bench import report as bench_report
@@ -86,16 +86,7 @@ def test_the_sequence_holds_every_turn_and_latent_step_and_the_first_input_is_th
 
 
 def test_samples_share_the_planner_prefill_and_latent_noise_parts_their_paths(rt, monkeypatch):
-    from selar_local import latent_policy
-
-    made = []
-    original = latent_policy.LatentMASPolicy.__init__
-
-    def recording(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        made.append(self)
-
-    monkeypatch.setattr(latent_policy.LatentMASPolicy, "__init__", recording)
+    made = record_latent_policies(monkeypatch)
     prompt = latentmas_prompt(rt, QUESTION)
     rt.slots.forget_free()
     plain = generate_groups(rt, [prompt], [[_mas(seed=5), _mas(seed=6)]])[0]
