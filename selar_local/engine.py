@@ -542,7 +542,130 @@ def _address_function(lib, name: str, argtypes: list) -> ctypes._CFuncPtr:
     return function
 
 
-class LlamaContext:
+class _HiddenOutput:
+    """LlamaContext's final hidden state beside the logits (a part of the context, kept apart
+    for size: it reads the context's handle, library and model)."""
+
+    # With embeddings on and pooling NONE, llama_decode also copies each output's final
+    # hidden state (llama.cpp's `result_norm`: after the output norm, before the output
+    # matrix; transformers' hidden_states[-1]) into the context's embeddings buffer. Two
+    # costs (docs/PERFORMANCE.md): a switch makes llama.cpp build another graph, and while
+    # it is on llama.cpp makes every input of a batch an output (it overrides the batch's
+    # flags), so a prompt computes the output layer for every token. Hence it is switched
+    # on only around the steps that read it, and rows are found with output_rows.
+    def _init_hidden_output(self) -> None:
+        lib = self._lib
+        self.hidden_output = False
+        self.n_hidden = self.model.n_embd  # the hidden state's width (the output matrix's input)
+        self._hidden_views: dict[object, np.ndarray] = {}
+        self._get_embeddings_ith = _address_function(lib, "llama_get_embeddings_ith", [ctypes.c_void_p, ctypes.c_int32])
+        self._get_embeddings = _address_function(lib, "llama_get_embeddings", [ctypes.c_void_p])
+
+    def set_hidden_output(self, on: bool) -> bool:
+        """Have the next decodes also output the final hidden state (or stop). Returns
+        whether the setting changed; unchanged costs nothing."""
+        on = bool(on)
+        if on == self.hidden_output:
+            return False
+        if on:
+            pooling = int(self._lib.llama_pooling_type(self._handle))
+            if pooling != self._lib.LLAMA_POOLING_TYPE_NONE:
+                raise UnsupportedModelError(f"this context pools its embeddings (pooling type {pooling}): "
+                                            "per-token hidden states need pooling NONE")
+        self._lib.llama_set_embeddings(self._handle, on)
+        self.hidden_output = on
+        return True
+
+    def output_rows(self) -> np.ndarray:
+        """The row, in the last decode's logits and hidden-state buffers, of each input that
+        asked for logits, in batch order. Rows 0..n-1 when hidden output was off; with it
+        on every input had an output, so a prompt's last token is at its batch index.
+        Read from llama.cpp's own map (the address llama_get_logits_ith gives)."""
+        batch = self._token_batch if self.last_input_kind == "tokens" else self._embd_batch
+        n = int(batch.n_tokens) if self.last_input_kind else 0
+        wanted = np.flatnonzero(self._logits[:n])
+        first = self._get_logits(self._handle_value)
+        if not first:
+            raise DecodeError("no logits in the last batch")
+        row_bytes = 4 * self.model.n_vocab
+        rows = np.empty(len(wanted), dtype=np.int64)
+        for k, index in enumerate(wanted):
+            address = self._get_logits_ith(self._handle_value, int(index))
+            if not address:
+                raise DecodeError(f"no logits for input {int(index)} of the last batch")
+            rows[k] = (address - first) // row_bytes
+        return rows
+
+    def hidden(self, batch_index: int) -> np.ndarray:
+        """The final hidden state of input `batch_index` of the last decode (negative:
+        counted from the last output), a zero-copy view valid until the next decode."""
+        address = self._get_embeddings_ith(self._handle_value, int(batch_index))
+        if not address:
+            raise DecodeError(f"no hidden state for input {batch_index} of the last batch"
+                              + ("" if self.hidden_output else " (hidden output is off: set_hidden_output(True))"))
+        return self._hidden_view(address, 1)[0]
+
+    def hidden_rows(self, n_outputs: int) -> np.ndarray:
+        """The final hidden states of the last decode's first n_outputs outputs (rows as in
+        output_rows) as one zero-copy [n_outputs, n_hidden] view, valid until the next decode."""
+        if not self.hidden_output:
+            raise DecodeError("hidden output is off: call set_hidden_output(True) before the decode")
+        first = self._get_embeddings(self._handle_value)
+        if not first:
+            raise DecodeError("no hidden states in the last batch")
+        return self._hidden_view(first, n_outputs)
+
+    def _hidden_view(self, address: int, n_rows: int) -> np.ndarray:
+        key = (address, n_rows)
+        view = self._hidden_views.get(key)
+        if view is None:
+            if len(self._hidden_views) >= 4 * self.n_seq_max + 8:  # the same few addresses recur
+                self._hidden_views.clear()
+            view = np.ctypeslib.as_array((ctypes.c_float * (n_rows * self.n_hidden)).from_address(address)
+                                         ).reshape(n_rows, self.n_hidden)
+            self._hidden_views[key] = view
+        return view
+
+
+class _KvCache:
+    """LlamaContext's KV-cache calls on its sequences (a part of the context, kept apart for size)."""
+
+    def remove_sequence(self, seq_id: int) -> None:
+        self._lib.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
+
+    def copy_sequence(self, src: int, dst: int, keep: int | None = None) -> None:
+        """Give `dst` the KV cells of `src` at positions < keep (all of them for None): a
+        shared prefix prefilled once. With one KV stream per sequence llama.cpp copies
+        whole streams (at the next decode), so `dst` gets all of them and is then cut
+        back; in a unified cache the cells are shared, not copied."""
+        lib, memory = self._lib, self._memory
+        lib.llama_memory_seq_rm(memory, dst, -1, -1)
+        if self.kv_unified:
+            lib.llama_memory_seq_cp(memory, src, dst, 0, -1 if keep is None else keep)
+        else:
+            lib.llama_memory_seq_cp(memory, src, dst, -1, -1)
+            if keep is not None:
+                lib.llama_memory_seq_rm(memory, dst, keep, -1)
+
+    def truncate_sequence(self, seq_id: int, keep: int) -> bool:
+        """Drop the cells of `seq_id` at positions >= keep (for prefix reuse). Returns
+        whether the prefix was kept: recurrent and hybrid models (mamba, lfm2, qwen35, ...)
+        hold one state per sequence, not per position, and cannot drop a tail; their whole
+        sequence is removed instead (measured: removal and copying of whole sequences
+        work there, docs/MODELS.md)."""
+        if self._lib.llama_memory_seq_rm(self._memory, seq_id, keep, -1):
+            return True
+        self.remove_sequence(seq_id)
+        return False
+
+    def sequence_length(self, seq_id: int) -> int:
+        return int(self._lib.llama_memory_seq_pos_max(self._memory, seq_id)) + 1
+
+    def clear(self) -> None:
+        self._lib.llama_memory_clear(self._memory, True)
+
+
+class LlamaContext(_HiddenOutput, _KvCache):
     """A llama.cpp context with `n_seq_max` independent sequences of `n_ctx` cells each,
     and two preallocated batches (token ids, embedding rows) reused for every decode."""
 
@@ -781,122 +904,6 @@ class LlamaContext:
                                          ).reshape(n_outputs, self.model.n_vocab)
             self._logit_views[key] = view
         return view
-
-    # -- the final hidden state (latent reasoning, docs/LATENT.md) ----------------------
-    # With embeddings on and pooling NONE, llama_decode also copies each output's final
-    # hidden state (llama.cpp's `result_norm`: after the output norm, before the output
-    # matrix; transformers' hidden_states[-1]) into the context's embeddings buffer. Two
-    # costs (docs/PERFORMANCE.md): a switch makes llama.cpp build another graph, and while
-    # it is on llama.cpp makes every input of a batch an output (it overrides the batch's
-    # flags), so a prompt computes the output layer for every token. Hence it is switched
-    # on only around the steps that read it, and rows are found with output_rows.
-    def _init_hidden_output(self) -> None:
-        lib = self._lib
-        self.hidden_output = False
-        self.n_hidden = self.model.n_embd  # the hidden state's width (the output matrix's input)
-        self._hidden_views: dict[object, np.ndarray] = {}
-        self._get_embeddings_ith = _address_function(lib, "llama_get_embeddings_ith", [ctypes.c_void_p, ctypes.c_int32])
-        self._get_embeddings = _address_function(lib, "llama_get_embeddings", [ctypes.c_void_p])
-
-    def set_hidden_output(self, on: bool) -> bool:
-        """Have the next decodes also output the final hidden state (or stop). Returns
-        whether the setting changed; unchanged costs nothing."""
-        on = bool(on)
-        if on == self.hidden_output:
-            return False
-        if on:
-            pooling = int(self._lib.llama_pooling_type(self._handle))
-            if pooling != self._lib.LLAMA_POOLING_TYPE_NONE:
-                raise UnsupportedModelError(f"this context pools its embeddings (pooling type {pooling}): "
-                                            "per-token hidden states need pooling NONE")
-        self._lib.llama_set_embeddings(self._handle, on)
-        self.hidden_output = on
-        return True
-
-    def output_rows(self) -> np.ndarray:
-        """The row, in the last decode's logits and hidden-state buffers, of each input that
-        asked for logits, in batch order. Rows 0..n-1 when hidden output was off; with it
-        on every input had an output, so a prompt's last token is at its batch index.
-        Read from llama.cpp's own map (the address llama_get_logits_ith gives)."""
-        batch = self._token_batch if self.last_input_kind == "tokens" else self._embd_batch
-        n = int(batch.n_tokens) if self.last_input_kind else 0
-        wanted = np.flatnonzero(self._logits[:n])
-        first = self._get_logits(self._handle_value)
-        if not first:
-            raise DecodeError("no logits in the last batch")
-        row_bytes = 4 * self.model.n_vocab
-        rows = np.empty(len(wanted), dtype=np.int64)
-        for k, index in enumerate(wanted):
-            address = self._get_logits_ith(self._handle_value, int(index))
-            if not address:
-                raise DecodeError(f"no logits for input {int(index)} of the last batch")
-            rows[k] = (address - first) // row_bytes
-        return rows
-
-    def hidden(self, batch_index: int) -> np.ndarray:
-        """The final hidden state of input `batch_index` of the last decode (negative:
-        counted from the last output), a zero-copy view valid until the next decode."""
-        address = self._get_embeddings_ith(self._handle_value, int(batch_index))
-        if not address:
-            raise DecodeError(f"no hidden state for input {batch_index} of the last batch"
-                              + ("" if self.hidden_output else " (hidden output is off: set_hidden_output(True))"))
-        return self._hidden_view(address, 1)[0]
-
-    def hidden_rows(self, n_outputs: int) -> np.ndarray:
-        """The final hidden states of the last decode's first n_outputs outputs (rows as in
-        output_rows) as one zero-copy [n_outputs, n_hidden] view, valid until the next decode."""
-        if not self.hidden_output:
-            raise DecodeError("hidden output is off: call set_hidden_output(True) before the decode")
-        first = self._get_embeddings(self._handle_value)
-        if not first:
-            raise DecodeError("no hidden states in the last batch")
-        return self._hidden_view(first, n_outputs)
-
-    def _hidden_view(self, address: int, n_rows: int) -> np.ndarray:
-        key = (address, n_rows)
-        view = self._hidden_views.get(key)
-        if view is None:
-            if len(self._hidden_views) >= 4 * self.n_seq_max + 8:  # the same few addresses recur
-                self._hidden_views.clear()
-            view = np.ctypeslib.as_array((ctypes.c_float * (n_rows * self.n_hidden)).from_address(address)
-                                         ).reshape(n_rows, self.n_hidden)
-            self._hidden_views[key] = view
-        return view
-
-    # -- KV cache ---------------------------------------------------------------------
-    def remove_sequence(self, seq_id: int) -> None:
-        self._lib.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
-
-    def copy_sequence(self, src: int, dst: int, keep: int | None = None) -> None:
-        """Give `dst` the KV cells of `src` at positions < keep (all of them for None): a
-        shared prefix prefilled once. With one KV stream per sequence llama.cpp copies
-        whole streams (at the next decode), so `dst` gets all of them and is then cut
-        back; in a unified cache the cells are shared, not copied."""
-        lib, memory = self._lib, self._memory
-        lib.llama_memory_seq_rm(memory, dst, -1, -1)
-        if self.kv_unified:
-            lib.llama_memory_seq_cp(memory, src, dst, 0, -1 if keep is None else keep)
-        else:
-            lib.llama_memory_seq_cp(memory, src, dst, -1, -1)
-            if keep is not None:
-                lib.llama_memory_seq_rm(memory, dst, keep, -1)
-
-    def truncate_sequence(self, seq_id: int, keep: int) -> bool:
-        """Drop the cells of `seq_id` at positions >= keep (for prefix reuse). Returns
-        whether the prefix was kept: recurrent and hybrid models (mamba, lfm2, qwen35, ...)
-        hold one state per sequence, not per position, and cannot drop a tail; their whole
-        sequence is removed instead (measured: removal and copying of whole sequences
-        work there, docs/MODELS.md)."""
-        if self._lib.llama_memory_seq_rm(self._memory, seq_id, keep, -1):
-            return True
-        self.remove_sequence(seq_id)
-        return False
-
-    def sequence_length(self, seq_id: int) -> int:
-        return int(self._lib.llama_memory_seq_pos_max(self._memory, seq_id)) + 1
-
-    def clear(self) -> None:
-        self._lib.llama_memory_clear(self._memory, True)
 
     def close(self) -> None:
         if getattr(self, "_handle", None):
