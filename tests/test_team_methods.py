@@ -204,3 +204,16 @@ def test_bench_runs_both_with_searches_in_parallel(tmp_path, model_files):
         decoded = mean("decoded_tokens") if method == "textmas" else mean("completion_tokens")
         assert cells[header.index("decoded tokens")] == f"{decoded:.1f}"
         assert cells[header.index("mean generations")] == ("4.00" if method == "textmas" else "1.00")
+
+
+def test_selar_run_runs_both(capsys):
+    assert cli_main(["run", PROBLEM, "--method", "latentmas", "--latent-steps", str(M), "--max-tokens", "6",
+                     "--seed", "1", "--model", MODEL, "--n-ctx", "2048"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() and "[latentmas] " in err and f"{3 * M} latent steps" in err
+    assert cli_main(["run", PROBLEM, "--method", "textmas", "--max-tokens", "6", "--seed", "1", "--model", MODEL,
+                     "--n-ctx", "2048"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() and "[textmas] 4 roles decoded (tokens: planner " in err
+    assert cli_main(["run", PROBLEM, "--method", "latentmas", "--raw", "--model", MODEL]) == 2
+    assert "needs a chat request" in capsys.readouterr().err
