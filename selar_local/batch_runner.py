@@ -11,7 +11,7 @@ otherwise it is decoded just before it (see `run` for the measurement).
 What comes back (`RunOutput`): a copy of the logits of each prompt that completed (the
 first step and later requests of the same prompt read them), and a zero-copy view of the
 live inputs' logits rows, valid until the next decode; the final hidden state's rows too
-when a policy asked for them (`hidden=True`). Hidden output is the engine's
+when a policy reads them (`needs_hidden`). Hidden output is the engine's
 (`set_hidden_output`, `output_rows`, `hidden_rows`): switched on only around the steps that
 read it (a switch rebuilds llama.cpp's graph, and while it is on every input of a batch
 is an output), and never for a merged batch, so that a prompt's rows are found by
@@ -65,8 +65,10 @@ class BatchRunner:
         self.rows_exact = rows_exact
         self._since_soft = self.STICKY_EMBEDDING_STEPS  # steps since the last soft input
 
-    def run(self, decoding: list[Sequence], pieces: list[Piece], *, hidden: bool = False) -> RunOutput:
-        """Decode the live sequences' pending inputs and the prompt pieces."""
+    def run(self, decoding: list[Sequence], pieces: list[Piece]) -> RunOutput:
+        """Decode the live sequences' pending inputs and the prompt pieces. Hidden output is
+        on for a part of the step only where a policy reads it (`needs_hidden`): the live
+        inputs of such a sequence, or a prompt such a sequence completes now."""
         ctx = self.context
         n_prompt = sum(p.stop - p.start for p in pieces)
         # One decode for both only in a unified KV cache: with one KV stream per sequence
@@ -74,7 +76,10 @@ class BatchRunner:
         # 64-token chunk plus 4 live inputs took 519 ms merged against 320 + 30 ms apart
         # (SmolLM2, 1 thread); unified, 347 ms merged against 314 + 31 ms apart.
         # Merged, the live rows must stay off the 64-row tiles (see `_decode_tokens`).
-        merged = (pieces and ctx.kv_unified and not hidden and not any(s.pending.soft for s in decoding)
+        live_hidden = any(s.policy.needs_hidden for s in decoding)
+        prompt_hidden_read = any(p.completes and p.seq.policy.needs_hidden for p in pieces)
+        merged = (pieces and ctx.kv_unified and not live_hidden and not prompt_hidden_read
+                  and not any(s.pending.soft for s in decoding)
                   and len(decoding) + n_prompt <= ctx.n_batch
                   and (n_prompt % TILE_ROWS == 0 or n_prompt + len(decoding) < TILE_ROWS)
                   and len(decoding) < TILE_ROWS)
@@ -83,16 +88,14 @@ class BatchRunner:
             self._decode_tokens(decoding, pieces)
             self._since_soft += 1
             completing = sum(p.completes for p in pieces)
-            prompt_logits, prompt_hidden = self._prompt_outputs(completing, hidden)
-            return RunOutput(prompt_logits, *self._live_outputs(completing, len(decoding), hidden),
+            prompt_logits, prompt_hidden = self._prompt_outputs(completing, False)
+            return RunOutput(prompt_logits, *self._live_outputs(completing, len(decoding), False),
                              prompt_hidden)
         prompt_logits, prompt_hidden = [], None
         if pieces:  # copied before the next decode overwrites them
-            prompt_logits, prompt_hidden = self._prefill(pieces, hidden and any(
-                p.completes and p.seq.policy.needs_hidden for p in pieces))
+            prompt_logits, prompt_hidden = self._prefill(pieces, prompt_hidden_read)
         if not decoding:
             return RunOutput(prompt_logits, None, None, prompt_hidden)
-        live_hidden = hidden and any(s.policy.needs_hidden for s in decoding)
         self._set_hidden(live_hidden)
         self._decode_inputs(decoding)
         return RunOutput(prompt_logits, *self._live_outputs(0, len(decoding), live_hidden), prompt_hidden)

@@ -215,13 +215,12 @@ class BatchGenerator:
         return events
 
     def _run(self, decoding: list[LoopSequence], pieces: list[Piece]) -> list[StepEvent]:
-        hidden = _reads_hidden(decoding, pieces)
         try:
-            result = self.runner.run(decoding, pieces, hidden=hidden)
+            result = self.runner.run(decoding, pieces)
         except _DECODE_ERRORS as exc:
             if not self.table.room_was_made(exc):
                 return self._run_separately(decoding, pieces)
-            result = self.runner.run(decoding, pieces, hidden=hidden)
+            result = self.runner.run(decoding, pieces)
         return self._update(decoding, pieces, result)
 
     def _run_separately(self, decoding: list[LoopSequence], pieces: list[Piece]) -> list[StepEvent]:
@@ -230,7 +229,7 @@ class BatchGenerator:
         events = []
         for piece in pieces:
             try:
-                result = self.runner.run([], [piece], hidden=_reads_hidden([], [piece]))
+                result = self.runner.run([], [piece])
             except _DECODE_ERRORS as exc:
                 events.append(self._fail(piece.seq, exc))
                 continue
@@ -238,7 +237,7 @@ class BatchGenerator:
         if not decoding:
             return events
         try:
-            result = self.runner.run(decoding, [], hidden=_reads_hidden(decoding, []))
+            result = self.runner.run(decoding, [])
         except _DECODE_ERRORS as exc:
             if len(decoding) == 1:
                 return events + [self._fail(decoding[0], exc)]
@@ -246,7 +245,7 @@ class BatchGenerator:
             return events + self._update(decoding, [], result)
         for s in decoding:
             try:
-                result = self.runner.run([s], [], hidden=s.policy.needs_hidden)
+                result = self.runner.run([s], [])
             except _DECODE_ERRORS as exc:
                 events.append(self._fail(s, exc))
                 continue
@@ -334,12 +333,6 @@ class BatchGenerator:
         return seq.out.result(prompt_tokens=seq.prompt_total, finish_reason=seq.finish_reason or "stop",
                               prefill_seconds=prefill_seconds, decode_seconds=decode_seconds,
                               cached_tokens=seq.cached_tokens)
-
-
-def _reads_hidden(decoding: list[LoopSequence], pieces: list[Piece]) -> bool:
-    """Whether this step's decode must give the final hidden state (a policy declared
-    `needs_hidden`): the live inputs' rows, and the last row of a prompt completing."""
-    return any(s.policy.needs_hidden for s in decoding) or any(p.seq.policy.needs_hidden for p in pieces)
 
 
 def stream_tokens(runtime: LoopHost, prompt_tokens: Sequence[int], params: DecodeParams) -> Iterator[StepEvent]:

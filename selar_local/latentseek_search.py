@@ -33,6 +33,7 @@ class LatentSeekResult:
     generations: int            # answers decoded
     gradings: int               # gradings decoded
     results: list["GenerationResult"] = field(default_factory=list, repr=False)  # each decode's result
+    settings: dict = field(default_factory=dict)  # what it searched with (a response's `selar` shows them)
 
     @property
     def reward(self) -> float:
@@ -110,13 +111,14 @@ def search(runtime: "Runtime", question: str, prompt: Sequence[int], params: Dec
     iterations, lr = params.latentseek_iterations, params.latentseek_lr
     rho, threshold = params.latentseek_rho, params.latentseek_threshold
     ls.check_settings(lr, iterations, rho, threshold)
+    settings = {"lr": lr, "max_iterations": iterations, "rho": rho, "threshold": threshold}
     prompt = list(prompt)
     greedy = params.replace(method="cot", greedy=True)
     first = decode([prompt], [greedy])[0]
     results, rewards = [first], [grade(runtime, question, first.content, decode)]
     tokens, text = list(first.tokens), first.text
     if ls.reward_passes(rewards[0], threshold) or iterations == 0 or not tokens:
-        return LatentSeekResult(text, tokens, 0, rewards, 0, 1, 1, results)
+        return LatentSeekResult(text, tokens, 0, rewards, 0, 1, 1, results, settings)
     n_prefix = ls.prefix_length(len(tokens), rho)
     # z_t: the final state that produced answer token t (at the position before it)
     z = final_states(runtime, prompt + tokens[:n_prefix - 1], len(prompt) - 1).astype(np.float64)
@@ -134,4 +136,4 @@ def search(runtime: "Runtime", question: str, prompt: Sequence[int], params: Dec
         rewards.append(grade(runtime, question, text, decode))
         if ls.reward_passes(rewards[-1], threshold):
             break
-    return LatentSeekResult(text, tokens, steps, rewards, n_prefix, 1 + steps, 1 + steps, results)
+    return LatentSeekResult(text, tokens, steps, rewards, n_prefix, 1 + steps, 1 + steps, results, settings)

@@ -39,13 +39,20 @@ class Method:
     search: str | None = None
     # Another policy class for some value of one of its fields: (field, {value: "module:Class"})
     variants: tuple[str, tuple[tuple[str, str], ...]] | None = None
-    # Its prompt is several turns over one sequence (turns.TurnPrompt from the chat's messages:
-    # latentmas's roles), not the messages as they are.
-    turns: bool = False
+    # Its prompt is several turns over one sequence, not the messages as they are: this
+    # "module:function" renders them (runtime, messages, template_kwargs) -> turns.TurnPrompt.
+    turns: str | None = None
+
+    @property
+    def fields(self) -> frozenset[str]:
+        """The DecodeParams fields it reads."""
+        return frozenset(option.field for option in self.options)
 
     def search_function(self):
-        module, _, name = (self.search or "").partition(":")
-        return getattr(importlib.import_module(module), name)
+        return _load(self.search)
+
+    def turns_function(self):
+        return _load(self.turns)
 
     def policy_class(self, params=None) -> type:
         """Its policy class (the variant `params` selects, if any)."""
@@ -53,8 +60,12 @@ class Method:
         if self.variants is not None and params is not None:
             field, choices = self.variants
             name = dict(choices).get(getattr(params, field), name)
-        module, _, cls = name.partition(":")
-        return getattr(importlib.import_module(module), cls)
+        return _load(name)
+
+
+def _load(name: str | None):
+    module, _, attribute = (name or "").partition(":")
+    return getattr(importlib.import_module(module), attribute)
 
 
 SOFT_NOISES = ("none", "gumbel", "dirichlet")
@@ -124,7 +135,7 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
                _LATENT_STEPS,
                _ALIGN,
                _LATENT_NOISE,
-           ), turns=True),
+           ), turns="selar_local.turns:latentmas_prompt"),
     Method("textmas", "selar_local.policies:CotPolicy",
            "LatentMAS's text baseline: the same four roles, each decoding text (as cot) that the next ones quote",
            False, search="selar_local.textmas_search:search"),

@@ -368,7 +368,7 @@ def selar_summary(params: DecodeParams, result: GenerationResult) -> dict[str, A
     }
     if params.method == "selar":
         summary.update(tau=params.tau, lam=params.lam, ks=params.ks)
-    if params.method in ("latent", "latentmas"):
+    if "latent_steps" in REGISTRY[params.method].fields:  # latent, latentmas
         summary.update(latent_steps=result.latent_steps, latent_align=params.latent_align,
                        latent_noise=params.latent_noise)
     return summary

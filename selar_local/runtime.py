@@ -24,7 +24,6 @@ from selar_local.params import DecodeParams
 from selar_local.policies import TokenInfo
 from selar_local.rpc import check_servers, parse_endpoints
 from selar_local.thinking import SpanTokens, ThinkingMarkers, detect_markers, prompt_leaves_thinking
-from selar_local.turns import latentmas_prompt
 
 # Architectures whose embedding-input path differs from the token path in ways rows
 # cannot fix: per-layer token inputs (gemma3n, gemma4). Token decoding (cot) still works
@@ -239,7 +238,7 @@ class Runtime:
         if method is not None and REGISTRY[method].turns:
             if tools:
                 raise InvalidParameterError(f"method '{method}' runs its own roles' turns: it takes no tools")
-            return latentmas_prompt(self, messages, template_kwargs=template_kwargs)
+            return REGISTRY[method].turns_function()(self, messages, template_kwargs=template_kwargs)
         return chat_tokens(self.model, self.chat_prompt(messages, tools=tools, template_kwargs=template_kwargs))
 
     def check_prompt_fits(self, n_prompt_tokens: int) -> None:

@@ -58,10 +58,7 @@ def search_response(llm: "Selar", req: PreparedRequest, messages: Sequence[Any])
     completion = len(found.tokens)
     selar = {"method": params.method, "seed": params.seed, **found.summary(),
              "decoded_tokens": sum(r.completion_tokens for r in found.results),
-             "search_seconds": round(time.perf_counter() - started, 6)}
-    if params.method == "latentseek":  # the search's settings (textmas has none of its own)
-        selar.update(lr=params.latentseek_lr, max_iterations=params.latentseek_iterations,
-                     rho=params.latentseek_rho, threshold=params.latentseek_threshold)
+             "search_seconds": round(time.perf_counter() - started, 6), **found.settings}
     return {"id": req.id, "object": "chat.completion", "created": req.created, "model": req.model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": found.text}, "logprobs": None,
                          "finish_reason": found.finish_reason}],

@@ -45,6 +45,7 @@ from selar_local.kv_slots import Plan, Slot, SlotTable, common_prefix
 from selar_local.outputs import SequenceOutput
 from selar_local.params import DecodeParams
 from selar_local.policies import Policy, StepDecision
+from selar_local.turns import total_prompt_tokens
 
 
 class Phase(enum.Enum):
@@ -112,7 +113,6 @@ class Sequence:
     pending: StepDecision | None = None     # DECODING: the decision whose input goes next
     finish_reason: str | None = None
     prefill_seconds: float | None = None    # until the first step (a later turn's prefill is decoding time)
-    prompt_total: int = 0                   # prompt tokens over every turn
 
     @property
     def seq_id(self) -> int:
@@ -122,6 +122,11 @@ class Sequence:
     def prefill(self) -> Prefill | None:
         front = self.segments[0] if self.segments else None
         return front if isinstance(front, Prefill) else None
+
+    @property
+    def prompt_total(self) -> int:
+        """Prompt tokens over every turn (a TurnPrompt's later ones too)."""
+        return total_prompt_tokens(self.prompt_tokens)
 
     @property
     def prefilling_prompt(self) -> bool:
@@ -201,7 +206,6 @@ class SequenceTable:
         """`segments`: its queue (queued_segments, made before the slot was taken, since it
         can refuse the request); by default the prompt then Decode."""
         seq.segments.extend(segments if segments is not None else (Prefill(seq.prompt_tokens), Decode()))
-        seq.prompt_total = sum(len(s.tokens) for s in seq.segments if isinstance(s, Prefill))
         self.live[seq.request_id] = seq
         source, upto = self._prefilling_source(seq, plan.reuse)
         if source is not None:  # the group's first sequence, or another request of this prompt

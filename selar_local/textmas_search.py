@@ -28,6 +28,7 @@ class TeamResult:
     tokens: list[int]         # its tokens
     notes: list[tuple[str, str]]  # (role, what it wrote), in order
     results: list["GenerationResult"] = field(default_factory=list, repr=False)  # one per role
+    settings: dict = field(default_factory=dict)  # none of its own: the roles decode as the request asks
 
     @property
     def finish_reason(self) -> str:
