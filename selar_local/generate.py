@@ -256,9 +256,10 @@ class BatchGenerator:
         self.table.record_prompt(pieces, result.prompt_logits, result.prompt_hidden)
         if not decoding:
             return []
-        deciding = self.table.advance(decoding)
+        to_prefill = self.table.advance(decoding)
         rows, hidden = result.rows, result.hidden
-        if len(deciding) < len(decoding):  # some go on to a later turn's prefill (latentmas)
+        if to_prefill:  # some go on to a later turn's prefill (latentmas)
+            deciding = [i for i in range(len(decoding)) if i not in to_prefill]
             decoding = [decoding[i] for i in deciding]
             rows = rows[deciding]
             hidden = None if hidden is None else hidden[deciding]

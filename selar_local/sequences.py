@@ -356,11 +356,12 @@ class SequenceTable:
                 j += 1
 
     @staticmethod
-    def advance(decoding: list[Sequence]) -> list[int]:
+    def advance(decoding: list[Sequence]) -> set[int] | None:
         """The pending inputs were decoded: the next position; the slot caches the token
         (until the first soft input, see kv_slots). A sequence whose next segment is a
-        later turn is PREFILLING again. Returns the indices of those that decide now."""
-        deciding = []
+        later turn is PREFILLING again: the indices of those, or None (every step but a
+        latentmas turn's end)."""
+        to_prefill = None
         for i, s in enumerate(decoding):
             d = s.pending
             if s.extends_cache:
@@ -369,11 +370,10 @@ class SequenceTable:
                 elif len(s.slot.tokens) == s.position:
                     s.slot.tokens.append(d.token)
             s.position += 1
-            if s.prefill is not None:
+            if d.token < 0 and s.prefill is not None:  # a latent input, the last before a later turn
                 s.phase, s.pending = Phase.PREFILLING, None
-            else:
-                deciding.append(i)
-        return deciding
+                to_prefill = (to_prefill or set()) | {i}
+        return to_prefill
 
     def room_was_made(self, exc: BaseException) -> bool:
         """A unified KV cache without free cells: give back the free slots' cached cells
