@@ -1,13 +1,21 @@
-"""How close llama.cpp's additive control vector is to Fractional Reasoning's norm-preserving
-update (docs/BENCHMARKS.md, "Steering: additive against norm-preserving").
+"""How llama.cpp's additive control vector compares with Fractional Reasoning's norm-preserving
+update, and how far each scaling of alpha moves the model (docs/BENCHMARKS.md, "Fractional
+Reasoning's alpha").
 
-The paper replaces a layer's output h by (h + alpha v) * |h| / |h + alpha v|; llama.cpp adds
-alpha v and stops there. Both point the same way, so they differ by the factor |h + alpha v| / |h|
-alone. With the control vector applied (steering built from --pairs GSM8K train pairs), each
-layer's output is read at the last token of --prompts GSM8K *test* questions; h is that output
-minus the layer's row (its value before the add, given the steered layers below). Printed per
-alpha: the median and the largest | |h + alpha v| / |h| - 1 | over layers and prompts, and the
-layer where it is largest. Asserts nothing.
+The paper's code steers each layer's MLP output x to unit(unit(x) + alpha unit(v)) |x|: a layer's
+update keeps its size. llama.cpp adds c = alpha T unit(v) to the layer's output and stops there,
+so the layer's update u becomes u + c. With the control vector applied (steering built from
+--pairs GSM8K train pairs), every layer's output is read at the last token of --prompts GSM8K
+*test* questions, and per alpha this prints:
+
+- gap: | |u + c| / |u| - 1 | over layers 1..n-1 and prompts (median, max), u the layer's own
+  update given the steered layers below: how far the additive update is from a size-keeping one;
+- drift: |h(alpha) - h(0)| / |h(0)| of the last layer's output (median over prompts): how far the
+  steering has moved what the output layer reads, summed over all layers.
+
+Two scalings of T: `update`, the runtime's (T = the typical size of the layer's update, as in the
+paper's code), and `output` (T = the typical norm of the layer's output, the residual stream:
+steering files of version 1), so the two can be compared in one run. Asserts nothing.
 
     SELAR_CACHE_DIR=... python benchmarks/frac_norm.py --model smollm2-135m-instruct [--pairs 16] [--prompts 8] [--threads 1]
 """
@@ -28,6 +36,11 @@ from selar_local.registry import resolve_model  # noqa: E402
 from selar_local.runtime import Runtime  # noqa: E402
 
 
+def read_all(states: LayerStates, prompts, rows) -> np.ndarray:
+    set_control_vector(states.context, rows)
+    return np.stack([states.read(tokens).astype(np.float64) for tokens in prompts])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
@@ -43,22 +56,24 @@ def main() -> None:
                          n_threads_batch=rt.context.n_threads_batch)
     prompts = [rt.encode(messages=[{"role": "user", "content": p.prompt}])
                for p in load_problems("gsm8k", limit=args.prompts)]
+    plain = read_all(states, prompts, None)  # (prompts, n_layer, n_embd)
+    output_norms = np.median(np.linalg.norm(plain, axis=2), axis=0).astype(np.float32)
+    scalings = {"update": built, "output": steering.SteeringVectors(
+        built.model_sha256, built.model_file, built.vectors, output_norms, built.n_pairs, built.questions_file)}
     print(f"{args.model}: steering from {built.n_pairs} pairs, {len(prompts)} GSM8K test prompts, {states.n_layer} layers")
-    print("| alpha | median \\|\\|h+c\\|/\\|h\\| - 1\\| | max | layer of max |")
-    print("|---|---|---|---|")
+    print("| scaling | alpha | gap median | gap max | drift of the last layer (median) |")
+    print("|---|---|---|---|---|")
     rows = []
-    for alpha in (float(a) for a in args.alphas.split(",")):
-        rows_c = steering.control_vector(built, alpha)
-        set_control_vector(states.context, rows_c)
-        gaps = []
-        for tokens in prompts:
-            steered = states.read(tokens).astype(np.float64)
-            before = steered - rows_c
-            gaps.append(np.abs(np.linalg.norm(steered, axis=1) / np.linalg.norm(before, axis=1) - 1)[1:])
-        gaps = np.stack(gaps)
-        layer = int(np.unravel_index(np.argmax(gaps), gaps.shape)[1]) + 1
-        rows.append(dict(alpha=alpha, median=float(np.median(gaps)), max=float(gaps.max()), layer=layer))
-        print(f"| {alpha} | {np.median(gaps):.4f} | {gaps.max():.4f} | {layer} |")
+    for name, sv in scalings.items():
+        for alpha in (float(a) for a in args.alphas.split(",")):
+            c = steering.control_vector(sv, alpha).astype(np.float64)
+            steered = read_all(states, prompts, c)
+            update = steered[:, 1:] - c[None, 1:] - steered[:, :-1]  # layer il's own update, il >= 1
+            gaps = np.abs(np.linalg.norm(update + c[None, 1:], axis=2) / np.linalg.norm(update, axis=2) - 1)
+            drift = np.linalg.norm(steered[:, -1] - plain[:, -1], axis=1) / np.linalg.norm(plain[:, -1], axis=1)
+            rows.append(dict(scaling=name, alpha=alpha, gap_median=float(np.median(gaps)), gap_max=float(gaps.max()),
+                             drift_median=float(np.median(drift))))
+            print(f"| {name} | {alpha} | {np.median(gaps):.4f} | {gaps.max():.4f} | {np.median(drift):.3f} |")
     print(json.dumps(rows))
     states.close()
     rt.close()

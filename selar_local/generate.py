@@ -43,6 +43,7 @@ from selar_local.constraint import SequenceGrammar
 from selar_local.decisions import decide
 from selar_local.errors import ContextOverflowError, DecodeError, InvalidParameterError
 from selar_local.grammar import sampler_for
+from selar_local.kv_slots import SlotTable
 from selar_local.methods import refuse_search
 from selar_local.outputs import GenerationResult, SequenceOutput, StepEvent, TextStream
 from selar_local.params import DecodeParams

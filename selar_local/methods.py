@@ -141,8 +141,8 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
            False, search="selar_local.textmas_search:search"),
     Method("frac", "selar_local.policies:CotPolicy",
            "Fractional Reasoning: cot with a steering vector (selar steer build) added to every layer", False, (
-               Option("frac_alpha", "Fractional Reasoning: steering strength, a fraction of each layer's typical "
-                                    "output norm, in [-0.5, 0.5] (the paper samples it in [0, 0.15])"),
+               Option("frac_alpha", "Fractional Reasoning: steering strength, a fraction of the typical size of each "
+                                    "layer's update, in [-1, 1] (the paper samples it in [0, 0.15])"),
            )),
     Method("latentseek", "selar_local.policies:CotPolicy",
            "LatentSeek: policy-gradient search over the latent states of a greedy cot answer's first tokens, "

@@ -68,7 +68,7 @@ class DecodeParams:
     latent_steps: int = 8            # m: aligned hidden states fed before the text is decoded
     latent_align: str = "ridge"      # ridge | identity: the map from hidden state to input space
     latent_noise: float = 0.0        # SIGMA: Gaussian noise on each fed latent vector, relative to its norm
-    # Fractional Reasoning: the steering vector's strength, a fraction of each layer's typical norm
+    # Fractional Reasoning: the steering vector's strength, a fraction of each layer's typical update
     frac_alpha: float = 0.0
     # LatentSeek (a search: selar_local/latentseek_search.py), the paper's settings
     latentseek_lr: float = 0.03

@@ -6,13 +6,19 @@ own chat template, once with an instruction to reason step by step and once with
 directly; each layer's output at the last prompt token is read (engine.LayerStates) and the
 difference reasoning minus direct kept. Per layer the vector is the mean difference plus the
 first principal component of the centred differences, its sign aligned with the mean (as the
-paper's code, after In-Context Vectors). The typical norm of each layer's output (the median
-over all 2N prompts) is stored with it, so that alpha is a fraction of that norm.
+paper's code, after In-Context Vectors). The typical norm of each layer's *update* (what layer
+il adds to the residual stream, |l_out[il] - l_out[il-1]|, the median over all 2N prompts) is
+stored with it, so that alpha is a fraction of that update.
 
-Application (`control_vector`): row il is alpha * typical_norm[il] * unit(vector[il]), added by
-llama.cpp to layer il's output without renormalising (the paper rescales h + alpha v back to
-|h|; docs/BENCHMARKS.md measures how far apart the two are). Row 0 stays zero: llama.cpp never
-steers the first layer.
+Why the update and not the residual stream: the paper's code (In-Context Vectors' layer) steers
+each layer's MLP output, x -> unit(unit(x) + alpha unit(v)) |x|, so its alpha is a fraction of
+what a layer adds. Version 1 of this file scaled by the residual stream's norm instead; added at
+every layer, that compounds to several times the stream itself, and alpha 0.1 turned every
+GSM8K answer into a loop (docs/BENCHMARKS.md, "Fractional Reasoning's alpha").
+
+Application (`control_vector`): row il is alpha * update_norm[il] * unit(vector[il]), added by
+llama.cpp to layer il's output without renormalising (the paper renormalises the MLP output).
+Row 0 stays zero: llama.cpp never steers the first layer.
 
 Stored per model file sha256 under the cache directory as .npz, written atomically; a build
 saves its progress every few pairs and resumes from it, so an interrupted build is never a
@@ -34,12 +40,12 @@ from selar_local.errors import DatasetError, InvalidParameterError
 if TYPE_CHECKING:
     from selar_local.runtime import Runtime
 
-STEERING_VERSION = 1
+STEERING_VERSION = 2  # 2: alpha scales with each layer's update, not its output (see above)
 DEFAULT_PAIRS = 128
-# alpha as a fraction of a layer's typical output norm. The paper samples its alpha in
-# [0, 0.15]; negative values steer towards answering directly. Past 0.5 the additive vector
-# is half the residual stream's size and the text falls apart.
-ALPHA_RANGE = (-0.5, 0.5)
+# alpha as a fraction of the typical size of a layer's update. The paper samples its alpha in
+# [0, 0.15]; negative values steer towards answering directly. At 1 the vector is as large as
+# everything the layer adds, at every layer: past that it is no longer a nudge.
+ALPHA_RANGE = (-1.0, 1.0)
 REASON_INSTRUCTION = "Solve this problem. Reason step by step, showing each step of your work, and then give the final answer."
 DIRECT_INSTRUCTION = "Give only the final answer, immediately: no reasoning, no steps, no explanation."
 QUESTIONS_FILE = Path(__file__).resolve().parent / "data" / "gsm8k" / "train_first1024.jsonl"
@@ -55,7 +61,7 @@ class SteeringVectors:
     model_sha256: str
     model_file: str
     vectors: np.ndarray        # (n_layer, n_embd): mean difference + sign-aligned first principal component
-    typical_norms: np.ndarray  # (n_layer,): median norm of each layer's output on the 2N prompts
+    update_norms: np.ndarray  # (n_layer,): median of |l_out[il] - l_out[il-1]| on the 2N prompts (il 0: |l_out[0]|)
     n_pairs: int
     questions_file: str
 
@@ -75,7 +81,7 @@ def check_alpha(alpha: float) -> float:
     lo, hi = ALPHA_RANGE
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not np.isfinite(alpha) or not lo <= alpha <= hi:
         raise InvalidParameterError(f"invalid frac_alpha={alpha!r}: expected a number in [{lo}, {hi}], a fraction "
-                                    "of each layer's typical output norm (the paper samples it in [0, 0.15])")
+                                    "of the typical size of each layer's update (the paper samples it in [0, 0.15])")
     return float(alpha)
 
 
@@ -96,13 +102,13 @@ def steering_vectors(differences: np.ndarray) -> np.ndarray:
 
 
 def control_vector(steering: SteeringVectors, alpha: float) -> np.ndarray:
-    """The (n_layer, n_embd) control vector for `alpha`: row il is alpha * typical_norm[il] *
+    """The (n_layer, n_embd) control vector for `alpha`: row il is alpha * update_norm[il] *
     unit(vector[il]); row 0 is zero. alpha 0 gives zeros (which leave the logits bit-identical)."""
     alpha = check_alpha(alpha)
     norms = np.linalg.norm(steering.vectors.astype(np.float64), axis=1, keepdims=True)
     unit = np.divide(steering.vectors, norms, out=np.zeros_like(steering.vectors, dtype=np.float64),
                      where=norms > 0)
-    rows = (alpha * steering.typical_norms[:, None] * unit).astype(np.float32)
+    rows = (alpha * steering.update_norms[:, None] * unit).astype(np.float32)
     rows[0] = 0
     return rows
 
@@ -129,7 +135,7 @@ def _meta(**fields) -> np.ndarray:
 
 def save(steering: SteeringVectors, path: Path | None = None) -> Path:
     path = path or steering_file(steering.model_sha256)
-    _save_npz(path, vectors=steering.vectors, typical_norms=steering.typical_norms,
+    _save_npz(path, vectors=steering.vectors, update_norms=steering.update_norms,
               meta=_meta(version=STEERING_VERSION, model_sha256=steering.model_sha256, model_file=steering.model_file,
                          n_pairs=steering.n_pairs, questions_file=steering.questions_file))
     return path
@@ -140,7 +146,7 @@ def load_file(path: str | os.PathLike) -> SteeringVectors:
     try:
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(str(data["meta"]))
-            vectors, norms = data["vectors"], data["typical_norms"]
+            vectors, norms = data["vectors"], data["update_norms"]
     except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
         raise SteeringError(f"{path} is not a readable steering file ({exc}): build it again with `selar steer build`")
     if meta.get("version") != STEERING_VERSION or vectors.ndim != 2 or norms.shape != vectors.shape[:1]:
@@ -224,7 +230,7 @@ def build(runtime: "Runtime", *, n_pairs: int = DEFAULT_PAIRS, questions_file: s
         for i in range(done, n_pairs):
             reason, direct = (states.read(runtime.encode(messages=m)) for m in pair_messages(questions[i]))
             differences[i] = reason - direct
-            norms[2 * i], norms[2 * i + 1] = np.linalg.norm(reason, axis=1), np.linalg.norm(direct, axis=1)
+            norms[2 * i], norms[2 * i + 1] = layer_update_norms(reason), layer_update_norms(direct)
             done = i + 1
             if done % _SAVE_EVERY == 0 and done < n_pairs:
                 _save_npz(partial, differences=differences, norms=norms, done=np.array(done), key=_meta(**key))
@@ -248,6 +254,13 @@ def _resume(partial: Path, key: dict):
     except (OSError, KeyError, ValueError, zipfile.BadZipFile):
         pass
     return None, None, 0
+
+
+def layer_update_norms(states: np.ndarray) -> np.ndarray:
+    """|l_out[il] - l_out[il-1]| per layer of one prompt's (n_layer, n_embd) states; layer 0's
+    input (the token's embedding row) is not read, so its entry is |l_out[0]| (row 0 is never steered)."""
+    states = np.asarray(states, dtype=np.float32)
+    return np.concatenate([np.linalg.norm(states[:1], axis=1), np.linalg.norm(np.diff(states, axis=0), axis=1)])
 
 
 def alpha_draws(alpha_range: Sequence[float], samples: int, seed: int) -> list[float]:

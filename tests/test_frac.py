@@ -132,8 +132,8 @@ def test_samples_draw_an_alpha_each_and_vote(steered):
 
 
 def test_bad_input(steered, model_files):
-    with pytest.raises(InvalidParameterError, match=r"frac_alpha=0.7: expected a number in \[-0.5, 0.5\]"):
-        DecodeParams(method="frac", frac_alpha=0.7)
+    with pytest.raises(InvalidParameterError, match=r"frac_alpha=1.5: expected a number in \[-1.0, 1.0\]"):
+        DecodeParams(method="frac", frac_alpha=1.5)
     with pytest.raises(InvalidParameterError, match="frac_alpha="):
         DecodeParams(method="cot", frac_alpha=float("nan"))
     rt, _, _ = steered
@@ -159,8 +159,8 @@ def test_server_takes_frac_and_answers_400_for_bad_input(steered, model_files, t
     with running_server(model_files["llama"], "--parallel", "2", env={"SELAR_CACHE_DIR": str(cache)}) as url:
         ok = httpx.post(url + "/v1/chat/completions", json={**body, "frac_alpha": 0.1}, timeout=120)
         assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] is not None
-        bad = httpx.post(url + "/v1/chat/completions", json={**body, "frac_alpha": 0.9}, timeout=120)
-        assert bad.status_code == 400 and "frac_alpha=0.9" in bad.json()["error"]["message"]
+        bad = httpx.post(url + "/v1/chat/completions", json={**body, "frac_alpha": 1.5}, timeout=120)
+        assert bad.status_code == 400 and "frac_alpha=1.5" in bad.json()["error"]["message"]
     with running_server(model_files["llama"], env={"SELAR_CACHE_DIR": str(tmp_path / "empty")}) as url:
         missing = httpx.post(url + "/v1/chat/completions", json={**body, "frac_alpha": 0.1}, timeout=120)
         assert missing.status_code == 400 and "selar steer build" in missing.json()["error"]["message"]

@@ -30,7 +30,7 @@ class TestSteeringMath:
             np.testing.assert_allclose(got[il], mean[il] + aligned, rtol=0, atol=1e-5)
         assert got[1] @ mean[1] > mean[1] @ mean[1]  # flipped towards the mean
 
-    def test_control_vector_rows_are_alpha_times_the_typical_norm(self):
+    def test_control_vector_rows_are_alpha_times_the_typical_update(self):
         rng = np.random.default_rng(4)
         vectors = rng.standard_normal((4, 16)).astype(np.float32)
         norms = np.array([3.0, 10.0, 20.0, 40.0], np.float32)
@@ -43,9 +43,9 @@ class TestSteeringMath:
         np.testing.assert_allclose(steering.control_vector(sv, -0.1), -rows)
         assert not steering.control_vector(sv, 0.0).any()
 
-    @pytest.mark.parametrize("alpha", [0.51, -0.6, float("nan"), float("inf"), True, "0.1"])
+    @pytest.mark.parametrize("alpha", [1.01, -1.5, float("nan"), float("inf"), True, "0.1"])
     def test_alpha_outside_the_documented_range_is_refused(self, alpha):
-        with pytest.raises(InvalidParameterError, match=r"frac_alpha=.*expected a number in \[-0.5, 0.5\]"):
+        with pytest.raises(InvalidParameterError, match=r"frac_alpha=.*expected a number in \[-1.0, 1.0\]"):
             steering.check_alpha(alpha)
 
     def test_alpha_draws_are_uniform_in_the_range_and_replay(self):
@@ -55,7 +55,7 @@ class TestSteeringMath:
         with pytest.raises(InvalidParameterError, match="a <= b"):
             steering.alpha_draws((0.1, 0.0), 2, seed=1)
         with pytest.raises(InvalidParameterError, match="frac_alpha="):
-            steering.alpha_draws((0.0, 0.9), 2, seed=1)
+            steering.alpha_draws((0.0, 1.5), 2, seed=1)
 
 
 @pytest.fixture()
@@ -72,10 +72,10 @@ def test_build_stores_what_the_layers_read(model_files, cache):
     for question in steering.read_questions(3):
         reason, direct = (states.read(rt.encode(messages=m)) for m in steering.pair_messages(question))
         diffs.append(reason - direct)
-        norms += [np.linalg.norm(reason, axis=1), np.linalg.norm(direct, axis=1)]
+        norms += [steering.layer_update_norms(reason), steering.layer_update_norms(direct)]
     states.close()
     assert np.array_equal(built.vectors, steering.steering_vectors(np.stack(diffs)))
-    assert np.array_equal(built.typical_norms, np.median(np.stack(norms), axis=0).astype(np.float32))
+    assert np.array_equal(built.update_norms, np.median(np.stack(norms), axis=0).astype(np.float32))
     path = steering.steering_file(built.model_sha256)
     assert path.parent.parent == cache and path.is_file()
     again = steering.load_for(rt.model_path)
@@ -96,14 +96,14 @@ def test_interrupted_build_resumes_to_the_same_result(model_files, cache, monkey
     with pytest.raises(KeyboardInterrupt):
         steering.build(rt, n_pairs=3, progress=interrupt)
     files = sorted(p.name for p in (cache / "steering").iterdir())
-    assert len(files) == 1 and files[0].endswith("-v1.partial.npz"), files  # no final file, no temporary left
+    assert len(files) == 1 and files[0].endswith(f"-v{steering.STEERING_VERSION}.partial.npz"), files  # no final file, no temporary left
     seen = []
     resumed = steering.build(rt, n_pairs=3, progress=lambda done, total: seen.append(done))
     assert seen[0] == 2 and seen[-1] == 3
     assert sorted(p.name for p in (cache / "steering").iterdir()) == [files[0].replace(".partial", "")]
     fresh = steering.build(rt, n_pairs=3, refresh=True)
     assert np.array_equal(resumed.vectors, fresh.vectors)
-    assert np.array_equal(resumed.typical_norms, fresh.typical_norms)
+    assert np.array_equal(resumed.update_norms, fresh.update_norms)
 
 
 def test_vector_of_another_model_file_and_a_corrupt_file_are_refused(model_files, cache, tmp_path):

@@ -18,7 +18,7 @@ def register(subparsers) -> None:
         description="Put N GSM8K train questions to the model twice, asking once to reason step by step and "
                     "once to answer directly (its own chat template); read every layer's output at the last "
                     "prompt token; per layer keep the mean difference plus its sign-aligned first principal "
-                    "component, and the typical norm of the layer's output. Cached per model file (sha256); an "
+                    "component, and the typical size of the layer's update (its output minus the layer below's). Cached per model file (sha256); an "
                     "interrupted build resumes.")
     from selar_local.steering import DEFAULT_PAIRS
 
@@ -48,7 +48,7 @@ def build_command(args: argparse.Namespace) -> int:
     finally:
         bar.close()
         runtime.close()
-    norms = ", ".join(f"{n:.1f}" for n in built.typical_norms[:: max(1, built.n_layer // 6)])
+    norms = ", ".join(f"{n:.1f}" for n in built.update_norms[:: max(1, built.n_layer // 6)])
     print(f"{steering.steering_file(built.model_sha256)}: {built.n_layer} layers from {built.n_pairs} pairs; "
-          f"typical layer output norms {norms} ...")
+          f"typical layer update norms {norms} ...")
     return 0
