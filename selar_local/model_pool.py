@@ -60,7 +60,8 @@ class ServedModel:
 
     @property
     def busy_or_present(self) -> bool:
-        return self.selar is not None or self.loading
+        """Holds (or is about to hold, or has not yet given back) a model's memory."""
+        return self.selar is not None or self.loading or self.unloading
 
 
 @dataclass
@@ -245,13 +246,17 @@ class ModelPool:
             selar.close()
         finally:
             with self._cond:
-                model.selar, model.unloading, model.draining, model.expires_at = None, False, False, None
+                model.selar, model.draining, model.expires_at = None, False, None
+            del selar
+            # The closed model's Python side (its arrays) sits in reference cycles until a full
+            # collection: collect now, then hand the freed heap back to the system. The model
+            # stays "unloading" (in /health) until its memory is back, so that whoever waits
+            # for the unload (a load of its own, a client reading RSS) sees it done.
+            gc.collect()
+            return_freed_memory()
+            with self._cond:
+                model.unloading = False
                 self._cond.notify_all()
-        del selar
-        # The closed model's Python side (its arrays) sits in reference cycles until a full
-        # collection: collect now, then hand the freed heap back to the system.
-        gc.collect()
-        return_freed_memory()
 
     def unload(self, name: Any) -> bool:
         """Unload a model now if it is loaded and idle (Ollama's keep_alive 0); True if done."""
@@ -304,8 +309,11 @@ class ModelPool:
         current = max(loaded, key=lambda m: m.last_used).id if loaded else None
         # Running tau calibrations (tau "auto" on a sampler not calibrated yet): model -> progress.
         calibrating = {m.id: m.selar.calibration for m in loaded if m.selar.calibration is not None}
+        with self._cond:
+            unloading = [m.id for m in self.models.values() if m.unloading]
         return {"status": "ok", "model": current, "models_loaded": [m.id for m in loaded],
-                "models_available": list(self.models), **totals, "calibrating": calibrating}
+                "models_unloading": unloading, "models_available": list(self.models), **totals,
+                "calibrating": calibrating}
 
     def loaded(self) -> list[ServedModel]:
         with self._cond:

@@ -216,6 +216,6 @@ def test_bench_frac_alpha_range_draws_and_records_an_alpha_per_sample(tmp_path, 
     rt.slots.forget_free()
     assert "frac maj@2" in bench_report.write_report([out], out, plots=False)
     with pytest.raises(InvalidParameterError, match="frac_alpha"):
-        steering.alpha_draws((0.0, 0.9), 2, 41)
+        steering.alpha_draws((0.0, 1.5), 2, 41)  # past ALPHA_RANGE's 1
     assert cli_main([*BENCH, "--limit", "1", "--methods", "frac", "--samples", "2", "--parallel", "2",
-                     "--frac-alpha-range", "0,0.9", "--out", str(tmp_path / "bad")]) == 2
+                     "--frac-alpha-range", "0,1.5", "--out", str(tmp_path / "bad")]) == 2

@@ -37,6 +37,11 @@ def _wait_for(url: str, condition, timeout: float = 120.0) -> dict:
         time.sleep(0.05)
 
 
+def _all_unloaded(health: dict) -> bool:
+    """No model loaded, and none still giving its memory back."""
+    return health["models_loaded"] == [] and health["models_unloading"] == []
+
+
 def test_models_load_on_demand_switch_and_unload(model_files):
     """Each model loads on its first request, the other one leaves to make room (one
     loaded at most), an idle model leaves after --keep-alive, and its memory goes with it."""
@@ -69,14 +74,14 @@ def test_models_load_on_demand_switch_and_unload(model_files):
         assert error["code"] == "model_not_found" and error["param"] == "model"
         assert SMOL in error["message"] and GEMMA in error["message"]
 
-        health = _wait_for(url, lambda h: h["models_loaded"] == [])  # idle past --keep-alive
+        health = _wait_for(url, _all_unloaded)  # idle past --keep-alive
         assert health["kv_cells_in_use"] == 0 and health["models_available"] == [SMOL, GEMMA]
         rss_unloaded = rss_bytes(proc.pid)
 
         again = _chat(url, SMOL)  # loads again on demand
         assert again.status_code == 200 and _listing(url)[SMOL]["meta"]["loads"] == 2
         rss_reloaded = rss_bytes(proc.pid)
-        _wait_for(url, lambda h: h["models_loaded"] == [])
+        _wait_for(url, _all_unloaded)
         rss_unloaded_again = rss_bytes(proc.pid)
         print(f"\nRSS MiB: before any load {rss_before >> 20}, SmolLM2 loaded {rss_loaded >> 20}, all unloaded "
               f"{rss_unloaded >> 20}, SmolLM2 reloaded {rss_reloaded >> 20}, unloaded again {rss_unloaded_again >> 20}")
