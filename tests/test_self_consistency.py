@@ -107,6 +107,41 @@ def test_report_pairs_maj_at_k_with_single_sample_cot(tmp_path):
     assert "pass@1 %" in md and "| cot maj@3 | 4 | 50.0" in md
 
 
+def test_report_votes_at_fewer_samples_uses_the_first_k(tmp_path):
+    """--votes-at k: the vote of each group's first k samples (by sample index), its own row
+    with k generations, paired with single-sample cot like maj@K."""
+    base = {"version": 1, "dataset": "gsm8k", "methods": ["cot"], "seeds": [41], "params": {},
+            "model": "m", "model_file": "m.gguf", "model_size": 1, "n_ctx": 512, "problems": 3}
+    single = [_record(f"p{i}", "cot", 41, 0, "1" if ok else "2", ok, -0.1) for i, ok in enumerate([True, False, True])]
+    for r in single:
+        del r["sample"]
+    k3 = []
+    # first two samples: p0 tie "1"/"2" -> the more confident "2"; p1 "1","1"; p2 "2","2"
+    for i, (answers, logprobs) in enumerate([(["1", "2", "1"], [-0.5, -0.1, -0.1]),
+                                             (["1", "1", "2"], [-0.1, -0.1, -0.1]),
+                                             (["2", "2", "1"], [-0.1, -0.1, -0.1])]):
+        k3 += [_record(f"p{i}", "cot", 41, j, a, a == "1", lp, tokens=10 + j) for j, (a, lp) in
+               enumerate(zip(answers, logprobs))]
+    one = _write_run(tmp_path / "one", base, single)
+    many = _write_run(tmp_path / "many", {**base, "samples": 3}, list(reversed(k3)))  # file order does not matter
+    bench_report.write_report([one, many], tmp_path / "out", plots=False, votes_at=[1, 2, 3, 7])
+    rows = {r["method"]: r for r in csv.DictReader(io.StringIO((tmp_path / "out" / "report.csv").read_text()))}
+    assert sorted(rows) == ["cot", "cot maj@1 of 3", "cot maj@2 of 3", "cot maj@3"]  # no row at k >= K
+    two = rows["cot maj@2 of 3"]
+    assert (two["n"], two["correct"], two["samples"], two["mean_generations"]) == ("3", "1", "2", "2.0")
+    assert float(two["pass_at_1"]) == 3 / 6
+    assert float(two["pass_at_k"]) == pytest.approx(2 / 3, abs=5e-7)  # the CSV keeps 6 decimals
+    assert float(two["mean_tokens"]) == 21.0  # samples 0 and 1: 10 + 11 tokens
+    assert (two["method_only"], two["baseline_only"]) == ("1", "2")  # right on p1 only; cot on p0, p2
+    first = rows["cot maj@1 of 3"]
+    assert (first["correct"], first["samples"], first["mean_generations"], first["mean_tokens"]) == ("2", "1", "1.0", "10.0")
+    assert (first["method_only"], first["baseline_only"]) == ("1", "1")
+    assert rows["cot maj@3"]["correct"] == "2"  # p0 and p1
+    assert cli_main(["bench", "report", str(many), "--no-plots", "--votes-at", "0"]) == 2
+    assert cli_main(["bench", "report", str(many), "--no-plots", "--votes-at", "two"]) == 2
+    assert cli_main(["bench", "report", str(many), "--no-plots", "--votes-at", "2"]) == 0
+
+
 # ------------------------------------------------------------------- real model, end to end
 
 

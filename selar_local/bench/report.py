@@ -236,11 +236,15 @@ def variant_suffix(first: Run, run: Run) -> str:
     return f" ({', '.join(parts)})" if parts else ""
 
 
-def summarize(runs: Sequence[Run], baseline: str = "cot", *, common_problems: bool = False) -> list[Section]:
+def summarize(runs: Sequence[Run], baseline: str = "cot", *, common_problems: bool = False,
+              votes_at: Sequence[int] = ()) -> list[Section]:
     """One section per (model file, data set); rows are the methods of every run in it.
     common_problems: every row keeps only the problems all rows of its section hold, so that
     runs of different lengths (a 100-problem sweep beside 200-problem runs) compare on the
-    same problems, accuracy columns included."""
+    same problems, accuracy columns included.
+    votes_at: for each maj@K run, also the vote of its first k samples for each k here below
+    K (a row "cot maj@k of K"), so that a search costing k generations on average
+    (latentseek) meets self-consistency at the same cost without another run."""
     groups: dict[tuple[str, str, int], list[tuple[Run, dict[str, list[dict]]]]] = {}
     for run in runs:
         by_dataset: dict[str, dict[str, list[dict]]] = {}
@@ -271,6 +275,12 @@ def summarize(runs: Sequence[Run], baseline: str = "cot", *, common_problems: bo
         extra: dict[str, tuple[int, float, float]] = {}
         for label, (run, records) in list(labelled.items()):
             samples = run.config.samples if run.config else 1
+            for k in sorted({k for k in votes_at if 1 <= k < samples}):
+                first_k = [r for r in records if int(r.get("sample", 0)) < k]
+                voted, pass1, passk = vote_records(first_k, k)
+                if voted:
+                    fewer = label.replace(f" maj@{samples}", f" maj@{k} of {samples}", 1)
+                    labelled[fewer], extra[fewer] = (run, voted), (k, pass1, passk)
             if samples > 1:
                 voted, pass1, passk = vote_records(records, samples)
                 if not voted:
@@ -438,9 +448,9 @@ def cpu_kernels(records: Sequence[dict]) -> str:
 
 def write_report(run_dirs: Sequence[Path], out_dir: Path, *, baseline: str = "cot", plots: bool = True,
                  trace_problem: str | None = None, trace_method: str | None = None,
-                 common_problems: bool = False) -> str:
+                 common_problems: bool = False, votes_at: Sequence[int] = ()) -> str:
     runs = [load_run(d) for d in run_dirs]
-    sections = summarize(runs, baseline, common_problems=common_problems)
+    sections = summarize(runs, baseline, common_problems=common_problems, votes_at=votes_at)
     markdown = render_markdown(sections)
     out_dir.mkdir(parents=True, exist_ok=True)
     if plots:

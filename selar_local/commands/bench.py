@@ -82,6 +82,9 @@ def register(subparsers) -> None:
     report.add_argument("--common-problems", action="store_true",
                         help="keep only the problems every row holds (e.g. a 100-problem tau sweep beside "
                              "200-problem runs): accuracies and pairs on the same problems")
+    report.add_argument("--votes-at", default="", metavar="K1,K2,...",
+                        help="for each maj@K run, also the vote of its first k samples for each k below K "
+                             "(e.g. 1,2,3: self-consistency at the cost of a search's mean generations)")
     report.set_defaults(func=bench_report)
 
 
@@ -286,8 +289,15 @@ def bench_report(args: argparse.Namespace) -> int:
     if len(args.run_dirs) > 1 and args.out is None:
         raise InvalidParameterError("several run folders: give --out for the combined report")
     out = Path(args.out or args.run_dirs[0])
+    try:
+        votes_at = [int(k) for k in args.votes_at.split(",") if k.strip()]
+    except ValueError:
+        votes_at = [0]
+    if any(k < 1 for k in votes_at):
+        raise InvalidParameterError(f"invalid --votes-at {args.votes_at!r}: expected sample counts >= 1 such as 1,2,3")
     markdown = write_report([Path(d) for d in args.run_dirs], out, baseline=args.baseline,
                             plots=not args.no_plots, trace_problem=args.trace_problem,
-                            trace_method=args.trace_method, common_problems=args.common_problems)
+                            trace_method=args.trace_method, common_problems=args.common_problems,
+                            votes_at=votes_at)
     print(markdown)
     return 0
