@@ -1022,6 +1022,12 @@ class LayerStates:
         """The final norm's output (`result_norm`) at the last token of the last `read`."""
         return self._final.copy()
 
+    @property
+    def layer_outputs(self) -> np.ndarray:
+        """Every layer's output at the last input of the context's last decode (a `read`, or
+        a decode of its own on `context`, such as an embedding row), (n_layer, n_embd)."""
+        return self._states.copy()
+
     def close(self) -> None:
         self.context.close()
 
