@@ -31,6 +31,7 @@ jobs=(
   "gsm8k-qwen15-f2-t1024-frac010|${long[*]} --methods frac --frac-alpha 0.1"
   "gsm8k-qwen15-f2-latentmas1|${common[*]} --methods latentmas --latent-steps 1 --tau 0.5"
   "gsm8k-qwen15-f2-latent2|${common[*]} --methods latent --latent-steps 2 --tau 0.5"
+  "gsm8k-qwen15-f2-maj5-latent1-noise030|${common[*]} --methods latent --latent-steps 1 --samples 5 --latent-noise 0.3 --tau 0.5"
   "gsm8k-qwen15-f2-latentseek|${common[*]/200/100} --methods latentseek --greedy"
   "gsm8k-qwen15-f2-t1024-frac005|${long[*]} --methods frac --frac-alpha 0.05"
   "gsm8k-qwen15-f2-t1024-frac015|${long[*]} --methods frac --frac-alpha 0.15"
