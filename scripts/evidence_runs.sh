@@ -10,7 +10,9 @@
 #
 # Qwen2.5-Coder-1.5B-Instruct (`selar pull qwen2.5-coder-1.5b-instruct`), GSM8K test, the
 # published sampling (T 0.6, top-k 20, top-p 0.95, seed 41), prompt format 2, 16 sequences per
-# decode on 2 threads: the settings of every GSM8K table on that page.
+# decode on 2 threads: the settings of every GSM8K table on that page. The frac runs use 1024
+# tokens (frac answers grow with alpha: at 512, 66% of alpha 0.1's were cut), with their own
+# 1024-token cot and cot maj@5 to pair with; frac maj@5 draws alpha per sample in [0, 0.15] as the paper.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 selar=".venv/bin/selar"
@@ -35,6 +37,8 @@ jobs=(
   "gsm8k-qwen15-f2-latentseek|${common[*]/200/100} --methods latentseek --greedy"
   "gsm8k-qwen15-f2-t1024-frac005|${long[*]} --methods frac --frac-alpha 0.05"
   "gsm8k-qwen15-f2-t1024-frac015|${long[*]} --methods frac --frac-alpha 0.15"
+  "gsm8k-qwen15-f2-t1024-maj5-cot|${long[*]} --methods cot --samples 5 --tau 0.5"
+  "gsm8k-qwen15-f2-t1024-maj5-frac|${long[*]} --methods frac --samples 5 --frac-alpha-range 0,0.15"
   "gsm8k-qwen15-f2-latent16|${common[*]} --methods latent --latent-steps 16 --tau 0.5"
   "gsm8k-qwen15-f2-textmas|${common[*]} --methods textmas --tau 0.5"
   "gsm8k-qwen15-f2-latentmas|${common[*]} --methods latentmas --latent-steps 8 --tau 0.5"
