@@ -452,6 +452,28 @@ def test_entropy_trace_plot_picks_the_selar_item_with_most_soft_steps(tmp_path):
         bench_report.choose_trace(runs, "no-such-problem", "selar")
 
 
+def test_a_later_runs_label_names_only_the_parameters_its_method_reads(tmp_path):
+    """Every run records every DecodeParams field; a latent or frac run started without --tau
+    records another tau than the first run's, which those methods never read, so it is no
+    difference. selar reads tau: its label keeps it; the shared max_tokens is every method's."""
+    run = _synthetic_run(tmp_path)  # cot, selar, soft at tau 0.5 (the default), max_tokens 8
+    sampled = {"greedy": False, "max_tokens": 8, "tau": 0.5, "latent_steps": 8, "frac_alpha": 0.0}
+    (run / CONFIG_NAME).write_text(json.dumps(_config(methods=("cot", "selar", "soft"), limit=10, problems=10,
+                                                      params=sampled).to_dict()))
+    later = tmp_path / "later"
+    later.mkdir()
+    params = {**sampled, "tau": 0.26, "latent_steps": 2, "frac_alpha": 0.1, "max_tokens": 16}
+    (later / CONFIG_NAME).write_text(json.dumps(_config(methods=("latent", "frac", "selar"), limit=10, problems=10,
+                                                        params=params).to_dict()))
+    rows = [dict(id=f"gsm8k-{i}", dataset="gsm8k", method=m, seed=41, correct=i < 3, completion_tokens=90,
+                 soft_steps=0, wall_seconds=1.0, finish_reason="stop", error=None)
+            for i in range(10) for m in ("latent", "frac", "selar")]
+    (later / RESULTS_NAME).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    labels = [r.method for r in bench_report.summarize([bench_report.load_run(d) for d in (run, later)])[0].rows]
+    assert labels == ["cot", "selar", "soft", "latent (latent_steps=2, max_tokens=16)",
+                      "frac (frac_alpha=0.1, max_tokens=16)", "selar (max_tokens=16, tau=0.26)"]
+
+
 def test_a_control_run_of_the_same_model_joins_the_table_and_can_be_the_baseline(tmp_path):
     """A later `--methods cot --greedy` run of the same model and problems is one more row,
     labelled by what it decodes differently, and pairs with the first run's items."""

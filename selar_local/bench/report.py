@@ -17,8 +17,9 @@ Per run (model) and data set, one row per method:
 Runs of the same model file on the same data set share one table, so that a control run made
 later (``--methods cot --greedy``, another tau) is paired with the first run's items. The first
 run's methods keep their names; a later run's method is labelled by the decoding parameters that
-differ from the first run's, e.g. ``cot (greedy)`` or ``selar (tau=0.7)``, and that label can be
-the ``--baseline``.
+differ from the first run's and that it reads, e.g. ``cot (greedy)`` or ``selar (tau=0.7)`` (a
+latent run's recorded tau is no difference: latent never reads it), and that label can be the
+``--baseline``.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from typing import Any, Sequence
 
 from selar_local.bench.runner import RESULTS_NAME, BenchConfig, decoded_with, read_config, read_results
 from selar_local.bench.stats import mcnemar_exact, mean_over_seeds, paired_difference, wilson_interval
+from selar_local.methods import REGISTRY, method_options
 from selar_local.errors import SelarError
 
 CSV_COLUMNS = (
@@ -219,14 +221,18 @@ def add_paired(row: MethodRow, baseline: str, base_records: Sequence[dict], reco
     row.mcnemar_p = mcnemar_exact(row.method_only, row.baseline_only)
 
 
-def variant_suffix(first: Run, run: Run) -> str:
-    """How ``run`` decodes differently from ``first``: " (greedy)", " (tau=0.7, seeds=1)", or ""."""
+def variant_suffix(first: Run, run: Run, method: str) -> str:
+    """How ``run`` decodes ``method`` differently from ``first``: " (greedy)", " (tau=0.7,
+    seeds=1)", or "". Another method's option (tau for latent, recorded but never read) is not
+    a difference; the registry says which options each method reads."""
     if run is first or first.config is None or run.config is None:
         return ""
     mine, theirs = run.config.params, first.config.params
     parts = []
     auto = run.config.tau_auto and not first.config.tau_auto
     for key in sorted(set(mine) & set(theirs)):  # a setting one run predates: it decoded with its default
+        if not _reads(method, key):
+            continue
         if key == "tau" and auto:
             parts.append(f"tau=auto {mine.get(key)}")
         elif mine.get(key) != theirs.get(key):
@@ -234,6 +240,14 @@ def variant_suffix(first: Run, run: Run) -> str:
     if run.config.seeds != first.config.seeds:
         parts.append("seeds=" + ",".join(str(s) for s in run.config.seeds))
     return f" ({', '.join(parts)})" if parts else ""
+
+
+def _reads(method: str, key: str) -> bool:
+    """Whether ``method`` decodes with parameter ``key``: the shared sampler settings are read by
+    every method, a method's own options (methods.REGISTRY) only by the methods that list them."""
+    if method not in REGISTRY or key not in method_options():
+        return True
+    return key in REGISTRY[method].fields
 
 
 def summarize(runs: Sequence[Run], baseline: str = "cot", *, common_problems: bool = False,
@@ -261,10 +275,9 @@ def summarize(runs: Sequence[Run], baseline: str = "cot", *, common_problems: bo
         labelled: dict[str, tuple[Run, list[dict]]] = {}
         for run, by_method in members:
             order = list(run.config.methods) if run.config else []
-            suffix = variant_suffix(first, run)
             samples = run.config.samples if run.config else 1
             for method in [m for m in order if m in by_method] + sorted(m for m in by_method if m not in order):
-                label = method + (f" maj@{samples}" if samples > 1 else "") + suffix
+                label = method + (f" maj@{samples}" if samples > 1 else "") + variant_suffix(first, run, method)
                 if label in labelled:  # the same method decoded the same way twice: name the folder
                     label = f"{label} [{run.label}]"
                 labelled[label] = (run, by_method[method])
