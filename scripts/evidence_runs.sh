@@ -17,36 +17,36 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 selar=".venv/bin/selar"
 runs=docs/benchmarks/runs
-common=(-d gsm8k --limit 200 --max-tokens 512 --model qwen2.5-coder-1.5b-instruct --parallel 16 --threads 2
-        --seed 41 --temperature 0.6 --top-k 20 --top-p 0.95)
-long=("${common[@]/512/1024}")  # the same with a 1024-token budget (frac: answers grow with alpha)
+shared="--model qwen2.5-coder-1.5b-instruct --parallel 16 --threads 2 --seed 41 --temperature 0.6 --top-k 20 --top-p 0.95"
+gsm8k() { echo "-d gsm8k --limit $1 --max-tokens $2 $shared"; }  # the first $1 problems, $2 tokens
+common=$(gsm8k 200 512)
+long=$(gsm8k 200 1024)  # frac: answers grow with alpha
 # MATH-500's first 100 problems, 1024 tokens (its answers are longer), tau 0.5
-math=(-d math500 --limit 100 --max-tokens 1024 --model qwen2.5-coder-1.5b-instruct --parallel 16 --threads 2
-      --seed 41 --temperature 0.6 --top-k 20 --top-p 0.95 --tau 0.5)
+math="-d math500 --limit 100 --max-tokens 1024 $shared --tau 0.5"
 
 # folder | selar bench arguments (the order is the order they run in)
 jobs=(
-  "gsm8k-qwen15-f2-latent8|${common[*]} --methods latent --latent-steps 8"
-  "gsm8k-qwen15-f2-latent1|${common[*]} --methods latent --latent-steps 1 --tau 0.5"
-  "gsm8k-qwen15-f2-frac010|${common[*]} --methods frac --frac-alpha 0.1"
-  "gsm8k-qwen15-f2-t1024-cot|${long[*]} --methods cot --tau 0.5"
-  "gsm8k-qwen15-f2-t1024-frac010|${long[*]} --methods frac --frac-alpha 0.1"
-  "gsm8k-qwen15-f2-latentmas1|${common[*]} --methods latentmas --latent-steps 1 --tau 0.5"
-  "gsm8k-qwen15-f2-latent2|${common[*]} --methods latent --latent-steps 2 --tau 0.5"
-  "gsm8k-qwen15-f2-maj5-latent1-noise030|${common[*]} --methods latent --latent-steps 1 --samples 5 --latent-noise 0.3 --tau 0.5"
-  "gsm8k-qwen15-f2-latentseek|${common[*]/200/100} --methods latentseek --greedy"
-  "gsm8k-qwen15-f2-t1024-frac005|${long[*]} --methods frac --frac-alpha 0.05"
-  "gsm8k-qwen15-f2-t1024-frac015|${long[*]} --methods frac --frac-alpha 0.15"
-  "gsm8k-qwen15-f2-t1024-maj5-cot|${long[*]} --methods cot --samples 5 --tau 0.5"
-  "gsm8k-qwen15-f2-t1024-maj5-frac|${long[*]} --methods frac --samples 5 --frac-alpha-range 0,0.15"
-  "gsm8k-qwen15-f2-latent16|${common[*]} --methods latent --latent-steps 16 --tau 0.5"
-  "gsm8k-qwen15-f2-textmas|${common[*]} --methods textmas --tau 0.5"
-  "gsm8k-qwen15-f2-latentmas|${common[*]} --methods latentmas --latent-steps 8 --tau 0.5"
-  "math500-qwen15-main|${math[*]} --methods cot,selar,soft"
-  "math500-qwen15-latent4|${math[*]} --methods latent --latent-steps 4"
-  "math500-qwen15-selar-hidden|${math[*]} --methods selar --soft-source hidden"
-  "math500-qwen15-textmas|${math[*]} --methods textmas"
-  "math500-qwen15-latentmas|${math[*]} --methods latentmas --latent-steps 8"
+  "gsm8k-qwen15-f2-latent8|$common --methods latent --latent-steps 8"
+  "gsm8k-qwen15-f2-latent1|$common --methods latent --latent-steps 1 --tau 0.5"
+  "gsm8k-qwen15-f2-frac010|$common --methods frac --frac-alpha 0.1"
+  "gsm8k-qwen15-f2-t1024-cot|$long --methods cot --tau 0.5"
+  "gsm8k-qwen15-f2-t1024-frac010|$long --methods frac --frac-alpha 0.1"
+  "gsm8k-qwen15-f2-latentmas1|$common --methods latentmas --latent-steps 1 --tau 0.5"
+  "gsm8k-qwen15-f2-latent2|$common --methods latent --latent-steps 2 --tau 0.5"
+  "gsm8k-qwen15-f2-maj5-latent1-noise030|$common --methods latent --latent-steps 1 --samples 5 --latent-noise 0.3 --tau 0.5"
+  "gsm8k-qwen15-f2-latentseek|$(gsm8k 100 512) --methods latentseek --greedy"
+  "gsm8k-qwen15-f2-t1024-frac005|$long --methods frac --frac-alpha 0.05"
+  "gsm8k-qwen15-f2-t1024-frac015|$long --methods frac --frac-alpha 0.15"
+  "gsm8k-qwen15-f2-t1024-maj5-cot|$long --methods cot --samples 5 --tau 0.5"
+  "gsm8k-qwen15-f2-t1024-maj5-frac|$long --methods frac --samples 5 --frac-alpha-range 0,0.15"
+  "gsm8k-qwen15-f2-latent16|$common --methods latent --latent-steps 16 --tau 0.5"
+  "gsm8k-qwen15-f2-textmas|$common --methods textmas --tau 0.5"
+  "gsm8k-qwen15-f2-latentmas|$common --methods latentmas --latent-steps 8 --tau 0.5"
+  "math500-qwen15-main|$math --methods cot,selar,soft"
+  "math500-qwen15-latent4|$math --methods latent --latent-steps 4"
+  "math500-qwen15-selar-hidden|$math --methods selar --soft-source hidden"
+  "math500-qwen15-textmas|$math --methods textmas"
+  "math500-qwen15-latentmas|$math --methods latentmas --latent-steps 8"
 )
 
 if [ "${1:-}" = "--list" ]; then
