@@ -474,6 +474,20 @@ def test_a_later_runs_label_names_only_the_parameters_its_method_reads(tmp_path)
                       "frac (frac_alpha=0.1, max_tokens=16)", "selar (max_tokens=16, tau=0.26)"]
 
 
+def test_a_runs_header_lists_the_options_its_methods_read():
+    """The header line of a run names the recorded options of its methods only: a latent run
+    records tau (every run records every field) but is not described by it; cot reads none."""
+    params = {"tau": 0.26, "lam": 1.0, "ks": 3, "latent_steps": 1, "latent_noise": 0.3, "latent_align": "ridge",
+              "frac_alpha": 0.0, "max_tokens": 512}
+    latent = _config(methods=("latent",), limit=10, problems=10, params=params)
+    assert bench_report.method_settings(latent) == "latent_align ridge, latent_noise 0.3, latent_steps 1; "
+    assert bench_report.method_settings(_config(methods=("cot",), limit=10, problems=10, params=params)) == ""
+    selar = _config(methods=("cot", "selar"), limit=10, problems=10, params=params)
+    assert bench_report.method_settings(selar) == (  # the config records every field (defaults filled in)
+        "tau 0.26, lam 1.0, ks 3, thinking_only False, soft_source mixture, latent_align ridge, soft_noise none, "
+        "gumbel_tau 0.5, dirichlet_alpha 1.0; ")
+
+
 def test_a_control_run_of_the_same_model_joins_the_table_and_can_be_the_baseline(tmp_path):
     """A later `--methods cot --greedy` run of the same model and problems is one more row,
     labelled by what it decodes differently, and pairs with the first run's items."""

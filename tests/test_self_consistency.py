@@ -248,7 +248,7 @@ def test_bench_new_methods_and_tau_auto(tmp_path, monkeypatch):
     assert all(r["params"]["tau"] == calibration["tau"] for r in records)
     assert any(r["soft_steps"] for r in records if r["method"] == "swir")
     md = bench_report.write_report([out], out, plots=False)
-    assert f"SeLaR tau {calibration['tau']} (auto: calibrated)" in md
+    assert f"tau {calibration['tau']} (auto: calibrated)" in md
     # A later calibration (another rule, another cache) does not change the run on --resume:
     # it goes on with the tau it started with instead of refusing a "different" config.
     cal_file = next(tmp_path.glob("cal-*.json"))

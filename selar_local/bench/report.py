@@ -242,6 +242,17 @@ def variant_suffix(first: Run, run: Run, method: str) -> str:
     return f" ({', '.join(parts)})" if parts else ""
 
 
+def method_settings(config: BenchConfig) -> str:
+    """The options the run's methods read, as recorded ("tau 0.5, lam 1.0, ks 3; "), or "":
+    a latent run's header does not list the SeLaR settings it never read."""
+    parts = []
+    for key, (_, users) in method_options().items():
+        if key in config.params and any(m in users for m in config.methods):
+            auto = " (auto: calibrated)" if key == "tau" and config.tau_auto else ""
+            parts.append(f"{key} {config.params[key]}{auto}")
+    return ", ".join(parts) + "; " if parts else ""
+
+
 def _reads(method: str, key: str) -> bool:
     """Whether ``method`` decodes with parameter ``key``: the shared sampler settings are read by
     every method, a method's own options (methods.REGISTRY) only by the methods that list them."""
@@ -352,9 +363,8 @@ def render_markdown(sections: Sequence[Section]) -> str:
             samples = f" x {c.samples} samples" if c.samples > 1 else ""
             out.write(f"{where}{c.problems} problems x {len(c.methods)} methods x {len(c.seeds)} seed(s) "
                       f"({', '.join(str(s) for s in c.seeds)}){samples}; {len(run.records)}/{expected} items done; "
-                      f"{decoding}; max_tokens {p.get('max_tokens')}; SeLaR tau {p.get('tau')}"
-                      f"{' (auto: calibrated)' if c.tau_auto else ''}, "
-                      f"lambda {p.get('lam')}, k_s {p.get('ks')}; n_ctx {c.n_ctx}; {cpu_kernels(run.records)}.\n\n")
+                      f"{decoding}; max_tokens {p.get('max_tokens')}; {method_settings(c)}n_ctx {c.n_ctx}; "
+                      f"{cpu_kernels(run.records)}.\n\n")
         multi_seed = any(len(r.seeds) > 1 for r in section.rows)
         voting = any(r.samples > 1 for r in section.rows)
         header = ["method", "n", "accuracy % [95% CI]"]
