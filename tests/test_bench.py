@@ -51,6 +51,7 @@ def table_without_times(run_dir: Path) -> list[dict]:
     rows = list(csv.DictReader(io.StringIO((run_dir / "report.csv").read_text())))
     for row in rows:
         row.pop("mean_seconds")
+        row.pop("median_seconds")
         row.pop("run")
     return rows
 
@@ -330,9 +331,10 @@ def _synthetic_run(tmp_path: Path) -> Path:
         # cot: 5/10, 100 tokens each, 2.0 s each
         rows.append(dict(id=pid, dataset="gsm8k", method="cot", seed=41, correct=i < 5, completion_tokens=100,
                          soft_steps=0, wall_seconds=2.0, finish_reason="stop", error=None))
-        # selar: 8/10, tokens 80 on even / 60 on odd problems, 10 soft steps each, 1.5 s
+        # selar: 8/10, tokens 80 on even / 60 on odd problems, 10 soft steps each, 1.5 s (p9: 11.5 s,
+        # an item in flight while the process was stopped)
         rows.append(dict(id=pid, dataset="gsm8k", method="selar", seed=41, correct=i < 8,
-                         completion_tokens=80 if i % 2 == 0 else 60, soft_steps=10, wall_seconds=1.5,
+                         completion_tokens=80 if i % 2 == 0 else 60, soft_steps=10, wall_seconds=11.5 if i == 9 else 1.5,
                          finish_reason="length" if i == 9 else "stop", error=None))
         # soft: right on p2..p5 and p9 (5/10)
         rows.append(dict(id=pid, dataset="gsm8k", method="soft", seed=41, correct=i in (2, 3, 4, 5, 9),
@@ -368,7 +370,8 @@ def test_report_statistics_match_hand_computation(tmp_path):
                                                           pytest.approx(0.763407, abs=2e-6))
     # Tokens, time, soft share (soft steps / generated tokens over all items).
     assert float(selar["mean_tokens"]) == pytest.approx(70.0, abs=CSV_ROUNDING)          # (5*80 + 5*60) / 10
-    assert float(selar["mean_seconds"]) == pytest.approx(1.5, abs=CSV_ROUNDING)
+    assert float(selar["mean_seconds"]) == pytest.approx(2.5, abs=CSV_ROUNDING)           # (9*1.5 + 11.5) / 10
+    assert float(selar["median_seconds"]) == pytest.approx(1.5, abs=CSV_ROUNDING)         # what the table shows
     assert float(selar["soft_share"]) == pytest.approx(100 / 700, abs=CSV_ROUNDING)       # 10*10 / 700
     assert float(soft["soft_share"]) == pytest.approx(0.98, abs=CSV_ROUNDING)             # 49 / 50
     assert float(selar["truncated_share"]) == pytest.approx(0.1, abs=CSV_ROUNDING)
@@ -401,7 +404,7 @@ def test_report_statistics_match_hand_computation(tmp_path):
 
 
     # Markdown carries the same numbers; the plots are real PNGs.
-    assert "| selar | 10 | 80.0 [49.0, 94.3] |" in markdown
+    assert "| selar | 10 | 80.0 [49.0, 94.3] | 70.0 | 1.50 | 14.3 | 10 | 0 | +30.0 [" in markdown  # median time
     assert "+30.0 [" in markdown and "| 3 / 0 | 0.250 |" in markdown
     assert (run / "report.md").read_text() == markdown
     assert (run / "accuracy_vs_tokens.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -27,6 +27,7 @@ import csv
 import io
 import json
 import math
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -38,8 +39,8 @@ from selar_local.errors import SelarError
 
 CSV_COLUMNS = (
     "run", "model", "dataset", "method", "n", "n_problems", "seeds", "correct", "accuracy", "ci_lo", "ci_hi",
-    "seed_mean", "seed_std", "mean_tokens", "mean_seconds", "soft_share", "truncated_share", "errors",
-    "baseline", "n_paired", "diff", "diff_lo", "diff_hi", "method_only", "baseline_only", "mcnemar_p",
+    "seed_mean", "seed_std", "mean_tokens", "mean_seconds", "median_seconds", "soft_share", "truncated_share",
+    "errors", "baseline", "n_paired", "diff", "diff_lo", "diff_hi", "method_only", "baseline_only", "mcnemar_p",
     "samples", "pass_at_1", "pass_at_k", "mean_generations", "weighted_maj", "mean_latent_steps",
     "mean_decoded_tokens",
 )
@@ -82,6 +83,7 @@ class MethodRow:
     per_seed: dict[int, float]
     mean_tokens: float
     mean_seconds: float
+    median_seconds: float  # the table's figure: a paused process (SIGSTOP) inflates the mean of the items in flight
     soft_share: float
     truncated_share: float
     errors: int
@@ -154,6 +156,7 @@ def method_row(run: str, model: str, dataset: str, method: str, records: Sequenc
         ci_lo=lo, ci_hi=hi, seed_mean=seed_mean, seed_std=seed_std, per_seed=per_seed,
         mean_tokens=_mean([int(r.get("completion_tokens") or 0) for r in ok]),
         mean_seconds=_mean([float(r.get("wall_seconds") or 0.0) for r in ok]),
+        median_seconds=statistics.median([float(r.get("wall_seconds") or 0.0) for r in ok]) if ok else math.nan,
         soft_share=soft / tokens if tokens else 0.0,
         truncated_share=_mean([r.get("finish_reason") == "length" for r in ok]) if ok else 0.0,
         errors=n - len(ok),
@@ -382,7 +385,7 @@ def render_markdown(sections: Sequence[Section]) -> str:
         decoded = any(r.mean_decoded_tokens != r.mean_tokens for r in section.rows if not r.samples > 1)
         if decoded:  # a search's tokens over all its generations (textmas: its four roles)
             header.append("decoded tokens")
-        header += ["s / item", "soft steps %", "hit max_tokens %", "errors"]
+        header += ["median s / item", "soft steps %", "hit max_tokens %", "errors"]
         base = next((r.baseline for r in section.rows if r.baseline), None)
         if base:
             header += [f"vs {base}: diff pts [95% CI]", "only method / only base", "McNemar p"]
@@ -401,7 +404,7 @@ def render_markdown(sections: Sequence[Section]) -> str:
             cells.append(f"{r.mean_tokens:.1f}")
             if decoded:
                 cells.append(f"{r.mean_decoded_tokens:.1f}")
-            cells += [f"{r.mean_seconds:.2f}", _pct(r.soft_share),
+            cells += [f"{r.median_seconds:.2f}", _pct(r.soft_share),
                       _pct(r.truncated_share, 0), str(r.errors)]
             if base:
                 if r.diff is None:
@@ -420,8 +423,9 @@ def render_markdown(sections: Sequence[Section]) -> str:
         out.write("\n")
     out.write("Accuracy intervals: Wilson score, 95%. Paired difference: method minus baseline on the same "
               "(problem, seed) items, Newcombe's hybrid score interval; McNemar: exact two-sided binomial "
-              "test on the discordant items. s / item is each item's own latency (prefill + decode) while "
-              "sharing the batch with the other live sequences. `maj@K` rows (self-consistency): accuracy is the "
+              "test on the discordant items. Median s / item: each item's own latency (prefill + decode) while "
+              "sharing the batch with the other live sequences, the median (the mean, in report.csv, also counts "
+              "any time the process was stopped against the items in flight). `maj@K` rows (self-consistency): accuracy is the "
               "majority vote over K samples (seeds seed..seed+K-1; ties by mean log-probability), tokens and soft "
               "steps are summed over the K samples, pass@1 is the mean over the single samples and pass@K the "
               "share of problems some sample solved; wmaj@K is the vote over the same samples with each weighed "
