@@ -6,7 +6,7 @@
 # and they are decoded again on the next start).
 #
 #   nohup bash scripts/evidence_runs.sh > runs.log 2>&1 &      # from the repository root
-#   bash scripts/evidence_runs.sh --list                       # what each folder holds now
+#   bash scripts/evidence_runs.sh --list                       # items each folder holds, of how many
 #
 # Qwen2.5-Coder-1.5B-Instruct (`selar pull qwen2.5-coder-1.5b-instruct`), GSM8K test, the
 # published sampling (T 0.6, top-k 20, top-p 0.95, seed 41), prompt format 2, 16 sequences per
@@ -49,11 +49,23 @@ jobs=(
   "math500-qwen15-latentmas|$math --methods latentmas --latent-steps 8"
 )
 
+# The value after flag $1 in the argument words $2..: "--limit 200 ..." -> 200 (default $DEFAULT)
+flag_value() {
+  local flag=$1; shift
+  while [ $# -gt 1 ]; do [ "$1" = "$flag" ] && { echo "$2"; return; }; shift; done
+  echo "$DEFAULT"
+}
+
 if [ "${1:-}" = "--list" ]; then
   for job in "${jobs[@]}"; do
     folder=${job%%|*}
+    # shellcheck disable=SC2086  # the arguments are words on purpose
+    set -- ${job#*|}
+    limit=$(DEFAULT=0 flag_value --limit "$@")
+    samples=$(DEFAULT=1 flag_value --samples "$@")
+    methods=$(DEFAULT=cot flag_value --methods "$@" | tr ',' ' ' | wc -w)
     done_items=$( [ -f "$runs/$folder/results.jsonl" ] && wc -l < "$runs/$folder/results.jsonl" || echo 0)
-    echo "$folder: $done_items items"
+    echo "$folder: $((done_items)) / $((limit * methods * samples)) items"
   done
   exit 0
 fi
