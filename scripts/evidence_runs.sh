@@ -49,11 +49,11 @@ jobs=(
   "math500-qwen15-latentmas|$math --methods latentmas --latent-steps 8"
 )
 
-# The value after flag $1 in the argument words $2..: "--limit 200 ..." -> 200 (default $DEFAULT)
+# The value after flag $1 in the argument words $3.., else the default $2: "--limit 200 ..." -> 200
 flag_value() {
-  local flag=$1; shift
+  local flag=$1 default=$2; shift 2
   while [ $# -gt 1 ]; do [ "$1" = "$flag" ] && { echo "$2"; return; }; shift; done
-  echo "$DEFAULT"
+  echo "$default"
 }
 
 if [ "${1:-}" = "--list" ]; then
@@ -61,9 +61,9 @@ if [ "${1:-}" = "--list" ]; then
     folder=${job%%|*}
     # shellcheck disable=SC2086  # the arguments are words on purpose
     set -- ${job#*|}
-    limit=$(DEFAULT=0 flag_value --limit "$@")
-    samples=$(DEFAULT=1 flag_value --samples "$@")
-    methods=$(DEFAULT=cot flag_value --methods "$@" | tr ',' ' ' | wc -w)
+    limit=$(flag_value --limit 0 "$@")
+    samples=$(flag_value --samples 1 "$@")
+    methods=$(flag_value --methods cot "$@" | tr ',' ' ' | wc -w)
     done_items=$( [ -f "$runs/$folder/results.jsonl" ] && wc -l < "$runs/$folder/results.jsonl" || echo 0)
     echo "$folder: $((done_items)) / $((limit * methods * samples)) items"
   done

@@ -249,8 +249,8 @@ def method_settings(config: BenchConfig) -> str:
     """The options the run's methods read, as recorded ("tau 0.5, lam 1.0, ks 3; "), or "":
     a latent run's header does not list the SeLaR settings it never read."""
     parts = []
-    for key, (_, users) in method_options().items():
-        if key in config.params and any(m in users for m in config.methods):
+    for key in method_options():
+        if key in config.params and any(m in REGISTRY and _reads(m, key) for m in config.methods):
             auto = " (auto: calibrated)" if key == "tau" and config.tau_auto else ""
             parts.append(f"{key} {config.params[key]}{auto}")
     return ", ".join(parts) + "; " if parts else ""
