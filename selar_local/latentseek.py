@@ -10,13 +10,11 @@ answer. Pure NumPy; the loop that decodes, grades and re-decodes is not wired he
 - z is moved by Adam (lr 0.03, ascent on J), at most 10 iterations, until the reward passes
   its threshold; the new prefix tokens are argmax W_out z_t (`prefix_tokens`), the rest of
   the answer is decoded greedily after them.
-- The reward (`SELF_REWARD_PROMPT`, `self_reward`): the model checks its own reasoning and
-  final answer; each failed check costs 1/3, so the reward is in {-1, -2/3, -1/3, 0} and 0
-  (every check passed) ends the search.
+- The reward (selar_local/self_grading.py): the model checks its own answer; minus the weight of
+  the failed checks, in [-1, 0]; at REWARD_THRESHOLD or above the search ends.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +27,7 @@ RHO = 0.1
 MAX_PREFIX = 300
 LEARNING_RATE = 0.03
 MAX_ITERATIONS = 10
-REWARD_THRESHOLD = 0.0
+REWARD_THRESHOLD = -0.2  # the published one: with the default grader, one failed check of weight 1 passes
 ITERATIONS_LIMIT = 32  # each iteration is one generation and one grading: bounded per request
 OUTPUT_TABLES = ("output.weight", "token_embd.weight")  # the output layer, else its tied input table
 
@@ -134,50 +132,6 @@ def output_table(model_path: str | Path, *, max_bytes: int = 2 << 30) -> np.ndar
                                     f"over the {max_bytes >> 20} MiB bound")
     return np.ascontiguousarray(dequantize(index.raw_rows(name), location.qtype).reshape(n_vocab, n_embd),
                                 dtype=np.float32)
-
-
-# -- the self-reward -------------------------------------------------------------------
-SELF_REWARD_PROMPT = """You are grading a solution to a math problem. Check it carefully, step by step.
-
-Problem:
-{question}
-
-Solution:
-{answer}
-
-Check three things:
-1. reasoning_correct: every step of the reasoning is correct (each calculation gives the value stated, and each step follows from the problem and the steps before it).
-2. answer_complete: the solution ends with one clear final answer to the question that was asked (the quantity the problem asks for, in its units).
-3. answer_consistent: the final answer is the value the reasoning arrived at.
-
-Reply with a JSON object only, with the three fields as true or false, for example
-{{"reasoning_correct": true, "answer_complete": true, "answer_consistent": false}}"""
-
-SELF_REWARD_FIELDS = ("reasoning_correct", "answer_complete", "answer_consistent")
-# For the grammar sampler (DecodeParams.json_schema): the grading can only be this object.
-SELF_REWARD_SCHEMA = {
-    "type": "object",
-    "properties": {name: {"type": "boolean"} for name in SELF_REWARD_FIELDS},
-    "required": list(SELF_REWARD_FIELDS),
-    "additionalProperties": False,
-}
-
-
-def self_reward_messages(question: str, answer: str) -> list[dict]:
-    return [{"role": "user", "content": SELF_REWARD_PROMPT.format(question=question.strip(), answer=answer.strip())}]
-
-
-def self_reward(grading: str) -> float:
-    """The reward of a grading (the JSON the model wrote): minus one third per failed check;
-    an unreadable grading counts as every check failed."""
-    try:
-        verdict = json.loads(grading)
-    except (json.JSONDecodeError, TypeError):
-        return -1.0
-    if not isinstance(verdict, dict):
-        return -1.0
-    failed = sum(1 for name in SELF_REWARD_FIELDS if verdict.get(name) is not True)
-    return -failed / len(SELF_REWARD_FIELDS)
 
 
 def reward_passes(reward: float, threshold: float = REWARD_THRESHOLD) -> bool:

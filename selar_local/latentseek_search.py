@@ -13,15 +13,13 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 
 from selar_local import latentseek as ls
+from selar_local import self_grading
 from selar_local.errors import InvalidParameterError
 from selar_local.params import DecodeParams
 
 if TYPE_CHECKING:
     from selar_local.generate import GenerationResult
     from selar_local.runtime import Runtime
-
-GRADING_TOKENS = 64
-
 
 @dataclass
 class LatentSeekResult:
@@ -31,13 +29,19 @@ class LatentSeekResult:
     rewards: list[float]        # the reward of each answer graded, the first answer's first
     prefix_length: int          # tokens of the latent prefix (0 when no step was taken)
     generations: int            # answers decoded
-    gradings: int               # gradings decoded
+    gradings: int               # gradings decoded (each is its grader's checks, one decode per prompt)
+    grading_tokens: int = 0     # tokens the gradings decoded, all checks together
     results: list["GenerationResult"] = field(default_factory=list, repr=False)  # each decode's result
     settings: dict = field(default_factory=dict)  # what it searched with (a response's `selar` shows them)
 
     @property
     def reward(self) -> float:
         return self.rewards[-1]
+
+    @property
+    def decoded_tokens(self) -> int:
+        """Every token the search decoded: its answers' and its gradings'."""
+        return sum(r.completion_tokens for r in self.results) + self.grading_tokens
 
     @property
     def finish_reason(self) -> str:
@@ -47,14 +51,15 @@ class LatentSeekResult:
         """One line for `selar run`'s stderr."""
         rewards = ", ".join(f"{r:.3f}" for r in self.rewards)
         return (f"{self.iterations} iterations, rewards [{rewards}], final reward {self.reward:.3f}, "
-                f"{self.generations} generations, {self.gradings} gradings, latent prefix {self.prefix_length} "
+                f"{self.generations} generations, {self.gradings} gradings ({self.grading_tokens} tokens), latent prefix {self.prefix_length} "
                 f"tokens, {len(self.tokens)} tokens, finish: {self.finish_reason}")
 
     def summary(self) -> dict:
         """What a response's `selar` field and a bench record carry about the search."""
         return {"iterations": self.iterations, "rewards": [round(r, 6) for r in self.rewards],
                 "reward": round(self.reward, 6), "prefix_length": self.prefix_length,
-                "generations": self.generations, "gradings": self.gradings}
+                "generations": self.generations, "gradings": self.gradings,
+                "grading_tokens": self.grading_tokens}
 
 
 def final_states(runtime: "Runtime", tokens: Sequence[int], first: int) -> np.ndarray:
@@ -79,25 +84,36 @@ def final_states(runtime: "Runtime", tokens: Sequence[int], first: int) -> np.nd
 Decode = Callable[[Sequence[Sequence[int]], Sequence[DecodeParams]], list]
 
 
-def grade(runtime: "Runtime", question: str, answer: str, decode: Decode | None = None) -> float:
-    """The model's grading of an answer (greedy, the JSON object its schema allows) as a reward."""
+def grading_prompts(runtime: "Runtime", grader: self_grading.Grader, question: str, answer: str) -> list[list[int]]:
+    """The tokens of each check's prompt: its chat through the model's template, then the
+    opening words of its reply."""
+    return [runtime.encode(messages=chat) + runtime.model.tokenize(start, add_special=False, parse_special=False)
+            for chat, start in zip(grader.messages(question, answer), grader.starts)]
+
+
+def grade(runtime: "Runtime", question: str, answer: str, decode: Decode | None = None,
+          grader: str = self_grading.DEFAULT_GRADER) -> tuple[float, int]:
+    """The model's grading of an answer as a reward, and the tokens it decoded: the grader's
+    checks, decoded greedily side by side (selar_local/self_grading.py)."""
     decode = decode or runtime.generate_batch
-    params = runtime.default_params(method="cot", greedy=True, max_tokens=GRADING_TOKENS,
-                                    json_schema=ls.SELF_REWARD_SCHEMA)
-    grading = decode([runtime.encode(messages=ls.self_reward_messages(question, answer))], [params])[0]
-    return ls.self_reward(grading.content)
+    checks = self_grading.grader_named(grader)
+    params = runtime.default_params(method="cot", greedy=True, max_tokens=checks.max_tokens, json_schema=checks.schema)
+    prompts = grading_prompts(runtime, checks, question, answer)
+    gradings = decode(prompts, [params] * len(prompts))
+    return checks.reward([g.content for g in gradings]), sum(len(g.tokens) for g in gradings)
 
 
 def latentseek(runtime: "Runtime", question: str, *, messages: Sequence[dict] | None = None, max_tokens: int = 512,
                iterations: int = ls.MAX_ITERATIONS, lr: float = ls.LEARNING_RATE, rho: float = ls.RHO,
-               threshold: float = ls.REWARD_THRESHOLD, table: np.ndarray | None = None) -> LatentSeekResult:
+               threshold: float = ls.REWARD_THRESHOLD, grader: str = self_grading.DEFAULT_GRADER,
+               table: np.ndarray | None = None) -> LatentSeekResult:
     """Search one problem. messages: the chat to answer (default: the question as one user turn);
     table: the output layer (ls.output_table(model file) by default, dequantised here)."""
     ls.check_settings(lr, iterations, rho, threshold)
     messages = list(messages) if messages is not None else [{"role": "user", "content": question}]
     params = runtime.default_params(method="latentseek", greedy=True, max_tokens=max_tokens, latentseek_lr=lr,
                                     latentseek_iterations=iterations, latentseek_rho=rho,
-                                    latentseek_threshold=threshold)
+                                    latentseek_threshold=threshold, latentseek_grader=grader)
     return search(runtime, question, runtime.encode(messages=messages), params, table=table)
 
 
@@ -111,14 +127,16 @@ def search(runtime: "Runtime", question: str, prompt: Sequence[int], params: Dec
     iterations, lr = params.latentseek_iterations, params.latentseek_lr
     rho, threshold = params.latentseek_rho, params.latentseek_threshold
     ls.check_settings(lr, iterations, rho, threshold)
-    settings = {"lr": lr, "max_iterations": iterations, "rho": rho, "threshold": threshold}
+    grader = params.latentseek_grader
+    settings = {"lr": lr, "max_iterations": iterations, "rho": rho, "threshold": threshold, "grader": grader}
     prompt = list(prompt)
     greedy = params.replace(method="cot", greedy=True)
     first = decode([prompt], [greedy])[0]
-    results, rewards = [first], [grade(runtime, question, first.content, decode)]
+    reward, grading_tokens = grade(runtime, question, first.content, decode, grader)
+    results, rewards = [first], [reward]
     tokens, text = list(first.tokens), first.text
     if ls.reward_passes(rewards[0], threshold) or iterations == 0 or not tokens:
-        return LatentSeekResult(text, tokens, 0, rewards, 0, 1, 1, results, settings)
+        return LatentSeekResult(text, tokens, 0, rewards, 0, 1, 1, grading_tokens, results, settings)
     n_prefix = ls.prefix_length(len(tokens), rho)
     # z_t: the final state that produced answer token t (at the position before it)
     z = final_states(runtime, prompt + tokens[:n_prefix - 1], len(prompt) - 1).astype(np.float64)
@@ -133,7 +151,10 @@ def search(runtime: "Runtime", question: str, prompt: Sequence[int], params: Dec
         results.append(continuation)
         tokens = prefix.tolist() + list(continuation.tokens)
         text = runtime.model.detokenize(prefix.tolist()) + continuation.text
-        rewards.append(grade(runtime, question, text, decode))
+        reward, spent = grade(runtime, question, text, decode, grader)
+        rewards.append(reward)
+        grading_tokens += spent
         if ls.reward_passes(rewards[-1], threshold):
             break
-    return LatentSeekResult(text, tokens, steps, rewards, n_prefix, 1 + steps, 1 + steps, results, settings)
+    return LatentSeekResult(text, tokens, steps, rewards, n_prefix, 1 + steps, 1 + steps, grading_tokens, results,
+                            settings)

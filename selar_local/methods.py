@@ -17,6 +17,8 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
+from selar_local.self_grading import GRADERS  # pure: the prompts and weights, no decoding
+
 
 @dataclass(frozen=True)
 class Option:
@@ -153,6 +155,9 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
                Option("latentseek_rho", "LatentSeek: share of the answer's tokens in the latent prefix (at most 300)"),
                Option("latentseek_threshold", "LatentSeek: the search stops once the self-reward (in [-1, 0]) "
                                               "reaches this"),
+               Option("latentseek_grader", "LatentSeek: how the model grades its answer: checks (four free-text "
+                                           "checks, the published design) or json (one grammar-forced object, cheap)",
+                      choices=tuple(GRADERS)),
            ), search="selar_local.latentseek_search:search"),
 )}
 

@@ -74,7 +74,8 @@ class DecodeParams:
     latentseek_lr: float = 0.03
     latentseek_iterations: int = 10
     latentseek_rho: float = 0.1
-    latentseek_threshold: float = 0.0
+    latentseek_threshold: float = -0.2
+    latentseek_grader: str = "checks"  # selar_local/self_grading.py's GRADERS
     # Constrained answer (llama.cpp's grammar sampler, after any thinking span): GBNF text,
     # or a JSON Schema (a dict or its JSON text; kept as canonical JSON text).
     grammar: str | None = None
@@ -145,6 +146,10 @@ class DecodeParams:
         from selar_local.latentseek import check_settings
 
         check_settings(self.latentseek_lr, self.latentseek_iterations, self.latentseek_rho, self.latentseek_threshold)
+        from selar_local.self_grading import GRADERS
+
+        _check(self.latentseek_grader in GRADERS, "latentseek_grader", self.latentseek_grader,
+               f"one of {', '.join(GRADERS)}")
         self._check_constraint()
 
     def _check_constraint(self) -> None:

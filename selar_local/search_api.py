@@ -57,7 +57,7 @@ def search_response(llm: "Selar", req: PreparedRequest, messages: Sequence[Any])
     found = search(llm.runtime, question, req.prompt_tokens, params, decode=llm._decode_as_requests)
     completion = len(found.tokens)
     selar = {"method": params.method, "seed": params.seed, **found.summary(),
-             "decoded_tokens": sum(r.completion_tokens for r in found.results),
+             "decoded_tokens": found.decoded_tokens,
              "search_seconds": round(time.perf_counter() - started, 6), **found.settings}
     return {"id": req.id, "object": "chat.completion", "created": req.created, "model": req.model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": found.text}, "logprobs": None,

@@ -38,6 +38,11 @@ class TeamResult:
     def generations(self) -> int:
         return len(self.results)
 
+    @property
+    def decoded_tokens(self) -> int:
+        """Every token the team decoded: its roles' texts."""
+        return sum(r.completion_tokens for r in self.results)
+
     def summary(self) -> dict:
         """What a response's `selar` field and a bench record carry about the team."""
         return {"generations": self.generations,
@@ -48,7 +53,7 @@ class TeamResult:
         """One line for `selar run`'s stderr."""
         roles = ", ".join(f"{name} {r.completion_tokens}" for (name, _), r in zip(self.notes, self.results))
         return (f"{self.generations} roles decoded (tokens: {roles}; "
-                f"{sum(r.completion_tokens for r in self.results)} in all), finish: {self.finish_reason}")
+                f"{self.decoded_tokens} in all), finish: {self.finish_reason}")
 
 
 def search(runtime: "Runtime", question: str, prompt: Sequence[int], params: DecodeParams, *,

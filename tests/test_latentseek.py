@@ -1,9 +1,7 @@
 """LatentSeek's math: the closed-form REINFORCE gradient against finite differences on a tiny
-random table, Adam against its formula, the prefix tokens; the output table and the self-reward
-grading on a real GGUF model."""
+random table, Adam against its formula, the prefix tokens; the output table and the search on a
+real GGUF model (the grading: tests/test_self_grading.py)."""
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
@@ -74,15 +72,6 @@ def test_prefix_tokens_and_length():
         ls.prefix_length(0)
 
 
-def test_self_reward_counts_failed_checks():
-    ok = {"reasoning_correct": True, "answer_complete": True, "answer_consistent": True}
-    assert ls.self_reward(json.dumps(ok)) == 0.0 and ls.reward_passes(0.0)
-    assert ls.self_reward(json.dumps({**ok, "answer_consistent": False})) == pytest.approx(-1 / 3)
-    assert ls.self_reward(json.dumps({"reasoning_correct": True})) == pytest.approx(-2 / 3)
-    assert ls.self_reward("not json") == -1.0 and ls.self_reward("[true]") == -1.0
-    assert not ls.reward_passes(-1 / 3)
-
-
 def test_output_table_gives_llama_cpp_logits_from_the_final_state(model_files):
     """W_out times the final hidden state (result_norm, read from the graph) is the logits
     llama.cpp computes, up to its quantised matrix product."""
@@ -99,16 +88,6 @@ def test_output_table_gives_llama_cpp_logits_from_the_final_state(model_files):
     states.close()
     with pytest.raises(InvalidParameterError, match="over the 1 MiB bound"):
         ls.output_table(rt.model.path, max_bytes=1 << 20)
-
-
-def test_the_grading_prompt_gives_a_readable_reward_on_a_real_model(model_files):
-    rt = runtime_for("llama", model_files)
-    params = DecodeParams(method="cot", greedy=True, max_tokens=64, json_schema=ls.SELF_REWARD_SCHEMA)
-    result = rt.generate(messages=ls.self_reward_messages("What is 2 + 3?", "2 + 3 = 5. The answer is 5."),
-                         params=params)
-    verdict = json.loads(result.content)
-    assert set(verdict) == set(ls.SELF_REWARD_FIELDS) and all(isinstance(v, bool) for v in verdict.values())
-    assert ls.self_reward(result.content) == -sum(not v for v in verdict.values()) / 3
 
 
 def test_final_states_are_the_states_that_chose_the_greedy_answer(model_files):
@@ -137,7 +116,9 @@ def test_search_runs_its_iterations_and_reports_them(model_files):
     table = ls.output_table(rt.model.path)
     found = latentseek(rt, "What is 12 + 7?", max_tokens=20, iterations=2, threshold=1.0, table=table)
     assert found.iterations == 2 and found.generations == found.gradings == 3 and len(found.rewards) == 3
-    assert all(abs(3 * r - round(3 * r)) < 1e-9 for r in found.rewards)  # minus a third per failed check
+    assert all(abs(6 * r - round(6 * r)) < 1e-9 for r in found.rewards)  # the checks weigh 2, 1, 2, 1 of 6
+    assert found.grading_tokens > 0 and found.decoded_tokens == sum(
+        r.completion_tokens for r in found.results) + found.grading_tokens
     assert all(-1.0 <= r <= 0.0 for r in found.rewards)
     assert found.tokens[found.prefix_length:] == found.results[-1].tokens  # the greedy rest after the prefix
     assert found.prefix_length == ls.prefix_length(len(found.results[0].tokens))

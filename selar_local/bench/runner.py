@@ -418,7 +418,7 @@ def search_record(problem: Problem, method: str, seed: int, params: DecodeParams
                   prompt_tokens=found.results[0].prompt_tokens,
                   prefill_seconds=round(sum(r.prefill_seconds for r in found.results), 4),
                   decode_seconds=round(sum(r.decode_seconds for r in found.results), 4),
-                  decoded_tokens=sum(r.completion_tokens for r in found.results), **found.summary())
+                  decoded_tokens=found.decoded_tokens, **found.summary())
     return record
 
 
