@@ -19,13 +19,13 @@ from __future__ import annotations
 import gc
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from selar_local.engine import return_freed_memory
 from selar_local.openai_schema import RequestError
-from selar_local.scheduler import QueueFullError, SchedulerClosedError
+from selar_local.scheduler import QueueFullError, SchedulerClosedError, SchedulerStats
 
 FOREVER = None  # keep_alive: never unload for idleness
 
@@ -301,9 +301,8 @@ class ModelPool:
             for key, value in model.selar.scheduler.stats().to_dict().items():
                 totals[key] = totals.get(key, 0) + value
         if not loaded:
-            totals = dict(slots_total=0, slots_busy=0, queued=0, queue_size=self.queue_size, submitted=0,
-                          completed=0, cancelled=0, failed=0, rejected=0, slots_busy_peak=0,
-                          kv_cells_in_use=0, kv_cells_cached=0)
+            totals = {f.name: 0 for f in fields(SchedulerStats)}
+            totals["queue_size"] = self.queue_size
         totals["slots_idle"] = totals["slots_total"] - totals["slots_busy"]
         totals["loading_waiters"] = self._waiters
         current = max(loaded, key=lambda m: m.last_used).id if loaded else None

@@ -50,6 +50,7 @@ class SchedulerStats:
     cancelled: int
     failed: int
     rejected: int
+    waited_for_room: int  # submissions that waited out a full queue (a search's own decodes) instead of failing
     slots_busy_peak: int  # the most sequences ever decoding together (never above slots_total)
     kv_cells_in_use: int  # KV cells held for live sequences (and leaks), as of the scheduler's last round
     kv_cells_cached: int  # KV cells free slots keep as prompt cache
@@ -149,8 +150,8 @@ class Scheduler:
         self._to_cancel: list[RequestHandle] = []
         self._closed = False
         self._active = 0  # submitted and not yet ended: waiting, being admitted, or running
-        self._counts = dict(submitted=0, completed=0, cancelled=0, failed=0, rejected=0, slots_busy_peak=0,
-                            kv_cells_in_use=0, kv_cells_cached=0)
+        self._counts = dict(submitted=0, completed=0, cancelled=0, failed=0, rejected=0, waited_for_room=0,
+                            slots_busy_peak=0, kv_cells_in_use=0, kv_cells_cached=0)
         self._idle_wait = idle_wait
         # listener(handle, kind, payload): called with every item any request receives,
         # in the delivering thread (selar_local/metrics.py counts tokens and latencies)
@@ -164,15 +165,19 @@ class Scheduler:
         return self.runtime.n_parallel
 
     def submit(self, prompt_tokens: Sequence[int], params: DecodeParams, *,
-               sink: Callable[[str, Any], None] | None = None) -> RequestHandle:
+               sink: Callable[[str, Any], None] | None = None, wait_for_room: bool = False) -> RequestHandle:
         """Queue a request. Raises at once (in the caller's thread) for a prompt over the
-        context, a method the model cannot run, or a full queue; never blocks."""
-        return self.submit_group(prompt_tokens, [params], sinks=[sink])[0]
+        context, a method the model cannot run, or a full queue; never blocks, unless
+        wait_for_room: then a full queue is waited out (work already admitted, such as a search's
+        own decodes, which must not fail halfway because other work filled the queue)."""
+        return self.submit_group(prompt_tokens, [params], sinks=[sink], wait_for_room=wait_for_room)[0]
 
     def submit_group(self, prompt_tokens: Sequence[int], params_list: Sequence[DecodeParams], *,
-                     sinks: Sequence[Callable[[str, Any], None] | None] | None = None) -> list[RequestHandle]:
+                     sinks: Sequence[Callable[[str, Any], None] | None] | None = None,
+                     wait_for_room: bool = False) -> list[RequestHandle]:
         """Queue several sequences of one prompt (OpenAI `n`): admitted together, the
-        prompt prefilled once. One handle per sequence; each ends on its own."""
+        prompt prefilled once. One handle per sequence; each ends on its own. wait_for_room: as
+        in submit."""
         prompt_tokens = keep_turns(prompt_tokens)  # a TurnPrompt keeps its later turns (latentmas)
         self.runtime.check_prompt_fits(total_prompt_tokens(prompt_tokens))
         for params in params_list:
@@ -186,9 +191,13 @@ class Scheduler:
         sinks = list(sinks) if sinks is not None else [None] * len(params_list)
         group = [RequestHandle(self, prompt_tokens, params, sink) for params, sink in zip(params_list, sinks)]
         with self._lock:
+            if wait_for_room and not self._closed and not self._has_room(len(group)):
+                self._counts["waited_for_room"] += 1
+                while not self._closed and not self._has_room(len(group)):
+                    self._lock.wait()  # _ended notifies
             if self._closed:
                 raise SchedulerClosedError("the scheduler is closed")
-            if self._active + len(group) > self.slots_total + self.queue_size:
+            if not self._has_room(len(group)):
                 self._counts["rejected"] += 1
                 raise QueueFullError(
                     f"server busy: all {self.slots_total} slots are generating and {self._queued()} "
@@ -220,9 +229,13 @@ class Scheduler:
     def _queued(self) -> int:
         return sum(len(group) for group in self._waiting)
 
+    def _has_room(self, n: int) -> bool:
+        return self._active + n <= self.slots_total + self.queue_size
+
     def _ended(self) -> None:
         with self._lock:
             self._active -= 1
+            self._lock.notify_all()  # a caller waiting for room
 
     def stats(self) -> SchedulerStats:
         with self._lock:
@@ -351,7 +364,8 @@ class Scheduler:
 def decode_requests(scheduler: Scheduler, prompts: Sequence[Sequence[int]], params_list: Sequence[DecodeParams], *,
                     on_finish: Callable[[int, GenerationResult], None] | None = None) -> list[GenerationResult]:
     """Decode prompts as ordinary requests of `scheduler` (beside whatever else it runs), at
-    most n_parallel of them queued at a time so that the queue stays for the clients;
+    most n_parallel of them queued at a time so that the queue stays for the clients, each
+    waiting for room when the queue is full (16 searches of four checks each fill it);
     on_finish(index, result) as each one is done, in order. A search's `decode` (search_api,
     the bench's concurrent searches)."""
     results: list = [None] * len(prompts)
@@ -363,7 +377,7 @@ def decode_requests(scheduler: Scheduler, prompts: Sequence[Sequence[int]], para
                 results[j] = handle.wait()
                 if on_finish is not None:
                     on_finish(j, results[j])
-            in_flight.append((i, scheduler.submit(tokens, params)))
+            in_flight.append((i, scheduler.submit(tokens, params, wait_for_room=True)))
         while in_flight:
             j, handle = in_flight.popleft()
             results[j] = handle.wait()

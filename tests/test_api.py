@@ -210,6 +210,40 @@ def test_unsupported_method_is_a_request_error(llm, monkeypatch):
     assert llm.create_chat_completion(QUESTION, method="cot", max_tokens=4)["selar"]["method"] == "cot"
 
 
+def test_a_searchs_decodes_wait_out_a_full_queue_instead_of_failing(llm):
+    """decode_requests (a search's decode: LatentSeek's checks, 16 bench searches at once) waits
+    for room; a client's request on the same full queue is still refused."""
+    import threading
+
+    from selar_local.scheduler import decode_requests
+
+    running = llm.create_chat_completion(QUESTION, stream=True, max_tokens=900, method="cot", ignore_eos=True)
+    next(running), next(running)  # the one slot is generating
+    waiting = llm.create_chat_completion(QUESTION, stream=True, max_tokens=4)  # takes the one queue place
+    before = llm.scheduler.stats()
+    params = llm.runtime.default_params(method="cot", greedy=True, max_tokens=4)
+    prompt = llm.runtime.encode(messages=[{"role": "user", "content": QUESTION}])
+    found: list = []
+    searcher = threading.Thread(target=lambda: found.extend(decode_requests(llm.scheduler, [prompt, prompt],
+                                                                            [params, params])))
+    searcher.start()
+    deadline = time.monotonic() + 120
+    while llm.scheduler.stats().waited_for_room == before.waited_for_room:  # it reached the full queue
+        assert time.monotonic() < deadline and searcher.is_alive(), llm.scheduler.stats()
+        time.sleep(0.02)
+    with pytest.raises(QueueFullError, match="queue size 1"):
+        llm.create_chat_completion(QUESTION, max_tokens=4)
+    assert not found and searcher.is_alive()
+    waiting.close()
+    running.close()  # room: the search's two decodes go through, one after the other
+    searcher.join(120)
+    assert not searcher.is_alive() and len(found) == 2
+    alone = llm.runtime.generate_batch([prompt], [params])[0]
+    assert [r.tokens for r in found] == [alone.tokens, alone.tokens] and found[0].finish_reason == "length"
+    after = llm.scheduler.stats()
+    assert after.rejected == before.rejected + 1 and after.waited_for_room >= before.waited_for_room + 1
+
+
 def test_queue_full_and_cancellation_free_slot_and_kv_cells(llm):
     # ignore_eos: it cannot end before this test is done with it, however fast the machine
     running = llm.create_chat_completion(QUESTION, stream=True, max_tokens=900, method="cot", ignore_eos=True)

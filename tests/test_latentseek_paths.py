@@ -229,3 +229,21 @@ def test_bench_frac_alpha_range_draws_and_records_an_alpha_per_sample(tmp_path, 
         steering.alpha_draws((0.0, 1.5), 2, 41)  # past ALPHA_RANGE's 1
     assert cli_main([*BENCH, "--limit", "1", "--methods", "frac", "--samples", "2", "--parallel", "2",
                      "--frac-alpha-range", "0,1.5", "--out", str(tmp_path / "bad")]) == 2
+
+
+def test_bench_runs_searches_side_by_side_with_the_default_grading(tmp_path):
+    """Three searches at once, each grading with four checks at once (three in flight: one per
+    slot): nine decodes on a scheduler of three slots and three queue places. They wait for room
+    (decode_requests) instead of failing the run with "server busy", which is how the first 1.5B
+    run with `checks` ended (16 searches, 16 slots, 16 queue places)."""
+    out = tmp_path / "side-by-side"
+    assert cli_main([*BENCH, "--limit", "3", "--methods", "latentseek", "--parallel", "3",
+                     "--latentseek-iterations", "0", "--out", str(out)]) == 0
+    records = read_results(out / RESULTS_NAME)
+    assert len(records) == 3 and all(r["error"] is None for r in records)
+    for record in records:
+        assert record["params"]["latentseek_grader"] == DEFAULT_GRADER == "checks"
+        assert (record["iterations"], record["generations"], record["gradings"]) == (0, 1, 1)
+        assert record["rewards"] == [record["reward"]] and record["reward"] in {round(-k / 6, 6) for k in range(7)}
+        assert record["decoded_tokens"] == record["completion_tokens"] + record["grading_tokens"]
+        assert record["grading_tokens"] >= 4  # four checks, each at least one token
