@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from selar_local import self_grading as sg  # noqa: E402
 from selar_local.latentseek import reward_passes  # noqa: E402
-from selar_local.latentseek_search import grading_prompts  # noqa: E402
+from selar_local.latentseek_search import grading_params, grading_prompts  # noqa: E402
 from selar_local.bench.datasets import load_problems  # noqa: E402
 from selar_local.runtime import load  # noqa: E402
 
@@ -70,7 +70,7 @@ def main() -> None:
         start = time.perf_counter()
         jobs = [(i, tokens) for i, r in enumerate(records)
                 for tokens in grading_prompts(rt, grader, questions[r["id"]], r["text"])]
-        params = rt.default_params(method="cot", greedy=True, max_tokens=grader.max_tokens, json_schema=grader.schema)
+        params = grading_params(rt, grader)
         results = rt.generate_batch([tokens for _, tokens in jobs], [params] * len(jobs))
         texts: dict[int, list[str]] = {}
         for (i, _t), res in zip(jobs, results):
@@ -84,8 +84,7 @@ def main() -> None:
               f"{auc(rewards, labels):.3f}; tokens per grading: median {np.median(tokens):.0f} per prompt, "
               f"{sum(tokens) / len(records):.0f} in all ({time.perf_counter() - start:.0f} s)")
         verdicts = [grader.verdicts(texts[i]) for i in range(len(records))]
-        checks = list(sg.CHECK_PROMPTS) if grader.schema is None else list(sg.JSON_FIELDS)
-        for c, check in enumerate(checks):
+        for c, check in enumerate(grader.check_names):
             ok = [v[c] for v in verdicts]
             print(f"  {check:18s} true on right {sum(o for o, y in zip(ok, labels) if y)}/{n_right}, "
                   f"on wrong {sum(o for o, y in zip(ok, labels) if not y)}/{len(labels) - n_right}")

@@ -91,13 +91,18 @@ def grading_prompts(runtime: "Runtime", grader: self_grading.Grader, question: s
             for chat, start in zip(grader.messages(question, answer), grader.starts)]
 
 
+def grading_params(runtime: "Runtime", grader: self_grading.Grader) -> DecodeParams:
+    """How every check of `grader` decodes: greedy, its length, its grammar if it has one."""
+    return runtime.default_params(method="cot", greedy=True, max_tokens=grader.max_tokens, json_schema=grader.schema)
+
+
 def grade(runtime: "Runtime", question: str, answer: str, decode: Decode | None = None,
           grader: str = self_grading.DEFAULT_GRADER) -> tuple[float, int]:
     """The model's grading of an answer as a reward, and the tokens it decoded: the grader's
     checks, decoded greedily side by side (selar_local/self_grading.py)."""
     decode = decode or runtime.generate_batch
     checks = self_grading.grader_named(grader)
-    params = runtime.default_params(method="cot", greedy=True, max_tokens=checks.max_tokens, json_schema=checks.schema)
+    params = grading_params(runtime, checks)
     prompts = grading_prompts(runtime, checks, question, answer)
     gradings = decode(prompts, [params] * len(prompts))
     return checks.reward([g.content for g in gradings]), sum(len(g.tokens) for g in gradings)

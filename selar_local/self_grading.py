@@ -121,6 +121,7 @@ class Grader:
     prompts: tuple[str, ...]         # one decode each, formatted with question and answer
     starts: tuple[str, ...]          # each reply's opening words, fed after the generation prompt
     weights: tuple[float, ...]       # one per check (the json grader's three checks share a prompt)
+    check_names: tuple[str, ...]     # one per check, in the order of `verdicts`
     max_tokens: int                  # per decode
     schema: dict | None = None       # the grammar each decode is held to (None: free text)
 
@@ -145,8 +146,9 @@ class Grader:
 
 GRADERS = {
     "checks": Grader("checks", tuple(CHECK_PROMPTS.values()), tuple(CHECK_STARTS[k] for k in CHECK_PROMPTS),
-                     tuple(CHECK_WEIGHTS[k] for k in CHECK_PROMPTS), max_tokens=512),
-    "json": Grader("json", (JSON_PROMPT,), ("",), (1.0, 1.0, 1.0), max_tokens=64, schema=JSON_SCHEMA),
+                     tuple(CHECK_WEIGHTS[k] for k in CHECK_PROMPTS), tuple(CHECK_PROMPTS), max_tokens=512),
+    "json": Grader("json", (JSON_PROMPT,), ("",), (1.0, 1.0, 1.0), JSON_FIELDS, max_tokens=64,
+                   schema=JSON_SCHEMA),
 }
 DEFAULT_GRADER = "checks"
 
