@@ -230,6 +230,31 @@ def test_a_run_of_the_older_prompt_format_is_neither_resumed_nor_paired(tmp_path
     assert markdown.count("## gsm8k") == 2  # two tables: nothing paired across formats
 
 
+def test_a_config_saved_before_a_changed_default_resumes_as_it_was_decoded(tmp_path):
+    """LatentSeek's grading got its field and a new default (the four checks) at once: a run
+    whose config predates the field was graded with the json object, and a resume must go on
+    so (not with today's default), while runs of methods that never grade keep the default."""
+    from selar_local.bench.runner import prepare_run
+
+    old = _config(methods=("latentseek",)).to_dict()
+    del old["params"]["latentseek_grader"]
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(old))
+    saved = read_config(tmp_path)
+    assert saved.params["latentseek_grader"] == "json"
+    assert saved.decode_params("latentseek", 41).latentseek_grader == "json"
+    # The full command repeated with today's default is a different run, and says where.
+    with pytest.raises(BenchConfigError, match="latentseek_grader: 'json' \\(saved\\) vs 'checks' \\(now\\)"):
+        prepare_run(tmp_path, _config(methods=("latentseek",)), resume=True)
+    assert prepare_run(tmp_path, _config(methods=("latentseek",), params={
+        "greedy": True, "max_tokens": 8, "latentseek_grader": "json"}), resume=True) == []
+
+    plain = _config().to_dict()  # cot, selar: nothing reads the grader
+    del plain["params"]["latentseek_grader"]
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(plain))
+    assert read_config(tmp_path).params["latentseek_grader"] == "checks"
+    assert prepare_run(tmp_path, _config(), resume=True) == []
+
+
 def test_resume_with_a_different_config_is_refused_naming_the_differences(tmp_path, capsys):
     from selar_local.bench.runner import prepare_run, write_config
 

@@ -51,6 +51,22 @@ PER_ITEM_PARAMS = ("method", "seed")
 PROMPT_FORMAT = 2
 
 
+# A decoding parameter added after runs were started, whose default is not how those runs were
+# decoded: a saved config without the field means the value here (for the runs whose methods
+# read it). Other missing fields mean their default, which by rule keeps the old decoding.
+PARAMS_BEFORE_RECORDED: dict[str, Any] = {
+    "latentseek_grader": "json",  # the only grading before the published four checks became the default
+}
+
+
+def params_as_decoded(params: dict[str, Any], methods: Sequence[str]) -> dict[str, Any]:
+    """A saved config's params with each field it lacks set as its run decoded it
+    (`PARAMS_BEFORE_RECORDED`), so that a resumed run goes on as it started."""
+    read = set().union(*(REGISTRY[m].fields for m in methods if m in REGISTRY))
+    legacy = {k: v for k, v in PARAMS_BEFORE_RECORDED.items() if k in read and k not in params}
+    return {**params, **legacy}
+
+
 class BenchConfigError(SelarError):
     """A run folder's config is malformed, or --resume was asked with a different config."""
 
@@ -193,6 +209,8 @@ class BenchConfig:
             raise BenchConfigError(f"{where}: missing key(s) {', '.join(missing)}")
         try:
             params = data["params"]
+            if isinstance(params, dict) and isinstance(data["methods"], list):
+                params = params_as_decoded(params, [str(m) for m in data["methods"]])
             return cls(
                 dataset=str(data["dataset"]), methods=tuple(data["methods"]),
                 seeds=tuple(int(s) for s in data["seeds"]), params=params, model=str(data["model"]),
