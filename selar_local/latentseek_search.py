@@ -39,6 +39,12 @@ class LatentSeekResult:
         return self.rewards[-1]
 
     @property
+    def first_answer(self) -> str:
+        """The greedy cot answer the search started from (its reply content): set against the
+        final answer, it says what the search changed."""
+        return self.results[0].content
+
+    @property
     def decoded_tokens(self) -> int:
         """Every token the search decoded: its answers' and its gradings'."""
         return sum(r.completion_tokens for r in self.results) + self.grading_tokens
@@ -59,7 +65,7 @@ class LatentSeekResult:
         return {"iterations": self.iterations, "rewards": [round(r, 6) for r in self.rewards],
                 "reward": round(self.reward, 6), "prefix_length": self.prefix_length,
                 "generations": self.generations, "gradings": self.gradings,
-                "grading_tokens": self.grading_tokens}
+                "grading_tokens": self.grading_tokens, "first_answer": self.first_answer}
 
 
 def final_states(runtime: "Runtime", tokens: Sequence[int], first: int) -> np.ndarray:

@@ -435,6 +435,19 @@ def test_report_statistics_match_hand_computation(tmp_path):
     assert (run / "accuracy_vs_tokens.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_revising_searchs_changes_are_counted_from_its_graded_first_answers():
+    def row(first, final, iterations):
+        return {"first_correct": first, "correct": final, "iterations": iterations}
+
+    records = [row(True, True, 0), row(False, False, 0), row(False, True, 2), row(True, False, 1),
+               row(False, False, 3), row(True, True, 1)]
+    assert bench_report.revisions(records) == {"first_correct": 3, "revised": 4, "revised_fixed": 1,
+                                               "revised_broke": 1}
+    # rows that do not grade a first answer (other methods, latentseek runs before the field): nothing
+    assert bench_report.revisions([{"correct": True, "iterations": 1}]) == {}
+    assert bench_report.revisions([row(True, True, 0), {"correct": True, "iterations": 0}]) == {}
+
+
 def test_report_mean_over_seeds_and_pairing_by_seed(tmp_path):
     run = tmp_path / "seeds"
     run.mkdir()

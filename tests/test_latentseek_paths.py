@@ -30,7 +30,8 @@ QUESTION = "What is 12 + 7?"
 # differently on each, which on plain CPU kernels moves the last bits of a random model's logits
 # and so its greedy text (docs/BENCHMARKS.md, "Batching"); it is tested in test_self_grading.py.
 SETTINGS = {"latentseek_iterations": 2, "latentseek_threshold": 1.0, "latentseek_grader": "json"}
-SEARCH_FIELDS = ("iterations", "rewards", "reward", "prefix_length", "generations", "gradings", "grading_tokens")
+SEARCH_FIELDS = ("iterations", "rewards", "reward", "prefix_length", "generations", "gradings", "grading_tokens",
+                 "first_answer")
 
 
 def _params(rt, **changes):
@@ -183,6 +184,9 @@ def test_bench_rows_record_the_search_and_the_report_its_mean_generations(tmp_pa
                     "decoded_tokens": sum(r.completion_tokens for r in found.results) + found.grading_tokens,
                     **found.summary()}
         assert {k: record[k] for k in expected} == expected
+        first_extracted, first_correct = grade(found.results[0].content, problem.answer, problem.dataset)
+        assert record["first_answer"] == found.results[0].content == found.first_answer
+        assert (record["first_extracted"], record["first_correct"]) == (first_extracted, bool(first_correct))
         assert record["iterations"] == 1 and record["generations"] == record["gradings"] == 2
         assert record["params"] == {**params.to_dict(), "stop": []} and record["gold"] == problem.answer
         assert record["wall_seconds"] >= record["decode_seconds"] > 0
@@ -194,6 +198,11 @@ def test_bench_rows_record_the_search_and_the_report_its_mean_generations(tmp_pa
     assert [c.strip() for c in rows["cot"].split("|")][column] == "1.00"
     assert [c.strip() for c in rows["latentseek"].split("|")][column] == "2.00"
     assert "mean_generations" in (out / "report.csv").read_text().splitlines()[0]
+    seeks = [r for r in records if r["method"] == "latentseek"]
+    fixed = sum(r["correct"] and not r["first_correct"] for r in seeks)
+    broke = sum(r["first_correct"] and not r["correct"] for r in seeks)
+    assert (f"latentseek: its first answers {sum(r['first_correct'] for r in seeks)} of 2 right; it revised 2 "
+            f"(took a step), turning {fixed} right and {broke} wrong.") in md
     # a search is not voted over samples; alpha ranges need frac and samples
     assert cli_main([*BENCH, "--methods", "latentseek", "--samples", "2", "--parallel", "2", "--out",
                      str(tmp_path / "no")]) == 2
@@ -247,3 +256,6 @@ def test_bench_runs_searches_side_by_side_with_the_default_grading(tmp_path):
         assert record["rewards"] == [record["reward"]] and record["reward"] in {round(-k / 6, 6) for k in range(7)}
         assert record["decoded_tokens"] == record["completion_tokens"] + record["grading_tokens"]
         assert record["grading_tokens"] >= 4  # four checks, each at least one token
+        # no step taken: the answer is the one the search started from
+        assert (record["first_answer"], record["first_extracted"], record["first_correct"]) == (
+            record["text"], record["extracted"], record["correct"])

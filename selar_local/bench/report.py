@@ -42,7 +42,7 @@ CSV_COLUMNS = (
     "seed_mean", "seed_std", "mean_tokens", "mean_seconds", "median_seconds", "soft_share", "truncated_share",
     "errors", "baseline", "n_paired", "diff", "diff_lo", "diff_hi", "method_only", "baseline_only", "mcnemar_p",
     "samples", "pass_at_1", "pass_at_k", "mean_generations", "weighted_maj", "mean_latent_steps",
-    "mean_decoded_tokens",
+    "mean_decoded_tokens", "first_correct", "revised", "revised_fixed", "revised_broke",
 )
 
 
@@ -102,6 +102,12 @@ class MethodRow:
     weighted_maj: float | None = None  # wmaj@K: accuracy of the vote weighted by exp(mean log-probability)
     mean_latent_steps: float = 0.0   # hidden-state steps per item (latent, latentmas)
     mean_decoded_tokens: float = math.nan  # tokens decoded per item over all its generations (textmas: 4 roles)
+    # A search that revises a first answer (latentseek): items whose first answer was right, items
+    # it revised (took a step), and of those the ones it turned right and the ones it turned wrong.
+    first_correct: int | None = None
+    revised: int | None = None
+    revised_fixed: int | None = None
+    revised_broke: int | None = None
 
     def csv_row(self) -> dict[str, Any]:
         row = {k: getattr(self, k) for k in CSV_COLUMNS if k != "seeds"}
@@ -163,7 +169,19 @@ def method_row(run: str, model: str, dataset: str, method: str, records: Sequenc
         mean_generations=_mean([int(r.get("generations") or 1) for r in ok]) if ok else 1.0,
         mean_latent_steps=_mean([int(r.get("latent_steps") or 0) for r in ok]) if ok else 0.0,
         mean_decoded_tokens=_mean([int(r.get("decoded_tokens") or r.get("completion_tokens") or 0) for r in ok]),
+        **revisions(ok),
     )
+
+
+def revisions(records: Sequence[dict]) -> dict[str, int]:
+    """What a revising search changed, from records that grade its first answer (`first_correct`,
+    latentseek runs since 2026-12-07): {} for other records."""
+    if not records or any("first_correct" not in r for r in records):
+        return {}
+    revised = [r for r in records if int(r.get("iterations") or 0) > 0]
+    return {"first_correct": sum(bool(r["first_correct"]) for r in records), "revised": len(revised),
+            "revised_fixed": sum(bool(r["correct"]) and not r["first_correct"] for r in revised),
+            "revised_broke": sum(r["first_correct"] and not bool(r["correct"]) for r in revised)}
 
 
 def vote_records(records: Sequence[dict], samples: int) -> tuple[list[dict], float, float]:
@@ -413,6 +431,10 @@ def render_markdown(sections: Sequence[Section]) -> str:
                     cells += [f"{_signed_pct(r.diff)} [{_signed_pct(r.diff_lo)}, {_signed_pct(r.diff_hi)}]",
                               f"{r.method_only} / {r.baseline_only}", _p(r.mcnemar_p)]
             out.write("| " + " | ".join(cells) + " |\n")
+        for r in section.rows:
+            if r.first_correct is not None:
+                out.write(f"\n{r.method}: its first answers {r.first_correct} of {r.n} right; it revised {r.revised} "
+                          f"(took a step), turning {r.revised_fixed} right and {r.revised_broke} wrong.\n")
         if multi_seed:
             out.write("\nPer seed (accuracy %):\n\n")
             seeds = sorted({s for r in section.rows for s in r.seeds})

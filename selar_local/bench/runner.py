@@ -428,7 +428,8 @@ def search_record(problem: Problem, method: str, seed: int, params: DecodeParams
                   cpu_repack: bool | None = None, wall_seconds: float = 0.0) -> dict[str, Any]:
     """The record of a search method's item (latentseek): its final answer graded, the timings
     of the answers it decoded, and what the search cost: iterations, rewards, generations and
-    gradings (so that it can be set against cot maj@K at K = its mean generations)."""
+    gradings (so that it can be set against cot maj@K at K = its mean generations); for a
+    search that revises a first answer, that answer graded too (`first_correct`)."""
     record = record_for(problem, method, seed, params, found.results[-1], parallel=parallel, cpu_repack=cpu_repack,
                         wall_seconds=wall_seconds)
     extracted, correct = grade(found.text, problem.answer, problem.dataset)
@@ -437,6 +438,9 @@ def search_record(problem: Problem, method: str, seed: int, params: DecodeParams
                   prefill_seconds=round(sum(r.prefill_seconds for r in found.results), 4),
                   decode_seconds=round(sum(r.decode_seconds for r in found.results), 4),
                   decoded_tokens=found.decoded_tokens, **found.summary())
+    if "first_answer" in record:  # a search that revises an answer: was the one it started from right?
+        record["first_extracted"], first_correct = grade(record["first_answer"], problem.answer, problem.dataset)
+        record["first_correct"] = bool(first_correct)
     return record
 
 
