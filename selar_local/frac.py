@@ -6,7 +6,8 @@ sequences with different vectors never share a decode; the loop only checks that
 vector when nothing is live (`use_control_vector`, its one hook in BatchGenerator), and the
 grouping is done above it: the scheduler drains the live sequences before admitting a request
 with another vector (mlx-lm's server does the same with batches that cannot mix), and
-`generate_samples` with an alpha range decodes each alpha's samples in its own round. The
+`generate_samples` with an alpha range decodes each alpha's samples in its own round (`selar
+bench` likewise, a round holding that alpha's samples of every item). The
 prompt cache holds cells of one vector: switching forgets what free slots kept.
 """
 from __future__ import annotations

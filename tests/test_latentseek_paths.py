@@ -211,24 +211,38 @@ def test_bench_rows_record_the_search_and_the_report_its_mean_generations(tmp_pa
 
 
 def test_bench_frac_alpha_range_draws_and_records_an_alpha_per_sample(tmp_path, model_files, monkeypatch):
+    """Sample i of every item draws the same alpha, so the bench decodes one round per alpha
+    across the items (the records come sample 0 of both problems, then sample 1), and each
+    record is what its sample decodes alone."""
     monkeypatch.setenv("SELAR_CACHE_DIR", str(tmp_path / "cache"))
     rt = runtime_for("llama", model_files, n_parallel=2)
     steering.build(rt, n_pairs=2)
     out = tmp_path / "frac"
-    assert cli_main([*BENCH, "--limit", "1", "--methods", "frac", "--samples", "2", "--parallel", "2",
+    assert cli_main([*BENCH, "--limit", "2", "--methods", "frac", "--samples", "2", "--parallel", "2",
                      "--frac-alpha-range", "0,0.15", "--out", str(out)]) == 0
-    records = sorted(read_results(out / RESULTS_NAME), key=lambda r: r["sample"])
+    records = read_results(out / RESULTS_NAME)
     alphas = steering.alpha_draws((0.0, 0.15), 2, 41)
+    problems = load_config_problems(read_config(out))
     assert read_config(out).frac_alpha_range == (0.0, 0.15)
-    assert [(r["sample"], r["params"]["seed"], r["frac_alpha"], r["params"]["frac_alpha"]) for r in records] == [
-        (0, 41, alphas[0], alphas[0]), (1, 42, alphas[1], alphas[1])]
-    problem = load_config_problems(read_config(out))[0]
+    assert [r["sample"] for r in records] == [0, 0, 1, 1]  # a round per alpha, both items in it
+    assert sorted((r["id"], r["sample"], r["params"]["seed"], r["frac_alpha"], r["params"]["frac_alpha"])
+                  for r in records) == sorted((p.id, i, 41 + i, alphas[i], alphas[i]) for p in problems for i in (0, 1))
     for record in records:
+        problem = next(p for p in problems if p.id == record["id"])
         alone = rt.generate(messages=[{"role": "user", "content": problem.prompt}],
                             params=DecodeParams.from_dict({**read_config(out).params, "method": "frac",
                                                            "seed": record["params"]["seed"],
                                                            "frac_alpha": record["frac_alpha"]}))
-        assert record["text"] == alone.text and record["completion_tokens"] == alone.completion_tokens
+        assert (record["text"], record["completion_tokens"], record["finish_reason"]) == (
+            alone.text, alone.completion_tokens, alone.finish_reason)
+    # Resumed without its last record, the run decodes that one sample again, the same.
+    lines = (out / RESULTS_NAME).read_text().splitlines(keepends=True)
+    (out / RESULTS_NAME).write_text("".join(lines[:-1]))
+    assert cli_main(["bench", "--out", str(out), "--resume", "--parallel", "2", "--no-progress"]) == 0
+    again = read_results(out / RESULTS_NAME)
+    drop = ("finished_at", "wall_seconds", "prefill_seconds", "decode_seconds")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in again] == [
+        {k: v for k, v in r.items() if k not in drop} for r in records]
     from selar_local.engine import set_control_vector
 
     set_control_vector(rt.context, None)  # the shared runtime goes on without the vector

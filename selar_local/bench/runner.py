@@ -601,21 +601,31 @@ def run_bench(
                 emit(search_record(it.problem, it.method, it.seed, params, found, parallel=parallel,
                                    cpu_repack=runtime.model.cpu_repack, wall_seconds=wall))
 
-            if config.frac_alpha_range is not None:  # each frac item's samples draw their own alpha
-                from selar_local.frac import generate_samples
+            if config.frac_alpha_range is not None:
+                # Each frac sample decodes with its own alpha, and a control vector belongs to the
+                # whole context: one generate_batch over every item's samples decodes one round per
+                # alpha (generate_by_control_vector), each round `parallel` sequences wide. Sample i
+                # of every item of a seed draws the same alpha (alpha_draws from that seed), so a
+                # round holds all the items, not one item's one sample.
                 from selar_local.steering import alpha_draws
 
                 drawn = [entry for entry in runnable if entry[0].method == "frac"]
                 runnable = [entry for entry in runnable if entry[0].method != "frac"]
-                for it, _, params in drawn:
-                    vote = generate_samples(runtime, None, params, messages=[{"role": "user", "content": it.problem.prompt}],
-                                            samples=k, alpha_range=config.frac_alpha_range, dataset=it.problem.dataset)
-                    alphas = alpha_draws(config.frac_alpha_range, k, params.seed)  # those generate_samples drew
-                    for i, (seed, alpha, result) in enumerate(zip(sample_seeds(it.seed, k), alphas, vote.results)):
+                pending: list[tuple[WorkItem, int, DecodeParams, list[int]]] = []
+                for it, tokens, params in drawn:
+                    alphas = alpha_draws(config.frac_alpha_range, k, params.seed)
+                    for i, (seed, alpha) in enumerate(zip(sample_seeds(it.seed, k), alphas)):
                         if (it.problem.id, it.method, it.seed, i) not in done_keys:
-                            sample_params = params.replace(seed=seed, frac_alpha=alpha)
-                            record = make_record(it.problem, it.method, it.seed, sample_params, result, sample=i)
-                            emit({**record, "frac_alpha": sample_params.frac_alpha})
+                            pending.append((it, i, params.replace(seed=seed, frac_alpha=alpha), tokens))
+
+                def sample_finished(index: int, result) -> None:
+                    it, i, sample_params, _ = pending[index]
+                    record = make_record(it.problem, it.method, it.seed, sample_params, result, sample=i)
+                    emit({**record, "frac_alpha": sample_params.frac_alpha})
+
+                if pending:
+                    runtime.generate_batch([tokens for *_, tokens in pending], [p for _, _, p, _ in pending],
+                                           on_finish=sample_finished)
 
             if k == 1:
                 # One generate_batch call for everything: it keeps `parallel` sequences live and
