@@ -13,6 +13,8 @@
 # decode on 2 threads: the settings of every GSM8K table on that page. The frac runs use 1024
 # tokens (frac answers grow with alpha: at 512, 66% of alpha 0.1's were cut), with their own
 # 1024-token cot and cot maj@5 to pair with; frac maj@5 draws alpha per sample in [0, 0.15] as the paper.
+# LatentSeek runs twice: with the model's own grading (the method) and with the paper's perfect
+# sparse reward (psrm: the answer against the reference), which measures the latent search itself.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 selar=".venv/bin/selar"
@@ -37,6 +39,7 @@ jobs=(
   "gsm8k-qwen15-f2-maj5-latent1-noise030|$common --methods latent --latent-steps 1 --samples 5 --latent-noise 0.3 --tau 0.5"
   "gsm8k-qwen15-f2-latentseek|$(gsm8k 100 512) --methods latentseek --greedy"
   "gsm8k-qwen15-f2-t1024-frac005|$long --methods frac --frac-alpha 0.05"
+  "gsm8k-qwen15-f2-latentseek-psrm|$(gsm8k 100 512) --methods latentseek --greedy --latentseek-grader psrm"
   "gsm8k-qwen15-f2-t1024-frac015|$long --methods frac --frac-alpha 0.15"
   "gsm8k-qwen15-f2-latentmas|$common --methods latentmas --latent-steps 8 --tau 0.5"
   "gsm8k-qwen15-f2-latent16|$common --methods latent --latent-steps 16 --tau 0.5"

@@ -129,21 +129,35 @@ def latentseek(runtime: "Runtime", question: str, *, messages: Sequence[dict] | 
 
 
 def search(runtime: "Runtime", question: str, prompt: Sequence[int], params: DecodeParams, *,
-           decode: Decode | None = None, table: np.ndarray | None = None) -> LatentSeekResult:
+           decode: Decode | None = None, table: np.ndarray | None = None,
+           reference: Callable[[str], bool] | None = None) -> LatentSeekResult:
     """The registry's entry for `--method latentseek`: search the answer to `prompt` (its tokens)
     with the latentseek_* settings of `params`; `question` is what the grading prompt shows.
     Answers decode greedily with params' other fields (max_tokens, stop, ...) as cot. decode:
-    how to decode (default runtime.generate_batch; the server passes its scheduler's)."""
+    how to decode (default runtime.generate_batch; the server passes its scheduler's).
+    reference: for the `psrm` grader, whether an answer is the reference answer (`selar bench`
+    passes its grading against the data set's)."""
     decode = decode or runtime.generate_batch
     iterations, lr = params.latentseek_iterations, params.latentseek_lr
     rho, threshold = params.latentseek_rho, params.latentseek_threshold
     ls.check_settings(lr, iterations, rho, threshold)
     grader = params.latentseek_grader
+    if grader == self_grading.REFERENCE_GRADER:
+        if reference is None:
+            raise InvalidParameterError(
+                f"latentseek_grader '{grader}' rewards an answer by the problem's reference answer, which only "
+                f"`selar bench` has; use {' or '.join(self_grading.GRADERS)} (the model grades its own answer)")
+
+        def grade_answer(answer: str) -> tuple[float, int]:
+            return self_grading.reference_reward(reference(answer)), 0
+    else:
+        def grade_answer(answer: str) -> tuple[float, int]:
+            return grade(runtime, question, answer, decode, grader)
     settings = {"lr": lr, "max_iterations": iterations, "rho": rho, "threshold": threshold, "grader": grader}
     prompt = list(prompt)
     greedy = params.replace(method="cot", greedy=True)
     first = decode([prompt], [greedy])[0]
-    reward, grading_tokens = grade(runtime, question, first.content, decode, grader)
+    reward, grading_tokens = grade_answer(first.content)
     results, rewards = [first], [reward]
     tokens, text = list(first.tokens), first.text
     if ls.reward_passes(rewards[0], threshold) or iterations == 0 or not tokens:
@@ -162,7 +176,7 @@ def search(runtime: "Runtime", question: str, prompt: Sequence[int], params: Dec
         results.append(continuation)
         tokens = prefix.tolist() + list(continuation.tokens)
         text = runtime.model.detokenize(prefix.tolist()) + continuation.text
-        reward, spent = grade(runtime, question, text, decode, grader)
+        reward, spent = grade_answer(text)
         rewards.append(reward)
         grading_tokens += spent
         if ls.reward_passes(rewards[-1], threshold):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-from selar_local.self_grading import GRADERS  # pure: the prompts and weights, no decoding
+from selar_local.self_grading import GRADER_NAMES  # pure: the prompts and weights, no decoding
 
 
 @dataclass(frozen=True)
@@ -156,8 +156,9 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
                Option("latentseek_threshold", "LatentSeek: the search stops once the self-reward (in [-1, 0]) "
                                               "reaches this"),
                Option("latentseek_grader", "LatentSeek: how the model grades its answer: checks (four free-text "
-                                           "checks, the published design) or json (one grammar-forced object, cheap)",
-                      choices=tuple(GRADERS)),
+                                           "checks, the published design), json (one grammar-forced object, cheap), "
+                                           "or psrm (selar bench only: 0 if the answer is the data set's, else -1)",
+                      choices=GRADER_NAMES),
            ), search="selar_local.latentseek_search:search"),
 )}
 

@@ -146,10 +146,10 @@ class DecodeParams:
         from selar_local.latentseek import check_settings
 
         check_settings(self.latentseek_lr, self.latentseek_iterations, self.latentseek_rho, self.latentseek_threshold)
-        from selar_local.self_grading import GRADERS
+        from selar_local.self_grading import GRADER_NAMES
 
-        _check(self.latentseek_grader in GRADERS, "latentseek_grader", self.latentseek_grader,
-               f"one of {', '.join(GRADERS)}")
+        _check(self.latentseek_grader in GRADER_NAMES, "latentseek_grader", self.latentseek_grader,
+               f"one of {', '.join(GRADER_NAMES)}")
         self._check_constraint()
 
     def _check_constraint(self) -> None:

@@ -12,6 +12,9 @@ caller's: selar_local/latentseek_search.py).
   threshold, -0.2, passes an answer that failed one check of weight 1, no more).
 - `json`: one JSON object of three checks, forced by the grammar. Cheap (one short decode) but
   the model has no room to compute before it answers.
+- `psrm`: no grading by the model: the answer against the data set's reference answer (the
+  paper's "Perfect Sparse Reward Model"), in `selar bench` only; an upper bound on what the search
+  can do with a right reward, not a method to deploy.
 
 Neither tells Qwen2.5-Coder-1.5B's wrong GSM8K answers from its right ones: `json` passed all 52
 first answers, `checks` all 10 right and all 10 wrong of a balanced 20; redoing the work, the
@@ -151,6 +154,16 @@ GRADERS = {
                    schema=JSON_SCHEMA),
 }
 DEFAULT_GRADER = "checks"
+# The paper's Perfect Sparse Reward Model: 0 when the final answer is the reference answer, else
+# -1. No prompt: it needs the reference, which only a benchmark has (`selar bench`). It measures
+# what the latent search does with a reward that is right, apart from the model's own grading.
+REFERENCE_GRADER = "psrm"
+GRADER_NAMES = (*GRADERS, REFERENCE_GRADER)
+
+
+def reference_reward(correct: bool) -> float:
+    """The PSRM reward of an answer that does (0) or does not (-1) match the reference."""
+    return 0.0 if correct else -1.0
 
 
 def grader_named(name: str) -> Grader:

@@ -126,3 +126,32 @@ def test_search_runs_its_iterations_and_reports_them(model_files):
     assert none.iterations == 0 and none.tokens == found.results[0].tokens and none.generations == 1
     with pytest.raises(InvalidParameterError, match="invalid LatentSeek settings"):
         latentseek(rt, "What is 12 + 7?", rho=0.0, table=table)
+
+
+def test_the_reference_reward_stops_the_search_at_the_first_answer_it_accepts(model_files):
+    """`psrm`: the paper's perfect sparse reward, 0 for an answer the reference accepts, -1 for
+    any other, no grading decoded; the search stops at the first accepted answer, and without a
+    reference (anything but `selar bench`) it is refused before it decodes."""
+    from selar_local.latentseek_search import search
+
+    rt = runtime_for("llama", model_files)
+    table = ls.output_table(rt.model.path)
+    prompt = rt.encode(messages=[{"role": "user", "content": "What is 12 + 7?"}])
+    params = rt.default_params(method="latentseek", greedy=True, max_tokens=20, latentseek_iterations=3,
+                               latentseek_grader="psrm")
+    seen: list[str] = []
+
+    def second_answer_right(answer: str) -> bool:
+        seen.append(answer)
+        return len(seen) == 2
+
+    found = search(rt, "What is 12 + 7?", prompt, params, table=table, reference=second_answer_right)
+    assert (found.iterations, found.rewards, found.generations, found.gradings) == (1, [-1.0, 0.0], 2, 2)
+    assert found.grading_tokens == 0 and found.decoded_tokens == sum(r.completion_tokens for r in found.results)
+    assert seen == [found.first_answer, found.text] and found.settings["grader"] == "psrm"
+    never = search(rt, "What is 12 + 7?", prompt, params, table=table, reference=lambda answer: False)
+    assert (never.iterations, never.rewards, never.generations) == (3, [-1.0] * 4, 4)
+    always = search(rt, "What is 12 + 7?", prompt, params, table=table, reference=lambda answer: True)
+    assert (always.iterations, always.rewards, always.text) == (0, [0.0], found.first_answer)
+    with pytest.raises(InvalidParameterError, match="only `selar bench` has"):
+        search(rt, "What is 12 + 7?", prompt, params, table=table)

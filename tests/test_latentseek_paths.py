@@ -147,7 +147,8 @@ def test_the_server_answers_a_latentseek_chat_and_refuses_bad_settings(model_fil
         assert {k: chunks[-1]["selar"][k] for k in SEARCH_FIELDS} == {k: selar[k] for k in SEARCH_FIELDS}
         for bad, message in (({"latentseek_rho": 0}, "rho=0 (0 < rho <= 1)"),
                              ({"latentseek_iterations": 100}, "iterations=100"),
-                             ({"n": 2}, "n must be 1")):
+                             ({"n": 2}, "n must be 1"),
+                             ({"latentseek_grader": "psrm"}, "only `selar bench` has")):
             refused = httpx.post(url + "/v1/chat/completions", json={**body, **bad}, timeout=60)
             assert refused.status_code == 400 and message in refused.json()["error"]["message"], refused.text
         raw = httpx.post(url + "/v1/completions", json={"prompt": QUESTION, "method": "latentseek", "max_tokens": 8},
@@ -273,3 +274,19 @@ def test_bench_runs_searches_side_by_side_with_the_default_grading(tmp_path):
         # no step taken: the answer is the one the search started from
         assert (record["first_answer"], record["first_extracted"], record["first_correct"]) == (
             record["text"], record["extracted"], record["correct"])
+
+
+def test_bench_rewards_a_search_by_the_reference_answer_with_psrm(tmp_path):
+    """--latentseek-grader psrm: the bench hands each search its problem's reference, so the
+    rewards are the grades of the answers (0 right, -1 wrong) and no grading is decoded."""
+    out = tmp_path / "psrm"
+    assert cli_main([*BENCH, "--methods", "latentseek", "--parallel", "2", "--latentseek-iterations", "1",
+                     "--latentseek-grader", "psrm", "--out", str(out)]) == 0
+    records = read_results(out / RESULTS_NAME)
+    assert len(records) == 2 and all(r["error"] is None for r in records)
+    for record in records:
+        assert record["params"]["latentseek_grader"] == "psrm" and record["grading_tokens"] == 0
+        assert record["rewards"][0] == (0.0 if record["first_correct"] else -1.0)
+        assert record["rewards"][-1] == (0.0 if record["correct"] else -1.0)
+        assert record["iterations"] == (0 if record["first_correct"] else 1)
+        assert record["gradings"] == record["generations"] == 1 + record["iterations"]

@@ -85,3 +85,10 @@ def test_each_grader_decodes_a_reward_its_verdicts_account_for(model_files, name
     if grader.schema is not None:
         verdict = json.loads(texts[0].content)
         assert set(verdict) == set(sg.JSON_FIELDS) and all(isinstance(v, bool) for v in verdict.values())
+
+
+def test_the_reference_grader_is_zero_for_a_matching_answer_and_minus_one_otherwise():
+    assert (sg.reference_reward(True), sg.reference_reward(False)) == (0.0, -1.0)
+    assert sg.GRADER_NAMES == ("checks", "json", "psrm") and sg.REFERENCE_GRADER not in sg.GRADERS
+    assert not reward_passes(sg.reference_reward(False), REWARD_THRESHOLD)
+    assert reward_passes(sg.reference_reward(True), REWARD_THRESHOLD)

@@ -35,6 +35,7 @@ from selar_local.errors import ContextOverflowError, SelarError
 from selar_local.generate import generate_groups
 from selar_local.methods import REGISTRY, is_search
 from selar_local.params import METHODS, DecodeParams
+from selar_local.self_grading import REFERENCE_GRADER
 from selar_local.turns import total_prompt_tokens
 from selar_local.vote import sample_seeds
 
@@ -656,6 +657,11 @@ def run_bench(
     return summary
 
 
+def matches_reference(problem: Problem, answer: str) -> bool:
+    """Whether `answer` is graded right against the problem's reference answer."""
+    return bool(grade(answer, problem.answer, problem.dataset)[1])
+
+
 def run_searches(runtime, searched: Sequence[tuple[WorkItem, list[int], DecodeParams]], parallel: int):
     """Run the search items (latentseek, textmas), yielding (item, params, found, wall seconds)
     as each one ends. Each search decodes its answers one after the other, so with
@@ -664,9 +670,13 @@ def run_searches(runtime, searched: Sequence[tuple[WorkItem, list[int], DecodePa
     items at --parallel 16 decode about 16 roles at a time, not one)."""
     def one(entry, decode=None):
         it, tokens, params = entry
-        search = REGISTRY[it.method].search_function()
+        method = REGISTRY[it.method]
+        extra = {}
+        if "latentseek_grader" in method.fields and params.latentseek_grader == REFERENCE_GRADER:
+            # the paper's perfect sparse reward: the answer graded against the data set's
+            extra["reference"] = functools.partial(matches_reference, it.problem)
         item_started = time.perf_counter()
-        found = search(runtime, it.problem.prompt, tokens, params, decode=decode)
+        found = method.search_function()(runtime, it.problem.prompt, tokens, params, decode=decode, **extra)
         return it, params, found, time.perf_counter() - item_started
 
     if parallel <= 1 or len(searched) <= 1:
