@@ -16,6 +16,8 @@ answer. Pure NumPy; the loop that decodes, grades and re-decodes is not wired he
 from __future__ import annotations
 
 import math
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,9 +115,37 @@ class Adam:
 
 
 # -- the output table ------------------------------------------------------------------
+# Output tables kept in memory, by model file: searches running side by side (a bench at
+# --parallel 16, a server's requests) share one read-only copy instead of each dequantising its
+# own (a 1.5B Qwen's is 0.9 GiB as float32). A server may hold a few models; the oldest goes.
+_TABLES: "OrderedDict[tuple[str, int, int], np.ndarray]" = OrderedDict()
+_TABLES_LOCK = threading.Lock()
+TABLES_KEPT = 2
+
+
 def output_table(model_path: str | Path, *, max_bytes: int = 2 << 30) -> np.ndarray:
-    """The model's output layer as float32 (n_vocab, n_embd), dequantised once from the GGUF
-    file (`output.weight`, else the tied `token_embd.weight`); refused past max_bytes."""
+    """The model's output layer as float32 (n_vocab, n_embd), read-only, dequantised once per
+    model file from the GGUF (`output.weight`, else the tied `token_embd.weight`) and shared;
+    refused past max_bytes."""
+    path = Path(model_path).resolve()
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    with _TABLES_LOCK:  # a second caller waits for the first one's table instead of making its own
+        table = _TABLES.get(key)
+        if table is None:
+            table = _dequantised_output_table(path, max_bytes)
+            table.flags.writeable = False
+            _TABLES[key] = table
+            while len(_TABLES) > TABLES_KEPT:
+                _TABLES.popitem(last=False)
+        _TABLES.move_to_end(key)
+    if table.nbytes > max_bytes:
+        raise InvalidParameterError(f"the output table of {path.name} is {table.nbytes >> 20} MiB as float32, "
+                                    f"over the {max_bytes >> 20} MiB bound")
+    return table
+
+
+def _dequantised_output_table(model_path: Path, max_bytes: int) -> np.ndarray:
     from gguf.quants import dequantize
 
     from selar_local.gguf_index import GGUFIndex
@@ -128,7 +158,7 @@ def output_table(model_path: str | Path, *, max_bytes: int = 2 << 30) -> np.ndar
     n_embd, n_vocab = int(location.shape[0]), int(np.prod(location.shape[1:]))
     need = 4 * n_embd * n_vocab
     if need > max_bytes:
-        raise InvalidParameterError(f"the output table of {Path(model_path).name} is {need >> 20} MiB as float32, "
+        raise InvalidParameterError(f"the output table of {model_path.name} is {need >> 20} MiB as float32, "
                                     f"over the {max_bytes >> 20} MiB bound")
     return np.ascontiguousarray(dequantize(index.raw_rows(name), location.qtype).reshape(n_vocab, n_embd),
                                 dtype=np.float32)

@@ -88,6 +88,15 @@ def test_output_table_gives_llama_cpp_logits_from_the_final_state(model_files):
     states.close()
     with pytest.raises(InvalidParameterError, match="over the 1 MiB bound"):
         ls.output_table(rt.model.path, max_bytes=1 << 20)
+    # dequantised once per file and shared read-only: side-by-side searches hold one copy
+    assert ls.output_table(rt.model.path) is table and not table.flags.writeable
+    from concurrent.futures import ThreadPoolExecutor
+
+    ls._TABLES.clear()  # four searches starting at once: one dequantises, the others wait for it
+    with ThreadPoolExecutor(4) as pool:
+        tables = list(pool.map(lambda _: ls.output_table(rt.model.path), range(4)))
+    assert all(t is tables[0] for t in tables) and tables[0] is not table
+    np.testing.assert_array_equal(tables[0], table)
 
 
 def test_final_states_are_the_states_that_chose_the_greedy_answer(model_files):
