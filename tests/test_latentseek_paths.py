@@ -255,16 +255,21 @@ def test_bench_frac_alpha_range_draws_and_records_an_alpha_per_sample(tmp_path, 
                      "--frac-alpha-range", "0,1.5", "--out", str(tmp_path / "bad")]) == 2
 
 
+def bench_records(out, count: int, *args: str) -> list[dict]:
+    """Run `selar bench` (BENCH and args) into `out`; its `count` records, none an error."""
+    assert cli_main([*BENCH, *args, "--out", str(out)]) == 0
+    records = read_results(out / RESULTS_NAME)
+    assert len(records) == count and all(r["error"] is None for r in records)
+    return records
+
+
 def test_bench_runs_searches_side_by_side_with_the_default_grading(tmp_path):
     """Three searches at once, each grading with four checks at once (three in flight: one per
     slot): nine decodes on a scheduler of three slots and three queue places. They wait for room
     (decode_requests) instead of failing the run with "server busy", which is how the first 1.5B
     run with `checks` ended (16 searches, 16 slots, 16 queue places)."""
-    out = tmp_path / "side-by-side"
-    assert cli_main([*BENCH, "--limit", "3", "--methods", "latentseek", "--parallel", "3",
-                     "--latentseek-iterations", "0", "--out", str(out)]) == 0
-    records = read_results(out / RESULTS_NAME)
-    assert len(records) == 3 and all(r["error"] is None for r in records)
+    records = bench_records(tmp_path / "side-by-side", 3, "--limit", "3", "--methods", "latentseek", "--parallel", "3",
+                            "--latentseek-iterations", "0")
     for record in records:
         assert record["params"]["latentseek_grader"] == DEFAULT_GRADER == "checks"
         assert (record["iterations"], record["generations"], record["gradings"]) == (0, 1, 1)
@@ -279,11 +284,8 @@ def test_bench_runs_searches_side_by_side_with_the_default_grading(tmp_path):
 def test_bench_rewards_a_search_by_the_reference_answer_with_psrm(tmp_path):
     """--latentseek-grader psrm: the bench hands each search its problem's reference, so the
     rewards are the grades of the answers (0 right, -1 wrong) and no grading is decoded."""
-    out = tmp_path / "psrm"
-    assert cli_main([*BENCH, "--methods", "latentseek", "--parallel", "2", "--latentseek-iterations", "1",
-                     "--latentseek-grader", "psrm", "--out", str(out)]) == 0
-    records = read_results(out / RESULTS_NAME)
-    assert len(records) == 2 and all(r["error"] is None for r in records)
+    records = bench_records(tmp_path / "psrm", 2, "--methods", "latentseek", "--parallel", "2",
+                            "--latentseek-iterations", "1", "--latentseek-grader", "psrm")
     for record in records:
         assert record["params"]["latentseek_grader"] == "psrm" and record["grading_tokens"] == 0
         assert record["rewards"][0] == (0.0 if record["first_correct"] else -1.0)
