@@ -73,6 +73,17 @@ def use_control_vector(runtime: "Runtime", params_list: Sequence[DecodeParams],
     runtime.slots.forget_free()  # their cells were computed under the old vector
 
 
+def sample_params(params: DecodeParams, samples: int, alpha_range: Sequence[float]) -> list[DecodeParams]:
+    """Each sample's decoding in Fractional Reasoning's test-time scaling: sample i decodes with
+    seed + i and the i-th alpha drawn uniformly from alpha_range with params.seed (so sample i
+    of every prompt decoded with one seed shares its alpha, and can share its decodes)."""
+    from selar_local.steering import alpha_draws
+    from selar_local.vote import sample_seeds
+
+    alphas = alpha_draws(alpha_range, samples, params.seed)
+    return [params.replace(seed=s, frac_alpha=a) for s, a in zip(sample_seeds(params.seed, samples), alphas)]
+
+
 def generate_samples(runtime: "Runtime", prompt: str | None = None, params: DecodeParams | None = None, *,
                      messages: Sequence[dict] | None = None, samples: int = 5,
                      alpha_range: Sequence[float] = (0.0, 0.15), dataset: str = "gsm8k") -> "SelfConsistencyResult":
@@ -82,16 +93,14 @@ def generate_samples(runtime: "Runtime", prompt: str | None = None, params: Deco
     alpha decode together, each alpha in its own round."""
     from selar_local.generate import generate_groups
     from selar_local.runtime import SelfConsistencyResult
-    from selar_local.steering import alpha_draws
-    from selar_local.vote import sample_seeds
 
     params = (params or runtime.default_params()).replace(method=METHOD)
     if not isinstance(samples, int) or isinstance(samples, bool) or not 1 <= samples <= runtime.n_parallel:
         raise InvalidParameterError(f"invalid samples={samples!r}: expected an integer in [1, n_parallel="
                                     f"{runtime.n_parallel}]")
     steering_for(runtime)
-    alphas = alpha_draws(alpha_range, samples, params.seed)
-    members = [params.replace(seed=s, frac_alpha=a) for s, a in zip(sample_seeds(params.seed, samples), alphas)]
+    members = sample_params(params, samples, alpha_range)
+    alphas = [m.frac_alpha for m in members]
     tokens = runtime.encode(prompt, messages=messages)
     results = [None] * samples
     for alpha in dict.fromkeys(alphas):  # one round per distinct alpha, in draw order

@@ -37,7 +37,9 @@ class Method:
     soft_inputs: bool            # feeds embedding mixtures: needs a model that passed the self-check
     options: tuple[Option, ...] = ()
     # A search method is no per-step policy: it decodes whole answers (with `policy`) and the
-    # facades (Selar, the server, `selar run`, `selar bench`) hand it to this "module:function".
+    # facades (Selar, the server, `selar run`, `selar bench`) hand it to this "module:function":
+    # (runtime, question, prompt tokens, params, *, decode, reference), where reference(answer)
+    # says whether an answer is the known one (`selar bench` only; None elsewhere).
     search: str | None = None
     # Another policy class for some value of one of its fields: (field, {value: "module:Class"})
     variants: tuple[str, tuple[tuple[str, str], ...]] | None = None

@@ -57,9 +57,11 @@ class TeamResult:
 
 
 def search(runtime: "Runtime", question: str, prompt: Sequence[int], params: DecodeParams, *,
-           decode: Decode | None = None) -> TeamResult:
+           decode: Decode | None = None, reference: Callable[[str], bool] | None = None) -> TeamResult:
     """The registry's entry for `--method textmas`: the roles in turn on `question` (the
     request's last user message; `prompt`, the request's own tokens, is not decoded).
+    reference (the search protocol's check against a known answer) is not used: the team does
+    not grade its answer.
     decode: how to decode (default runtime.generate_batch; the server passes its scheduler's)."""
     decode = decode or runtime.generate_batch
     as_cot = params.replace(method="cot")

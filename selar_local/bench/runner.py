@@ -35,7 +35,6 @@ from selar_local.errors import ContextOverflowError, SelarError
 from selar_local.generate import generate_groups
 from selar_local.methods import REGISTRY, is_search
 from selar_local.params import METHODS, DecodeParams
-from selar_local.self_grading import REFERENCE_GRADER
 from selar_local.turns import total_prompt_tokens
 from selar_local.vote import sample_seeds
 
@@ -606,18 +605,17 @@ def run_bench(
                 # Each frac sample decodes with its own alpha, and a control vector belongs to the
                 # whole context: one generate_batch over every item's samples decodes one round per
                 # alpha (generate_by_control_vector), each round `parallel` sequences wide. Sample i
-                # of every item of a seed draws the same alpha (alpha_draws from that seed), so a
-                # round holds all the items, not one item's one sample.
-                from selar_local.steering import alpha_draws
+                # of every item of a seed draws the same alpha (frac.sample_params), so a round
+                # holds all the items, not one item's one sample.
+                from selar_local.frac import sample_params
 
                 drawn = [entry for entry in runnable if entry[0].method == "frac"]
                 runnable = [entry for entry in runnable if entry[0].method != "frac"]
                 pending: list[tuple[WorkItem, int, DecodeParams, list[int]]] = []
                 for it, tokens, params in drawn:
-                    alphas = alpha_draws(config.frac_alpha_range, k, params.seed)
-                    for i, (seed, alpha) in enumerate(zip(sample_seeds(it.seed, k), alphas)):
+                    for i, member in enumerate(sample_params(params, k, config.frac_alpha_range)):
                         if (it.problem.id, it.method, it.seed, i) not in done_keys:
-                            pending.append((it, i, params.replace(seed=seed, frac_alpha=alpha), tokens))
+                            pending.append((it, i, member, tokens))
 
                 def sample_finished(index: int, result) -> None:
                     it, i, sample_params, _ = pending[index]
@@ -670,13 +668,10 @@ def run_searches(runtime, searched: Sequence[tuple[WorkItem, list[int], DecodePa
     items at --parallel 16 decode about 16 roles at a time, not one)."""
     def one(entry, decode=None):
         it, tokens, params = entry
-        method = REGISTRY[it.method]
-        extra = {}
-        if "latentseek_grader" in method.fields and params.latentseek_grader == REFERENCE_GRADER:
-            # the paper's perfect sparse reward: the answer graded against the data set's
-            extra["reference"] = functools.partial(matches_reference, it.problem)
+        search = REGISTRY[it.method].search_function()
         item_started = time.perf_counter()
-        found = method.search_function()(runtime, it.problem.prompt, tokens, params, decode=decode, **extra)
+        found = search(runtime, it.problem.prompt, tokens, params, decode=decode,
+                       reference=functools.partial(matches_reference, it.problem))
         return it, params, found, time.perf_counter() - item_started
 
     if parallel <= 1 or len(searched) <= 1:
