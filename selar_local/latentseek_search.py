@@ -15,6 +15,7 @@ import numpy as np
 from selar_local import latentseek as ls
 from selar_local import self_grading
 from selar_local.errors import InvalidParameterError
+from selar_local.outputs import replay_output
 from selar_local.params import DecodeParams
 
 if TYPE_CHECKING:
@@ -33,6 +34,15 @@ class LatentSeekResult:
     grading_tokens: int = 0     # tokens the gradings decoded, all checks together
     results: list["GenerationResult"] = field(default_factory=list, repr=False)  # each decode's result
     settings: dict = field(default_factory=dict)  # what it searched with (a response's `selar` shows them)
+    # The final answer's thinking span apart (a thinking model): its reasoning, and the text after
+    # the span; answer None without markers (then the whole text is the answer).
+    reasoning: str = ""
+    answer: str | None = None
+
+    @property
+    def content(self) -> str:
+        """What the final answer says after any thinking span: what is graded and returned."""
+        return self.text if self.answer is None else self.answer
 
     @property
     def reward(self) -> float:
@@ -161,12 +171,14 @@ def search(runtime: "Runtime", question: str, prompt: Sequence[int], params: Dec
     results, rewards = [first], [reward]
     tokens, text = list(first.tokens), first.text
     if ls.reward_passes(rewards[0], threshold) or iterations == 0 or not tokens:
-        return LatentSeekResult(text, tokens, 0, rewards, 0, 1, 1, grading_tokens, results, settings)
+        return LatentSeekResult(text, tokens, 0, rewards, 0, 1, 1, grading_tokens, results, settings,
+                                reasoning=first.reasoning, answer=first.answer)
     n_prefix = ls.prefix_length(len(tokens), rho)
     # z_t: the final state that produced answer token t (at the position before it)
     z = final_states(runtime, prompt + tokens[:n_prefix - 1], len(prompt) - 1).astype(np.float64)
     table = ls.output_table(runtime.model.path) if table is None else table
     adam, prefix = ls.Adam(lr=lr), np.asarray(tokens[:n_prefix])
+    in_thinking = bool(runtime.thinking_at_end(prompt))
     steps = 0
     for steps in range(1, iterations + 1):
         z = adam.step(z, ls.policy_gradient(table, z, prefix, rewards[-1]))
@@ -175,11 +187,13 @@ def search(runtime: "Runtime", question: str, prompt: Sequence[int], params: Dec
         continuation = decode([prompt + prefix.tolist()], [greedy.replace(max_tokens=rest)])[0]
         results.append(continuation)
         tokens = prefix.tolist() + list(continuation.tokens)
-        text = runtime.model.detokenize(prefix.tolist()) + continuation.text
-        reward, spent = grade_answer(text)
+        # one output, split as the loop would have split it had it decoded the prefix too
+        text, reasoning, answer = replay_output(runtime.model.token_bytes, runtime.thinking_span, in_thinking, tokens,
+                                                params.stop + runtime.stop_strings)
+        reward, spent = grade_answer(text if answer is None else answer)
         rewards.append(reward)
         grading_tokens += spent
         if ls.reward_passes(rewards[-1], threshold):
             break
     return LatentSeekResult(text, tokens, steps, rewards, n_prefix, 1 + steps, 1 + steps, grading_tokens, results,
-                            settings)
+                            settings, reasoning=reasoning, answer=answer)

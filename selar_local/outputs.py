@@ -176,6 +176,25 @@ class TextStream:
         return out
 
 
+def replay_output(token_bytes, span, thinking_at_start: bool, tokens: Sequence[int],
+                  stop: Sequence[str] = ()) -> tuple[str, str, str | None]:
+    """(text, reasoning, answer) of an output given as its tokens, split exactly as the loop
+    splits a sequence's output (the same TextStream and SpanTracker, token by token): for an
+    answer assembled from pieces decoded apart, such as LatentSeek's latent prefix and the
+    continuation decoded after it. token_bytes(id) -> bytes; answer None without markers."""
+    tracker = SpanTracker(span, thinking_at_start)
+    stream = TextStream(stop, tracker.hold_strings)
+    for token in tokens:
+        offset_before = len(stream.text)
+        _, stopped = stream.push(token_bytes(token))
+        tracker.push(token, offset_before, stream.text)
+        if stopped:
+            break
+    stream.finish()
+    reasoning, answer = tracker.split(stream.text)
+    return stream.text, reasoning, answer
+
+
 @dataclass
 class SequenceOutput:
     """One sequence's output so far (the fields of its GenerationResult)."""

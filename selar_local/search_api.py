@@ -1,9 +1,10 @@
 """Search methods (the registry's `Method.search`, e.g. latentseek) behind the OpenAI-shaped
 facade: the search decodes whole answers and gradings through the scheduler, one after the
 other, and the response carries its final answer. A streamed request gets the final answer
-as one content chunk after the search (its intermediate answers are not the answer), then
-the closing chunk; the `selar` field holds the search's iterations, rewards, generations and
-gradings."""
+as one chunk after the search (its intermediate answers are not the answer), then the closing
+chunk; the `selar` field holds the search's iterations, rewards, generations and gradings.
+A thinking model's final answer is split as any chat answer is: the text after its thinking
+span in `content`, the span in `reasoning_content`."""
 from __future__ import annotations
 
 import time
@@ -56,11 +57,14 @@ def search_response(llm: "Selar", req: PreparedRequest, messages: Sequence[Any])
     started = time.perf_counter()
     found = search(llm.runtime, question, req.prompt_tokens, params, decode=llm._decode_as_requests)
     completion = len(found.tokens)
+    message = {"role": "assistant", "content": found.content}
+    if found.answer is not None:  # a thinking model: its reasoning apart, as completion_response does
+        message["reasoning_content"] = found.reasoning
     selar = {"method": params.method, "seed": params.seed, **found.summary(),
              "decoded_tokens": found.decoded_tokens,
              "search_seconds": round(time.perf_counter() - started, 6), **found.settings}
     return {"id": req.id, "object": "chat.completion", "created": req.created, "model": req.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": found.text}, "logprobs": None,
+            "choices": [{"index": 0, "message": message, "logprobs": None,
                          "finish_reason": found.finish_reason}],
             "usage": {"prompt_tokens": len(req.prompt_tokens), "completion_tokens": completion,
                       "total_tokens": len(req.prompt_tokens) + completion,
@@ -78,7 +82,11 @@ def response_chunks(response: dict[str, Any], include_usage: bool = False) -> li
     def chunk(delta: dict, finish: str | None, **extra: Any) -> dict[str, Any]:
         return {**head, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **extra}
 
-    chunks = [chunk({"role": "assistant", "content": ""}, None), chunk({"content": choice["message"]["content"]}, None),
+    message = choice["message"]
+    answer = {"content": message["content"]}
+    if "reasoning_content" in message:
+        answer["reasoning_content"] = message["reasoning_content"]
+    chunks = [chunk({"role": "assistant", "content": ""}, None), chunk(answer, None),
               chunk({}, choice["finish_reason"], selar=response["selar"])]
     if include_usage:
         chunks.append({**head, "choices": [], "usage": response["usage"]})

@@ -35,6 +35,20 @@ class TeamResult:
         return self.results[-1].finish_reason
 
     @property
+    def content(self) -> str:
+        """The solver's answer after any thinking span: what is graded and returned."""
+        return self.results[-1].content
+
+    @property
+    def reasoning(self) -> str:
+        return self.results[-1].reasoning
+
+    @property
+    def answer(self) -> str | None:
+        """The solver's text after its thinking span; None without markers."""
+        return self.results[-1].answer
+
+    @property
     def generations(self) -> int:
         return len(self.results)
 

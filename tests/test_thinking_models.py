@@ -221,3 +221,71 @@ def httpx_post(url: str, body: dict):
     import httpx
 
     return httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+
+
+def _think_prompt(runtime):
+    return runtime.encode(messages=[{"role": "user", "content": QUESTION}, {"role": "assistant", "content": "<think>\n"}])
+
+
+def test_a_replayed_output_is_split_as_the_loop_split_it(tiny_r1):
+    """replay_output, which LatentSeek uses for an answer decoded in two pieces, gives the text,
+    reasoning and answer the loop gave the same tokens, with a stop string too."""
+    from selar_local.outputs import replay_output
+
+    prompt = _think_prompt(tiny_r1)
+    params = DecodeParams(greedy=True, max_think_tokens=4, max_tokens=16, ignore_eos=True)
+    result = tiny_r1.generate_batch([prompt], [params])[0]
+    assert result.answer and result.reasoning and result.tokens.index(THINK_CLOSE) == 4
+
+    def replay(tokens, stop=()):
+        return replay_output(tiny_r1.model.token_bytes, tiny_r1.thinking_span, True, tokens, stop)
+
+    assert replay(result.tokens) == (result.text, result.reasoning, result.answer)
+    stop = result.answer[len(result.answer) // 2:][:3]  # a string inside the answer, where it first occurs
+    stopped = tiny_r1.generate_batch([prompt], [params.replace(stop=(stop,))])[0]
+    assert stopped.text == result.text[:result.text.index(stop)]
+    assert replay(result.tokens, (stop,)) == (stopped.text, stopped.reasoning, stopped.answer)
+    # the same tokens read as if the prompt had not opened the span: all of it before the close is content
+    assert replay(result.tokens)[1:] != replay_output(tiny_r1.model.token_bytes, tiny_r1.thinking_span, False,
+                                                      result.tokens)[1:]
+
+
+def test_latentseek_grades_and_returns_what_a_thinking_model_answers_after_its_span(tiny_r1):
+    """Every answer LatentSeek grades is the text after the thinking span, the first (decoded
+    whole) and the later ones (a latent prefix, then the rest decoded after it): the final
+    answer is split as the loop would split those tokens."""
+    from selar_local.latentseek_search import search
+    from selar_local.outputs import replay_output
+
+    prompt = _think_prompt(tiny_r1)
+    params = tiny_r1.default_params(method="latentseek", greedy=True, max_tokens=16, max_think_tokens=4,
+                                    ignore_eos=True, latentseek_iterations=2, latentseek_grader="psrm")
+    graded = []
+    found = search(tiny_r1, QUESTION, prompt, params, reference=lambda answer: graded.append(answer) or False)
+    assert found.iterations == 2 and found.prefix_length >= 1 and len(graded) == 3
+    assert graded[0] == found.first_answer == found.results[0].answer
+    text, reasoning, answer = replay_output(tiny_r1.model.token_bytes, tiny_r1.thinking_span, True, found.tokens,
+                                            params.stop + tiny_r1.stop_strings)
+    assert (found.text, found.reasoning, found.answer) == (text, reasoning, answer)
+    assert answer and reasoning and graded[-1] == found.content == answer
+    assert "</think>" in found.text and "</think>" not in "".join(graded)
+
+
+def test_the_search_api_returns_a_thinking_models_reasoning_apart(tiny_r1):
+    from selar_local.api import Selar
+    from selar_local.latentseek_search import search
+
+    messages = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": "<think>\n"}]
+    body = dict(method="latentseek", greedy=True, max_tokens=16, max_think_tokens=4, ignore_eos=True,
+                latentseek_iterations=1, latentseek_threshold=1.0, latentseek_grader="json")
+    direct = search(tiny_r1, QUESTION, tiny_r1.encode(messages=messages), tiny_r1.default_params(**body))
+    llm = Selar(runtime=tiny_r1)
+    try:
+        message = llm.create_chat_completion(messages, **body)["choices"][0]["message"]
+        chunks = list(llm.create_chat_completion(messages, stream=True, **body))
+    finally:
+        llm.close()
+    assert direct.answer and direct.iterations == 1
+    assert message == {"role": "assistant", "content": direct.content, "reasoning_content": direct.reasoning}
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    assert deltas[1] == {"content": direct.content, "reasoning_content": direct.reasoning}

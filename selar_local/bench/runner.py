@@ -432,7 +432,7 @@ def search_record(problem: Problem, method: str, seed: int, params: DecodeParams
     search that revises a first answer, that answer graded too (`first_correct`)."""
     record = record_for(problem, method, seed, params, found.results[-1], parallel=parallel, cpu_repack=cpu_repack,
                         wall_seconds=wall_seconds)
-    extracted, correct = grade(found.text, problem.answer, problem.dataset)
+    extracted, correct = grade(found.content, problem.answer, problem.dataset)
     record.update(text=found.text, extracted=extracted, correct=bool(correct), completion_tokens=len(found.tokens),
                   prompt_tokens=found.results[0].prompt_tokens,
                   prefill_seconds=round(sum(r.prefill_seconds for r in found.results), 4),

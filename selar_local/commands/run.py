@@ -205,6 +205,6 @@ def _run_search(args: argparse.Namespace, runtime, params, prompt: str) -> int:
     started = time.perf_counter()
     search = REGISTRY[params.method].search_function()
     found = search(runtime, prompt, runtime.encode(messages=messages, template_kwargs=template_kwargs), params)
-    print(found.text)
+    print(found.content if args.hide_thinking else found.text)
     print(f"[{params.method}] {found.describe()}; {time.perf_counter() - started:.2f} s", file=sys.stderr)
     return 0
