@@ -16,6 +16,10 @@ measurements, in nanoseconds. Errors are Ollama's {"error": "..."} with the HTTP
 Requests go through the same RequestBuilder and Scheduler as the OpenAI endpoints, so
 validation, queueing and cancellation on disconnect are theirs.
 
+A search method (`"method": "latentseek"` or `"textmas"` in `options`) runs on /api/chat as on
+/v1/chat/completions (selar_local/search_api.py): streamed, its final answer comes as one line
+after the search, then the done line; the done line's `selar` holds the search's course.
+
 `format` is structured output as in the OpenAI endpoints (llama.cpp's grammar sampler):
 "json" is any JSON object, an object is a JSON Schema. Not supported: images, tools and
 `context`; they are refused by name.
@@ -35,6 +39,7 @@ from starlette.concurrency import run_in_threadpool
 from selar_local.http_stream import CancellingStream, cancel_all, compact_json, until_disconnect
 from selar_local.model_pool import Lease, ModelPool, parse_keep_alive
 from selar_local.openai_schema import DECODE_FIELDS, RequestError
+from selar_local.search_api import run_search, wants_search
 
 # Ollama option -> request field of the OpenAI schema (the rest of DECODE_FIELDS pass as named).
 _OPTION_FIELDS = {"num_predict": "max_tokens", "temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
@@ -217,6 +222,16 @@ async def _run(request: Request, pool: ModelPool, kind: str) -> Response:
         build = llm.builder.chat if "messages" in translated else llm.builder.completion
         req = await run_in_threadpool(build, translated)
         exchange = _Exchange(kind, body, lease, req, started)
+        if wants_search(req):
+            if kind != "chat":
+                raise RequestError(f"method '{req.params.method}' is a search over a chat: use /api/chat",
+                                   param="method")
+            try:
+                found, selar = await run_in_threadpool(run_search, llm, req, translated["messages"])
+            finally:  # the search is over (or failed): the model may go
+                lease.release()
+                lease = None
+            return _search_reply(exchange, found, selar, stream=body.get("stream", True))
         loop = asyncio.get_running_loop()
         inbox: asyncio.Queue = asyncio.Queue()
         handles = llm.scheduler.submit_group(req.prompt_tokens, req.choices, sinks=[
@@ -249,6 +264,23 @@ async def _run(request: Request, pool: ModelPool, kind: str) -> Response:
         watcher.cancel()
         cancel_all(handles)
         lease.release()
+
+
+def _search_reply(exchange: _Exchange, found, selar: dict[str, Any], *, stream: bool) -> Response:
+    """A finished search as Ollama's reply: one body, or (streamed) the answer's line, then the
+    done line. Its timings sum the answers it decoded; `selar` is the OpenAI response's."""
+    ns = 1_000_000_000
+    done = {"done_reason": found.finish_reason, "total_duration": int((time.monotonic() - exchange.started) * ns),
+            "load_duration": int(exchange.lease.load_seconds * ns),
+            "prompt_eval_count": len(exchange.req.prompt_tokens),
+            "prompt_eval_duration": int(sum(r.prefill_seconds for r in found.results) * ns),
+            "eval_count": len(found.tokens), "eval_duration": int(sum(r.decode_seconds for r in found.results) * ns),
+            "selar": selar}
+    answer = exchange.line(found.content, found.reasoning if found.answer is not None else "")
+    if not stream:
+        return JSONResponse({**answer, "done": True, **done})
+    lines = [answer, {**exchange.line("", ""), "done": True, **done}]
+    return StreamingResponse(iter([_ndjson_line(line) for line in lines]), media_type="application/x-ndjson")
 
 
 async def _lines(exchange: _Exchange, inbox: asyncio.Queue) -> AsyncIterator[dict]:

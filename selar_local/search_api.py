@@ -48,21 +48,27 @@ def check_search_request(req: PreparedRequest, messages: Sequence[Any] | None) -
     return question_of(messages, method)
 
 
-def search_response(llm: "Selar", req: PreparedRequest, messages: Sequence[Any]) -> dict[str, Any]:
-    """Run the request's search (blocking: call it off the event loop) and answer like a
-    chat.completion."""
+def run_search(llm: "Selar", req: PreparedRequest, messages: Sequence[Any]) -> tuple[Any, dict[str, Any]]:
+    """Run the request's search (blocking: call it off the event loop): its result, and the
+    response's `selar` field (the search's course and settings)."""
     question = check_search_request(req, messages)
     params = req.params
     search = REGISTRY[params.method].search_function()
     started = time.perf_counter()
     found = search(llm.runtime, question, req.prompt_tokens, params, decode=llm._decode_as_requests)
+    return found, {"method": params.method, "seed": params.seed, **found.summary(),
+                   "decoded_tokens": found.decoded_tokens,
+                   "search_seconds": round(time.perf_counter() - started, 6), **found.settings}
+
+
+def search_response(llm: "Selar", req: PreparedRequest, messages: Sequence[Any]) -> dict[str, Any]:
+    """Run the request's search (blocking: call it off the event loop) and answer like a
+    chat.completion."""
+    found, selar = run_search(llm, req, messages)
     completion = len(found.tokens)
     message = {"role": "assistant", "content": found.content}
     if found.answer is not None:  # a thinking model: its reasoning apart, as completion_response does
         message["reasoning_content"] = found.reasoning
-    selar = {"method": params.method, "seed": params.seed, **found.summary(),
-             "decoded_tokens": found.decoded_tokens,
-             "search_seconds": round(time.perf_counter() - started, 6), **found.settings}
     return {"id": req.id, "object": "chat.completion", "created": req.created, "model": req.model,
             "choices": [{"index": 0, "message": message, "logprobs": None,
                          "finish_reason": found.finish_reason}],

@@ -3,6 +3,7 @@ by the real `ollama` Python client; answers compared with the OpenAI endpoints' 
 same greedy request (the same runtime decodes both)."""
 from __future__ import annotations
 
+import json
 import time
 from importlib.metadata import version
 
@@ -162,3 +163,40 @@ def test_format_constrains_the_answer_to_json(server, client):
     assert answer.done_reason == "stop", answer
     value = json.loads(answer.message.content)
     assert set(value) == {"name", "legs"} and isinstance(value["name"], str) and isinstance(value["legs"], int)
+
+
+SEARCH = {"method": "latentseek", "greedy": True, "seed": 5, "latentseek_iterations": 1, "latentseek_threshold": 1.0,
+          "latentseek_grader": "json"}  # threshold 1: the one iteration always runs
+
+
+def test_a_search_method_answers_on_api_chat_as_on_the_openai_endpoint(server, client):
+    expected = _openai_chat(server, SMOL, MESSAGES, max_tokens=12, **SEARCH)
+    body = {"model": SMOL, "messages": MESSAGES, "options": {**SEARCH, "num_predict": 12}}
+    reply = httpx.post(server + "/api/chat", json={**body, "stream": False}, timeout=300)
+    assert reply.status_code == 200, reply.text
+    reply = reply.json()
+    choice, usage = expected["choices"][0], expected["usage"]
+
+    def course(selar):  # the search's course and settings; its duration differs between two runs
+        return {k: v for k, v in selar.items() if k != "search_seconds"}
+
+    assert reply["message"] == {"role": "assistant", "content": choice["message"]["content"]}
+    assert course(reply["selar"]) == course(expected["selar"]) and reply["selar"]["iterations"] == 1
+    assert (reply["done"], reply["done_reason"], reply["prompt_eval_count"], reply["eval_count"]) == (
+        True, choice["finish_reason"], usage["prompt_tokens"], usage["completion_tokens"])
+    assert reply["total_duration"] >= reply["prompt_eval_duration"] + reply["eval_duration"] > 0
+
+    with httpx.stream("POST", server + "/api/chat", json=body, timeout=300) as streamed:
+        lines = [json.loads(line) for line in streamed.iter_lines() if line]
+    assert [line["done"] for line in lines] == [False, True]
+    assert lines[0]["message"] == reply["message"] and lines[1]["message"]["content"] == ""
+    assert course(lines[1]["selar"]) == course(reply["selar"]) and lines[1]["eval_count"] == reply["eval_count"]
+    assert client.chat(model=SMOL, messages=MESSAGES, options=body["options"]).message.content == \
+        reply["message"]["content"]
+
+    refused = httpx.post(server + "/api/generate", json={"model": SMOL, "prompt": "Name a color.",
+                                                         "options": SEARCH}, timeout=60)
+    assert refused.status_code == 400 and "use /api/chat" in refused.json()["error"]
+    psrm = httpx.post(server + "/api/chat", json={**body, "options": {**SEARCH, "latentseek_grader": "psrm"}},
+                      timeout=60)
+    assert psrm.status_code == 400 and "only `selar bench` has" in psrm.json()["error"]
