@@ -38,6 +38,7 @@ class LatentSeekResult:
     # the span; answer None without markers (then the whole text is the answer).
     reasoning: str = ""
     answer: str | None = None
+    think_tokens: int = 0       # of its tokens, those inside the thinking span
 
     @property
     def content(self) -> str:
@@ -172,7 +173,7 @@ def search(runtime: "Runtime", question: str, prompt: Sequence[int], params: Dec
     tokens, text = list(first.tokens), first.text
     if ls.reward_passes(rewards[0], threshold) or iterations == 0 or not tokens:
         return LatentSeekResult(text, tokens, 0, rewards, 0, 1, 1, grading_tokens, results, settings,
-                                reasoning=first.reasoning, answer=first.answer)
+                                reasoning=first.reasoning, answer=first.answer, think_tokens=first.think_tokens)
     n_prefix = ls.prefix_length(len(tokens), rho)
     # z_t: the final state that produced answer token t (at the position before it)
     z = final_states(runtime, prompt + tokens[:n_prefix - 1], len(prompt) - 1).astype(np.float64)
@@ -188,12 +189,12 @@ def search(runtime: "Runtime", question: str, prompt: Sequence[int], params: Dec
         results.append(continuation)
         tokens = prefix.tolist() + list(continuation.tokens)
         # one output, split as the loop would have split it had it decoded the prefix too
-        text, reasoning, answer = replay_output(runtime.model.token_bytes, runtime.thinking_span, in_thinking, tokens,
-                                                params.stop + runtime.stop_strings)
+        text, reasoning, answer, think_tokens = replay_output(runtime.model.token_bytes, runtime.thinking_span,
+                                                              in_thinking, tokens, params.stop + runtime.stop_strings)
         reward, spent = grade_answer(text if answer is None else answer)
         rewards.append(reward)
         grading_tokens += spent
         if ls.reward_passes(rewards[-1], threshold):
             break
     return LatentSeekResult(text, tokens, steps, rewards, n_prefix, 1 + steps, 1 + steps, grading_tokens, results,
-                            settings, reasoning=reasoning, answer=answer)
+                            settings, reasoning=reasoning, answer=answer, think_tokens=think_tokens)

@@ -177,11 +177,12 @@ class TextStream:
 
 
 def replay_output(token_bytes, span, thinking_at_start: bool, tokens: Sequence[int],
-                  stop: Sequence[str] = ()) -> tuple[str, str, str | None]:
-    """(text, reasoning, answer) of an output given as its tokens, split exactly as the loop
-    splits a sequence's output (the same TextStream and SpanTracker, token by token): for an
-    answer assembled from pieces decoded apart, such as LatentSeek's latent prefix and the
-    continuation decoded after it. token_bytes(id) -> bytes; answer None without markers."""
+                  stop: Sequence[str] = ()) -> tuple[str, str, str | None, int]:
+    """(text, reasoning, answer, think_tokens) of an output given as its tokens, split exactly
+    as the loop splits a sequence's output (the same TextStream and SpanTracker, token by
+    token): for an answer assembled from pieces decoded apart, such as LatentSeek's latent
+    prefix and the continuation decoded after it. token_bytes(id) -> bytes; answer None
+    without markers; think_tokens: the tokens inside the span."""
     tracker = SpanTracker(span, thinking_at_start)
     stream = TextStream(stop, tracker.hold_strings)
     for token in tokens:
@@ -192,7 +193,7 @@ def replay_output(token_bytes, span, thinking_at_start: bool, tokens: Sequence[i
             break
     stream.finish()
     reasoning, answer = tracker.split(stream.text)
-    return stream.text, reasoning, answer
+    return stream.text, reasoning, answer, tracker.think_tokens
 
 
 @dataclass

@@ -8,7 +8,9 @@ span comes back as a `reasoning` output item (its text in `content`), the answer
 response.output_item.added, response.content_part.added, response.output_text.delta,
 ..., response.completed), each as `event: TYPE` + `data: JSON`. The SeLaR fields (method,
 tau, lam, ks, ...) are extra body fields, as in chat completions. Stateless: no `store`,
-no `previous_response_id`, no tools.
+no `previous_response_id`, no tools. A search method (`"method": "latentseek"`, `textmas`)
+runs as in chat completions (selar_local/search_api.py): its final answer is the output, and
+streamed, its events all come after the search; `selar` holds the search's course.
 """
 from __future__ import annotations
 
@@ -16,15 +18,18 @@ import asyncio
 import json
 import time
 import uuid
-from typing import Any, AsyncIterator
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any, AsyncIterator, Iterator
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from selar_local.http_stream import CancellingStream, cancel_all, compact_json, until_disconnect
 from selar_local.model_pool import ModelPool
 from selar_local.openai_schema import DECODE_FIELDS, RequestError
+from selar_local.search_api import run_search, wants_search
 
 _NEUTRAL = {"store": (None, False), "previous_response_id": (None,), "tools": (None, []),
             "tool_choice": (None, "auto", "none"), "parallel_tool_calls": None, "truncation": (None, "disabled"),
@@ -97,6 +102,24 @@ def _input_messages(value: Any) -> list[dict[str, Any]]:
     return messages
 
 
+@dataclass(frozen=True)
+class _SearchOutput:
+    """A finished search, with the fields the writer reads from a GenerationResult."""
+    content: str
+    reasoning: str
+    prompt_tokens: int
+    completion_tokens: int
+    think_tokens: int
+    finish_reason: str
+    selar: dict[str, Any]  # search_api.run_search's: the search's course and settings
+    cached_tokens: int = 0
+
+    @classmethod
+    def of(cls, found, selar: dict[str, Any], prompt_tokens: int) -> "_SearchOutput":
+        return cls(found.content, found.reasoning if found.answer is not None else "", prompt_tokens,
+                   len(found.tokens), found.think_tokens, found.finish_reason, selar)
+
+
 class _ResponseWriter:
     """The response object and its stream events, for one request."""
 
@@ -128,8 +151,9 @@ class _ResponseWriter:
                             "output_tokens": result.completion_tokens,
                             "output_tokens_details": {"reasoning_tokens": result.think_tokens},
                             "total_tokens": result.prompt_tokens + result.completion_tokens}
-            out["selar"] = {"method": self.req.params.method, "soft_steps": result.soft_steps,
-                            "soft_share": round(result.soft_share, 4), "finish_reason": result.finish_reason}
+            out["selar"] = ({**result.selar, "finish_reason": result.finish_reason} if isinstance(result, _SearchOutput)
+                            else {"method": self.req.params.method, "soft_steps": result.soft_steps,
+                                  "soft_share": round(result.soft_share, 4), "finish_reason": result.finish_reason})
             if result.finish_reason == "length":
                 out["status"] = "incomplete"
                 out["incomplete_details"] = {"reason": "max_output_tokens"}
@@ -199,6 +223,12 @@ class _ResponseWriter:
                                   delta=event.content, logprobs=[]))
         return out
 
+    def search_events(self, result: _SearchOutput) -> Iterator[dict]:
+        """A finished search's whole stream: its answer as one delta of each item."""
+        yield from self.opening()
+        yield from self.step(SimpleNamespace(reasoning=result.reasoning, content=result.content))
+        yield from self.closing(result)
+
     def closing(self, result) -> list[dict]:
         out = self._open("message")  # an empty answer still has its message item
         out += self._close("reasoning") if "reasoning" in self.open_items and self.open_items[-1] == "reasoning" \
@@ -224,6 +254,17 @@ async def create_response(request: Request, pool: ModelPool) -> Response:
         llm = lease.selar
         req = await run_in_threadpool(llm.builder.chat, translated)
         writer = _ResponseWriter(body, req, llm.model_id)
+        if wants_search(req):
+            try:
+                found, selar = await run_in_threadpool(run_search, llm, req, translated["messages"])
+            finally:  # the search is over (or failed): the model may go
+                lease.release()
+                lease = None
+            result = _SearchOutput.of(found, selar, len(req.prompt_tokens))
+            if req.stream:
+                return StreamingResponse(map(_typed_event, writer.search_events(result)), media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache"})
+            return JSONResponse(writer.response("completed", result))
         loop = asyncio.get_running_loop()
         inbox: asyncio.Queue = asyncio.Queue()
         handles = llm.scheduler.submit_group(req.prompt_tokens, req.choices, sinks=[

@@ -49,6 +49,10 @@ class TeamResult:
         return self.results[-1].answer
 
     @property
+    def think_tokens(self) -> int:
+        return self.results[-1].think_tokens
+
+    @property
     def generations(self) -> int:
         return len(self.results)
 

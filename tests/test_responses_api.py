@@ -112,3 +112,44 @@ def test_reasoning_item_and_ollama_thinking(tiny_model):
         reply = ollama.Client(host=url, timeout=300).chat(
             model=model, messages=messages, options={**knobs, "num_predict": 14})
         assert reply.message.thinking == reasoning and reply.message.content == chat.choices[0].message.content
+        # a search on a thinking model: the span of its final answer is the reasoning item
+        search = {**SEARCH, "max_think_tokens": 4, "ignore_eos": True}
+        searched = client.chat.completions.create(model=model, messages=messages, max_tokens=14, extra_body=search)
+        found = client.responses.create(model=model, input=messages, max_output_tokens=14, extra_body=search)
+        assert [item.type for item in found.output] == ["reasoning", "message"]
+        assert found.output[0].content[0].text == searched.choices[0].message.model_extra["reasoning_content"]
+        assert found.output_text == searched.choices[0].message.content
+        assert found.usage.output_tokens_details.reasoning_tokens == found.model_extra["selar"]["prefix_length"] + 4
+
+
+SEARCH = {"method": "latentseek", "greedy": True, "seed": 5, "latentseek_iterations": 1, "latentseek_threshold": 1.0,
+          "latentseek_grader": "json"}  # threshold 1: the one iteration always runs
+
+
+def _course(selar: dict) -> dict:
+    """A search's course and settings (its duration differs between two runs)."""
+    return {k: v for k, v in selar.items() if k not in ("search_seconds", "finish_reason")}
+
+
+def test_a_search_method_answers_as_in_chat_completions(client):
+    messages = [{"role": "user", "content": "Name a color."}]
+    expected = client.chat.completions.create(model=SMOL, messages=messages, max_tokens=12, extra_body=SEARCH)
+    response = client.responses.create(model=SMOL, input=messages, max_output_tokens=12, extra_body=SEARCH)
+    choice = expected.choices[0]
+    (message,) = response.output
+    assert message.type == "message" and response.output_text == choice.message.content
+    assert (response.usage.input_tokens, response.usage.output_tokens, response.usage.total_tokens) == (
+        expected.usage.prompt_tokens, expected.usage.completion_tokens, expected.usage.total_tokens)
+    assert response.usage.output_tokens_details.reasoning_tokens == 0
+    selar = response.model_extra["selar"]
+    assert _course(selar) == _course(expected.model_extra["selar"]) and selar["iterations"] == 1
+    assert selar["finish_reason"] == choice.finish_reason
+    assert response.status == ("incomplete" if choice.finish_reason == "length" else "completed")
+    events = list(client.responses.create(model=SMOL, input=messages, max_output_tokens=12, stream=True,
+                                          extra_body=SEARCH))
+    assert [e.type for e in events] == [
+        "response.created", "response.in_progress", "response.output_item.added", "response.content_part.added",
+        "response.output_text.delta", "response.output_text.done", "response.content_part.done",
+        "response.output_item.done", "response." + response.status]
+    assert events[4].delta == response.output_text == events[-1].response.output_text
+    assert _course(events[-1].response.model_extra["selar"]) == _course(selar)

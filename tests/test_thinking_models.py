@@ -240,11 +240,12 @@ def test_a_replayed_output_is_split_as_the_loop_split_it(tiny_r1):
     def replay(tokens, stop=()):
         return replay_output(tiny_r1.model.token_bytes, tiny_r1.thinking_span, True, tokens, stop)
 
-    assert replay(result.tokens) == (result.text, result.reasoning, result.answer)
+    assert replay(result.tokens) == (result.text, result.reasoning, result.answer, result.think_tokens) and \
+        result.think_tokens == 4
     stop = result.answer[len(result.answer) // 2:][:3]  # a string inside the answer, where it first occurs
     stopped = tiny_r1.generate_batch([prompt], [params.replace(stop=(stop,))])[0]
     assert stopped.text == result.text[:result.text.index(stop)]
-    assert replay(result.tokens, (stop,)) == (stopped.text, stopped.reasoning, stopped.answer)
+    assert replay(result.tokens, (stop,)) == (stopped.text, stopped.reasoning, stopped.answer, stopped.think_tokens)
     # the same tokens read as if the prompt had not opened the span: all of it before the close is content
     assert replay(result.tokens)[1:] != replay_output(tiny_r1.model.token_bytes, tiny_r1.thinking_span, False,
                                                       result.tokens)[1:]
@@ -264,9 +265,10 @@ def test_latentseek_grades_and_returns_what_a_thinking_model_answers_after_its_s
     found = search(tiny_r1, QUESTION, prompt, params, reference=lambda answer: graded.append(answer) or False)
     assert found.iterations == 2 and found.prefix_length >= 1 and len(graded) == 3
     assert graded[0] == found.first_answer == found.results[0].answer
-    text, reasoning, answer = replay_output(tiny_r1.model.token_bytes, tiny_r1.thinking_span, True, found.tokens,
-                                            params.stop + tiny_r1.stop_strings)
-    assert (found.text, found.reasoning, found.answer) == (text, reasoning, answer)
+    text, reasoning, answer, think_tokens = replay_output(tiny_r1.model.token_bytes, tiny_r1.thinking_span, True,
+                                                          found.tokens, params.stop + tiny_r1.stop_strings)
+    assert (found.text, found.reasoning, found.answer, found.think_tokens) == (text, reasoning, answer, think_tokens)
+    assert think_tokens == found.prefix_length + 4  # the prefix, then the continuation's budget of 4
     assert answer and reasoning and graded[-1] == found.content == answer
     assert "</think>" in found.text and "</think>" not in "".join(graded)
 
