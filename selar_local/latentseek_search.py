@@ -139,6 +139,18 @@ def latentseek(runtime: "Runtime", question: str, *, messages: Sequence[dict] | 
     return search(runtime, question, runtime.encode(messages=messages), params, table=table)
 
 
+def continuation_params(runtime: "Runtime", greedy: DecodeParams, prefix: Sequence[int], in_thinking: bool,
+                        max_tokens: int) -> DecodeParams:
+    """How the rest of a revised answer decodes after its latent prefix: `greedy` with the
+    tokens left, and a thinking budget (max_think_tokens) that counts the prefix's thinking
+    tokens too, so a revised answer thinks no longer than a first one."""
+    budget = greedy.max_think_tokens
+    if budget is not None:
+        prefix_thinking = replay_output(runtime.model.token_bytes, runtime.thinking_span, in_thinking, prefix)[3]
+        budget = max(0, budget - prefix_thinking)
+    return greedy.replace(max_tokens=max_tokens, max_think_tokens=budget)
+
+
 def search(runtime: "Runtime", question: str, prompt: Sequence[int], params: DecodeParams, *,
            decode: Decode | None = None, table: np.ndarray | None = None,
            reference: Callable[[str], bool] | None = None) -> LatentSeekResult:
@@ -185,7 +197,8 @@ def search(runtime: "Runtime", question: str, prompt: Sequence[int], params: Dec
         z = adam.step(z, ls.policy_gradient(table, z, prefix, rewards[-1]))
         prefix = ls.prefix_tokens(table, z)
         rest = max(1, params.max_tokens - n_prefix)
-        continuation = decode([prompt + prefix.tolist()], [greedy.replace(max_tokens=rest)])[0]
+        continuation = decode([prompt + prefix.tolist()], [continuation_params(runtime, greedy, prefix.tolist(),
+                                                                                in_thinking, rest)])[0]
         results.append(continuation)
         tokens = prefix.tolist() + list(continuation.tokens)
         # one output, split as the loop would have split it had it decoded the prefix too
