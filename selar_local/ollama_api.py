@@ -185,19 +185,21 @@ class _Exchange:
                 out["thinking"] = reasoning
         out["done"] = done
         if done:
-            out.update(done_reason=result.finish_reason, **self.timings(result))
+            out.update(self.done_fields(result.finish_reason, result.prompt_tokens, result.prefill_seconds,
+                                        result.completion_tokens, result.decode_seconds,
+                                        {"method": self.req.params.method, "soft_steps": result.soft_steps,
+                                         "soft_share": round(result.soft_share, 4)}))
         return out
 
-    def timings(self, result) -> dict[str, Any]:
-        """Ollama's timing fields (nanoseconds), from this request's own measurements."""
+    def done_fields(self, finish_reason: str, prompt_tokens: int, prefill_seconds: float, completion_tokens: int,
+                    decode_seconds: float, selar: dict[str, Any]) -> dict[str, Any]:
+        """The done line's fields: the reason, Ollama's timings (nanoseconds, from this request's
+        own measurements) and the `selar` field."""
         ns = 1_000_000_000
-        return {"total_duration": int((time.monotonic() - self.started) * ns),
+        return {"done_reason": finish_reason, "total_duration": int((time.monotonic() - self.started) * ns),
                 "load_duration": int(self.lease.load_seconds * ns),
-                "prompt_eval_count": result.prompt_tokens,
-                "prompt_eval_duration": int(result.prefill_seconds * ns),
-                "eval_count": result.completion_tokens, "eval_duration": int(result.decode_seconds * ns),
-                "selar": {"method": self.req.params.method, "soft_steps": result.soft_steps,
-                          "soft_share": round(result.soft_share, 4)}}
+                "prompt_eval_count": prompt_tokens, "prompt_eval_duration": int(prefill_seconds * ns),
+                "eval_count": completion_tokens, "eval_duration": int(decode_seconds * ns), "selar": selar}
 
     def piece(self, event) -> tuple[str, str]:
         """(content, reasoning) of one step: the template's answer and thinking, or raw text."""
@@ -269,14 +271,10 @@ async def _run(request: Request, pool: ModelPool, kind: str) -> Response:
 def _search_reply(exchange: _Exchange, found, selar: dict[str, Any], *, stream: bool) -> Response:
     """A finished search as Ollama's reply: one body, or (streamed) the answer's line, then the
     done line. Its timings sum the answers it decoded; `selar` is the OpenAI response's."""
-    ns = 1_000_000_000
-    done = {"done_reason": found.finish_reason, "total_duration": int((time.monotonic() - exchange.started) * ns),
-            "load_duration": int(exchange.lease.load_seconds * ns),
-            "prompt_eval_count": len(exchange.req.prompt_tokens),
-            "prompt_eval_duration": int(sum(r.prefill_seconds for r in found.results) * ns),
-            "eval_count": len(found.tokens), "eval_duration": int(sum(r.decode_seconds for r in found.results) * ns),
-            "selar": selar}
-    answer = exchange.line(found.content, found.reasoning if found.answer is not None else "")
+    done = exchange.done_fields(found.finish_reason, len(exchange.req.prompt_tokens),
+                                sum(r.prefill_seconds for r in found.results), len(found.tokens),
+                                sum(r.decode_seconds for r in found.results), selar)
+    answer = exchange.line(found.content, found.reasoning)  # reasoning: "" without a thinking span
     if not stream:
         return JSONResponse({**answer, "done": True, **done})
     lines = [answer, {**exchange.line("", ""), "done": True, **done}]

@@ -116,8 +116,8 @@ class _SearchOutput:
 
     @classmethod
     def of(cls, found, selar: dict[str, Any], prompt_tokens: int) -> "_SearchOutput":
-        return cls(found.content, found.reasoning if found.answer is not None else "", prompt_tokens,
-                   len(found.tokens), found.think_tokens, found.finish_reason, selar)
+        return cls(found.content, found.reasoning, prompt_tokens, len(found.tokens), found.think_tokens,
+                   found.finish_reason, selar)
 
 
 class _ResponseWriter:
@@ -134,7 +134,9 @@ class _ResponseWriter:
         self.thinking: list[str] = []
         self.open_items: list[str] = []  # "reasoning" / "message", in output order
 
-    def response(self, status: str, result=None) -> dict[str, Any]:
+    def response(self, status: str, result=None, selar: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The response object; with a result, its output, usage and `selar` field (`selar`
+        given: a search's course, else the decode's soft steps)."""
         out: dict[str, Any] = {
             "id": self.id, "object": "response", "created_at": self.created, "status": status, "model": self.model,
             "output": [], "error": None, "incomplete_details": None, "instructions": self.body.get("instructions"),
@@ -151,9 +153,10 @@ class _ResponseWriter:
                             "output_tokens": result.completion_tokens,
                             "output_tokens_details": {"reasoning_tokens": result.think_tokens},
                             "total_tokens": result.prompt_tokens + result.completion_tokens}
-            out["selar"] = ({**result.selar, "finish_reason": result.finish_reason} if isinstance(result, _SearchOutput)
-                            else {"method": self.req.params.method, "soft_steps": result.soft_steps,
-                                  "soft_share": round(result.soft_share, 4), "finish_reason": result.finish_reason})
+            if selar is None:
+                selar = {"method": self.req.params.method, "soft_steps": result.soft_steps,
+                         "soft_share": round(result.soft_share, 4)}
+            out["selar"] = {**selar, "finish_reason": result.finish_reason}
             if result.finish_reason == "length":
                 out["status"] = "incomplete"
                 out["incomplete_details"] = {"reason": "max_output_tokens"}
@@ -227,14 +230,14 @@ class _ResponseWriter:
         """A finished search's whole stream: its answer as one delta of each item."""
         yield from self.opening()
         yield from self.step(SimpleNamespace(reasoning=result.reasoning, content=result.content))
-        yield from self.closing(result)
+        yield from self.closing(result, result.selar)
 
-    def closing(self, result) -> list[dict]:
+    def closing(self, result, selar: dict[str, Any] | None = None) -> list[dict]:
         out = self._open("message")  # an empty answer still has its message item
         out += self._close("reasoning") if "reasoning" in self.open_items and self.open_items[-1] == "reasoning" \
             else []
         out += self._close("message")
-        final = self.response("completed", result)
+        final = self.response("completed", result, selar)
         kind = "response.completed" if final["status"] == "completed" else "response.incomplete"
         return out + [self.event(kind, response=final)]
 
@@ -264,7 +267,7 @@ async def create_response(request: Request, pool: ModelPool) -> Response:
             if req.stream:
                 return StreamingResponse(map(_typed_event, writer.search_events(result)), media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache"})
-            return JSONResponse(writer.response("completed", result))
+            return JSONResponse(writer.response("completed", result, result.selar))
         loop = asyncio.get_running_loop()
         inbox: asyncio.Queue = asyncio.Queue()
         handles = llm.scheduler.submit_group(req.prompt_tokens, req.choices, sinks=[
