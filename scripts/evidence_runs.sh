@@ -29,8 +29,8 @@ math="-d math500 --limit 100 --max-tokens 1024 $shared --tau 0.5"
 # folder | selar bench arguments (the order is the order they run in: the cheap runs that complete
 # a table row, then MATH-500's cot / selar / soft (the harder set, where SeLaR's published gains
 # are larger: the question this project most needs answered; ahead of latent m 16, whose first
-# 63 answers, 5 right, already show where that row lands), then the 1000-item maj@5 pairs and
-# the other MATH-500 runs)
+# 63 answers, 5 right, already show where that row lands), then textmas (the last row of the
+# GSM8K hidden-state table), the 1000-item maj@5 pairs and the other MATH-500 runs)
 jobs=(
   "gsm8k-qwen15-f2-latent8|$common --methods latent --latent-steps 8"
   "gsm8k-qwen15-f2-latent1|$common --methods latent --latent-steps 1 --tau 0.5"
@@ -47,9 +47,9 @@ jobs=(
   "gsm8k-qwen15-f2-latentmas|$common --methods latentmas --latent-steps 8 --tau 0.5"
   "math500-qwen15-main|$math --methods cot,selar,soft"
   "gsm8k-qwen15-f2-latent16|$common --methods latent --latent-steps 16 --tau 0.5"
+  "gsm8k-qwen15-f2-textmas|$common --methods textmas --tau 0.5"
   "gsm8k-qwen15-f2-t1024-maj5-cot|$long --methods cot --samples 5 --tau 0.5"
   "gsm8k-qwen15-f2-t1024-maj5-frac|$long --methods frac --samples 5 --frac-alpha-range 0,0.15"
-  "gsm8k-qwen15-f2-textmas|$common --methods textmas --tau 0.5"
   "math500-qwen15-latent4|$math --methods latent --latent-steps 4"
   "math500-qwen15-selar-hidden|$math --methods selar --soft-source hidden"
   "math500-qwen15-textmas|$math --methods textmas"
