@@ -38,7 +38,7 @@ from starlette.concurrency import run_in_threadpool
 
 from selar_local.http_stream import CancellingStream, cancel_all, compact_json, until_disconnect
 from selar_local.model_pool import Lease, ModelPool, parse_keep_alive
-from selar_local.openai_schema import DECODE_FIELDS, RequestError
+from selar_local.openai_schema import DECODE_FIELDS, RequestError, selar_summary
 from selar_local.search_api import run_search, wants_search
 
 # Ollama option -> request field of the OpenAI schema (the rest of DECODE_FIELDS pass as named).
@@ -187,8 +187,7 @@ class _Exchange:
         if done:
             out.update(self.done_fields(result.finish_reason, result.prompt_tokens, result.prefill_seconds,
                                         result.completion_tokens, result.decode_seconds,
-                                        {"method": self.req.params.method, "soft_steps": result.soft_steps,
-                                         "soft_share": round(result.soft_share, 4)}))
+                                        selar_summary(self.req.params, result)))
         return out
 
     def done_fields(self, finish_reason: str, prompt_tokens: int, prefill_seconds: float, completion_tokens: int,

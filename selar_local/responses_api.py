@@ -28,7 +28,7 @@ from starlette.concurrency import run_in_threadpool
 
 from selar_local.http_stream import CancellingStream, cancel_all, compact_json, until_disconnect
 from selar_local.model_pool import ModelPool
-from selar_local.openai_schema import DECODE_FIELDS, RequestError
+from selar_local.openai_schema import DECODE_FIELDS, RequestError, selar_summary
 from selar_local.search_api import run_search, wants_search
 
 _NEUTRAL = {"store": (None, False), "previous_response_id": (None,), "tools": (None, []),
@@ -111,13 +111,12 @@ class _SearchOutput:
     completion_tokens: int
     think_tokens: int
     finish_reason: str
-    selar: dict[str, Any]  # search_api.run_search's: the search's course and settings
     cached_tokens: int = 0
 
     @classmethod
-    def of(cls, found, selar: dict[str, Any], prompt_tokens: int) -> "_SearchOutput":
+    def of(cls, found, prompt_tokens: int) -> "_SearchOutput":
         return cls(found.content, found.reasoning, prompt_tokens, len(found.tokens), found.think_tokens,
-                   found.finish_reason, selar)
+                   found.finish_reason)
 
 
 class _ResponseWriter:
@@ -136,7 +135,7 @@ class _ResponseWriter:
 
     def response(self, status: str, result=None, selar: dict[str, Any] | None = None) -> dict[str, Any]:
         """The response object; with a result, its output, usage and `selar` field (`selar`
-        given: a search's course, else the decode's soft steps)."""
+        given: a search's course, else the decode's summary, as the chat endpoint's)."""
         out: dict[str, Any] = {
             "id": self.id, "object": "response", "created_at": self.created, "status": status, "model": self.model,
             "output": [], "error": None, "incomplete_details": None, "instructions": self.body.get("instructions"),
@@ -154,8 +153,7 @@ class _ResponseWriter:
                             "output_tokens_details": {"reasoning_tokens": result.think_tokens},
                             "total_tokens": result.prompt_tokens + result.completion_tokens}
             if selar is None:
-                selar = {"method": self.req.params.method, "soft_steps": result.soft_steps,
-                         "soft_share": round(result.soft_share, 4)}
+                selar = selar_summary(self.req.params, result)
             out["selar"] = {**selar, "finish_reason": result.finish_reason}
             if result.finish_reason == "length":
                 out["status"] = "incomplete"
@@ -226,11 +224,11 @@ class _ResponseWriter:
                                   delta=event.content, logprobs=[]))
         return out
 
-    def search_events(self, result: _SearchOutput) -> Iterator[dict]:
+    def search_events(self, result: _SearchOutput, selar: dict[str, Any]) -> Iterator[dict]:
         """A finished search's whole stream: its answer as one delta of each item."""
         yield from self.opening()
         yield from self.step(SimpleNamespace(reasoning=result.reasoning, content=result.content))
-        yield from self.closing(result, result.selar)
+        yield from self.closing(result, selar)
 
     def closing(self, result, selar: dict[str, Any] | None = None) -> list[dict]:
         out = self._open("message")  # an empty answer still has its message item
@@ -263,11 +261,11 @@ async def create_response(request: Request, pool: ModelPool) -> Response:
             finally:  # the search is over (or failed): the model may go
                 lease.release()
                 lease = None
-            result = _SearchOutput.of(found, selar, len(req.prompt_tokens))
+            result = _SearchOutput.of(found, len(req.prompt_tokens))
             if req.stream:
-                return StreamingResponse(map(_typed_event, writer.search_events(result)), media_type="text/event-stream",
-                                         headers={"Cache-Control": "no-cache"})
-            return JSONResponse(writer.response("completed", result, result.selar))
+                return StreamingResponse(map(_typed_event, writer.search_events(result, selar)),
+                                         media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return JSONResponse(writer.response("completed", result, selar))
         loop = asyncio.get_running_loop()
         inbox: asyncio.Queue = asyncio.Queue()
         handles = llm.scheduler.submit_group(req.prompt_tokens, req.choices, sinks=[

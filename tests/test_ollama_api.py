@@ -95,6 +95,12 @@ def test_selar_knobs_in_options(server):
     reply = response.json()
     assert reply["selar"]["method"] == "selar"
     assert 0 <= reply["selar"]["soft_steps"] <= reply["eval_count"] <= 6
+    # the done line's `selar` is chat completions' summary: the same fields, the request's settings
+    chat = _openai_chat(server, SMOL, MESSAGES, method="selar", tau=0.3, seed=7, max_tokens=6, temperature=0.7,
+                        greedy=False)["selar"]
+    assert reply["selar"].keys() == chat.keys()
+    settings = ("method", "seed", "tau", "lam", "ks")
+    assert [reply["selar"][k] for k in settings] == [chat[k] for k in settings] == ["selar", 7, 0.3, 1.0, 3]
 
 
 def test_model_switch_and_keep_alive(server, client):

@@ -73,6 +73,13 @@ def test_selar_fields_and_bad_requests(server, client):
                                        extra_body={"method": "selar", "tau": 0.0, "seed": 3})
     assert response.model_extra["selar"]["method"] == "selar"
     assert 0 < response.model_extra["selar"]["soft_steps"] <= response.usage.output_tokens
+    # chat completions' summary, plus the finish reason: the same fields, the request's settings
+    chat = client.chat.completions.create(model=SMOL, messages=[{"role": "user", "content": "Name a color."}],
+                                          max_tokens=6, extra_body={"method": "selar", "tau": 0.0, "seed": 3})
+    selar, chat_selar = response.model_extra["selar"], chat.model_extra["selar"]
+    assert selar.keys() == chat_selar.keys() | {"finish_reason"}
+    settings = ("method", "seed", "tau", "lam", "ks")
+    assert [selar[k] for k in settings] == [chat_selar[k] for k in settings] == ["selar", 3, 0.0, 1.0, 3]
     for body, param in [({"model": SMOL}, "input"), ({"model": SMOL, "input": "hi", "previous_response_id": "r"},
                                                       "previous_response_id"),
                         ({"model": SMOL, "input": "hi", "bogus": 1}, "bogus"),
